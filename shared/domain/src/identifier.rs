@@ -1,0 +1,227 @@
+//! Identifiers: the `(type, value)` pairs extracted from every event that
+//! identity resolution matches on (SPEC 3).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::{Event, EventKind};
+
+/// One identifier. Values are normalized on extraction (emails trimmed and
+/// lowercased) so that equal identities compare equal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Identifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(rename = "id")]
+    pub value: String,
+}
+
+impl Identifier {
+    pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
+        let kind = kind.into();
+        let value = normalize_lookup(&kind, &value.into());
+        Self { kind, value }
+    }
+}
+
+/// An identifier with the descriptive fields of the Profile API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalId {
+    pub id: Identifier,
+    pub collection: String,
+    pub encoding: String,
+}
+
+/// Normalizes a value for storage and for every lookup: emails are trimmed
+/// and lowercased; other types keep their exact value (user ids are
+/// case-sensitive in Segment).
+pub fn normalize_lookup(kind: &str, value: &str) -> String {
+    if kind == "email" {
+        value.trim().to_lowercase()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Extracts every identifier an event carries, deduplicated, in a stable
+/// order. Blocked values are *not* removed here (that needs the space's
+/// settings). `group_id` is not an identity identifier: it links the
+/// profile to an account (see [`group_link`]).
+pub fn extract_identifiers(event: &Event) -> Vec<ExternalId> {
+    fn add(out: &mut Vec<ExternalId>, kind: &str, value: &str, encoding: &str) {
+        let id = Identifier::new(kind, value);
+        if id.value.trim().is_empty() || out.iter().any(|e| e.id == id) {
+            return;
+        }
+        out.push(ExternalId {
+            id,
+            collection: "users".into(),
+            encoding: encoding.into(),
+        });
+    }
+    let mut out: Vec<ExternalId> = Vec::new();
+    if let Some(u) = &event.user_id {
+        add(&mut out, "user_id", u, "none");
+    }
+    if let Some(a) = &event.anonymous_id {
+        add(&mut out, "anonymous_id", a, "none");
+    }
+    if event.kind == EventKind::Alias {
+        // SPEC 5: an alias is matched like an event carrying both ids. The
+        // previous id of an alias is the identity used before the user id
+        // was known, i.e. an anonymous id.
+        if let Some(prev) = event.str_field("previousId") {
+            add(&mut out, "anonymous_id", prev, "none");
+        }
+    }
+    let context = event.object("context");
+    let email_sources = [
+        event.object("traits").and_then(|t| t.get("email")),
+        context
+            .and_then(|c| c.get("traits"))
+            .and_then(|t| t.get("email")),
+    ];
+    for email in email_sources.into_iter().flatten() {
+        if let Value::String(e) = email {
+            add(&mut out, "email", e, "none");
+        }
+    }
+    if let Some(device) = context
+        .and_then(|c| c.get("device"))
+        .and_then(Value::as_object)
+    {
+        let platform = device
+            .get("type")
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase);
+        if let Some(platform @ ("ios" | "android")) = platform.as_deref() {
+            if let Some(id) = device.get("id").and_then(Value::as_str) {
+                add(&mut out, &format!("{platform}.id"), id, "none");
+            }
+            if device.get("adTrackingEnabled") == Some(&Value::Bool(true)) {
+                if let Some(ad) = device.get("advertisingId").and_then(Value::as_str) {
+                    add(&mut out, &format!("{platform}.idfa"), ad, "none");
+                }
+            }
+            if let Some(token) = device.get("token").and_then(Value::as_str) {
+                add(&mut out, &format!("{platform}.push_token"), token, "none");
+            }
+        }
+    }
+    if let Some(ga) = context
+        .and_then(|c| c.get("integrations"))
+        .or_else(|| event.body.get("integrations"))
+        .and_then(|i| i.get("Google Analytics"))
+        .and_then(|g| g.get("clientId"))
+        .and_then(Value::as_str)
+    {
+        add(&mut out, "ga_client_id", ga, "none");
+    }
+    if let Some(Value::Array(external)) = context.and_then(|c| c.get("externalIds")) {
+        for entry in external {
+            let field = |name: &str| entry.get(name).and_then(Value::as_str);
+            if let (Some(id), Some(kind), Some(collection), Some(encoding)) = (
+                field("id"),
+                field("type"),
+                field("collection"),
+                field("encoding"),
+            ) {
+                let kind = kind.trim().to_ascii_lowercase();
+                if kind.is_empty() || collection != "users" || kind == "group_id" {
+                    continue;
+                }
+                add(&mut out, &kind, id, encoding);
+            }
+        }
+    }
+    out
+}
+
+/// The account a `group` call links the profile to.
+pub fn group_link(event: &Event) -> Option<&str> {
+    match event.kind {
+        EventKind::Group => event.str_field("groupId"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{parse_time, Envelope};
+    use serde_json::json;
+
+    fn ids(payload: Value) -> Vec<(String, String)> {
+        let e = Event::parse(
+            payload,
+            Envelope {
+                kind: None,
+                received_at: parse_time("2026-05-01T00:00:00Z").unwrap(),
+                batch_sent_at: None,
+                generated_message_id: "m",
+            },
+        )
+        .unwrap();
+        extract_identifiers(&e)
+            .into_iter()
+            .map(|x| (x.id.kind, x.id.value))
+            .collect()
+    }
+
+    fn pair(k: &str, v: &str) -> (String, String) {
+        (k.to_string(), v.to_string())
+    }
+
+    #[test]
+    fn every_spec_source_is_extracted() {
+        let got = ids(json!({
+            "type": "identify", "userId": "u1", "anonymousId": "a1",
+            "traits": {"email": "  Jane@Example.COM "},
+            "context": {
+                "traits": {"email": "jane@example.com"},
+                "device": {"type": "iOS", "id": "dev-1", "advertisingId": "ad-1",
+                           "adTrackingEnabled": true, "token": "tok-1"},
+                "integrations": {"Google Analytics": {"clientId": "ga-1"}},
+                "externalIds": [
+                    {"id": "C-9", "type": "CRM_ID", "collection": "users", "encoding": "none"},
+                    {"id": "x", "type": "missing_encoding", "collection": "users"}
+                ]
+            }
+        }));
+        assert_eq!(
+            got,
+            vec![
+                pair("user_id", "u1"),
+                pair("anonymous_id", "a1"),
+                pair("email", "jane@example.com"),
+                pair("ios.id", "dev-1"),
+                pair("ios.idfa", "ad-1"),
+                pair("ios.push_token", "tok-1"),
+                pair("ga_client_id", "ga-1"),
+                pair("crm_id", "C-9"),
+            ]
+        );
+    }
+
+    #[test]
+    fn advertising_id_needs_ad_tracking_and_android_is_prefixed() {
+        let got = ids(json!({"type": "track", "event": "E", "anonymousId": "a",
+            "context": {"device": {"type": "android", "id": "d", "advertisingId": "ad"}}}));
+        assert_eq!(
+            got,
+            vec![pair("anonymous_id", "a"), pair("android.id", "d")]
+        );
+    }
+
+    #[test]
+    fn alias_previous_id_is_an_anonymous_id() {
+        let got = ids(json!({"type": "alias", "userId": "u", "previousId": "p"}));
+        assert_eq!(got, vec![pair("user_id", "u"), pair("anonymous_id", "p")]);
+    }
+
+    #[test]
+    fn lookups_are_normalized_like_extraction() {
+        assert_eq!(normalize_lookup("email", " A@B.co"), "a@b.co");
+        assert_eq!(normalize_lookup("user_id", "AbC"), "AbC");
+    }
+}

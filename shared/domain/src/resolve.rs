@@ -1,0 +1,298 @@
+//! Deterministic matching and merging with merge protection (SPEC 5).
+//!
+//! [`resolve`] is a pure function from an event's identifiers, a snapshot
+//! of the graph around them ([`Facts`]), the space's rules and the event
+//! time to a [`Plan`]. Adapters execute plans atomically with conditions
+//! (claim an identifier only if unowned, update a profile only at the
+//! version read) and, on conflict, gather fresh facts and resolve again.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::identifier::Identifier;
+use crate::settings::{IdentityRules, MAX_IDENTIFIERS, MAX_MERGES};
+use crate::traits::{apply_updates, merge_traits, Traits};
+use crate::Millis;
+
+/// An identifier as recorded on its profile, with when it was added (event time).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentifierEntry {
+    #[serde(flatten)]
+    pub id: Identifier,
+    #[serde(rename = "at")]
+    pub added_at: Millis,
+}
+
+/// What resolution needs to know about one root (unmerged) profile.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ProfileFacts {
+    pub id: String,
+    pub version: u64,
+    pub created_at: Millis,
+    /// Merges made into this profile so far, its children's included.
+    pub merges: u32,
+    /// Every identifier of the profile and of the profiles merged into it.
+    pub identifiers: Vec<IdentifierEntry>,
+    pub traits: Traits,
+}
+
+/// A snapshot of the graph around an event's identifiers.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    /// For each owned incoming identifier, its owner's root profile id.
+    pub owners: HashMap<Identifier, String>,
+    /// Every root profile named in `owners`.
+    pub profiles: HashMap<String, ProfileFacts>,
+}
+
+/// The event as resolution sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    /// Extracted identifiers, blocked ones included (they are filtered here).
+    pub identifiers: &'a [Identifier],
+    /// Traits the event sets (identify), if any.
+    pub traits: Option<&'a Map<String, Value>>,
+    pub timestamp: Millis,
+    pub source_id: &'a str,
+}
+
+/// What to write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// No usable identifier (all blocked): the event is kept, unattached.
+    Unresolved,
+    Create(Create),
+    Attach(Attach),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Create {
+    pub profile_id: String,
+    pub created_at: Millis,
+    /// Claimed on creation; each must be unowned.
+    pub identifiers: Vec<IdentifierEntry>,
+    pub traits: Traits,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attach {
+    pub profile_id: String,
+    /// The parent is written only at this version.
+    pub expected_version: u64,
+    /// Profiles merged into the parent, each at the version read.
+    pub children: Vec<(String, u64)>,
+    /// New identifiers; each must be unowned.
+    pub claims: Vec<IdentifierEntry>,
+    /// The parent's new identifier list, when it changes.
+    pub identifiers: Option<Vec<IdentifierEntry>>,
+    /// The parent's merge count after this plan.
+    pub merges: u32,
+    /// The parent's new traits, when they change.
+    pub traits: Option<Traits>,
+}
+
+impl Plan {
+    /// The profile the event lands on.
+    pub fn profile_id(&self) -> Option<&str> {
+        match self {
+            Plan::Unresolved => None,
+            Plan::Create(c) => Some(&c.profile_id),
+            Plan::Attach(a) => Some(&a.profile_id),
+        }
+    }
+
+    /// Whether applying the plan changes the graph or the traits (as
+    /// opposed to only recording the event on its profile).
+    pub fn writes_profile(&self) -> bool {
+        match self {
+            Plan::Unresolved => false,
+            Plan::Create(_) => true,
+            Plan::Attach(a) => a.identifiers.is_some() || a.traits.is_some(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    pub plan: Plan,
+    /// Identifiers left out by merge protection.
+    pub dropped: Vec<Identifier>,
+    /// Identifiers ignored because their value is blocked.
+    pub blocked: Vec<Identifier>,
+}
+
+/// Resolves one event (SPEC 5, steps 1-4). `new_profile_id` is used if a
+/// profile has to be created.
+pub fn resolve(
+    incoming: &Incoming<'_>,
+    facts: &Facts,
+    rules: &IdentityRules,
+    new_profile_id: &str,
+) -> Resolution {
+    let now = incoming.timestamp;
+    let mut ids: Vec<Identifier> = Vec::new();
+    let mut blocked = Vec::new();
+    for id in incoming.identifiers {
+        if rules.is_blocked(id) {
+            blocked.push(id.clone());
+        } else if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    let mut dropped = Vec::new();
+    loop {
+        if ids.is_empty() {
+            return Resolution {
+                plan: Plan::Unresolved,
+                dropped,
+                blocked,
+            };
+        }
+        // Step 1: the profiles owning any identifier, oldest first.
+        let mut found: Vec<&ProfileFacts> = Vec::new();
+        let mut new_ids: Vec<&Identifier> = Vec::new();
+        for id in &ids {
+            match facts.owners.get(id).and_then(|p| facts.profiles.get(p)) {
+                Some(p) => {
+                    if !found.iter().any(|f| f.id == p.id) {
+                        found.push(p);
+                    }
+                }
+                None => new_ids.push(id),
+            }
+        }
+        found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+
+        // Step 3: merge protection over the union.
+        let unchanged = found.len() == 1 && new_ids.is_empty();
+        if unchanged || within_limits(&found, &new_ids, rules, now) {
+            let plan = build_plan(incoming, &found, &new_ids, new_profile_id);
+            return Resolution {
+                plan,
+                dropped,
+                blocked,
+            };
+        }
+        // Drop the incoming identifier of lowest priority and run again.
+        let weakest = ids
+            .iter()
+            .enumerate()
+            .max_by(|(_, a), (_, b)| {
+                let (ra, rb) = (rules.rule(&a.kind), rules.rule(&b.kind));
+                (ra.priority, &a.kind, &a.value).cmp(&(rb.priority, &b.kind, &b.value))
+            })
+            .map(|(i, _)| i)
+            .expect("ids is not empty");
+        dropped.push(ids.remove(weakest));
+    }
+}
+
+/// Whether the union of the found profiles and the new identifiers keeps
+/// every limit. A type already over its limit in one profile (settings
+/// lowered later) only fails if the union makes it worse.
+fn within_limits(
+    found: &[&ProfileFacts],
+    new_ids: &[&Identifier],
+    rules: &IdentityRules,
+    now: Millis,
+) -> bool {
+    let mut union: BTreeMap<&Identifier, Millis> = BTreeMap::new();
+    for p in found {
+        for e in &p.identifiers {
+            let at = union.entry(&e.id).or_insert(e.added_at);
+            *at = (*at).min(e.added_at);
+        }
+    }
+    for id in new_ids {
+        union.entry(id).or_insert(now);
+    }
+    if found.len() > 1 {
+        let merges: u32 = found.iter().map(|p| p.merges).sum::<u32>() + found.len() as u32 - 1;
+        if merges > MAX_MERGES {
+            return false;
+        }
+    }
+    let largest = found.iter().map(|p| p.identifiers.len()).max().unwrap_or(0);
+    if union.len() > MAX_IDENTIFIERS && union.len() > largest {
+        return false;
+    }
+    let in_window = |kind: &str, entries: &mut dyn Iterator<Item = (&Identifier, Millis)>| {
+        let rule = rules.rule(kind);
+        let since = rule.limit.frequency.window().map(|w| now - w);
+        entries
+            .filter(|(id, at)| id.kind == kind && since.is_none_or(|s| *at > s))
+            .count()
+    };
+    let mut kinds: Vec<&str> = union.keys().map(|id| id.kind.as_str()).collect();
+    kinds.dedup();
+    for kind in kinds {
+        let count = in_window(kind, &mut union.iter().map(|(id, at)| (*id, *at)));
+        if count <= rules.rule(kind).limit.count as usize {
+            continue;
+        }
+        let before = found
+            .iter()
+            .map(|p| in_window(kind, &mut p.identifiers.iter().map(|e| (&e.id, e.added_at))))
+            .max()
+            .unwrap_or(0);
+        if count > before {
+            return false;
+        }
+    }
+    true
+}
+
+fn build_plan(
+    incoming: &Incoming<'_>,
+    found: &[&ProfileFacts],
+    new_ids: &[&Identifier],
+    new_profile_id: &str,
+) -> Plan {
+    let now = incoming.timestamp;
+    let claims: Vec<IdentifierEntry> = new_ids
+        .iter()
+        .map(|id| IdentifierEntry {
+            id: (*id).clone(),
+            added_at: now,
+        })
+        .collect();
+    let Some((parent, children)) = found.split_first() else {
+        let mut traits = Traits::new();
+        if let Some(updates) = incoming.traits {
+            apply_updates(&mut traits, updates, now, incoming.source_id);
+        }
+        return Plan::Create(Create {
+            profile_id: new_profile_id.to_string(),
+            created_at: now,
+            identifiers: claims,
+            traits,
+        });
+    };
+    let mut traits_changed = !children.is_empty();
+    let mut traits = parent.traits.clone();
+    for child in children {
+        merge_traits(&mut traits, &child.traits);
+    }
+    if let Some(updates) = incoming.traits {
+        traits_changed |= apply_updates(&mut traits, updates, now, incoming.source_id);
+    }
+    let identifiers = (!children.is_empty() || !claims.is_empty()).then(|| {
+        let mut all = parent.identifiers.clone();
+        for child in children {
+            all.extend(child.identifiers.iter().cloned());
+        }
+        all.extend(claims.iter().cloned());
+        all
+    });
+    Plan::Attach(Attach {
+        profile_id: parent.id.clone(),
+        expected_version: parent.version,
+        children: children.iter().map(|c| (c.id.clone(), c.version)).collect(),
+        claims,
+        identifiers,
+        merges: parent.merges + children.iter().map(|c| c.merges + 1).sum::<u32>(),
+        traits: traits_changed.then_some(traits),
+    })
+}

@@ -1,0 +1,320 @@
+//! Per-space identity resolution settings: priorities, limits with
+//! frequencies, and blocked values (SPEC 4).
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::identifier::Identifier;
+use crate::Millis;
+
+const HOUR: Millis = 3_600_000;
+const DAY: Millis = 24 * HOUR;
+
+/// Over how long a limit counts the values added to a profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Frequency {
+    Ever,
+    Annually,
+    Monthly,
+    Weekly,
+    Daily,
+}
+
+impl Frequency {
+    /// The window length, or `None` for `ever`.
+    pub fn window(self) -> Option<Millis> {
+        match self {
+            Self::Ever => None,
+            Self::Annually => Some(365 * DAY),
+            Self::Monthly => Some(30 * DAY),
+            Self::Weekly => Some(7 * DAY),
+            Self::Daily => Some(DAY),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    pub count: u32,
+    pub frequency: Frequency,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeRule {
+    /// 1 is the highest priority.
+    pub priority: u32,
+    pub limit: Limit,
+}
+
+/// A value that is never used as an identifier. `types` empty means every type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockedValue {
+    pub value: String,
+    #[serde(default)]
+    pub regex: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<String>,
+}
+
+/// The settings as stored and as shown by the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    pub types: BTreeMap<String, TypeRule>,
+    pub blocked: Vec<BlockedValue>,
+}
+
+/// The identifier types Kindred extracts itself (SPEC 3), besides user_id and email.
+const BUILT_IN_TYPES: [&str; 8] = [
+    "android.id",
+    "android.idfa",
+    "android.push_token",
+    "anonymous_id",
+    "ga_client_id",
+    "ios.id",
+    "ios.idfa",
+    "ios.push_token",
+];
+
+/// Per profile caps (SPEC 4).
+pub const MAX_MERGES: u32 = 100;
+pub const MAX_IDENTIFIERS: usize = 1000;
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        let mut types = BTreeMap::new();
+        types.insert(
+            "user_id".to_string(),
+            TypeRule {
+                priority: 1,
+                limit: Limit {
+                    count: 1,
+                    frequency: Frequency::Ever,
+                },
+            },
+        );
+        types.insert("email".to_string(), TypeRule::fallback(2));
+        for (i, kind) in BUILT_IN_TYPES.iter().enumerate() {
+            let mut rule = TypeRule::fallback(3 + i as u32);
+            if *kind == "anonymous_id" {
+                rule.limit.frequency = Frequency::Weekly;
+            }
+            types.insert(kind.to_string(), rule);
+        }
+        let mut blocked = vec![BlockedValue {
+            value: "^[0-]*$".into(),
+            regex: true,
+            types: vec![],
+        }];
+        for v in [
+            "-1",
+            "null",
+            "none",
+            "undefined",
+            "anonymous",
+            "[object Object]",
+            "NaN",
+        ] {
+            blocked.push(BlockedValue {
+                value: v.into(),
+                regex: false,
+                types: vec![],
+            });
+        }
+        Self { types, blocked }
+    }
+}
+
+impl TypeRule {
+    /// Limit 5 annually, the default of every type without its own.
+    fn fallback(priority: u32) -> Self {
+        Self {
+            priority,
+            limit: Limit {
+                count: 5,
+                frequency: Frequency::Annually,
+            },
+        }
+    }
+}
+
+/// A settings document that cannot be used, naming the bad field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct SettingsError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Settings compiled for use: regexes built, unknown types defaulted.
+#[derive(Clone, Debug)]
+pub struct IdentityRules {
+    settings: IdentitySettings,
+    blocked: Vec<(Matcher, Vec<String>)>,
+    fallback_priority: u32,
+}
+
+#[derive(Clone, Debug)]
+enum Matcher {
+    Exact(String),
+    Pattern(Regex),
+}
+
+impl IdentityRules {
+    pub fn new(settings: IdentitySettings) -> Result<Self, SettingsError> {
+        let bad = |field: String, message: &str| SettingsError {
+            field,
+            message: message.to_string(),
+        };
+        for (kind, rule) in &settings.types {
+            if kind.is_empty() || kind != &kind.to_ascii_lowercase() {
+                return Err(bad(format!("types.{kind}"), "types must be lowercase"));
+            }
+            if rule.priority == 0 {
+                return Err(bad(
+                    format!("types.{kind}.priority"),
+                    "priority starts at 1",
+                ));
+            }
+            if rule.limit.count == 0 {
+                return Err(bad(
+                    format!("types.{kind}.limit.count"),
+                    "a limit must allow at least one value",
+                ));
+            }
+        }
+        let mut blocked = Vec::with_capacity(settings.blocked.len());
+        for (i, b) in settings.blocked.iter().enumerate() {
+            let matcher = if b.regex {
+                Matcher::Pattern(Regex::new(&b.value).map_err(|_| {
+                    bad(
+                        format!("blocked[{i}].value"),
+                        "not a valid regular expression",
+                    )
+                })?)
+            } else {
+                Matcher::Exact(b.value.to_lowercase())
+            };
+            blocked.push((matcher, b.types.clone()));
+        }
+        let fallback_priority = settings
+            .types
+            .values()
+            .map(|r| r.priority)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        Ok(Self {
+            settings,
+            blocked,
+            fallback_priority,
+        })
+    }
+
+    pub fn settings(&self) -> &IdentitySettings {
+        &self.settings
+    }
+
+    /// The rule of a type; an unseen custom type gets the defaults and
+    /// ranks below every configured type.
+    pub fn rule(&self, kind: &str) -> TypeRule {
+        self.settings
+            .types
+            .get(kind)
+            .copied()
+            .unwrap_or(TypeRule::fallback(self.fallback_priority))
+    }
+
+    /// Exact blocked values match case-insensitively (`None` from Python
+    /// is as useless as `none`); patterns match as written.
+    pub fn is_blocked(&self, id: &Identifier) -> bool {
+        self.blocked.iter().any(|(matcher, types)| {
+            (types.is_empty() || types.iter().any(|t| t == &id.kind))
+                && match matcher {
+                    Matcher::Exact(v) => id.value.to_lowercase() == *v,
+                    Matcher::Pattern(r) => r.is_match(&id.value),
+                }
+        })
+    }
+}
+
+impl Default for IdentityRules {
+    fn default() -> Self {
+        Self::new(IdentitySettings::default()).expect("default settings are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let rules = IdentityRules::default();
+        assert_eq!(rules.rule("user_id").priority, 1);
+        assert_eq!(rules.rule("user_id").limit.count, 1);
+        assert_eq!(rules.rule("user_id").limit.frequency, Frequency::Ever);
+        assert_eq!(rules.rule("email").priority, 2);
+        assert_eq!(rules.rule("email").limit.frequency, Frequency::Annually);
+        assert_eq!(rules.rule("android.id").priority, 3);
+        assert_eq!(rules.rule("anonymous_id").priority, 6);
+        assert_eq!(
+            rules.rule("anonymous_id").limit.frequency,
+            Frequency::Weekly
+        );
+        assert_eq!(rules.rule("ios.push_token").priority, 10);
+        let custom = rules.rule("crm_id");
+        assert_eq!((custom.priority, custom.limit.count), (11, 5));
+    }
+
+    #[test]
+    fn default_blocked_values() {
+        let rules = IdentityRules::default();
+        for v in [
+            "0",
+            "000-000",
+            "",
+            "-1",
+            "null",
+            "None",
+            "undefined",
+            "anonymous",
+            "[object Object]",
+            "NaN",
+        ] {
+            assert!(rules.is_blocked(&Identifier::new("anonymous_id", v)), "{v}");
+        }
+        for v in ["a1", "10", "nullable", "user-0"] {
+            assert!(
+                !rules.is_blocked(&Identifier::new("anonymous_id", v)),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn blocked_values_can_target_one_type_and_bad_regex_names_the_field() {
+        let mut s = IdentitySettings::default();
+        s.blocked.push(BlockedValue {
+            value: "team@.*".into(),
+            regex: true,
+            types: vec!["email".into()],
+        });
+        let rules = IdentityRules::new(s.clone()).unwrap();
+        assert!(rules.is_blocked(&Identifier::new("email", "team@acme.com")));
+        assert!(!rules.is_blocked(&Identifier::new("user_id", "team@acme.com")));
+        s.blocked.push(BlockedValue {
+            value: "(".into(),
+            regex: true,
+            types: vec![],
+        });
+        let err = IdentityRules::new(s).unwrap_err();
+        assert_eq!(err.field, "blocked[9].value");
+    }
+}
