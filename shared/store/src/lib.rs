@@ -1,1 +1,55 @@
-//! placeholder
+//! Kindred's storage: the ports every adapter implements, the embedded
+//! (SQLite) adapters used by `kindred serve`, and the identity pipeline
+//! that drives the domain's resolution against any identity graph.
+//!
+//! Data model (one logical single table, keyed as DynamoDB will key it;
+//! the SQLite adapter keeps one table per item type):
+//!
+//! | item | partition key | sort key |
+//! |---|---|---|
+//! | space | `SPACE#{space}` | `META` |
+//! | token (hashed) | `TOKEN#{token id}` | `META` |
+//! | identifier -> owner | `ID#{space}#{type}#{value}` | `META` |
+//! | profile (version, parent pointer, identifiers, traits) | `PRF#{space}#{profile}` | `META` |
+//! | merge record | `PRF#{space}#{parent}` | `MERGE#{child}` |
+//! | account link | `PRF#{space}#{profile}` | `LINK#{group}` |
+//! | event | `PRF#{space}#{profile}` | `EVT#{timestamp}#{seq}` |
+//! | message dedup (TTL) | `MSG#{space}#{message id}` | `META` |
+
+pub mod identity;
+pub mod ports;
+pub mod sqlite;
+pub mod token;
+
+pub use ports::*;
+
+/// What can go wrong in a store. Internal details stay in the `source`
+/// chain for logs; clients only ever see a generic message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A condition of a conditional write did not hold: re-read and re-plan.
+    #[error("a condition of the write did not hold")]
+    Conflict,
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("not found")]
+    NotFound,
+    #[error("storage failure")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data could not be decoded")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Wall-clock milliseconds, read only by adapters and binaries.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,95 @@
+//! The identity pipeline: one event through dedup, resolution and a
+//! conditional apply, re-planned on conflict. Adapter-agnostic; the rules
+//! live in the domain.
+
+use kindred_domain::identifier::group_link;
+use kindred_domain::{extract_identifiers, resolve, Event, IdentityRules, Incoming, Plan};
+use tracing::debug;
+
+use crate::ports::{Applied, EventRecord, IdentityGraph};
+use crate::{Result, StoreError};
+
+/// The space-level inputs of resolution.
+#[derive(Clone, Debug)]
+pub struct SpaceRules {
+    pub rules: IdentityRules,
+}
+
+/// What happened to one event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Recorded on this (root) profile; `created` if the event made it,
+    /// `merged` how many profiles it merged into it.
+    Recorded {
+        profile_id: String,
+        created: bool,
+        merged: usize,
+    },
+    /// Recorded, but every identifier was blocked: attached to no profile.
+    Unresolved,
+    /// Seen before (same space and message id): nothing written.
+    Duplicate,
+}
+
+/// How often a plan is re-made after conflicts before giving up.
+const MAX_ATTEMPTS: usize = 64;
+
+pub fn process_event<G: IdentityGraph>(
+    graph: &mut G,
+    space_id: &str,
+    source_id: &str,
+    rules: &SpaceRules,
+    event: &Event,
+    body_json: &str,
+    now: i64,
+    mut new_profile_id: impl FnMut() -> String,
+) -> Result<Outcome> {
+    let external_ids = extract_identifiers(event);
+    let ids: Vec<_> = external_ids.iter().map(|e| e.id.clone()).collect();
+    let record = EventRecord {
+        event,
+        body_json,
+        source_id,
+        external_ids: &external_ids,
+        group_id: group_link(event),
+        now,
+    };
+    for attempt in 0..MAX_ATTEMPTS {
+        if graph.is_duplicate(space_id, &event.message_id)? {
+            return Ok(Outcome::Duplicate);
+        }
+        let facts = graph.facts(space_id, &ids)?;
+        let candidate = new_profile_id();
+        let incoming = Incoming {
+            identifiers: &ids,
+            traits: event.profile_traits(),
+            timestamp: event.timestamp,
+            source_id,
+        };
+        let resolution = resolve(&incoming, &facts, &rules.rules, &candidate);
+        match graph.apply(space_id, &resolution.plan, &record) {
+            Ok(Applied::Duplicate) => return Ok(Outcome::Duplicate),
+            Ok(Applied::Recorded) => {
+                return Ok(match &resolution.plan {
+                    Plan::Unresolved => Outcome::Unresolved,
+                    Plan::Create(c) => Outcome::Recorded {
+                        profile_id: c.profile_id.clone(),
+                        created: true,
+                        merged: 0,
+                    },
+                    Plan::Attach(a) => Outcome::Recorded {
+                        profile_id: a.profile_id.clone(),
+                        created: false,
+                        merged: a.children.len(),
+                    },
+                })
+            }
+            Err(StoreError::Conflict) => {
+                debug!(space_id, attempt, "identity plan conflicted; re-planning");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Conflict)
+}

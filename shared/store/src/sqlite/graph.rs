@@ -1,0 +1,295 @@
+//! The identity graph inside one SQLite write transaction. Every write is
+//! conditional, as it will be on DynamoDB: a profile row is updated only at
+//! the version read and while it is a root, an identifier is claimed by a
+//! primary-key insert, a message id is recorded once. A failed condition
+//! rolls the event's savepoint back and reports a conflict.
+
+use std::collections::HashMap;
+
+use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use crate::ports::{Applied, EventRecord, IdentityGraph};
+use crate::{Result, StoreError};
+
+pub struct TxGraph<'a> {
+    tx: &'a Transaction<'a>,
+}
+
+impl<'a> TxGraph<'a> {
+    pub fn new(tx: &'a Transaction<'a>) -> Self {
+        Self { tx }
+    }
+}
+
+/// Turns "no row matched" or a key collision into a conflict.
+fn expect_one(changed: usize) -> Result<()> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict)
+    }
+}
+
+fn claim_error(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict
+        }
+        other => other.into(),
+    }
+}
+
+impl IdentityGraph for TxGraph<'_> {
+    fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT 1 FROM messages WHERE space_id = ?1 AND message_id = ?2")?;
+        Ok(stmt.exists(params![space_id, message_id])?)
+    }
+
+    fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
+        let mut facts = Facts::default();
+        let mut owner_stmt = self.tx.prepare_cached(
+            "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+        )?;
+        let mut profile_stmt = self.tx.prepare_cached(
+            "SELECT parent_id, version, created_at, merges, identifiers, traits
+             FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+        )?;
+        let mut roots: HashMap<String, String> = HashMap::new();
+        for id in ids {
+            let owner: Option<String> = owner_stmt
+                .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+                .optional()?;
+            let Some(mut current) = owner else { continue };
+            if let Some(root) = roots.get(&current) {
+                facts.owners.insert(id.clone(), root.clone());
+                continue;
+            }
+            let start = current.clone();
+            // Follow merge pointers to the root.
+            loop {
+                let row = profile_stmt
+                    .query_row(params![space_id, current], |r| {
+                        Ok((
+                            r.get::<_, Option<String>>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, String>(5)?,
+                        ))
+                    })
+                    .optional()?;
+                let Some((parent, version, created_at, merges, identifiers, traits)) = row else {
+                    return Err(StoreError::NotFound);
+                };
+                match parent {
+                    Some(p) => current = p,
+                    None => {
+                        if !facts.profiles.contains_key(&current) {
+                            let identifiers: Vec<IdentifierEntry> =
+                                serde_json::from_str(&identifiers)?;
+                            let traits: Traits = serde_json::from_str(&traits)?;
+                            facts.profiles.insert(
+                                current.clone(),
+                                ProfileFacts {
+                                    id: current.clone(),
+                                    version: version as u64,
+                                    created_at,
+                                    merges: merges as u32,
+                                    identifiers,
+                                    traits,
+                                },
+                            );
+                        }
+                        break;
+                    }
+                }
+            }
+            roots.insert(start, current.clone());
+            facts.owners.insert(id.clone(), current);
+        }
+        Ok(facts)
+    }
+
+    fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied> {
+        self.tx.execute_batch("SAVEPOINT event")?;
+        let outcome = apply_writes(self.tx, space_id, plan, record);
+        if !matches!(outcome, Ok(Applied::Recorded)) {
+            self.tx.execute_batch("ROLLBACK TO event")?;
+        }
+        self.tx.execute_batch("RELEASE event")?;
+        outcome
+    }
+}
+
+/// The conditional writes of one plan; the caller rolls them back unless
+/// they all succeed.
+fn apply_writes(
+    sp: &Transaction<'_>,
+    space_id: &str,
+    plan: &Plan,
+    record: &EventRecord<'_>,
+) -> Result<Applied> {
+    let event = record.event;
+    let inserted = sp
+        .prepare_cached(
+            "INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![space_id, event.message_id, record.now])?;
+    if inserted == 0 {
+        return Ok(Applied::Duplicate);
+    }
+    let encoding_of = |id: &Identifier| {
+        record
+            .external_ids
+            .iter()
+            .find(|e| &e.id == id)
+            .map(|e| e.encoding.as_str())
+            .unwrap_or("none")
+    };
+    let claim = |entries: &[IdentifierEntry], profile_id: &str| -> Result<()> {
+        let mut stmt = sp.prepare_cached(
+            "INSERT INTO identifiers (space_id, id_type, id_value, profile_id, created_at,
+                     first_message_id, source_id, encoding)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for e in entries {
+            stmt.execute(params![
+                space_id,
+                e.id.kind,
+                e.id.value,
+                profile_id,
+                e.added_at,
+                event.message_id,
+                record.source_id,
+                encoding_of(&e.id),
+            ])
+            .map_err(claim_error)?;
+        }
+        Ok(())
+    };
+    let profile_id = match plan {
+        Plan::Unresolved => None,
+        Plan::Create(c) => {
+            sp.prepare_cached(
+                "INSERT INTO profiles (space_id, profile_id, parent_id, version, created_at,
+                         updated_at, first_message_id, last_message_id, merges, identifiers, traits)
+                     VALUES (?1, ?2, NULL, 1, ?3, ?3, ?4, ?4, 0, ?5, ?6)",
+            )?
+            .execute(params![
+                space_id,
+                c.profile_id,
+                c.created_at,
+                event.message_id,
+                serde_json::to_string(&c.identifiers)?,
+                serde_json::to_string(&c.traits)?,
+            ])
+            .map_err(claim_error)?;
+            claim(&c.identifiers, &c.profile_id)?;
+            Some(c.profile_id.as_str())
+        }
+        Plan::Attach(a) => {
+            for (child, version) in &a.children {
+                let changed = sp
+                    .prepare_cached(
+                        "UPDATE profiles SET parent_id = ?3, version = version + 1
+                             WHERE space_id = ?1 AND profile_id = ?2 AND version = ?4
+                               AND parent_id IS NULL",
+                    )?
+                    .execute(params![space_id, child, a.profile_id, *version as i64])?;
+                expect_one(changed)?;
+                sp.prepare_cached(
+                    "INSERT INTO merges (space_id, child_id, parent_id, message_id, merged_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    space_id,
+                    child,
+                    a.profile_id,
+                    event.message_id,
+                    record.now
+                ])
+                .map_err(claim_error)?;
+            }
+            if plan.writes_profile() || !a.children.is_empty() {
+                let identifiers = a
+                    .identifiers
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()?;
+                let traits = a.traits.as_ref().map(serde_json::to_string).transpose()?;
+                let changed = sp
+                    .prepare_cached(
+                        "UPDATE profiles SET version = version + 1,
+                                 identifiers = COALESCE(?4, identifiers),
+                                 traits = COALESCE(?5, traits),
+                                 merges = ?6,
+                                 updated_at = MAX(updated_at, ?7),
+                                 last_message_id = ?8
+                             WHERE space_id = ?1 AND profile_id = ?2 AND version = ?3
+                               AND parent_id IS NULL",
+                    )?
+                    .execute(params![
+                        space_id,
+                        a.profile_id,
+                        a.expected_version as i64,
+                        identifiers,
+                        traits,
+                        a.merges,
+                        event.timestamp,
+                        event.message_id,
+                    ])?;
+                expect_one(changed)?;
+            } else {
+                // Nothing about identity or traits changes: record the
+                // event without a version condition.
+                let changed = sp
+                    .prepare_cached(
+                        "UPDATE profiles SET updated_at = MAX(updated_at, ?3), last_message_id = ?4
+                             WHERE space_id = ?1 AND profile_id = ?2",
+                    )?
+                    .execute(params![
+                        space_id,
+                        a.profile_id,
+                        event.timestamp,
+                        event.message_id
+                    ])?;
+                expect_one(changed)?;
+            }
+            claim(&a.claims, &a.profile_id)?;
+            Some(a.profile_id.as_str())
+        }
+    };
+    sp.prepare_cached(
+        "INSERT INTO events (space_id, profile_id, ts, message_id, name, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        space_id,
+        profile_id,
+        event.timestamp,
+        event.message_id,
+        event.name,
+        record.body_json,
+    ])?;
+    if let (Some(profile_id), Some(group_id)) = (profile_id, record.group_id) {
+        sp.prepare_cached(
+            "INSERT INTO links (space_id, profile_id, group_id, linked_at, message_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            space_id,
+            profile_id,
+            group_id,
+            event.timestamp,
+            event.message_id
+        ])?;
+    }
+    Ok(Applied::Recorded)
+}

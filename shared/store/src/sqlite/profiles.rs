@@ -1,0 +1,233 @@
+//! Profile reads on the embedded store (the Profile API's port).
+
+use async_trait::async_trait;
+use kindred_domain::{IdentifierEntry, Traits};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+
+use super::SqliteStore;
+use crate::ports::{
+    EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, Profiles,
+    StoredEvent,
+};
+use crate::Result;
+
+/// Follows merge pointers from `profile_id` to its root.
+fn root_of(conn: &Connection, space_id: &str, profile_id: &str) -> Result<Option<String>> {
+    let mut current = profile_id.to_string();
+    let mut stmt = conn
+        .prepare_cached("SELECT parent_id FROM profiles WHERE space_id = ?1 AND profile_id = ?2")?;
+    loop {
+        let parent: Option<Option<String>> = stmt
+            .query_row(params![space_id, current], |r| r.get(0))
+            .optional()?;
+        match parent {
+            None => return Ok(None),
+            Some(None) => return Ok(Some(current)),
+            Some(Some(p)) => current = p,
+        }
+    }
+}
+
+fn load_profile(
+    conn: &Connection,
+    space_id: &str,
+    lookup: &ProfileLookup,
+) -> Result<Option<ProfileDoc>> {
+    let start = match lookup {
+        ProfileLookup::ProfileId(id) => Some(id.clone()),
+        ProfileLookup::Identifier(id) => conn
+            .prepare_cached(
+                "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+            )?
+            .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+            .optional()?,
+    };
+    let Some(start) = start else { return Ok(None) };
+    let Some(root) = root_of(conn, space_id, &start)? else {
+        return Ok(None);
+    };
+    let row = conn
+        .prepare_cached(
+            "SELECT created_at, updated_at, first_message_id, last_message_id, merges, identifiers, traits
+             FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+        )?
+        .query_row(params![space_id, root], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+    let (created_at, updated_at, first_message_id, last_message_id, merges, identifiers, traits) =
+        row;
+    let identifiers: Vec<IdentifierEntry> = serde_json::from_str(&identifiers)?;
+    let traits: Traits = serde_json::from_str(&traits)?;
+
+    let tree: Vec<String> = conn
+        .prepare_cached(
+            "WITH RECURSIVE tree(id) AS (
+                 SELECT ?2
+                 UNION ALL
+                 SELECT p.profile_id FROM profiles p JOIN tree t
+                   ON p.space_id = ?1 AND p.parent_id = t.id
+             ) SELECT id FROM tree",
+        )?
+        .query_map(params![space_id, root], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+
+    let mut external_ids = Vec::with_capacity(identifiers.len());
+    let mut id_stmt = conn.prepare_cached(
+        "SELECT source_id, encoding, created_at, first_message_id FROM identifiers
+         WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+    )?;
+    for entry in identifiers {
+        let row = id_stmt
+            .query_row(params![space_id, entry.id.kind, entry.id.value], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        if let Some((source_id, encoding, created_at, first_message_id)) = row {
+            external_ids.push(ExternalIdRecord {
+                id: entry.id,
+                source_id,
+                collection: "users".into(),
+                encoding,
+                created_at,
+                first_message_id,
+            });
+        }
+    }
+
+    let mut links = Vec::new();
+    let mut merge_history = Vec::new();
+    let mut link_stmt = conn.prepare_cached(
+        "SELECT group_id, linked_at, message_id FROM links WHERE space_id = ?1 AND profile_id = ?2",
+    )?;
+    let mut merge_stmt = conn.prepare_cached(
+        "SELECT child_id, message_id, merged_at FROM merges WHERE space_id = ?1 AND parent_id = ?2",
+    )?;
+    for member in &tree {
+        for link in link_stmt.query_map(params![space_id, member], |r| {
+            Ok(LinkRecord {
+                group_id: r.get(0)?,
+                linked_at: r.get(1)?,
+                message_id: r.get(2)?,
+            })
+        })? {
+            let link = link?;
+            if !links
+                .iter()
+                .any(|l: &LinkRecord| l.group_id == link.group_id)
+            {
+                links.push(link);
+            }
+        }
+        for merge in merge_stmt.query_map(params![space_id, member], |r| {
+            Ok(MergeRecord {
+                parent_id: member.clone(),
+                child_id: r.get(0)?,
+                message_id: r.get(1)?,
+                merged_at: r.get(2)?,
+            })
+        })? {
+            merge_history.push(merge?);
+        }
+    }
+    links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
+    merge_history.sort_by(|a, b| (a.merged_at, &a.child_id).cmp(&(b.merged_at, &b.child_id)));
+
+    Ok(Some(ProfileDoc {
+        profile_id: root,
+        tree,
+        created_at,
+        updated_at,
+        first_message_id,
+        last_message_id,
+        merges: merges as u32,
+        traits,
+        external_ids,
+        links,
+        merge_history,
+    }))
+}
+
+fn load_events(
+    conn: &Connection,
+    space_id: &str,
+    tree: &[String],
+    q: &EventQuery,
+) -> Result<Vec<StoredEvent>> {
+    let mut sql = String::from("SELECT ts, seq, body FROM events WHERE space_id = ?");
+    let mut args: Vec<SqlValue> = vec![SqlValue::Text(space_id.to_string())];
+    let placeholders = |n: usize| vec!["?"; n].join(", ");
+    sql.push_str(&format!(
+        " AND profile_id IN ({})",
+        placeholders(tree.len())
+    ));
+    args.extend(tree.iter().map(|t| SqlValue::Text(t.clone())));
+    if let Some(start) = q.start {
+        sql.push_str(" AND ts >= ?");
+        args.push(SqlValue::Integer(start));
+    }
+    if let Some(end) = q.end {
+        sql.push_str(" AND ts < ?");
+        args.push(SqlValue::Integer(end));
+    }
+    if !q.include.is_empty() {
+        sql.push_str(&format!(" AND name IN ({})", placeholders(q.include.len())));
+        args.extend(q.include.iter().map(|n| SqlValue::Text(n.clone())));
+    }
+    if !q.exclude.is_empty() {
+        sql.push_str(&format!(
+            " AND (name IS NULL OR name NOT IN ({}))",
+            placeholders(q.exclude.len())
+        ));
+        args.extend(q.exclude.iter().map(|n| SqlValue::Text(n.clone())));
+    }
+    let (cmp, order) = if q.descending {
+        ("<", "DESC")
+    } else {
+        (">", "ASC")
+    };
+    if let Some((ts, seq)) = q.after {
+        sql.push_str(&format!(" AND (ts, seq) {cmp} (?, ?)"));
+        args.push(SqlValue::Integer(ts));
+        args.push(SqlValue::Integer(seq));
+    }
+    sql.push_str(&format!(" ORDER BY ts {order}, seq {order} LIMIT ?"));
+    args.push(SqlValue::Integer(q.limit as i64));
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args), |r| {
+        Ok(StoredEvent {
+            timestamp: r.get(0)?,
+            seq: r.get(1)?,
+            body: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[async_trait]
+impl Profiles for SqliteStore {
+    async fn profile(&self, space_id: &str, lookup: &ProfileLookup) -> Result<Option<ProfileDoc>> {
+        let (space_id, lookup) = (space_id.to_string(), lookup.clone());
+        self.blocking(move |s| load_profile(&*s.reader()?, &space_id, &lookup))
+            .await
+    }
+
+    async fn events(
+        &self,
+        space_id: &str,
+        tree: &[String],
+        query: &EventQuery,
+    ) -> Result<Vec<StoredEvent>> {
+        let (space_id, tree, query) = (space_id.to_string(), tree.to_vec(), query.clone());
+        self.blocking(move |s| load_events(&*s.reader()?, &space_id, &tree, &query))
+            .await
+    }
+}

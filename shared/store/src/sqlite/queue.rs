@@ -1,0 +1,202 @@
+//! The durable local queue (`queue.db`): an append-only log of accepted
+//! events. One writer thread appends with group commit (every request
+//! waiting at that moment shares one fsync'd transaction) and answers each
+//! request only after its commit. Consumers read after a cursor that they
+//! store atomically with their own work, so a crash anywhere replays
+//! exactly what was not yet processed; truncation removes only what every
+//! consumer has passed.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection};
+use tokio::sync::oneshot;
+use tracing::error;
+
+use super::{lock, open, Durability};
+use crate::ports::{EventQueue, QueuedEvent};
+use crate::{Result, StoreError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);";
+
+/// Requests waiting together are committed in one transaction, up to this
+/// many events.
+const GROUP_COMMIT_EVENTS: usize = 20_000;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueEntry {
+    pub seq: i64,
+    pub event: QueuedEvent,
+}
+
+enum Command {
+    Append(Vec<QueuedEvent>, oneshot::Sender<Result<()>>),
+    Truncate(i64),
+}
+
+pub struct SqliteQueue {
+    commands: Mutex<mpsc::Sender<Command>>,
+    reader: Mutex<Connection>,
+    last_seq: Arc<LastSeq>,
+}
+
+/// The highest committed sequence number, and a way to wait for it to grow.
+#[derive(Default)]
+struct LastSeq {
+    seq: Mutex<i64>,
+    grew: Condvar,
+}
+
+impl SqliteQueue {
+    pub fn open(dir: &Path) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let path = dir.join("queue.db");
+        let writer = open(&path, Durability::Full)?;
+        writer.execute_batch(SCHEMA)?;
+        let last: i64 =
+            writer.query_row("SELECT COALESCE(MAX(seq), 0) FROM queue", [], |r| r.get(0))?;
+        let reader = open(&path, Durability::Normal)?;
+        let (commands, rx) = mpsc::channel();
+        let last_seq = Arc::new(LastSeq {
+            seq: Mutex::new(last),
+            grew: Condvar::new(),
+        });
+        {
+            let last_seq = Arc::clone(&last_seq);
+            std::thread::Builder::new()
+                .name("kindred-queue-writer".into())
+                .spawn(move || writer_loop(writer, rx, last_seq))
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        }
+        Ok(Arc::new(Self {
+            commands: Mutex::new(commands),
+            reader: Mutex::new(reader),
+            last_seq,
+        }))
+    }
+
+    /// Up to `max` entries after `after`, in order.
+    pub fn read_after(&self, after: i64, max: usize) -> Result<Vec<QueueEntry>> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, space_id, source_id, body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, max as i64], |r| {
+            Ok(QueueEntry {
+                seq: r.get(0)?,
+                event: QueuedEvent {
+                    space_id: r.get(1)?,
+                    source_id: r.get(2)?,
+                    body: r.get(3)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Removes every entry up to and including `seq` (all consumers are past it).
+    pub fn truncate_through(&self, seq: i64) {
+        let _ = lock(&self.commands).send(Command::Truncate(seq));
+    }
+
+    /// The highest committed sequence number.
+    pub fn last_seq(&self) -> i64 {
+        *lock(&self.last_seq.seq)
+    }
+
+    /// Blocks until an entry after `after` is committed or `timeout` passes;
+    /// returns the highest committed sequence number.
+    pub fn wait_after(&self, after: i64, timeout: Duration) -> i64 {
+        let guard = lock(&self.last_seq.seq);
+        let (guard, _) = self
+            .last_seq
+            .grew
+            .wait_timeout_while(guard, timeout, |seq| *seq <= after)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+#[async_trait]
+impl EventQueue for SqliteQueue {
+    async fn enqueue(&self, events: Vec<QueuedEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (done, wait) = oneshot::channel();
+        lock(&self.commands)
+            .send(Command::Append(events, done))
+            .map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, last_seq: Arc<LastSeq>) {
+    while let Ok(first) = rx.recv() {
+        let mut appends = Vec::new();
+        let mut truncate = None;
+        let mut pending = 0;
+        let mut take = |cmd: Command, appends: &mut Vec<_>, pending: &mut usize| match cmd {
+            Command::Append(events, done) => {
+                *pending += events.len();
+                appends.push((events, done));
+            }
+            Command::Truncate(seq) => truncate = Some(seq),
+        };
+        take(first, &mut appends, &mut pending);
+        while pending < GROUP_COMMIT_EVENTS {
+            match rx.try_recv() {
+                Ok(cmd) => take(cmd, &mut appends, &mut pending),
+                Err(_) => break,
+            }
+        }
+        if !appends.is_empty() {
+            let result = append_all(&mut conn, &appends);
+            match &result {
+                Ok(last) => {
+                    *lock(&last_seq.seq) = *last;
+                    last_seq.grew.notify_all();
+                }
+                Err(e) => error!(error = %e, "queue append failed"),
+            }
+            for (_, done) in appends {
+                let _ = done.send(match &result {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(StoreError::Closed),
+                });
+            }
+        }
+        if let Some(seq) = truncate {
+            if let Err(e) = conn.execute("DELETE FROM queue WHERE seq <= ?1", [seq]) {
+                error!(error = %e, "queue truncation failed");
+            }
+        }
+    }
+}
+
+type Pending = (Vec<QueuedEvent>, oneshot::Sender<Result<()>>);
+
+fn append_all(conn: &mut Connection, appends: &[Pending]) -> Result<i64> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt =
+            tx.prepare_cached("INSERT INTO queue (space_id, source_id, body) VALUES (?1, ?2, ?3)")?;
+        for (events, _) in appends {
+            for e in events {
+                stmt.execute(params![e.space_id, e.source_id, e.body])?;
+            }
+        }
+    }
+    let last = tx.last_insert_rowid();
+    tx.commit()?;
+    Ok(last)
+}

@@ -1,0 +1,150 @@
+//! Spaces and their credentials on the embedded store.
+
+use async_trait::async_trait;
+use kindred_domain::IdentitySettings;
+use rusqlite::{params, OptionalExtension};
+
+use super::SqliteStore;
+use crate::ports::{NewSpace, SpaceAuth, Spaces};
+use crate::token::{mint, random_base62, token_id, verify, TokenKind};
+use crate::{now_millis, Result, StoreError};
+
+/// A space id: 1-64 characters of `[A-Za-z0-9_-]`.
+pub fn valid_space_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl SqliteStore {
+    /// Creates a space with default identity settings and fresh
+    /// credentials; the secrets are returned once and stored hashed.
+    pub fn create_space(&self, space_id: &str) -> Result<NewSpace> {
+        if !valid_space_id(space_id) {
+            return Err(StoreError::Invalid(
+                "a space id is 1-64 characters of letters, digits, '_' and '-'".into(),
+            ));
+        }
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now = now_millis();
+        let inserted = tx.execute(
+            "INSERT INTO spaces (space_id, source_id, settings, settings_version, created_at)
+             VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT DO NOTHING",
+            params![
+                space_id,
+                format!("src_{}", random_base62(20)),
+                serde_json::to_string(&IdentitySettings::default())?,
+                now
+            ],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
+        let mut secrets = Vec::new();
+        for kind in [TokenKind::WriteKey, TokenKind::Access, TokenKind::Admin] {
+            let token = mint(kind);
+            tx.execute(
+                "INSERT INTO tokens (token_id, hash, space_id, kind, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![token.token_id, token.hash.as_slice(), space_id, kind.as_str(), now],
+            )?;
+            secrets.push(token.secret);
+        }
+        tx.commit()?;
+        let [write_key, access_token, admin_token] =
+            <[String; 3]>::try_from(secrets).expect("three tokens minted");
+        Ok(NewSpace {
+            space_id: space_id.to_string(),
+            write_key,
+            access_token,
+            admin_token,
+        })
+    }
+
+    pub fn space_count(&self) -> Result<u64> {
+        Ok(self
+            .reader()?
+            .query_row("SELECT COUNT(*) FROM spaces", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    fn authenticate_now(&self, secret: &str, kind: TokenKind) -> Result<Option<SpaceAuth>> {
+        let Some(id) = token_id(secret) else {
+            return Ok(None);
+        };
+        let row = self
+            .reader()?
+            .prepare_cached(
+                "SELECT t.hash, t.space_id, t.kind, s.source_id FROM tokens t
+                 JOIN spaces s ON s.space_id = t.space_id
+                 WHERE t.token_id = ?1 AND t.revoked_at IS NULL",
+            )?
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .optional()?;
+        Ok(row.and_then(|(hash, space_id, stored_kind, source_id)| {
+            // Verify the secret before looking at anything else it unlocks.
+            let genuine = verify(secret, &hash);
+            (genuine && TokenKind::parse(&stored_kind) == Some(kind)).then_some(SpaceAuth {
+                space_id,
+                source_id,
+                kind,
+            })
+        }))
+    }
+}
+
+#[async_trait]
+impl Spaces for SqliteStore {
+    async fn authenticate(&self, secret: &str, kind: TokenKind) -> Result<Option<SpaceAuth>> {
+        let secret = secret.to_string();
+        self.blocking(move |s| s.authenticate_now(&secret, kind))
+            .await
+    }
+
+    async fn identity_settings(&self, space_id: &str) -> Result<IdentitySettings> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| {
+            let json: Option<String> = s
+                .reader()?
+                .query_row(
+                    "SELECT settings FROM spaces WHERE space_id = ?1",
+                    [&space_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let json = json.ok_or(StoreError::NotFound)?;
+            Ok(serde_json::from_str(&json)?)
+        })
+        .await
+    }
+
+    async fn put_identity_settings(
+        &self,
+        space_id: &str,
+        settings: &IdentitySettings,
+    ) -> Result<()> {
+        let space_id = space_id.to_string();
+        let json = serde_json::to_string(settings)?;
+        self.blocking(move |s| {
+            let changed = s.writer().execute(
+                "UPDATE spaces SET settings = ?2, settings_version = settings_version + 1
+                 WHERE space_id = ?1",
+                params![space_id, json],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
+    }
+}

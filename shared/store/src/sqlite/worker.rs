@@ -1,0 +1,236 @@
+//! The local identity worker: drains the durable queue into the identity
+//! graph. Each batch of queue entries is processed in one store
+//! transaction that also advances the worker's cursor, so every entry is
+//! applied exactly once even across crashes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kindred_domain::{Event, IdentityRules, IdentitySettings};
+use rusqlite::{params, OptionalExtension, Transaction};
+use tracing::{error, info_span, warn};
+
+use super::graph::TxGraph;
+use super::queue::SqliteQueue;
+use super::{lock, SqliteStore};
+use crate::identity::{process_event, Outcome, SpaceRules};
+use crate::token::new_profile_id;
+use crate::{now_millis, Result};
+
+const CURSOR: &str = "identity";
+/// How long message ids are remembered for deduplication (SPEC: >= 24 h).
+pub const DEDUP_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
+
+/// Counters since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub recorded: u64,
+    pub created: u64,
+    pub merged: u64,
+    pub unresolved: u64,
+    pub duplicates: u64,
+    pub undecodable: u64,
+}
+
+pub struct IdentityWorker {
+    store: Arc<SqliteStore>,
+    queue: Arc<SqliteQueue>,
+    batch: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    cursor: Option<i64>,
+    rules: HashMap<String, (i64, Arc<SpaceRules>)>,
+    stats: WorkerStats,
+    last_truncate: Option<Instant>,
+    last_cleanup: Option<Instant>,
+}
+
+impl IdentityWorker {
+    pub fn new(store: Arc<SqliteStore>, queue: Arc<SqliteQueue>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            queue,
+            batch: 512,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        lock(&self.state).stats.clone()
+    }
+
+    /// The sequence number of the last queue entry applied.
+    pub fn cursor(&self) -> Result<i64> {
+        let mut state = lock(&self.state);
+        self.load_cursor(&mut state)
+    }
+
+    fn load_cursor(&self, state: &mut State) -> Result<i64> {
+        if let Some(c) = state.cursor {
+            return Ok(c);
+        }
+        let c: i64 = self
+            .store
+            .reader()?
+            .query_row("SELECT seq FROM cursors WHERE name = ?1", [CURSOR], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        state.cursor = Some(c);
+        Ok(c)
+    }
+
+    /// Processes one batch of what is queued; returns how many entries it consumed.
+    pub fn run_once(&self) -> Result<usize> {
+        let mut state = lock(&self.state);
+        let cursor = self.load_cursor(&mut state)?;
+        let entries = self.queue.read_after(cursor, self.batch)?;
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            return Ok(0);
+        };
+        let mut conn = self.store.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut stats = state.stats.clone();
+        {
+            let mut graph = TxGraph::new(&tx);
+            let now = now_millis();
+            for entry in &entries {
+                let e = &entry.event;
+                let _span =
+                    info_span!("identity", space_id = %e.space_id, seq = entry.seq).entered();
+                let rules = rules_for(&tx, &mut state.rules, &e.space_id)?;
+                let Some(rules) = rules else {
+                    warn!("event of an unknown space skipped");
+                    stats.undecodable += 1;
+                    continue;
+                };
+                let event = serde_json::from_str(&e.body)
+                    .map_err(|_| ())
+                    .and_then(|body| Event::from_stored(body).map_err(|_| ()));
+                let Ok(event) = event else {
+                    warn!("undecodable queue entry skipped");
+                    stats.undecodable += 1;
+                    continue;
+                };
+                let outcome = process_event(
+                    &mut graph,
+                    &e.space_id,
+                    &e.source_id,
+                    &rules,
+                    &event,
+                    &e.body,
+                    now,
+                    new_profile_id,
+                )?;
+                match outcome {
+                    Outcome::Recorded {
+                        created, merged, ..
+                    } => {
+                        stats.recorded += 1;
+                        stats.created += created as u64;
+                        stats.merged += merged as u64;
+                    }
+                    Outcome::Unresolved => stats.unresolved += 1,
+                    Outcome::Duplicate => stats.duplicates += 1,
+                }
+            }
+        }
+        tx.prepare_cached(
+            "INSERT INTO cursors (name, seq) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+        )?
+        .execute(params![CURSOR, last])?;
+        tx.commit()?;
+        drop(conn);
+        state.cursor = Some(last);
+        state.stats = stats;
+        if state
+            .last_truncate
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
+        {
+            state.last_truncate = Some(Instant::now());
+            self.queue.truncate_through(last);
+        }
+        if state
+            .last_cleanup
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+        {
+            state.last_cleanup = Some(Instant::now());
+            self.store.writer().execute(
+                "DELETE FROM messages WHERE seen_at < ?1",
+                [now_millis() - DEDUP_RETENTION_MS],
+            )?;
+        }
+        Ok(entries.len())
+    }
+
+    /// Processes until the queue is empty as of the call.
+    pub fn drain(&self) -> Result<()> {
+        let target = self.queue.last_seq();
+        while self.cursor()? < target {
+            self.run_once()?;
+        }
+        Ok(())
+    }
+
+    /// Runs on a thread of its own until `stop` is set.
+    pub fn spawn(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+        let worker = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("kindred-identity".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match worker.run_once() {
+                        Ok(0) => {
+                            let cursor = worker.cursor().unwrap_or(0);
+                            worker.queue.wait_after(cursor, Duration::from_millis(200));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            error!(error = %e, "identity batch failed; retrying");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })
+            .expect("spawning the identity worker thread")
+    }
+}
+
+/// The space's compiled rules, reloaded when its settings version changes.
+fn rules_for(
+    tx: &Transaction<'_>,
+    cache: &mut HashMap<String, (i64, Arc<SpaceRules>)>,
+    space_id: &str,
+) -> Result<Option<Arc<SpaceRules>>> {
+    let version: Option<i64> = tx
+        .prepare_cached("SELECT settings_version FROM spaces WHERE space_id = ?1")?
+        .query_row([space_id], |r| r.get(0))
+        .optional()?;
+    let Some(version) = version else {
+        return Ok(None);
+    };
+    if let Some((v, rules)) = cache.get(space_id) {
+        if *v == version {
+            return Ok(Some(Arc::clone(rules)));
+        }
+    }
+    let json: String = tx.query_row(
+        "SELECT settings FROM spaces WHERE space_id = ?1",
+        [space_id],
+        |r| r.get(0),
+    )?;
+    let settings: IdentitySettings = serde_json::from_str(&json)?;
+    let rules = Arc::new(SpaceRules {
+        rules: IdentityRules::new(settings)
+            .map_err(|e| crate::StoreError::Invalid(e.to_string()))?,
+    });
+    cache.insert(space_id.to_string(), (version, Arc::clone(&rules)));
+    Ok(Some(rules))
+}
