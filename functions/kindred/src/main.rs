@@ -1,1 +1,81 @@
-fn main() {}
+//! `kindred`: the local runner. `kindred serve` runs the Tracking, Profile
+//! and admin routers and the identity worker in one process on the
+//! embedded store; `kindred space create` makes a space offline;
+//! `kindred bench` measures the whole pipeline.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kindred::{bench, config, server};
+
+#[derive(Parser)]
+#[command(
+    name = "kindred",
+    version,
+    about = "Kindred: an open-source customer profile engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the Tracking, Profile and admin APIs with background workers.
+    Serve(config::ServeArgs),
+    /// Manage spaces.
+    Space {
+        #[command(subcommand)]
+        command: SpaceCommand,
+    },
+    /// Measure ingest throughput, memory and Profile API latency.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum SpaceCommand {
+    /// Create a space offline and print its credentials as one JSON line.
+    Create {
+        space_id: String,
+        #[arg(long, env = "KINDRED_DATA_DIR", default_value = "./kindred-data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            config::init_logging();
+            let config = config::Config::load(args)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(server::serve(config))
+        }
+        Command::Space {
+            command: SpaceCommand::Create { space_id, data_dir },
+        } => {
+            let store = kindred_store::sqlite::SqliteStore::open(&data_dir)
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+            match store.create_space(&space_id) {
+                Ok(space) => {
+                    println!("{}", serde_json::to_string(&space)?);
+                    Ok(())
+                }
+                Err(kindred_store::StoreError::AlreadyExists) => {
+                    anyhow::bail!("space {space_id:?} already exists")
+                }
+                Err(e) => Err(e).context("creating the space"),
+            }
+        }
+        Command::Bench(args) => {
+            config::init_logging();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(bench::run(args))
+        }
+    }
+}

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 
 use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use super::SqliteStore;
 
 use crate::ports::{Applied, EventRecord, IdentityGraph};
 use crate::{Result, StoreError};
@@ -42,78 +44,84 @@ fn claim_error(e: rusqlite::Error) -> StoreError {
     }
 }
 
+fn is_duplicate(conn: &Connection, space_id: &str, message_id: &str) -> Result<bool> {
+    let mut stmt =
+        conn.prepare_cached("SELECT 1 FROM messages WHERE space_id = ?1 AND message_id = ?2")?;
+    Ok(stmt.exists(params![space_id, message_id])?)
+}
+
+fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
+    let mut facts = Facts::default();
+    let mut owner_stmt = conn.prepare_cached(
+        "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+    )?;
+    let mut profile_stmt = conn.prepare_cached(
+        "SELECT parent_id, version, created_at, merges, identifiers, traits
+             FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+    )?;
+    let mut roots: HashMap<String, String> = HashMap::new();
+    for id in ids {
+        let owner: Option<String> = owner_stmt
+            .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+            .optional()?;
+        let Some(mut current) = owner else { continue };
+        if let Some(root) = roots.get(&current) {
+            facts.owners.insert(id.clone(), root.clone());
+            continue;
+        }
+        let start = current.clone();
+        // Follow merge pointers to the root.
+        loop {
+            let row = profile_stmt
+                .query_row(params![space_id, current], |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .optional()?;
+            let Some((parent, version, created_at, merges, identifiers, traits)) = row else {
+                return Err(StoreError::NotFound);
+            };
+            match parent {
+                Some(p) => current = p,
+                None => {
+                    if !facts.profiles.contains_key(&current) {
+                        let identifiers: Vec<IdentifierEntry> = serde_json::from_str(&identifiers)?;
+                        let traits: Traits = serde_json::from_str(&traits)?;
+                        facts.profiles.insert(
+                            current.clone(),
+                            ProfileFacts {
+                                id: current.clone(),
+                                version: version as u64,
+                                created_at,
+                                merges: merges as u32,
+                                identifiers,
+                                traits,
+                            },
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        roots.insert(start, current.clone());
+        facts.owners.insert(id.clone(), current);
+    }
+    Ok(facts)
+}
+
 impl IdentityGraph for TxGraph<'_> {
     fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
-        let mut stmt = self
-            .tx
-            .prepare_cached("SELECT 1 FROM messages WHERE space_id = ?1 AND message_id = ?2")?;
-        Ok(stmt.exists(params![space_id, message_id])?)
+        is_duplicate(self.tx, space_id, message_id)
     }
 
     fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
-        let mut facts = Facts::default();
-        let mut owner_stmt = self.tx.prepare_cached(
-            "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
-        )?;
-        let mut profile_stmt = self.tx.prepare_cached(
-            "SELECT parent_id, version, created_at, merges, identifiers, traits
-             FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
-        )?;
-        let mut roots: HashMap<String, String> = HashMap::new();
-        for id in ids {
-            let owner: Option<String> = owner_stmt
-                .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
-                .optional()?;
-            let Some(mut current) = owner else { continue };
-            if let Some(root) = roots.get(&current) {
-                facts.owners.insert(id.clone(), root.clone());
-                continue;
-            }
-            let start = current.clone();
-            // Follow merge pointers to the root.
-            loop {
-                let row = profile_stmt
-                    .query_row(params![space_id, current], |r| {
-                        Ok((
-                            r.get::<_, Option<String>>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, String>(4)?,
-                            r.get::<_, String>(5)?,
-                        ))
-                    })
-                    .optional()?;
-                let Some((parent, version, created_at, merges, identifiers, traits)) = row else {
-                    return Err(StoreError::NotFound);
-                };
-                match parent {
-                    Some(p) => current = p,
-                    None => {
-                        if !facts.profiles.contains_key(&current) {
-                            let identifiers: Vec<IdentifierEntry> =
-                                serde_json::from_str(&identifiers)?;
-                            let traits: Traits = serde_json::from_str(&traits)?;
-                            facts.profiles.insert(
-                                current.clone(),
-                                ProfileFacts {
-                                    id: current.clone(),
-                                    version: version as u64,
-                                    created_at,
-                                    merges: merges as u32,
-                                    identifiers,
-                                    traits,
-                                },
-                            );
-                        }
-                        break;
-                    }
-                }
-            }
-            roots.insert(start, current.clone());
-            facts.owners.insert(id.clone(), current);
-        }
-        Ok(facts)
+        read_facts(self.tx, space_id, ids)
     }
 
     fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied> {
@@ -292,4 +300,43 @@ fn apply_writes(
         ])?;
     }
     Ok(Applied::Recorded)
+}
+
+/// The identity graph as a fleet of DynamoDB workers sees it: facts come
+/// from a read snapshot outside any write transaction, and each apply is a
+/// conditional transaction of its own that fails if the snapshot went
+/// stale. Races between workers are real here, and so are conflicts.
+pub struct OptimisticGraph<'a> {
+    store: &'a SqliteStore,
+    /// Applies refused because a condition no longer held.
+    pub conflicts: u64,
+}
+
+impl<'a> OptimisticGraph<'a> {
+    pub fn new(store: &'a SqliteStore) -> Self {
+        Self {
+            store,
+            conflicts: 0,
+        }
+    }
+}
+
+impl IdentityGraph for OptimisticGraph<'_> {
+    fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
+        is_duplicate(&*self.store.reader()?, space_id, message_id)
+    }
+
+    fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
+        let reader = self.store.reader()?;
+        let tx = reader.unchecked_transaction()?;
+        read_facts(&tx, space_id, ids)
+    }
+
+    fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied> {
+        let outcome = self.store.with_graph(|g| g.apply(space_id, plan, record));
+        if matches!(outcome, Err(StoreError::Conflict)) {
+            self.conflicts += 1;
+        }
+        outcome
+    }
 }

@@ -8,6 +8,7 @@
 //! DynamoDB's conditional writes directly as `UPDATE ... WHERE version = ?`
 //! and primary-key inserts.
 
+mod audit;
 mod graph;
 mod profiles;
 mod queue;
@@ -19,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use rusqlite::Connection;
 
-pub use graph::TxGraph;
+pub use audit::{AuditEvent, GraphAudit};
+pub use graph::{OptimisticGraph, TxGraph};
 pub use queue::{QueueEntry, SqliteQueue};
 pub use worker::{IdentityWorker, WorkerStats};
 

@@ -1,0 +1,139 @@
+//! `kindred serve`: the shared routers and the identity worker on the
+//! embedded store, in one process.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kindred_http::{AppState, RateLimiter};
+use kindred_store::sqlite::{IdentityWorker, SqliteQueue, SqliteStore};
+use tokio::sync::oneshot;
+use tracing::info;
+
+use crate::config::Config;
+
+/// The local composition: store, queue, worker and the routers' state.
+pub struct Local {
+    pub store: Arc<SqliteStore>,
+    pub queue: Arc<SqliteQueue>,
+    pub worker: Arc<IdentityWorker>,
+    pub state: AppState,
+}
+
+pub fn open(config: &Config) -> anyhow::Result<Local> {
+    let store = SqliteStore::open(&config.data_dir)
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let queue = SqliteQueue::open(&config.data_dir).context("opening the queue")?;
+    let worker = IdentityWorker::new(Arc::clone(&store), Arc::clone(&queue));
+    let state = AppState {
+        spaces: store.clone(),
+        profiles: store.clone(),
+        queue: queue.clone(),
+        rate_limiter: Arc::new(RateLimiter::new(config.ingest_rate)),
+    };
+    Ok(Local {
+        store,
+        queue,
+        worker,
+        state,
+    })
+}
+
+/// A running server: HTTP on `addr`, the identity worker on its thread.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub local: Local,
+    stop_worker: Arc<AtomicBool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    stop_http: Option<oneshot::Sender<()>>,
+    http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Opens the store, creates the `default` space on an empty one (its
+/// credentials are returned, to be shown once), and starts serving.
+pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_store::NewSpace>)> {
+    let local = open(config)?;
+    let created = if local.store.space_count()? == 0 {
+        Some(local.store.create_space("default")?)
+    } else {
+        None
+    };
+    let stop_worker = Arc::new(AtomicBool::new(false));
+    let worker = local.worker.spawn(Arc::clone(&stop_worker));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop_http, stopped) = oneshot::channel::<()>();
+    let app = kindred_http::app(local.state.clone());
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Ok((
+        Running {
+            addr,
+            local,
+            stop_worker,
+            worker: Some(worker),
+            stop_http: Some(stop_http),
+            http: Some(http),
+        },
+        created,
+    ))
+}
+
+impl Running {
+    /// Waits until the identity worker has applied everything queued so far.
+    pub async fn wait_idle(&self) -> anyhow::Result<()> {
+        let target = self.local.queue.last_seq();
+        while self.local.worker.cursor()? < target {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, stops the worker.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop_http.take() {
+            let _ = tx.send(());
+        }
+        if let Some(http) = self.http.take() {
+            http.await??;
+        }
+        self.stop_worker.store(true, Ordering::Relaxed);
+        if let Some(worker) = self.worker.take() {
+            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        }
+        Ok(())
+    }
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let (running, created) = start(&config).await?;
+    if let Some(space) = created {
+        println!("Created the space \"default\". Its credentials are shown only this once:");
+        println!("{}", serde_json::to_string_pretty(&space)?);
+    }
+    info!(address = %running.addr, data_dir = %config.data_dir.display(), "kindred serving");
+    println!("Kindred is listening on http://{}", running.addr);
+    shutdown_signal().await;
+    running.stop().await?;
+    info!("kindred stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

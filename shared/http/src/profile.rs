@@ -1,0 +1,333 @@
+//! The Profile API (SPEC 6), compatible with Segment's Profile API:
+//! `GET /v1/spaces/{space}/collections/users/profiles/{type}:{value}/{resource}`
+//! (and the older `/v1/namespaces/...` prefix), with the merge history as
+//! an extra resource.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Uri};
+use axum::routing::get;
+use axum::{Json, Router};
+use kindred_domain::event::{format_millis, parse_time};
+use kindred_domain::traits::visible;
+use kindred_domain::Identifier;
+use kindred_store::token::TokenKind;
+use kindred_store::{EventQuery, ProfileDoc, ProfileLookup};
+use serde_json::{json, Map, Value};
+
+use crate::auth::basic_user;
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/{resource}",
+            get(resource),
+        )
+        .route(
+            "/v1/namespaces/{space_id}/collections/users/profiles/{lookup}/{resource}",
+            get(resource),
+        )
+        .with_state(state)
+}
+
+/// Authenticates a token of `kind` for exactly this space. A valid token of
+/// another space is refused like an unknown one: it never reaches data.
+pub(crate) async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    space_id: &str,
+    kind: TokenKind,
+) -> Result<(), ApiError> {
+    let Some(token) = basic_user(headers) else {
+        return Err(ApiError::unauthorized(format!(
+            "an {} is required as the HTTP Basic user name",
+            kind.as_str().replace('_', " ")
+        )));
+    };
+    match state.spaces.authenticate(&token, kind).await? {
+        Some(auth) if auth.space_id == space_id => Ok(()),
+        _ => Err(ApiError::unauthorized(format!(
+            "the {} is not valid for this space",
+            kind.as_str().replace('_', " ")
+        ))),
+    }
+}
+
+fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {
+    let (kind, value) = raw
+        .split_once(':')
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .ok_or_else(|| ApiError::bad_request("the profile must be named as {type}:{value}"))?;
+    Ok(if kind == "profile_id" {
+        ProfileLookup::ProfileId(value.to_string())
+    } else {
+        ProfileLookup::Identifier(Identifier::new(kind.to_ascii_lowercase(), value))
+    })
+}
+
+fn limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(10),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=200).contains(l))
+            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 200")),
+    }
+}
+
+fn list(params: &HashMap<String, String>, name: &str) -> Vec<String> {
+    params
+        .get(name)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") | Some("") => Ok(true),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "{name} must be true or false"
+        ))),
+    }
+}
+
+fn cursor(uri: &Uri, has_more: bool, next: Option<String>, limit: usize) -> Value {
+    let mut c = json!({"url": uri.to_string(), "has_more": has_more, "limit": limit});
+    if let (true, Some(next)) = (has_more, next) {
+        c["next"] = Value::String(next);
+    }
+    c
+}
+
+async fn resource(
+    State(state): State<AppState>,
+    Path((space_id, lookup, resource)): Path<(String, String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &space_id, TokenKind::Access).await?;
+    let lookup = parse_lookup(&lookup)?;
+    if !matches!(
+        resource.as_str(),
+        "traits" | "external_ids" | "events" | "metadata" | "links" | "merges"
+    ) {
+        return Err(ApiError::not_found(format!(
+            "unknown resource {resource:?}"
+        )));
+    }
+    let doc = state
+        .profiles
+        .profile(&space_id, &lookup)
+        .await?
+        .ok_or_else(|| ApiError::not_found("profile not found"))?;
+    let body = match resource.as_str() {
+        "traits" => traits(&doc, &params, &uri)?,
+        "external_ids" => external_ids(&doc, &params, &uri)?,
+        "events" => events(&state, &space_id, &doc, &params, &uri).await?,
+        "metadata" => metadata(&doc),
+        "links" => links(&doc, &params, &uri)?,
+        _ => merges(&doc, &params, &uri)?,
+    };
+    Ok(Json(body))
+}
+
+fn traits(
+    doc: &ProfileDoc,
+    params: &HashMap<String, String>,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
+    let limit = limit(params)?;
+    let verbose = flag(params, "verbose")?;
+    let include = list(params, "include");
+    match params.get("class").map(String::as_str) {
+        None => {}
+        // Computed traits and audiences arrive with the compute step; a
+        // profile has none of those classes until then.
+        Some("audience") | Some("computed_trait") => {
+            return Ok(json!({"traits": {}, "cursor": cursor(uri, false, None, limit)}))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "class must be audience or computed_trait",
+            ))
+        }
+    }
+    let after = params.get("next");
+    let mut selected = visible(&doc.traits)
+        .filter(|(k, _)| include.is_empty() || include.contains(k))
+        .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a.as_str()));
+    let mut out = Map::new();
+    let mut last = None;
+    for (key, t) in selected.by_ref().take(limit) {
+        let value = if verbose {
+            json!({"value": t.value, "source_id": t.source_id, "updated_at": format_millis(t.updated_at)})
+        } else {
+            t.value.clone()
+        };
+        out.insert(key.clone(), value);
+        last = Some(key.clone());
+    }
+    let has_more = selected.next().is_some();
+    Ok(json!({"traits": out, "cursor": cursor(uri, has_more, last, limit)}))
+}
+
+fn offset(params: &HashMap<String, String>) -> Result<usize, ApiError> {
+    params.get("next").map_or(Ok(0), |n| {
+        n.parse()
+            .map_err(|_| ApiError::bad_request("next must be a cursor from a previous response"))
+    })
+}
+
+fn page<T>(
+    items: Vec<T>,
+    params: &HashMap<String, String>,
+    uri: &Uri,
+) -> Result<(Vec<T>, Value), ApiError> {
+    let limit = limit(params)?;
+    let start = offset(params)?;
+    let total = items.len();
+    let page: Vec<T> = items.into_iter().skip(start).take(limit).collect();
+    let end = start + page.len();
+    let has_more = end < total;
+    Ok((page, cursor(uri, has_more, Some(end.to_string()), limit)))
+}
+
+fn external_ids(
+    doc: &ProfileDoc,
+    params: &HashMap<String, String>,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
+    let include = list(params, "include");
+    flag(params, "verbose")?;
+    let mut ids: Vec<_> = doc
+        .external_ids
+        .iter()
+        .filter(|e| include.is_empty() || include.contains(&e.id.kind))
+        .collect();
+    ids.sort_by(|a, b| {
+        (b.created_at, &a.id.kind, &a.id.value).cmp(&(a.created_at, &b.id.kind, &b.id.value))
+    });
+    let (ids, cursor) = page(ids, params, uri)?;
+    let data: Vec<Value> = ids
+        .into_iter()
+        .map(|e| {
+            json!({
+                "id": e.id.value, "type": e.id.kind, "source_id": e.source_id,
+                "collection": e.collection, "created_at": format_millis(e.created_at),
+                "encoding": e.encoding, "first_message_id": e.first_message_id,
+            })
+        })
+        .collect();
+    Ok(json!({"data": data, "cursor": cursor}))
+}
+
+fn time_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    params
+        .get(name)
+        .map(|v| {
+            parse_time(v).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{name} must be an ISO-8601 date-time with a time zone"
+                ))
+            })
+        })
+        .transpose()
+}
+
+async fn events(
+    state: &AppState,
+    space_id: &str,
+    doc: &ProfileDoc,
+    params: &HashMap<String, String>,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
+    let limit = limit(params)?;
+    let descending = match params.get("sort").map(String::as_str) {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(_) => return Err(ApiError::bad_request("sort must be asc or desc")),
+    };
+    let after = params
+        .get("next")
+        .map(|n| {
+            n.split_once('.')
+                .and_then(|(t, s)| Some((t.parse().ok()?, s.parse().ok()?)))
+                .ok_or_else(|| {
+                    ApiError::bad_request("next must be a cursor from a previous response")
+                })
+        })
+        .transpose()?;
+    let query = EventQuery {
+        start: time_param(params, "start")?,
+        end: time_param(params, "end")?,
+        include: list(params, "include"),
+        exclude: list(params, "exclude"),
+        limit: limit + 1,
+        descending,
+        after,
+    };
+    let mut found = state.profiles.events(space_id, &doc.tree, &query).await?;
+    let has_more = found.len() > limit;
+    found.truncate(limit);
+    let next = found.last().map(|e| format!("{}.{}", e.timestamp, e.seq));
+    let data: Vec<Value> = found
+        .iter()
+        .map(|e| serde_json::from_str(&e.body).unwrap_or(Value::Null))
+        .collect();
+    Ok(json!({"data": data, "cursor": cursor(uri, has_more, next, limit)}))
+}
+
+fn metadata(doc: &ProfileDoc) -> Value {
+    json!({"metadata": {
+        "profile_id": doc.profile_id,
+        "created_at": format_millis(doc.created_at),
+        "updated_at": format_millis(doc.updated_at),
+        "first_message_id": doc.first_message_id,
+        "last_message_id": doc.last_message_id,
+        "merged_profile_ids": doc.tree.iter().skip(1).collect::<Vec<_>>(),
+        "merges": doc.merges,
+    }})
+}
+
+fn links(doc: &ProfileDoc, params: &HashMap<String, String>, uri: &Uri) -> Result<Value, ApiError> {
+    let (links, cursor) = page(doc.links.iter().collect(), params, uri)?;
+    let data: Vec<Value> = links
+        .into_iter()
+        .map(|l| {
+            json!({"to_collection": "accounts", "external_ids": [{
+                "id": l.group_id, "type": "group_id", "collection": "accounts",
+                "encoding": "none", "created_at": format_millis(l.linked_at),
+                "first_message_id": l.message_id,
+            }]})
+        })
+        .collect();
+    Ok(json!({"data": data, "cursor": cursor}))
+}
+
+fn merges(
+    doc: &ProfileDoc,
+    params: &HashMap<String, String>,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
+    let (merges, cursor) = page(doc.merge_history.iter().collect(), params, uri)?;
+    let data: Vec<Value> = merges
+        .into_iter()
+        .map(|m| {
+            json!({"parent_id": m.parent_id, "child_id": m.child_id,
+                   "message_id": m.message_id, "merged_at": format_millis(m.merged_at)})
+        })
+        .collect();
+    Ok(json!({"profile_id": doc.profile_id, "data": data, "cursor": cursor}))
+}

@@ -1,0 +1,320 @@
+//! The Tracking API (SPEC 2), compatible with Segment's HTTP Tracking API
+//! and its client libraries: `/v1/identify|track|page|screen|group|alias|batch`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use kindred_domain::event::{Envelope, MAX_BATCH_BYTES, MAX_EVENT_BYTES};
+use kindred_domain::{Event, EventKind, Rejection};
+use kindred_store::token::{random_base62, TokenKind};
+use kindred_store::{now_millis, QueuedEvent, SpaceAuth};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tracing::debug;
+
+use crate::auth::basic_user;
+use crate::error::ApiError;
+use crate::AppState;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/v1/identify",
+            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Identify)),
+        )
+        .route(
+            "/v1/track",
+            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Track)),
+        )
+        .route(
+            "/v1/page",
+            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Page)),
+        )
+        .route(
+            "/v1/screen",
+            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Screen)),
+        )
+        .route(
+            "/v1/group",
+            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Group)),
+        )
+        .route(
+            "/v1/alias",
+            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Alias)),
+        )
+        .route("/v1/batch", post(batch))
+        .route("/v1/import", post(batch))
+        .with_state(state)
+}
+
+/// Per-space token buckets: `rate` events per second, bursts of one second.
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(events_per_second: u32) -> Self {
+        Self {
+            rate: f64::from(events_per_second.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes `n` tokens, or says how many seconds to wait.
+    fn take(&self, space_id: &str, n: usize) -> Result<(), u64> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, at) = buckets
+            .entry(space_id.to_string())
+            .or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
+        *at = now;
+        let n = n as f64;
+        if *tokens >= n || (n > self.rate && *tokens >= self.rate) {
+            *tokens -= n;
+            Ok(())
+        } else {
+            Err(((n.min(self.rate) - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// Reads the body, gunzipping it if asked, within the batch limit.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::bad_request(format!(
+            "the request body is larger than {} KB",
+            MAX_BATCH_BYTES / 1024
+        ))
+    };
+    let raw = axum::body::to_bytes(body, MAX_BATCH_BYTES)
+        .await
+        .map_err(|_| too_large())?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "" | "identity" => Ok(raw),
+        "gzip" => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&raw[..])
+                .take(MAX_BATCH_BYTES as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|_| ApiError::bad_request("the body is not valid gzip"))?;
+            if out.len() > MAX_BATCH_BYTES {
+                return Err(too_large());
+            }
+            Ok(out.into())
+        }
+        other => Err(ApiError::bad_request(format!(
+            "unsupported Content-Encoding {other:?}; use gzip or none"
+        ))),
+    }
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    body_key: Option<&str>,
+) -> Result<SpaceAuth, ApiError> {
+    let key = basic_user(headers).or_else(|| body_key.map(str::to_string));
+    let Some(key) = key else {
+        return Err(ApiError::unauthorized(
+            "a write key is required: HTTP Basic auth with the write key as user name, or writeKey in the body",
+        ));
+    };
+    state
+        .spaces
+        .authenticate(&key, TokenKind::WriteKey)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("unknown write key"))
+}
+
+fn malformed() -> ApiError {
+    ApiError::bad_request("the body is not valid JSON")
+}
+
+fn generated_message_id() -> String {
+    format!("api-{}", random_base62(22))
+}
+
+async fn single(State(state): State<AppState>, request: Request, kind: EventKind) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let bytes = read_body(&parts.headers, body).await?;
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "the event is larger than {} KB",
+                MAX_EVENT_BYTES / 1024
+            )));
+        }
+        let value: Value = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+        let auth = authenticate(
+            &state,
+            &parts.headers,
+            value.get("writeKey").and_then(Value::as_str),
+        )
+        .await?;
+        check_rate(&state, &auth, 1)?;
+        let generated = generated_message_id();
+        let envelope = Envelope {
+            kind: Some(kind),
+            received_at: now_millis(),
+            batch_sent_at: None,
+            generated_message_id: &generated,
+        };
+        let event = Event::parse(strip_write_key(value), envelope).map_err(|r| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("{}: {}", r.code, r.message),
+            )
+        })?;
+        enqueue(&state, &auth, vec![event]).await?;
+        Ok::<_, ApiError>(Json(json!({"success": true})))
+    }
+    .await;
+    match result {
+        Ok(ok) => ok.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "sentAt")]
+    sent_at: Option<Value>,
+    context: Option<Value>,
+    integrations: Option<Value>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<String>,
+}
+
+async fn batch(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let bytes = read_body(&parts.headers, body).await?;
+        let parsed: BatchBody<'_> = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+        let auth = authenticate(&state, &parts.headers, parsed.write_key.as_deref()).await?;
+        let items = parsed
+            .batch
+            .ok_or_else(|| ApiError::bad_request("batch must be an array of events"))?;
+        check_rate(&state, &auth, items.len().max(1))?;
+        let received_at = now_millis();
+        let batch_sent_at = match &parsed.sent_at {
+            Some(Value::String(s)) => kindred_domain::event::parse_time(s),
+            _ => None,
+        };
+        let mut accepted = Vec::with_capacity(items.len());
+        let mut rejected = Vec::new();
+        for (index, raw) in items.iter().enumerate() {
+            let outcome = parse_item(
+                raw,
+                &parsed.context,
+                &parsed.integrations,
+                received_at,
+                batch_sent_at,
+            );
+            match outcome {
+                Ok(event) => accepted.push(event),
+                Err(r) => {
+                    rejected.push(json!({"index": index, "code": r.code, "message": r.message}))
+                }
+            }
+        }
+        if accepted.is_empty() && !rejected.is_empty() {
+            return Err(ApiError::bad_request("no event in the batch is valid")
+                .with_details(json!({"rejected": rejected})));
+        }
+        let count = accepted.len();
+        enqueue(&state, &auth, accepted).await?;
+        Ok::<_, ApiError>(Json(
+            json!({"success": true, "accepted": count, "rejected": rejected}),
+        ))
+    }
+    .await;
+    match result {
+        Ok(ok) => ok.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn parse_item(
+    raw: &RawValue,
+    context: &Option<Value>,
+    integrations: &Option<Value>,
+    received_at: i64,
+    batch_sent_at: Option<i64>,
+) -> Result<Event, Rejection> {
+    if raw.get().len() > MAX_EVENT_BYTES {
+        return Err(Rejection::new(
+            "event_too_large",
+            format!("the event is larger than {} KB", MAX_EVENT_BYTES / 1024),
+        ));
+    }
+    let mut value: Value = serde_json::from_str(raw.get())
+        .map_err(|_| Rejection::new("invalid_event", "the event is not valid JSON"))?;
+    if let Value::Object(map) = &mut value {
+        // Batch-level context and integrations apply to events without their own.
+        for (field, shared) in [("context", context), ("integrations", integrations)] {
+            if let Some(shared) = shared {
+                map.entry(field).or_insert_with(|| shared.clone());
+            }
+        }
+    }
+    let generated = generated_message_id();
+    Event::parse(
+        strip_write_key(value),
+        Envelope {
+            kind: None,
+            received_at,
+            batch_sent_at,
+            generated_message_id: &generated,
+        },
+    )
+}
+
+/// The write key is a credential: it is never stored with the event.
+fn strip_write_key(mut value: Value) -> Value {
+    if let Value::Object(map) = &mut value {
+        map.remove("writeKey");
+    }
+    value
+}
+
+fn check_rate(state: &AppState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {
+    state
+        .rate_limiter
+        .take(&auth.space_id, n)
+        .map_err(ApiError::rate_limited)
+}
+
+async fn enqueue(state: &AppState, auth: &SpaceAuth, events: Vec<Event>) -> Result<(), ApiError> {
+    let count = events.len();
+    let queued = events
+        .into_iter()
+        .map(|e| QueuedEvent {
+            space_id: auth.space_id.clone(),
+            source_id: auth.source_id.clone(),
+            body: Value::Object(e.body).to_string(),
+        })
+        .collect();
+    state.queue.enqueue(queued).await?;
+    debug!(space_id = %auth.space_id, events = count, "events accepted");
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! A full read of one space's identity graph, for consistency checks in
+//! tests and operations (`root` of every event and identifier).
+
+use std::collections::{BTreeMap, HashMap};
+
+use kindred_domain::{Identifier, IdentifierEntry};
+use rusqlite::params;
+
+use super::SqliteStore;
+use crate::Result;
+
+#[derive(Clone, Debug)]
+pub struct AuditEvent {
+    /// Commit order.
+    pub seq: i64,
+    pub message_id: String,
+    pub body: String,
+    /// The root profile the event belongs to now.
+    pub root: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GraphAudit {
+    pub events: Vec<AuditEvent>,
+    /// Every identifier row, with its owner's root.
+    pub owners: BTreeMap<Identifier, String>,
+    /// Every root profile with the identifiers it records.
+    pub roots: BTreeMap<String, Vec<IdentifierEntry>>,
+    /// Recorded merge count of every root.
+    pub merges: BTreeMap<String, u32>,
+}
+
+impl SqliteStore {
+    pub fn audit(&self, space_id: &str) -> Result<GraphAudit> {
+        let conn = self.reader()?;
+        let tx = conn.unchecked_transaction()?;
+        let mut parents: HashMap<String, Option<String>> = HashMap::new();
+        let mut audit = GraphAudit::default();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT profile_id, parent_id, identifiers, merges FROM profiles WHERE space_id = ?1",
+            )?;
+            let mut rows = stmt.query(params![space_id])?;
+            while let Some(r) = rows.next()? {
+                let id: String = r.get(0)?;
+                let parent: Option<String> = r.get(1)?;
+                if parent.is_none() {
+                    let ids: String = r.get(2)?;
+                    audit.roots.insert(id.clone(), serde_json::from_str(&ids)?);
+                    audit.merges.insert(id.clone(), r.get::<_, i64>(3)? as u32);
+                }
+                parents.insert(id, parent);
+            }
+        }
+        let root = |id: &str| {
+            let mut current = id.to_string();
+            while let Some(Some(p)) = parents.get(&current) {
+                current = p.clone();
+            }
+            current
+        };
+        {
+            let mut stmt = tx.prepare(
+                "SELECT id_type, id_value, profile_id FROM identifiers WHERE space_id = ?1",
+            )?;
+            let mut rows = stmt.query(params![space_id])?;
+            while let Some(r) = rows.next()? {
+                let owner: String = r.get(2)?;
+                audit.owners.insert(
+                    Identifier {
+                        kind: r.get(0)?,
+                        value: r.get(1)?,
+                    },
+                    root(&owner),
+                );
+            }
+        }
+        {
+            let mut stmt = tx.prepare(
+                "SELECT seq, message_id, body, profile_id FROM events WHERE space_id = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query(params![space_id])?;
+            while let Some(r) = rows.next()? {
+                let profile: Option<String> = r.get(3)?;
+                audit.events.push(AuditEvent {
+                    seq: r.get(0)?,
+                    message_id: r.get(1)?,
+                    body: r.get(2)?,
+                    root: profile.map(|p| root(&p)),
+                });
+            }
+        }
+        Ok(audit)
+    }
+}
