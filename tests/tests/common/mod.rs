@@ -1,0 +1,116 @@
+//! A Kindred server in the test process, on a fresh data dir and a free
+//! port, driven over real HTTP.
+#![allow(dead_code)]
+
+use kindred::config::Config;
+use kindred::server::{start, Running};
+use kindred_store::NewSpace;
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+
+pub struct Server {
+    pub running: Running,
+    pub base: String,
+    pub space: NewSpace,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::start_with_rate(1_000_000).await
+    }
+
+    pub async fn start_with_rate(ingest_rate: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ingest_rate,
+        };
+        let (running, created) = start(&config).await.unwrap();
+        let base = format!("http://{}", running.addr);
+        Self {
+            running,
+            base,
+            space: created.expect("a fresh data dir gets the default space"),
+            client: Client::new(),
+            dir,
+        }
+    }
+
+    async fn reply(response: reqwest::Response) -> Reply {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    /// POSTs a Tracking API call with the space's write key.
+    pub async fn track(&self, path: &str, body: &Value) -> Reply {
+        self.track_as(path, body, Some(&self.space.write_key)).await
+    }
+
+    pub async fn track_as(&self, path: &str, body: &Value, key: Option<&str>) -> Reply {
+        let mut req = self.client.post(format!("{}{path}", self.base)).json(body);
+        if let Some(key) = key {
+            req = req.basic_auth(key, Some(""));
+        }
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .basic_auth(&self.space.write_key, Some(""))
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    /// GETs a path with a token as the Basic user name.
+    pub async fn get_as(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            req = req.basic_auth(token, Some(""));
+        }
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    /// GETs a Profile API resource of the default space with its access token.
+    pub async fn profile(&self, lookup: &str, resource: &str) -> Reply {
+        let path = format!(
+            "/v1/spaces/{}/collections/users/profiles/{lookup}/{resource}",
+            self.space.space_id
+        );
+        self.get_as(&path, Some(&self.space.access_token)).await
+    }
+
+    pub async fn put_as(&self, path: &str, body: &Value, token: &str) -> Reply {
+        let req = self
+            .client
+            .put(format!("{}{path}", self.base))
+            .basic_auth(token, Some(""))
+            .json(body);
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    /// Waits until everything accepted so far is in the profiles.
+    pub async fn settle(&self) {
+        self.running.wait_idle().await.unwrap();
+    }
+}
