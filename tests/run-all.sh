@@ -12,6 +12,14 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install --locked cargo-nextest
 fi
 
+# Segment's real Python client, for the client-compatibility test.
+venv="$PWD/target/pyclient"
+if ! "$venv/bin/python" -c "import segment.analytics" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check segment-analytics-python==2.4.0
+fi
+export KINDRED_PYTHON="$venv/bin/python"
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins

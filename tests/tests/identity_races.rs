@@ -10,7 +10,7 @@ use kindred::workload::Workload;
 use kindred_domain::event::Envelope;
 use kindred_domain::model::MemoryGraph;
 use kindred_domain::{extract_identifiers, Event, Identifier, IdentityRules, Incoming};
-use kindred_store::identity::{process_event, Outcome, SpaceRules};
+use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
 use kindred_store::sqlite::{GraphAudit, OptimisticGraph, SqliteStore};
 use kindred_store::token::new_profile_id;
 
@@ -141,17 +141,14 @@ fn eight_workers_racing_overlapping_events_equal_a_serial_replay() {
             let mut outcomes = (0usize, 0usize);
             for event in events.iter().skip(worker).step_by(WORKERS) {
                 let body = serde_json::Value::Object(event.body.clone()).to_string();
-                let outcome = process_event(
-                    &mut graph,
-                    &space_id,
-                    source,
-                    &rules,
+                let job = Job {
+                    space_id: &space_id,
+                    source_id: source,
                     event,
-                    &body,
-                    0,
-                    new_profile_id,
-                )
-                .unwrap();
+                    body_json: &body,
+                    now: 0,
+                };
+                let outcome = process_event(&mut graph, &rules, &job, new_profile_id).unwrap();
                 match outcome {
                     Outcome::Duplicate => outcomes.1 += 1,
                     _ => outcomes.0 += 1,

@@ -167,24 +167,19 @@ impl Event {
             },
             _ => None,
         };
-        match kind {
-            EventKind::Group => {
-                if id_field(&mut body, "groupId")?.is_none() {
-                    return Err(Rejection::new(
-                        "missing_group_id",
-                        "a group call needs a groupId",
-                    ));
-                }
-            }
-            EventKind::Alias => {
-                if id_field(&mut body, "previousId")?.is_none() || user_id.is_none() {
-                    return Err(Rejection::new(
-                        "missing_alias_ids",
-                        "an alias call needs both previousId and userId",
-                    ));
-                }
-            }
-            _ => {}
+        let missing = match kind {
+            EventKind::Group => id_field(&mut body, "groupId")?
+                .is_none()
+                .then_some(("missing_group_id", "a group call needs a groupId")),
+            EventKind::Alias => (id_field(&mut body, "previousId")?.is_none() || user_id.is_none())
+                .then_some((
+                    "missing_alias_ids",
+                    "an alias call needs both previousId and userId",
+                )),
+            _ => None,
+        };
+        if let Some((code, message)) = missing {
+            return Err(Rejection::new(code, message));
         }
         for object_field in ["traits", "properties", "context", "integrations"] {
             match body.get(object_field) {

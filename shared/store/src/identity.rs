@@ -34,16 +34,31 @@ pub enum Outcome {
 /// How often a plan is re-made after conflicts before giving up.
 const MAX_ATTEMPTS: usize = 64;
 
+/// One event to resolve, with where it came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Job<'a> {
+    pub space_id: &'a str,
+    pub source_id: &'a str,
+    pub event: &'a Event,
+    /// The event's stored form.
+    pub body_json: &'a str,
+    /// Processing time.
+    pub now: i64,
+}
+
 pub fn process_event<G: IdentityGraph>(
     graph: &mut G,
-    space_id: &str,
-    source_id: &str,
     rules: &SpaceRules,
-    event: &Event,
-    body_json: &str,
-    now: i64,
+    job: &Job<'_>,
     mut new_profile_id: impl FnMut() -> String,
 ) -> Result<Outcome> {
+    let Job {
+        space_id,
+        source_id,
+        event,
+        body_json,
+        now,
+    } = *job;
     let external_ids = extract_identifiers(event);
     let ids: Vec<_> = external_ids.iter().map(|e| e.id.clone()).collect();
     let record = EventRecord {

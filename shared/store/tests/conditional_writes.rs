@@ -3,7 +3,7 @@
 
 use kindred_domain::event::Envelope;
 use kindred_domain::{resolve, Event, Identifier, IdentityRules, Incoming, Plan};
-use kindred_store::identity::{process_event, Outcome, SpaceRules};
+use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
 use kindred_store::sqlite::SqliteStore;
 use kindred_store::{Applied, EventRecord, IdentityGraph, StoreError};
 use serde_json::json;
@@ -41,7 +41,14 @@ fn send(store: &SqliteStore, space: &str, body: serde_json::Value) -> Outcome {
     let mut n = 0;
     store
         .with_graph(|g| {
-            process_event(g, space, "src", &rules, &e, &json, 1_000, || {
+            let job = Job {
+                space_id: space,
+                source_id: "src",
+                event: &e,
+                body_json: &json,
+                now: 1_000,
+            };
+            process_event(g, &rules, &job, || {
                 n += 1;
                 format!("prf_test{n}")
             })

@@ -15,7 +15,7 @@ use tracing::{error, info_span, warn};
 use super::graph::TxGraph;
 use super::queue::SqliteQueue;
 use super::{lock, SqliteStore};
-use crate::identity::{process_event, Outcome, SpaceRules};
+use crate::identity::{process_event, Job, Outcome, SpaceRules};
 use crate::token::new_profile_id;
 use crate::{now_millis, Result};
 
@@ -118,16 +118,14 @@ impl IdentityWorker {
                     stats.undecodable += 1;
                     continue;
                 };
-                let outcome = process_event(
-                    &mut graph,
-                    &e.space_id,
-                    &e.source_id,
-                    &rules,
-                    &event,
-                    &e.body,
+                let job = Job {
+                    space_id: &e.space_id,
+                    source_id: &e.source_id,
+                    event: &event,
+                    body_json: &e.body,
                     now,
-                    new_profile_id,
-                )?;
+                };
+                let outcome = process_event(&mut graph, &rules, &job, new_profile_id)?;
                 match outcome {
                     Outcome::Recorded {
                         created, merged, ..
