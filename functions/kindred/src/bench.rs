@@ -1,10 +1,246 @@
-//! `kindred bench` (built in the next step).
+//! `kindred bench`: the whole local pipeline under a realistic workload.
+//! Events go through the HTTP batch endpoint into profiles; then the
+//! Profile API is read at a fixed request rate. Prints figures; asserts
+//! nothing about time.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 use clap::Args;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::config::Config;
+use crate::server::start;
+use crate::workload::Workload;
 
 #[derive(Args, Clone, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Events to send through the batch endpoint.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Distinct users in the workload (default: one per 20 events).
+    #[arg(long)]
+    pub users: Option<usize>,
+    /// Events per batch request.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Concurrent HTTP connections sending batches.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Workload seed: the same seed sends the same events.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Profile API requests per second in the latency phase.
+    #[arg(long, default_value_t = 1_000)]
+    pub api_rate: u32,
+    /// Length of the latency phase.
+    #[arg(long, default_value_t = 10)]
+    pub api_seconds: u64,
+    /// Data directory (default: a fresh temporary one, removed afterwards).
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+}
 
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("kindred bench is not built yet")
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let temp = tempfile_dir()?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
+    let config = Config {
+        data_dir: data_dir.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        ingest_rate: u32::MAX,
+    };
+    let (running, created) = start(&config).await?;
+    let space = match created {
+        Some(s) => s,
+        None => running
+            .local
+            .store
+            .create_space(&format!("bench{}", std::process::id()))?,
+    };
+    let base = format!("http://{}", running.addr);
+    let users = args.users.unwrap_or((args.events / 20).max(10));
+    println!(
+        "kindred bench: {} events, {} users, batches of {}, {} connections, seed {}",
+        args.events, users, args.batch_size, args.connections, args.seed
+    );
+
+    // Batches are generated on a thread of their own while being sent, so
+    // the workload never sits in memory whole.
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+    let (events, batch_size, seed) = (args.events, args.batch_size.max(1), args.seed);
+    let generator = std::thread::spawn(move || {
+        let mut workload = Workload::new(seed, users);
+        let mut sent = 0;
+        while sent < events {
+            let n = batch_size.min(events - sent);
+            let batch: Vec<Value> = (0..n).map(|_| workload.next_event()).collect();
+            sent += n;
+            let body = serde_json::to_vec(&json!({"batch": batch})).expect("serializable");
+            if tx.blocking_send(body).is_err() {
+                break;
+            }
+        }
+    });
+    let rx = Arc::new(Mutex::new(rx));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let started = Instant::now();
+    let mut senders = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let (rx, client, url, key) = (
+            Arc::clone(&rx),
+            client.clone(),
+            format!("{base}/v1/batch"),
+            space.write_key.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            let mut accepted = 0u64;
+            loop {
+                let body = { rx.lock().await.recv().await };
+                let Some(body) = body else { break };
+                let response = client
+                    .post(&url)
+                    .basic_auth(&key, Some(""))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "batch refused: {}",
+                    response.status()
+                );
+                let reply: Value = response.json().await?;
+                accepted += reply["accepted"].as_u64().unwrap_or(0);
+            }
+            Ok::<_, anyhow::Error>(accepted)
+        }));
+    }
+    let mut accepted = 0;
+    for s in senders {
+        accepted += s.await??;
+    }
+    let _ = generator.join();
+    let acked_at = started.elapsed();
+    running.wait_idle().await?;
+    let elapsed = started.elapsed();
+    let stats = running.local.worker.stats();
+    let rate = accepted as f64 / elapsed.as_secs_f64();
+    println!();
+    println!("ingest, end to end (HTTP batch -> durable queue -> identity -> profiles)");
+    println!("  events accepted        {accepted}");
+    println!(
+        "  all acknowledged after {:.2} s ({:.0} events/s)",
+        acked_at.as_secs_f64(),
+        accepted as f64 / acked_at.as_secs_f64()
+    );
+    println!("  all in profiles after  {:.2} s", elapsed.as_secs_f64());
+    println!("  end-to-end throughput  {rate:.0} events/s");
+    println!(
+        "  profiles created {}, merges {}, duplicates dropped {}, unresolved {}",
+        stats.created, stats.merged, stats.duplicates, stats.unresolved
+    );
+    let rss_after_ingest = peak_rss_mib();
+
+    // Profile API at a fixed rate; latency measured from the scheduled
+    // send time, so a slow response delays no measurement.
+    let api_rate = args.api_rate.max(1);
+    let total = api_rate as u64 * args.api_seconds;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(api_rate));
+    let resources = ["traits", "external_ids", "metadata", "events?limit=10"];
+    let mut tasks = Vec::with_capacity(total as usize);
+    let api_started = Instant::now();
+    for i in 0..total {
+        let due = api_started + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let user = (i as usize * 7919) % users;
+        let url = format!(
+            "{base}/v1/spaces/{}/collections/users/profiles/user_id:user-{user}/{}",
+            space.space_id,
+            resources[i as usize % resources.len()]
+        );
+        let (client, token) = (client.clone(), space.access_token.clone());
+        tasks.push(tokio::spawn(async move {
+            let response = client.get(&url).basic_auth(&token, Some("")).send().await;
+            let ok = match response {
+                Ok(r) => {
+                    let status = r.status();
+                    let _ = r.bytes().await;
+                    status.is_success() || status == reqwest::StatusCode::NOT_FOUND
+                }
+                Err(_) => false,
+            };
+            (due.elapsed(), ok)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut failures = 0;
+    for t in tasks {
+        let (latency, ok) = t.await?;
+        latencies.push(latency);
+        failures += usize::from(!ok);
+    }
+    let api_elapsed = api_started.elapsed();
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!();
+    println!(
+        "Profile API at {api_rate} requests/s for {} s (traits, external_ids, metadata, events)",
+        args.api_seconds
+    );
+    println!(
+        "  requests {}, failed {failures}, achieved {:.0}/s",
+        latencies.len(),
+        latencies.len() as f64 / api_elapsed.as_secs_f64()
+    );
+    println!(
+        "  latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+        ms(percentile(&latencies, 0.999)),
+        ms(percentile(&latencies, 1.0))
+    );
+    println!();
+    println!(
+        "peak RSS: {:.0} MiB after ingest, {:.0} MiB at the end (server and load generator in one process)",
+        rss_after_ingest.unwrap_or(0.0),
+        peak_rss_mib().unwrap_or(0.0)
+    );
+    println!(
+        "{}",
+        json!({
+            "events": accepted, "end_to_end_events_per_s": rate.round(),
+            "peak_rss_mib": peak_rss_mib().map(f64::round),
+            "api_p50_ms": ms(percentile(&latencies, 0.50)), "api_p99_ms": ms(percentile(&latencies, 0.99)),
+        })
+    );
+    running.stop().await?;
+    if args.data_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kindred-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }

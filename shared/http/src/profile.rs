@@ -13,7 +13,7 @@ use kindred_domain::event::{format_millis, parse_time};
 use kindred_domain::traits::visible;
 use kindred_domain::Identifier;
 use kindred_store::token::TokenKind;
-use kindred_store::{EventQuery, ProfileDoc, ProfileLookup};
+use kindred_store::{EventQuery, ProfileDoc, ProfileLookup, ProfileParts};
 use serde_json::{json, Map, Value};
 
 use crate::auth::basic_user;
@@ -127,9 +127,15 @@ async fn resource(
             "unknown resource {resource:?}"
         )));
     }
+    let parts = ProfileParts {
+        external_ids: resource == "external_ids",
+        links: resource == "links",
+        merges: resource == "merges",
+        activity: resource == "metadata",
+    };
     let doc = state
         .profiles
-        .profile(&space_id, &lookup)
+        .profile(&space_id, &lookup, parts)
         .await?
         .ok_or_else(|| ApiError::not_found("profile not found"))?;
     let body = match resource.as_str() {

@@ -40,6 +40,10 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("the store is shutting down")]
     Closed,
+    /// A write failed a condition that was checked just before it in the
+    /// same transaction: a bug, never retried.
+    #[error("store invariant broken: {0}")]
+    Invariant(&'static str),
     #[error("invalid input: {0}")]
     Invalid(String),
 }

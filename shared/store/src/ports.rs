@@ -127,9 +127,34 @@ pub struct StoredEvent {
     pub body: String,
 }
 
+/// Which parts of a profile to load beyond its root record, traits and tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProfileParts {
+    pub external_ids: bool,
+    pub links: bool,
+    pub merges: bool,
+    /// `updated_at` and `last_message_id` from the newest event.
+    pub activity: bool,
+}
+
+impl ProfileParts {
+    pub const ALL: Self = Self {
+        external_ids: true,
+        links: true,
+        merges: true,
+        activity: true,
+    };
+}
+
 #[async_trait]
 pub trait Profiles: Send + Sync {
-    async fn profile(&self, space_id: &str, lookup: &ProfileLookup) -> Result<Option<ProfileDoc>>;
+    /// The resolved root profile; parts not asked for are left empty.
+    async fn profile(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        parts: ProfileParts,
+    ) -> Result<Option<ProfileDoc>>;
     /// Events of the given profile tree in `(timestamp, seq)` order, at most `query.limit`.
     async fn events(
         &self,

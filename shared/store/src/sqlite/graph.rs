@@ -4,7 +4,7 @@
 //! primary-key insert, a message id is recorded once. A failed condition
 //! rolls the event's savepoint back and reports a conflict.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -16,11 +16,47 @@ use crate::{Result, StoreError};
 
 pub struct TxGraph<'a> {
     tx: &'a Transaction<'a>,
+    observed: Observed,
+}
+
+/// What reads in this transaction established since its last write. In
+/// one write transaction nothing else can change the graph, so a plan
+/// whose every condition was observed here needs no second read.
+#[derive(Default)]
+struct Observed {
+    space_id: String,
+    unique_message: Option<String>,
+    roots: HashMap<String, u64>,
+    unowned: HashSet<Identifier>,
+}
+
+impl Observed {
+    /// Whether every condition of `plan` (but a new profile id's
+    /// freshness) was read in this transaction since its last write.
+    fn vouches_for(&self, space_id: &str, message_id: &str, plan: &Plan) -> bool {
+        if self.space_id != space_id || self.unique_message.as_deref() != Some(message_id) {
+            return false;
+        }
+        let root_at = |id: &str, v: u64| self.roots.get(id) == Some(&v);
+        match plan {
+            Plan::Unresolved | Plan::Create(_) => false,
+            Plan::Attach(a) => {
+                self.roots.contains_key(&a.profile_id)
+                    && (root_at(&a.profile_id, a.expected_version)
+                        || (!plan.writes_profile() && a.children.is_empty()))
+                    && a.children.iter().all(|(c, v)| root_at(c, *v))
+                    && a.claims.iter().all(|e| self.unowned.contains(&e.id))
+            }
+        }
+    }
 }
 
 impl<'a> TxGraph<'a> {
     pub fn new(tx: &'a Transaction<'a>) -> Self {
-        Self { tx }
+        Self {
+            tx,
+            observed: Observed::default(),
+        }
     }
 }
 
@@ -117,26 +153,104 @@ fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<F
 
 impl IdentityGraph for TxGraph<'_> {
     fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
-        is_duplicate(self.tx, space_id, message_id)
+        let seen = is_duplicate(self.tx, space_id, message_id)?;
+        if !seen {
+            if self.observed.space_id != space_id {
+                self.observed = Observed {
+                    space_id: space_id.to_string(),
+                    ..Observed::default()
+                };
+            }
+            self.observed.unique_message = Some(message_id.to_string());
+        }
+        Ok(seen)
     }
 
     fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
-        read_facts(self.tx, space_id, ids)
+        let facts = read_facts(self.tx, space_id, ids)?;
+        if self.observed.space_id == space_id {
+            self.observed.roots = facts
+                .profiles
+                .values()
+                .map(|p| (p.id.clone(), p.version))
+                .collect();
+            self.observed.unowned = ids
+                .iter()
+                .filter(|i| !facts.owners.contains_key(*i))
+                .cloned()
+                .collect();
+        }
+        Ok(facts)
     }
 
     fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied> {
-        self.tx.execute_batch("SAVEPOINT event")?;
-        let outcome = apply_writes(self.tx, space_id, plan, record);
-        if !matches!(outcome, Ok(Applied::Recorded)) {
-            self.tx.execute_batch("ROLLBACK TO event")?;
+        // Conditions are checked before anything is written, inside the
+        // write transaction, so a refused plan leaves no trace. The writes
+        // repeat the conditions; one failing now means the store broke an
+        // invariant, and the error aborts the whole transaction.
+        let message_id = &record.event.message_id;
+        if !self.observed.vouches_for(space_id, message_id, plan) {
+            if is_duplicate(self.tx, space_id, message_id)? {
+                return Ok(Applied::Duplicate);
+            }
+            check_conditions(self.tx, space_id, plan)?;
         }
-        self.tx.execute_batch("RELEASE event")?;
-        outcome
+        self.observed = Observed::default();
+        apply_writes(self.tx, space_id, plan, record).map_err(|e| match e {
+            StoreError::Conflict => StoreError::Invariant("a checked condition failed on write"),
+            other => other,
+        })
     }
 }
 
-/// The conditional writes of one plan; the caller rolls them back unless
-/// they all succeed.
+/// Fails with a conflict unless every condition of the plan holds.
+fn check_conditions(conn: &Connection, space_id: &str, plan: &Plan) -> Result<()> {
+    let mut owned = conn.prepare_cached(
+        "SELECT 1 FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+    )?;
+    let mut profile = conn.prepare_cached(
+        "SELECT version, parent_id IS NULL FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+    )?;
+    let mut state = |id: &str| -> Result<Option<(u64, bool)>> {
+        Ok(profile
+            .query_row(params![space_id, id], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
+            })
+            .optional()?)
+    };
+    let (claims, current): (&[IdentifierEntry], Vec<(&str, u64)>) = match plan {
+        Plan::Unresolved => return Ok(()),
+        Plan::Create(c) => {
+            if state(&c.profile_id)?.is_some() {
+                return Err(StoreError::Conflict);
+            }
+            (&c.identifiers, Vec::new())
+        }
+        Plan::Attach(a) => {
+            let mut current = Vec::new();
+            if plan.writes_profile() || !a.children.is_empty() {
+                current.push((a.profile_id.as_str(), a.expected_version));
+            } else if state(&a.profile_id)?.is_none() {
+                return Err(StoreError::Conflict);
+            }
+            current.extend(a.children.iter().map(|(c, v)| (c.as_str(), *v)));
+            (&a.claims, current)
+        }
+    };
+    for (id, version) in current {
+        if state(id)? != Some((version, true)) {
+            return Err(StoreError::Conflict);
+        }
+    }
+    for e in claims {
+        if owned.exists(params![space_id, e.id.kind, e.id.value])? {
+            return Err(StoreError::Conflict);
+        }
+    }
+    Ok(())
+}
+
+/// The conditional writes of one plan.
 fn apply_writes(
     sp: &Transaction<'_>,
     space_id: &str,
@@ -144,15 +258,9 @@ fn apply_writes(
     record: &EventRecord<'_>,
 ) -> Result<Applied> {
     let event = record.event;
-    let inserted = sp
-        .prepare_cached(
-            "INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![space_id, event.message_id, record.now])?;
-    if inserted == 0 {
-        return Ok(Applied::Duplicate);
-    }
+    sp.prepare_cached("INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)")?
+        .execute(params![space_id, event.message_id, record.now])
+        .map_err(claim_error)?;
     let encoding_of = |id: &Identifier| {
         record
             .external_ids
@@ -254,22 +362,10 @@ fn apply_writes(
                         event.message_id,
                     ])?;
                 expect_one(changed)?;
-            } else {
-                // Nothing about identity or traits changes: record the
-                // event without a version condition.
-                let changed = sp
-                    .prepare_cached(
-                        "UPDATE profiles SET updated_at = MAX(updated_at, ?3), last_message_id = ?4
-                             WHERE space_id = ?1 AND profile_id = ?2",
-                    )?
-                    .execute(params![
-                        space_id,
-                        a.profile_id,
-                        event.timestamp,
-                        event.message_id
-                    ])?;
-                expect_one(changed)?;
             }
+            // Otherwise nothing about identity or traits changes: only the
+            // event is written (the profile's last activity is read from
+            // its events).
             claim(&a.claims, &a.profile_id)?;
             Some(a.profile_id.as_str())
         }

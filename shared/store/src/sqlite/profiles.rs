@@ -7,8 +7,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
 use super::SqliteStore;
 use crate::ports::{
-    EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, Profiles,
-    StoredEvent,
+    EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
+    Profiles, StoredEvent,
 };
 use crate::Result;
 
@@ -33,6 +33,7 @@ fn load_profile(
     conn: &Connection,
     space_id: &str,
     lookup: &ProfileLookup,
+    parts: ProfileParts,
 ) -> Result<Option<ProfileDoc>> {
     let start = match lookup {
         ProfileLookup::ProfileId(id) => Some(id.clone()),
@@ -81,6 +82,11 @@ fn load_profile(
         .collect::<Result<_, _>>()?;
 
     let mut external_ids = Vec::with_capacity(identifiers.len());
+    let identifiers = if parts.external_ids {
+        identifiers
+    } else {
+        Vec::new()
+    };
     let mut id_stmt = conn.prepare_cached(
         "SELECT source_id, encoding, created_at, first_message_id FROM identifiers
          WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
@@ -103,16 +109,38 @@ fn load_profile(
         }
     }
 
+    // The profile's last activity is its newest event (events that change
+    // nothing on the profile do not write it).
+    let (mut updated_at, mut last_message_id) = (updated_at, last_message_id);
+    let mut latest_ts = i64::MIN;
+    let mut latest_stmt = conn.prepare_cached(
+        "SELECT ts, message_id FROM events WHERE space_id = ?1 AND profile_id = ?2
+         ORDER BY ts DESC, seq DESC LIMIT 1",
+    )?;
+    for member in tree.iter().filter(|_| parts.activity) {
+        let latest: Option<(i64, String)> = latest_stmt
+            .query_row(params![space_id, member], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((ts, message_id)) = latest {
+            if ts > latest_ts {
+                latest_ts = ts;
+                last_message_id = message_id;
+                updated_at = updated_at.max(ts);
+            }
+        }
+    }
+
     let mut links = Vec::new();
     let mut merge_history = Vec::new();
     let mut link_stmt = conn.prepare_cached(
-        "SELECT group_id, linked_at, message_id FROM links WHERE space_id = ?1 AND profile_id = ?2",
+        "SELECT group_id, linked_at, message_id FROM links
+         WHERE space_id = ?1 AND profile_id = ?2 AND ?3",
     )?;
     let mut merge_stmt = conn.prepare_cached(
         "SELECT child_id, message_id, merged_at FROM merges WHERE space_id = ?1 AND parent_id = ?2",
     )?;
-    for member in &tree {
-        for link in link_stmt.query_map(params![space_id, member], |r| {
+    for member in tree.iter().filter(|_| parts.links || parts.merges) {
+        for link in link_stmt.query_map(params![space_id, member, parts.links], |r| {
             Ok(LinkRecord {
                 group_id: r.get(0)?,
                 linked_at: r.get(1)?,
@@ -126,6 +154,9 @@ fn load_profile(
             {
                 links.push(link);
             }
+        }
+        if !parts.merges {
+            continue;
         }
         for merge in merge_stmt.query_map(params![space_id, member], |r| {
             Ok(MergeRecord {
@@ -214,9 +245,14 @@ fn load_events(
 
 #[async_trait]
 impl Profiles for SqliteStore {
-    async fn profile(&self, space_id: &str, lookup: &ProfileLookup) -> Result<Option<ProfileDoc>> {
+    async fn profile(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        parts: ProfileParts,
+    ) -> Result<Option<ProfileDoc>> {
         let (space_id, lookup) = (space_id.to_string(), lookup.clone());
-        self.blocking(move |s| load_profile(&*s.reader()?, &space_id, &lookup))
+        self.blocking(move |s| load_profile(&*s.reader()?, &space_id, &lookup, parts))
             .await
     }
 

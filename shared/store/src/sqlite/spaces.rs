@@ -1,12 +1,19 @@
 //! Spaces and their credentials on the embedded store.
 
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 use kindred_domain::IdentitySettings;
 use rusqlite::{params, OptionalExtension};
 
-use super::SqliteStore;
+use super::{lock, SqliteStore};
 use crate::ports::{NewSpace, SpaceAuth, Spaces};
-use crate::token::{mint, random_base62, token_id, verify, TokenKind};
+use crate::token::{hash_secret, mint, random_base62, token_id, verify, TokenKind};
+
+/// How long a verified token is trusted without a lookup (revocation
+/// takes effect within this time).
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
+const AUTH_CACHE_ENTRIES: usize = 10_000;
 use crate::{now_millis, Result, StoreError};
 
 /// A space id: 1-64 characters of `[A-Za-z0-9_-]`.
@@ -74,6 +81,15 @@ impl SqliteStore {
         let Some(id) = token_id(secret) else {
             return Ok(None);
         };
+        // A token verified in the last few seconds is not looked up again.
+        // The cache is keyed by the secret's hash, so finding an entry
+        // reveals nothing an attacker could use to forge a token.
+        let key = hash_secret(secret);
+        if let Some((auth, at)) = lock(&self.auth_cache).get(&key) {
+            if at.elapsed() < AUTH_CACHE_TTL && auth.kind == kind {
+                return Ok(Some(auth.clone()));
+            }
+        }
         let row = self
             .reader()?
             .prepare_cached(
@@ -90,7 +106,7 @@ impl SqliteStore {
                 ))
             })
             .optional()?;
-        Ok(row.and_then(|(hash, space_id, stored_kind, source_id)| {
+        let auth = row.and_then(|(hash, space_id, stored_kind, source_id)| {
             // Verify the secret before looking at anything else it unlocks.
             let genuine = verify(secret, &hash);
             (genuine && TokenKind::parse(&stored_kind) == Some(kind)).then_some(SpaceAuth {
@@ -98,7 +114,17 @@ impl SqliteStore {
                 source_id,
                 kind,
             })
-        }))
+        });
+        if let Some(auth) = &auth {
+            let mut cache = lock(&self.auth_cache);
+            if cache.len() >= AUTH_CACHE_ENTRIES {
+                cache.retain(|_, (_, at)| at.elapsed() < AUTH_CACHE_TTL);
+            }
+            if cache.len() < AUTH_CACHE_ENTRIES {
+                cache.insert(key, (auth.clone(), Instant::now()));
+            }
+        }
+        Ok(auth)
     }
 }
 
