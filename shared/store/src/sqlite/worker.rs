@@ -55,7 +55,7 @@ impl IdentityWorker {
         Arc::new(Self {
             store,
             queue,
-            batch: 512,
+            batch: 2048,
             state: Mutex::new(State::default()),
         })
     }
