@@ -93,9 +93,8 @@ CREATE TABLE IF NOT EXISTS merges (
     parent_id TEXT NOT NULL,
     message_id TEXT NOT NULL,
     merged_at INTEGER NOT NULL,
-    PRIMARY KEY (space_id, child_id)
+    PRIMARY KEY (space_id, parent_id, child_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS merges_by_parent ON merges (space_id, parent_id);
 CREATE TABLE IF NOT EXISTS links (
     space_id TEXT NOT NULL,
     profile_id TEXT NOT NULL,
@@ -120,6 +119,13 @@ pub(crate) enum Durability {
     Normal,
 }
 
+/// Page cache per connection: the writer keeps the hot graph in memory;
+/// readers share the OS page cache and stay small, since there may be many.
+const WRITER_CACHE_KIB: i64 = 65_536;
+const READER_CACHE_KIB: i64 = 8_192;
+/// Idle read connections kept for reuse.
+const MAX_IDLE_READERS: usize = 16;
+
 pub(crate) fn open(path: &Path, durability: Durability) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -132,11 +138,17 @@ pub(crate) fn open(path: &Path, durability: Durability) -> Result<Connection> {
             Durability::Normal => "NORMAL",
         },
     )?;
-    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Fewer, larger checkpoints: pages rewritten between two are written once.
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
     conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = open(path, Durability::Normal)?;
+    conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
     Ok(conn)
 }
 
@@ -167,7 +179,10 @@ impl std::ops::Deref for Reader<'_> {
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            lock(&self.store.readers).push(conn);
+            let mut idle = lock(&self.store.readers);
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
         }
     }
 }
@@ -198,7 +213,7 @@ impl SqliteStore {
         let pooled = lock(&self.readers).pop();
         let conn = match pooled {
             Some(c) => c,
-            None => open(&self.path, Durability::Normal)?,
+            None => open_reader(&self.path)?,
         };
         Ok(Reader {
             store: self,

@@ -69,17 +69,23 @@ fn load_profile(
     let identifiers: Vec<IdentifierEntry> = serde_json::from_str(&identifiers)?;
     let traits: Traits = serde_json::from_str(&traits)?;
 
-    let tree: Vec<String> = conn
-        .prepare_cached(
-            "WITH RECURSIVE tree(id) AS (
-                 SELECT ?2
-                 UNION ALL
-                 SELECT p.profile_id FROM profiles p JOIN tree t
-                   ON p.space_id = ?1 AND p.parent_id = t.id
-             ) SELECT id FROM tree",
-        )?
-        .query_map(params![space_id, root], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    // The root and every profile merged into it, breadth first. (A plain
+    // indexed lookup per level: the planner cannot misjudge it.)
+    let mut tree = vec![root.clone()];
+    let mut children_stmt = conn.prepare_cached(
+        "SELECT profile_id FROM profiles INDEXED BY profiles_by_parent
+         WHERE space_id = ?1 AND parent_id = ?2",
+    )?;
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next].clone();
+        next += 1;
+        for child in
+            children_stmt.query_map(params![space_id, parent], |r| r.get::<_, String>(0))?
+        {
+            tree.push(child?);
+        }
+    }
 
     let mut external_ids = Vec::with_capacity(identifiers.len());
     let identifiers = if parts.external_ids {
@@ -114,7 +120,7 @@ fn load_profile(
     let (mut updated_at, mut last_message_id) = (updated_at, last_message_id);
     let mut latest_ts = i64::MIN;
     let mut latest_stmt = conn.prepare_cached(
-        "SELECT ts, message_id FROM events WHERE space_id = ?1 AND profile_id = ?2
+        "SELECT ts, message_id FROM events INDEXED BY events_by_profile WHERE space_id = ?1 AND profile_id = ?2
          ORDER BY ts DESC, seq DESC LIMIT 1",
     )?;
     for member in tree.iter().filter(|_| parts.activity) {
@@ -193,7 +199,9 @@ fn load_events(
     tree: &[String],
     q: &EventQuery,
 ) -> Result<Vec<StoredEvent>> {
-    let mut sql = String::from("SELECT ts, seq, body FROM events WHERE space_id = ?");
+    let mut sql = String::from(
+        "SELECT ts, seq, body FROM events INDEXED BY events_by_profile WHERE space_id = ?",
+    );
     let mut args: Vec<SqlValue> = vec![SqlValue::Text(space_id.to_string())];
     let placeholders = |n: usize| vec!["?"; n].join(", ");
     sql.push_str(&format!(

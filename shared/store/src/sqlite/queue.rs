@@ -16,7 +16,7 @@ use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 use tracing::error;
 
-use super::{lock, open, Durability};
+use super::{lock, open, open_reader, Durability};
 use crate::ports::{EventQueue, QueuedEvent};
 use crate::{Result, StoreError};
 
@@ -64,7 +64,7 @@ impl SqliteQueue {
         writer.execute_batch(SCHEMA)?;
         let last: i64 =
             writer.query_row("SELECT COALESCE(MAX(seq), 0) FROM queue", [], |r| r.get(0))?;
-        let reader = open(&path, Durability::Normal)?;
+        let reader = open_reader(&path)?;
         let (commands, rx) = mpsc::channel();
         let last_seq = Arc::new(LastSeq {
             seq: Mutex::new(last),

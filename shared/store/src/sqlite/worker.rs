@@ -56,7 +56,12 @@ impl IdentityWorker {
             store,
             queue,
             batch: 2048,
-            state: Mutex::new(State::default()),
+            // Housekeeping (dedup expiry, planner statistics) first runs an
+            // hour after start, when the tables hold representative data.
+            state: Mutex::new(State {
+                last_cleanup: Some(Instant::now()),
+                ..State::default()
+            }),
         })
     }
 
@@ -160,10 +165,13 @@ impl IdentityWorker {
             .is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
         {
             state.last_cleanup = Some(Instant::now());
-            self.store.writer().execute(
+            let writer = self.store.writer();
+            writer.execute(
                 "DELETE FROM messages WHERE seen_at < ?1",
                 [now_millis() - DEDUP_RETENTION_MS],
             )?;
+            // Keep the query planner's statistics current as tables grow.
+            writer.execute_batch("PRAGMA optimize")?;
         }
         Ok(entries.len())
     }
