@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -27,32 +27,10 @@ use crate::AppState;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/v1/identify",
-            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Identify)),
-        )
-        .route(
-            "/v1/track",
-            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Track)),
-        )
-        .route(
-            "/v1/page",
-            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Page)),
-        )
-        .route(
-            "/v1/screen",
-            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Screen)),
-        )
-        .route(
-            "/v1/group",
-            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Group)),
-        )
-        .route(
-            "/v1/alias",
-            post(|s: State<AppState>, r: Request| single(s, r, EventKind::Alias)),
-        )
         .route("/v1/batch", post(batch))
         .route("/v1/import", post(batch))
+        // identify, track, page, screen, group, alias
+        .route("/v1/{call}", post(single))
         .with_state(state)
 }
 
@@ -151,7 +129,14 @@ fn generated_message_id() -> String {
     format!("api-{}", random_base62(22))
 }
 
-async fn single(State(state): State<AppState>, request: Request, kind: EventKind) -> Response {
+async fn single(
+    State(state): State<AppState>,
+    Path(call): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(kind) = EventKind::parse(&call) else {
+        return ApiError::not_found("no such route").into_response();
+    };
     let (parts, body) = request.into_parts();
     let result = async {
         let bytes = read_body(&parts.headers, body).await?;
