@@ -101,6 +101,11 @@ pub fn process_event<G: IdentityGraph>(
             }
             Err(StoreError::Conflict) => {
                 debug!(space_id, attempt, "identity plan conflicted; re-planning");
+                if attempt >= 2 {
+                    // Workers that keep colliding spread out (jittered backoff).
+                    let ms = rand::random_range(0..=attempt.min(20) as u64);
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
                 continue;
             }
             Err(e) => return Err(e),

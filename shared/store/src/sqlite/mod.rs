@@ -103,6 +103,14 @@ CREATE TABLE IF NOT EXISTS links (
     message_id TEXT NOT NULL,
     PRIMARY KEY (space_id, profile_id, group_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    space_id TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    error TEXT NOT NULL,
+    failed_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cursors (
     name TEXT PRIMARY KEY,
     seq INTEGER NOT NULL

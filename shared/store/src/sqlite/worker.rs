@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use kindred_domain::{Event, IdentityRules, IdentitySettings};
 use rusqlite::{params, OptionalExtension, Transaction};
-use tracing::{error, info_span, warn};
+use tracing::{error, info_span};
 
 use super::graph::TxGraph;
 use super::queue::SqliteQueue;
 use super::{lock, SqliteStore};
 use crate::identity::{process_event, Job, Outcome, SpaceRules};
 use crate::token::new_profile_id;
-use crate::{now_millis, Result};
+use crate::{now_millis, Result, StoreError};
 
 const CURSOR: &str = "identity";
 /// How long message ids are remembered for deduplication (SPEC: >= 24 h).
@@ -31,7 +31,8 @@ pub struct WorkerStats {
     pub merged: u64,
     pub unresolved: u64,
     pub duplicates: u64,
-    pub undecodable: u64,
+    /// Entries that failed repeatedly and were moved to `dead_letters`.
+    pub dead_lettered: u64,
 }
 
 pub struct IdentityWorker {
@@ -48,7 +49,14 @@ struct State {
     stats: WorkerStats,
     last_truncate: Option<Instant>,
     last_cleanup: Option<Instant>,
+    /// Consecutive failed steps.
+    failures: u32,
+    /// After a failed batch: go one entry at a time up to this sequence number.
+    careful_until: Option<i64>,
 }
+
+/// Failures of a single entry before it is dead-lettered.
+pub const POISON_ATTEMPTS: u32 = 3;
 
 impl IdentityWorker {
     pub fn new(store: Arc<SqliteStore>, queue: Arc<SqliteQueue>) -> Arc<Self> {
@@ -91,11 +99,81 @@ impl IdentityWorker {
         Ok(c)
     }
 
-    /// Processes one batch of what is queued; returns how many entries it consumed.
+    /// One step of the worker: a batch of what is queued; returns how many
+    /// entries it consumed. After a failed batch the entries up to its end
+    /// go one at a time, and an entry that fails [`POISON_ATTEMPTS`] times
+    /// in a row is moved to the `dead_letters` table (kept, with the
+    /// error) so that it cannot block the events behind it.
     pub fn run_once(&self) -> Result<usize> {
+        let (cursor, careful_until) = {
+            let mut state = lock(&self.state);
+            (self.load_cursor(&mut state)?, state.careful_until)
+        };
+        let careful = careful_until.is_some_and(|until| cursor < until);
+        let limit = if careful { 1 } else { self.batch };
+        match self.run_batch(limit) {
+            Ok(n) => {
+                let mut state = lock(&self.state);
+                state.failures = 0;
+                if !careful {
+                    state.careful_until = None;
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                let failed_until = self.queue.read_after(cursor, limit)?.last().map(|e| e.seq);
+                let mut state = lock(&self.state);
+                state.failures += 1;
+                // Only an entry that cannot be applied is set aside; I/O and
+                // lock errors are retried for as long as they last.
+                let about_the_entry = !matches!(e, StoreError::Sqlite(_) | StoreError::Closed);
+                if careful && about_the_entry && state.failures >= POISON_ATTEMPTS {
+                    state.failures = 0;
+                    drop(state);
+                    self.dead_letter_next(&e)?;
+                    return Ok(1);
+                }
+                if !careful {
+                    state.careful_until = failed_until;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the next queue entry to `dead_letters`, advancing the cursor.
+    fn dead_letter_next(&self, error: &crate::StoreError) -> Result<()> {
         let mut state = lock(&self.state);
         let cursor = self.load_cursor(&mut state)?;
-        let entries = self.queue.read_after(cursor, self.batch)?;
+        let Some(entry) = self.queue.read_after(cursor, 1)?.pop() else {
+            return Ok(());
+        };
+        let mut conn = self.store.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO dead_letters (seq, space_id, source_id, body, error, failed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+            params![
+                entry.seq,
+                entry.event.space_id,
+                entry.event.source_id,
+                entry.event.body,
+                error.to_string(),
+                now_millis()
+            ],
+        )?;
+        set_cursor(&tx, entry.seq)?;
+        tx.commit()?;
+        error!(space_id = %entry.event.space_id, seq = entry.seq, error = %error, "event moved to dead_letters");
+        state.cursor = Some(entry.seq);
+        state.stats.dead_lettered += 1;
+        Ok(())
+    }
+
+    fn run_batch(&self, limit: usize) -> Result<usize> {
+        let mut state = lock(&self.state);
+        let cursor = self.load_cursor(&mut state)?;
+        let entries = self.queue.read_after(cursor, limit)?;
         let Some(last) = entries.last().map(|e| e.seq) else {
             return Ok(0);
         };
@@ -111,18 +189,17 @@ impl IdentityWorker {
                     info_span!("identity", space_id = %e.space_id, seq = entry.seq).entered();
                 let rules = rules_for(&tx, &mut state.rules, &e.space_id)?;
                 let Some(rules) = rules else {
-                    warn!("event of an unknown space skipped");
-                    stats.undecodable += 1;
-                    continue;
+                    return Err(StoreError::Invalid(
+                        "the event's space does not exist".into(),
+                    ));
                 };
                 let event = serde_json::from_str(&e.body)
-                    .map_err(|_| ())
-                    .and_then(|body| Event::from_stored(body).map_err(|_| ()));
-                let Ok(event) = event else {
-                    warn!("undecodable queue entry skipped");
-                    stats.undecodable += 1;
-                    continue;
-                };
+                    .map_err(StoreError::from)
+                    .and_then(|body| {
+                        Event::from_stored(body).map_err(|r| {
+                            StoreError::Invalid(format!("stored event invalid: {}", r.code))
+                        })
+                    })?;
                 let job = Job {
                     space_id: &e.space_id,
                     source_id: &e.source_id,
@@ -144,11 +221,7 @@ impl IdentityWorker {
                 }
             }
         }
-        tx.prepare_cached(
-            "INSERT INTO cursors (name, seq) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
-        )?
-        .execute(params![CURSOR, last])?;
+        set_cursor(&tx, last)?;
         tx.commit()?;
         drop(conn);
         state.cursor = Some(last);
@@ -207,6 +280,15 @@ impl IdentityWorker {
             })
             .expect("spawning the identity worker thread")
     }
+}
+
+fn set_cursor(tx: &Transaction<'_>, seq: i64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO cursors (name, seq) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+    )?
+    .execute(params![CURSOR, seq])?;
+    Ok(())
 }
 
 /// The space's compiled rules, reloaded when its settings version changes.
