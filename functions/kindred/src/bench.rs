@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Length of the latency phase.
     #[arg(long, default_value_t = 10)]
     pub api_seconds: u64,
+    /// Seconds to wait between ingest and the latency phase (lets the OS
+    /// finish writing back what ingest dirtied).
+    #[arg(long, default_value_t = 0)]
+    pub api_delay: u64,
     /// Data directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
@@ -46,6 +50,14 @@ pub struct BenchArgs {
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Page cache waiting to be written back, machine-wide.
+fn dirty_mib() -> Option<f64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("Dirty:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
@@ -159,6 +171,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         stats.created, stats.merged, stats.duplicates, stats.unresolved
     );
     let rss_after_ingest = peak_rss_mib();
+
+    tokio::time::sleep(Duration::from_secs(args.api_delay)).await;
+    println!();
+    println!(
+        "dirty page cache before the latency phase: {} MiB (after a {} s wait)",
+        dirty_mib().map_or("?".into(), |d| format!("{d:.0}")),
+        args.api_delay
+    );
 
     // Profile API at a fixed rate; latency measured from the scheduled
     // send time, so a slow response delays no measurement.
