@@ -136,43 +136,42 @@ fn load_profile(
         }
     }
 
-    let mut links = Vec::new();
-    let mut merge_history = Vec::new();
-    let mut link_stmt = conn.prepare_cached(
-        "SELECT group_id, linked_at, message_id FROM links
-         WHERE space_id = ?1 AND profile_id = ?2 AND ?3",
-    )?;
-    let mut merge_stmt = conn.prepare_cached(
-        "SELECT child_id, message_id, merged_at FROM merges WHERE space_id = ?1 AND parent_id = ?2",
-    )?;
-    for member in tree.iter().filter(|_| parts.links || parts.merges) {
-        for link in link_stmt.query_map(params![space_id, member, parts.links], |r| {
-            Ok(LinkRecord {
-                group_id: r.get(0)?,
-                linked_at: r.get(1)?,
-                message_id: r.get(2)?,
-            })
-        })? {
-            let link = link?;
-            if !links
-                .iter()
-                .any(|l: &LinkRecord| l.group_id == link.group_id)
-            {
-                links.push(link);
+    let mut links: Vec<LinkRecord> = Vec::new();
+    if parts.links {
+        let mut link_stmt = conn.prepare_cached(
+            "SELECT group_id, linked_at, message_id FROM links WHERE space_id = ?1 AND profile_id = ?2",
+        )?;
+        for member in &tree {
+            for link in link_stmt.query_map(params![space_id, member], |r| {
+                Ok(LinkRecord {
+                    group_id: r.get(0)?,
+                    linked_at: r.get(1)?,
+                    message_id: r.get(2)?,
+                })
+            })? {
+                let link = link?;
+                if !links.iter().any(|l| l.group_id == link.group_id) {
+                    links.push(link);
+                }
             }
         }
-        if !parts.merges {
-            continue;
-        }
-        for merge in merge_stmt.query_map(params![space_id, member], |r| {
-            Ok(MergeRecord {
-                parent_id: member.clone(),
-                child_id: r.get(0)?,
-                message_id: r.get(1)?,
-                merged_at: r.get(2)?,
-            })
-        })? {
-            merge_history.push(merge?);
+    }
+    let mut merge_history = Vec::new();
+    if parts.merges {
+        let mut merge_stmt = conn.prepare_cached(
+            "SELECT child_id, message_id, merged_at FROM merges WHERE space_id = ?1 AND parent_id = ?2",
+        )?;
+        for member in &tree {
+            for merge in merge_stmt.query_map(params![space_id, member], |r| {
+                Ok(MergeRecord {
+                    parent_id: member.clone(),
+                    child_id: r.get(0)?,
+                    message_id: r.get(1)?,
+                    merged_at: r.get(2)?,
+                })
+            })? {
+                merge_history.push(merge?);
+            }
         }
     }
     links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
