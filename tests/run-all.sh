@@ -23,4 +23,6 @@ export KINDRED_PYTHON="$venv/bin/python"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins
+# DynamoDB Local and ministack (SQS), on free ports, stopped on exit.
+source tests/emulators.sh
 cargo nextest run --workspace --locked --no-fail-fast

@@ -3,16 +3,16 @@
 //! store's commit order gives: no limit exceeded, no identifier owned
 //! twice, every event attached exactly once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use kindred::workload::Workload;
 use kindred_domain::event::Envelope;
-use kindred_domain::model::MemoryGraph;
-use kindred_domain::{extract_identifiers, Event, Identifier, IdentityRules, Incoming};
-use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
-use kindred_store::sqlite::{GraphAudit, OptimisticGraph, SqliteStore};
+use kindred_domain::{Event, IdentityRules};
+use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
+use kindred_store::sqlite::{OptimisticGraph, SqliteStore};
 use kindred_store::token::new_profile_id;
+use kindred_tests::assert_serializable;
 
 const WORKERS: usize = 8;
 const EVENTS: usize = 5_000;
@@ -28,88 +28,6 @@ fn parse(value: serde_json::Value) -> Event {
         },
     )
     .expect("the workload only makes valid events")
-}
-
-/// Checks every invariant of SPEC 5 on an audited graph and compares it to
-/// a serial replay of the committed events in commit order.
-pub fn assert_serializable(audit: &GraphAudit, rules: &IdentityRules, sent: &BTreeSet<String>) {
-    // Every distinct message attached exactly once.
-    let attached: Vec<&str> = audit.events.iter().map(|e| e.message_id.as_str()).collect();
-    let unique: BTreeSet<&str> = attached.iter().copied().collect();
-    assert_eq!(attached.len(), unique.len(), "an event was applied twice");
-    assert_eq!(unique.len(), sent.len(), "an event was lost");
-
-    // Identifier ownership: each root's recorded identifiers are exactly the
-    // identifier rows that resolve to it, and no identifier is in two roots.
-    let mut recorded: BTreeMap<&Identifier, &str> = BTreeMap::new();
-    for (root, ids) in &audit.roots {
-        for e in ids {
-            assert!(
-                recorded.insert(&e.id, root).is_none(),
-                "{:?} owned twice",
-                e.id
-            );
-        }
-        // Limits (the workload's timestamps all fall inside every window).
-        let mut per_type: BTreeMap<&str, usize> = BTreeMap::new();
-        for e in ids {
-            *per_type.entry(&e.id.kind).or_default() += 1;
-        }
-        for (kind, count) in per_type {
-            assert!(
-                count <= rules.rule(kind).limit.count as usize,
-                "{root} has {count} {kind}"
-            );
-        }
-    }
-    let owners: BTreeMap<&Identifier, &str> =
-        audit.owners.iter().map(|(i, r)| (i, r.as_str())).collect();
-    assert_eq!(
-        recorded, owners,
-        "profile records disagree with identifier ownership"
-    );
-
-    // Serial replay in commit order.
-    let mut model = MemoryGraph::default();
-    for e in &audit.events {
-        let event = Event::from_stored(serde_json::from_str(&e.body).unwrap()).unwrap();
-        let ids: Vec<Identifier> = extract_identifiers(&event)
-            .into_iter()
-            .map(|x| x.id)
-            .collect();
-        let incoming = Incoming {
-            identifiers: &ids,
-            traits: event.profile_traits(),
-            timestamp: event.timestamp,
-            source_id: "src",
-        };
-        model.process(&incoming, rules, &e.message_id);
-    }
-    let mut store_partition: BTreeMap<&str, BTreeSet<Identifier>> = BTreeMap::new();
-    for (id, root) in &audit.owners {
-        store_partition.entry(root).or_default().insert(id.clone());
-    }
-    let store_partition: BTreeSet<BTreeSet<Identifier>> = store_partition.into_values().collect();
-    assert_eq!(
-        store_partition,
-        model.partition(),
-        "identity differs from a serial replay"
-    );
-    let mut store_events: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for e in &audit.events {
-        if let Some(root) = &e.root {
-            store_events
-                .entry(root)
-                .or_default()
-                .insert(e.message_id.clone());
-        }
-    }
-    let store_events: BTreeSet<BTreeSet<String>> = store_events.into_values().collect();
-    assert_eq!(
-        store_events,
-        model.event_partition(),
-        "events landed differently than in a serial replay"
-    );
 }
 
 #[test]
@@ -148,7 +66,8 @@ fn eight_workers_racing_overlapping_events_equal_a_serial_replay() {
                     body_json: &body,
                     now: 0,
                 };
-                let outcome = process_event(&mut graph, &rules, &job, new_profile_id).unwrap();
+                let outcome =
+                    complete_now(process_event(&mut graph, &rules, &job, new_profile_id)).unwrap();
                 match outcome {
                     Outcome::Duplicate => outcomes.1 += 1,
                     _ => outcomes.0 += 1,

@@ -72,6 +72,16 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => Self::not_found("not found"),
             StoreError::Invalid(m) => Self::bad_request(m),
+            StoreError::Service(_) => {
+                error!(error = %e, "storage service failure");
+                let mut unavailable = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "storage is temporarily unavailable; retry the request",
+                );
+                unavailable.retry_after_secs = Some(1);
+                unavailable
+            }
             other => {
                 error!(error = %other, source = ?std::error::Error::source(&other), "store failure");
                 Self::internal()

@@ -46,7 +46,7 @@ pub struct Job<'a> {
     pub now: i64,
 }
 
-pub fn process_event<G: IdentityGraph>(
+pub async fn process_event<G: IdentityGraph>(
     graph: &mut G,
     rules: &SpaceRules,
     job: &Job<'_>,
@@ -70,10 +70,10 @@ pub fn process_event<G: IdentityGraph>(
         now,
     };
     for attempt in 0..MAX_ATTEMPTS {
-        if graph.is_duplicate(space_id, &event.message_id)? {
+        if graph.is_duplicate(space_id, &event.message_id).await? {
             return Ok(Outcome::Duplicate);
         }
-        let facts = graph.facts(space_id, &ids)?;
+        let facts = graph.facts(space_id, &ids).await?;
         let candidate = new_profile_id();
         let incoming = Incoming {
             identifiers: &ids,
@@ -82,7 +82,7 @@ pub fn process_event<G: IdentityGraph>(
             source_id,
         };
         let resolution = resolve(&incoming, &facts, &rules.rules, &candidate);
-        match graph.apply(space_id, &resolution.plan, &record) {
+        match graph.apply(space_id, &resolution.plan, &record).await {
             Ok(Applied::Duplicate) => return Ok(Outcome::Duplicate),
             Ok(Applied::Recorded) => {
                 return Ok(match &resolution.plan {
@@ -104,7 +104,7 @@ pub fn process_event<G: IdentityGraph>(
                 if attempt >= 2 {
                     // Workers that keep colliding spread out (jittered backoff).
                     let ms = rand::random_range(0..=attempt.min(20) as u64);
-                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    graph.backoff(std::time::Duration::from_millis(ms)).await;
                 }
                 continue;
             }
@@ -112,4 +112,19 @@ pub fn process_event<G: IdentityGraph>(
         }
     }
     Err(StoreError::Conflict)
+}
+
+/// Runs a future that never waits (a pipeline over a synchronous adapter
+/// such as SQLite) to completion on the current thread.
+///
+/// # Panics
+/// If the future is not ready on its first poll: only adapters whose
+/// operations complete synchronously may be driven this way.
+pub fn complete_now<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("a synchronous adapter's future waited"),
+    }
 }

@@ -46,9 +46,21 @@ pub enum StoreError {
     Invariant(&'static str),
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A storage service (DynamoDB, SQS) failed or throttled: retryable.
+    #[error("storage service failure: {0}")]
+    Service(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A space id: 1-64 characters of `[A-Za-z0-9_-]`.
+pub fn valid_space_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
 
 /// Wall-clock milliseconds, read only by adapters and binaries.
 pub fn now_millis() -> i64 {

@@ -41,8 +41,9 @@ pub trait Spaces: Send + Sync {
     ) -> Result<()>;
 }
 
-/// An accepted event on its way to the identity pipeline.
-#[derive(Clone, Debug, PartialEq)]
+/// An accepted event on its way to the identity pipeline (also the SQS
+/// message body, as JSON).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QueuedEvent {
     pub space_id: String,
     pub source_id: String,
@@ -188,8 +189,20 @@ pub struct EventRecord<'a> {
 /// identifier to claim is owned, a profile is not at the version read or
 /// no longer a root; it answers [`Applied::Duplicate`] and writes nothing
 /// if the message id was already recorded.
+///
+/// Async so that network adapters (DynamoDB) and embedded ones (SQLite,
+/// whose futures complete on first poll; see
+/// [`crate::identity::complete_now`]) run the same pipeline.
+#[allow(async_fn_in_trait)]
 pub trait IdentityGraph {
-    fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool>;
-    fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts>;
-    fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied>;
+    async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool>;
+    async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts>;
+    async fn apply(
+        &mut self,
+        space_id: &str,
+        plan: &Plan,
+        record: &EventRecord<'_>,
+    ) -> Result<Applied>;
+    /// Waits before the next attempt after repeated conflicts.
+    async fn backoff(&mut self, wait: std::time::Duration);
 }

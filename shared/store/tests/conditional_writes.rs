@@ -3,7 +3,7 @@
 
 use kindred_domain::event::Envelope;
 use kindred_domain::{resolve, Event, Identifier, IdentityRules, Incoming, Plan};
-use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
+use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
 use kindred_store::sqlite::SqliteStore;
 use kindred_store::{Applied, EventRecord, IdentityGraph, StoreError};
 use serde_json::json;
@@ -48,10 +48,10 @@ fn send(store: &SqliteStore, space: &str, body: serde_json::Value) -> Outcome {
                 body_json: &json,
                 now: 1_000,
             };
-            process_event(g, &rules, &job, || {
+            complete_now(process_event(g, &rules, &job, || {
                 n += 1;
                 format!("prf_test{n}")
-            })
+            }))
         })
         .unwrap()
 }
@@ -78,7 +78,9 @@ fn a_plan_from_stale_facts_conflicts_and_writes_nothing() {
 
     // Facts read now; then another worker merges a2 into u1's profile.
     let wanted = ids(&[("anonymous_id", "a2"), ("email", "x@y.z")]);
-    let stale = store.with_graph(|g| g.facts("s", &wanted)).unwrap();
+    let stale = store
+        .with_graph(|g| complete_now(g.facts("s", &wanted)))
+        .unwrap();
     send(
         &store,
         "s",
@@ -97,7 +99,7 @@ fn a_plan_from_stale_facts_conflicts_and_writes_nothing() {
     let plan = resolve(&incoming, &stale, &rules, "prf_new").plan;
     assert!(matches!(plan, Plan::Attach(_)));
     let body = serde_json::Value::Object(e.body.clone()).to_string();
-    let outcome = store.with_graph(|g| g.apply("s", &plan, &record(&e, &body)));
+    let outcome = store.with_graph(|g| complete_now(g.apply("s", &plan, &record(&e, &body))));
     assert!(matches!(outcome, Err(StoreError::Conflict)), "{outcome:?}");
     // Nothing of the refused plan landed: not the claim, not the message.
     let audit = store.audit("s").unwrap();
@@ -106,9 +108,11 @@ fn a_plan_from_stale_facts_conflicts_and_writes_nothing() {
         .contains_key(&Identifier::new("email", "x@y.z")));
     assert!(!audit.events.iter().any(|ev| ev.message_id == "m4"));
     // Re-planning on fresh facts succeeds.
-    let fresh = store.with_graph(|g| g.facts("s", &wanted)).unwrap();
+    let fresh = store
+        .with_graph(|g| complete_now(g.facts("s", &wanted)))
+        .unwrap();
     let plan = resolve(&incoming, &fresh, &rules, "prf_new").plan;
-    let outcome = store.with_graph(|g| g.apply("s", &plan, &record(&e, &body)));
+    let outcome = store.with_graph(|g| complete_now(g.apply("s", &plan, &record(&e, &body))));
     assert_eq!(outcome.unwrap(), Applied::Recorded);
 }
 
@@ -118,7 +122,9 @@ fn claiming_an_owned_identifier_conflicts() {
     let store = SqliteStore::open(dir.path()).unwrap();
     let rules = IdentityRules::default();
     let wanted = ids(&[("user_id", "u9")]);
-    let empty = store.with_graph(|g| g.facts("s", &wanted)).unwrap();
+    let empty = store
+        .with_graph(|g| complete_now(g.facts("s", &wanted)))
+        .unwrap();
     send(
         &store,
         "s",
@@ -133,7 +139,7 @@ fn claiming_an_owned_identifier_conflicts() {
     let plan = resolve(&incoming, &empty, &rules, "prf_other").plan;
     assert!(matches!(plan, Plan::Create(_)));
     let e = event(json!({"type": "identify", "userId": "u9", "messageId": "m2"}));
-    let outcome = store.with_graph(|g| g.apply("s", &plan, &record(&e, "{}")));
+    let outcome = store.with_graph(|g| complete_now(g.apply("s", &plan, &record(&e, "{}"))));
     assert!(matches!(outcome, Err(StoreError::Conflict)));
     assert_eq!(
         store.audit("s").unwrap().roots.len(),

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::SqliteStore;
 
+use crate::identity::complete_now;
 use crate::ports::{Applied, EventRecord, IdentityGraph};
 use crate::{Result, StoreError};
 
@@ -152,7 +153,7 @@ fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<F
 }
 
 impl IdentityGraph for TxGraph<'_> {
-    fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
+    async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
         let seen = is_duplicate(self.tx, space_id, message_id)?;
         if !seen {
             if self.observed.space_id != space_id {
@@ -166,7 +167,7 @@ impl IdentityGraph for TxGraph<'_> {
         Ok(seen)
     }
 
-    fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
+    async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
         let facts = read_facts(self.tx, space_id, ids)?;
         if self.observed.space_id == space_id {
             self.observed.roots = facts
@@ -183,7 +184,12 @@ impl IdentityGraph for TxGraph<'_> {
         Ok(facts)
     }
 
-    fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied> {
+    async fn apply(
+        &mut self,
+        space_id: &str,
+        plan: &Plan,
+        record: &EventRecord<'_>,
+    ) -> Result<Applied> {
         // Conditions are checked before anything is written, inside the
         // write transaction, so a refused plan leaves no trace. The writes
         // repeat the conditions; one failing now means the store broke an
@@ -200,6 +206,12 @@ impl IdentityGraph for TxGraph<'_> {
             StoreError::Conflict => StoreError::Invariant("a checked condition failed on write"),
             other => other,
         })
+    }
+
+    async fn backoff(&mut self, wait: std::time::Duration) {
+        // One writer owns the transaction: nothing else can be racing it,
+        // but waiting keeps the behaviour the same as other adapters.
+        std::thread::sleep(wait);
     }
 }
 
@@ -418,21 +430,32 @@ impl<'a> OptimisticGraph<'a> {
 }
 
 impl IdentityGraph for OptimisticGraph<'_> {
-    fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
+    async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
         is_duplicate(&*self.store.reader()?, space_id, message_id)
     }
 
-    fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
+    async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
         let reader = self.store.reader()?;
         let tx = reader.unchecked_transaction()?;
         read_facts(&tx, space_id, ids)
     }
 
-    fn apply(&mut self, space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> Result<Applied> {
-        let outcome = self.store.with_graph(|g| g.apply(space_id, plan, record));
+    async fn apply(
+        &mut self,
+        space_id: &str,
+        plan: &Plan,
+        record: &EventRecord<'_>,
+    ) -> Result<Applied> {
+        let outcome = self
+            .store
+            .with_graph(|g| complete_now(g.apply(space_id, plan, record)));
         if matches!(outcome, Err(StoreError::Conflict)) {
             self.conflicts += 1;
         }
         outcome
+    }
+
+    async fn backoff(&mut self, wait: std::time::Duration) {
+        std::thread::sleep(wait);
     }
 }

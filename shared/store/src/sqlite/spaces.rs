@@ -14,16 +14,7 @@ use crate::token::{hash_secret, mint, random_base62, token_id, verify, TokenKind
 /// takes effect within this time).
 const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
 const AUTH_CACHE_ENTRIES: usize = 10_000;
-use crate::{now_millis, Result, StoreError};
-
-/// A space id: 1-64 characters of `[A-Za-z0-9_-]`.
-pub fn valid_space_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+use crate::{now_millis, valid_space_id, Result, StoreError};
 
 impl SqliteStore {
     /// Creates a space with default identity settings and fresh

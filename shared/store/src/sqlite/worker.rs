@@ -15,7 +15,7 @@ use tracing::{error, info_span};
 use super::graph::TxGraph;
 use super::queue::SqliteQueue;
 use super::{lock, SqliteStore};
-use crate::identity::{process_event, Job, Outcome, SpaceRules};
+use crate::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
 use crate::token::new_profile_id;
 use crate::{now_millis, Result, StoreError};
 
@@ -207,7 +207,8 @@ impl IdentityWorker {
                     body_json: &e.body,
                     now,
                 };
-                let outcome = process_event(&mut graph, &rules, &job, new_profile_id)?;
+                let outcome =
+                    complete_now(process_event(&mut graph, &rules, &job, new_profile_id))?;
                 match outcome {
                     Outcome::Recorded {
                         created, merged, ..

@@ -1,0 +1,339 @@
+//! The DynamoDB adapters: one table per deployment, single-table design
+//! (see `ARCHITECTURE.md` for every item type, key and access pattern).
+//!
+//! Merge protection is enforced by DynamoDB itself: identifiers are
+//! claimed with `attribute_not_exists`, profiles are written only at the
+//! version read and while they have no parent, and a merge is one
+//! `TransactWriteItems`. An event item is keyed by its message id and put
+//! with `attribute_not_exists`, so it is also the dedup record.
+
+mod audit;
+mod graph;
+mod profiles;
+mod spaces;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, GlobalSecondaryIndex,
+    KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType,
+    TimeToLiveSpecification,
+};
+use aws_sdk_dynamodb::Client;
+use kindred_domain::{Identifier, IdentityRules, ProfileFacts};
+use kindred_store::{SpaceAuth, StoreError};
+
+pub use graph::DynamoGraph;
+
+pub type Item = HashMap<String, AttributeValue>;
+
+/// Partition and sort key attribute names of the table.
+pub(crate) const PK: &str = "pk";
+pub(crate) const SK: &str = "sk";
+/// The events-by-profile index and its keys.
+pub(crate) const EVENTS_INDEX: &str = "events_by_profile";
+pub(crate) const GPK: &str = "gpk";
+pub(crate) const GSK: &str = "gsk";
+/// TTL attribute (epoch seconds).
+pub(crate) const EXPIRES_AT: &str = "expires_at";
+/// The sort key of every item that is alone in its partition.
+pub(crate) const META: &str = "META";
+
+/// How long an event (and with it its message id's dedup record) is kept.
+pub const EVENT_RETENTION_DAYS: i64 = 400;
+
+/// DynamoDB request and capacity counters of one store handle, summed
+/// over every call (`ReturnConsumedCapacity=TOTAL`).
+#[derive(Default)]
+pub struct Usage {
+    read_requests: AtomicU64,
+    write_requests: AtomicU64,
+    /// Thousandths of a capacity unit.
+    read_milli_units: AtomicU64,
+    write_milli_units: AtomicU64,
+}
+
+/// A snapshot of [`Usage`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UsageSnapshot {
+    pub read_requests: u64,
+    pub write_requests: u64,
+    pub read_units: f64,
+    pub write_units: f64,
+}
+
+impl UsageSnapshot {
+    pub fn since(self, before: UsageSnapshot) -> UsageSnapshot {
+        UsageSnapshot {
+            read_requests: self.read_requests - before.read_requests,
+            write_requests: self.write_requests - before.write_requests,
+            read_units: self.read_units - before.read_units,
+            write_units: self.write_units - before.write_units,
+        }
+    }
+}
+
+impl Usage {
+    pub(crate) fn read<'a>(&self, consumed: impl IntoIterator<Item = &'a ConsumedCapacity>) {
+        self.read_requests.fetch_add(1, Ordering::Relaxed);
+        for c in consumed {
+            let units = c
+                .read_capacity_units()
+                .or(c.capacity_units())
+                .unwrap_or(0.0);
+            self.read_milli_units
+                .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn write<'a>(&self, consumed: impl IntoIterator<Item = &'a ConsumedCapacity>) {
+        self.write_requests.fetch_add(1, Ordering::Relaxed);
+        for c in consumed {
+            let units = c
+                .write_capacity_units()
+                .or(c.capacity_units())
+                .unwrap_or(0.0);
+            self.write_milli_units
+                .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn snapshot(&self) -> UsageSnapshot {
+        let units = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1000.0;
+        UsageSnapshot {
+            read_requests: self.read_requests.load(Ordering::Relaxed),
+            write_requests: self.write_requests.load(Ordering::Relaxed),
+            read_units: units(&self.read_milli_units),
+            write_units: units(&self.write_milli_units),
+        }
+    }
+}
+
+/// Caches that make a warm worker cheap. Every entry is either immutable
+/// (a child's parent never changes) or only an optimisation whose
+/// staleness the conditional writes catch.
+#[derive(Default)]
+pub(crate) struct Caches {
+    /// Root profile facts as last read or written; a stale entry makes a
+    /// conditional write fail, which evicts it.
+    pub profiles: HashMap<(String, String), ProfileFacts>,
+    /// Merged-away profile -> its parent (permanent once written).
+    pub parents: HashMap<(String, String), String>,
+    pub rules: HashMap<String, (IdentityRules, Instant)>,
+    pub auth: HashMap<[u8; 32], (SpaceAuth, Instant)>,
+}
+
+const MAX_CACHED_PROFILES: usize = 200_000;
+
+/// The DynamoDB store: identity graph, spaces and profiles.
+pub struct DynamoStore {
+    pub(crate) client: Client,
+    pub(crate) table: String,
+    pub(crate) usage: Arc<Usage>,
+    pub(crate) caches: Mutex<Caches>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+            usage: Arc::new(Usage::default()),
+            caches: Mutex::new(Caches::default()),
+        }
+    }
+
+    pub fn usage(&self) -> UsageSnapshot {
+        self.usage.snapshot()
+    }
+
+    /// A unit of work on the identity graph for one worker.
+    pub fn graph(&self) -> DynamoGraph<'_> {
+        DynamoGraph::new(self)
+    }
+
+    pub(crate) fn cache_profile(&self, space_id: &str, facts: ProfileFacts) {
+        let mut caches = lock(&self.caches);
+        if caches.profiles.len() >= MAX_CACHED_PROFILES {
+            caches.profiles.clear();
+        }
+        caches
+            .profiles
+            .insert((space_id.to_string(), facts.id.clone()), facts);
+    }
+
+    pub(crate) fn forget_profile(&self, space_id: &str, profile_id: &str) {
+        lock(&self.caches)
+            .profiles
+            .remove(&(space_id.to_string(), profile_id.to_string()));
+    }
+
+    /// Creates the table with its index and TTL, as `infra/template.yaml`
+    /// declares it (tests and local tools; on AWS the template owns it).
+    pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError> {
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(service)
+        };
+        let key = |name: &str, kind: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .map_err(service)
+        };
+        client
+            .create_table()
+            .table_name(table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attr(PK)?)
+            .attribute_definitions(attr(SK)?)
+            .attribute_definitions(attr(GPK)?)
+            .attribute_definitions(attr(GSK)?)
+            .key_schema(key(PK, KeyType::Hash)?)
+            .key_schema(key(SK, KeyType::Range)?)
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(EVENTS_INDEX)
+                    .key_schema(key(GPK, KeyType::Hash)?)
+                    .key_schema(key(GSK, KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(service)?,
+            )
+            .send()
+            .await
+            .map_err(service)?;
+        client
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name(EXPIRES_AT)
+                    .build()
+                    .map_err(service)?,
+            )
+            .send()
+            .await
+            .map_err(service)?;
+        Ok(())
+    }
+}
+
+/// Any SDK or builder failure: retryable by the caller, details kept for logs.
+pub(crate) fn service(e: impl std::error::Error) -> StoreError {
+    StoreError::Service(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
+}
+
+// ---- keys -------------------------------------------------------------
+
+/// Identifier types are free-form (custom `externalIds`): escape the
+/// separator so that a type can never run into its value.
+fn escape(part: &str) -> String {
+    part.replace('%', "%25").replace('#', "%23")
+}
+
+pub(crate) fn space_key(space_id: &str) -> String {
+    format!("SPACE#{space_id}")
+}
+
+pub(crate) fn token_key(token_id: &str) -> String {
+    format!("TOKEN#{token_id}")
+}
+
+pub(crate) fn identifier_key(space_id: &str, id: &Identifier) -> String {
+    format!("ID#{space_id}#{}#{}", escape(&id.kind), id.value)
+}
+
+pub(crate) fn profile_key(space_id: &str, profile_id: &str) -> String {
+    format!("PRF#{space_id}#{profile_id}")
+}
+
+pub(crate) fn event_key(space_id: &str, message_id: &str) -> String {
+    format!("EVT#{space_id}#{message_id}")
+}
+
+pub(crate) fn merge_sort_key(child_id: &str) -> String {
+    format!("MERGE#{child_id}")
+}
+
+pub(crate) fn link_sort_key(group_id: &str) -> String {
+    format!("LINK#{group_id}")
+}
+
+/// Events of a profile sort by timestamp, then by `seq`: a fixed-width,
+/// order-preserving string of both.
+pub(crate) fn event_order(timestamp: i64, seq: i64) -> String {
+    format!(
+        "{:016x}#{:016x}",
+        (timestamp as u64) ^ (1 << 63),
+        seq as u64
+    )
+}
+
+/// A stable per-event tie-breaker (DynamoDB has no insertion sequence).
+pub(crate) fn event_seq(message_id: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(message_id.as_bytes());
+    let bytes: [u8; 8] = digest[..8].try_into().expect("8 bytes");
+    (u64::from_be_bytes(bytes) >> 1) as i64
+}
+
+pub(crate) fn key(pk: String, sk: &str) -> Item {
+    HashMap::from([
+        (PK.to_string(), AttributeValue::S(pk)),
+        (SK.to_string(), AttributeValue::S(sk.to_string())),
+    ])
+}
+
+// ---- attribute values ---------------------------------------------------
+
+pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+pub(crate) fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+pub(crate) fn get_s<'a>(item: &'a Item, name: &str) -> Result<&'a str, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Ok(v),
+        _ => Err(StoreError::Service(format!(
+            "item attribute {name} missing or not a string"
+        ))),
+    }
+}
+
+pub(crate) fn opt_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Some(v),
+        _ => None,
+    }
+}
+
+pub(crate) fn get_n(item: &Item, name: &str) -> Result<i64, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v
+            .parse()
+            .map_err(|_| StoreError::Service(format!("item attribute {name} is not an integer"))),
+        _ => Err(StoreError::Service(format!(
+            "item attribute {name} missing or not a number"
+        ))),
+    }
+}

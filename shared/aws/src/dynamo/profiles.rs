@@ -1,0 +1,340 @@
+//! Profile reads on DynamoDB (the Profile API's port): a profile is its
+//! root item plus the items of every profile merged into it, found through
+//! the merge records kept under each parent.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{KeysAndAttributes, ReturnConsumedCapacity};
+use kindred_domain::{IdentifierEntry, Traits};
+use kindred_store::ports::{
+    EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
+    Profiles, StoredEvent,
+};
+use kindred_store::{Result, StoreError};
+
+use super::{
+    event_order, get_n, get_s, identifier_key, key, opt_s, profile_key, s, service, DynamoStore,
+    Item, EVENTS_INDEX, META, PK,
+};
+
+const MAX_BATCH_KEYS: usize = 100;
+
+impl DynamoStore {
+    async fn get_item(&self, pk: String) -> Result<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, META)))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(service)?;
+        self.usage.read(out.consumed_capacity());
+        Ok(out.item().cloned())
+    }
+
+    /// Every item of a partition whose sort key starts with `prefix`.
+    async fn items_with_prefix(&self, pk: String, prefix: &str) -> Result<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .expression_attribute_values(":prefix", s(prefix))
+                .set_exclusive_start_key(start)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(service)?;
+            self.usage.read(out.consumed_capacity());
+            items.extend(out.items().iter().cloned());
+            match out.last_evaluated_key() {
+                Some(k) => start = Some(k.clone()),
+                None => return Ok(items),
+            }
+        }
+    }
+
+    async fn batch_get_items(&self, keys: Vec<Item>) -> Result<Vec<Item>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(MAX_BATCH_KEYS) {
+            let mut pending = chunk.to_vec();
+            while !pending.is_empty() {
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(pending))
+                    .build()
+                    .map_err(service)?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, request)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+                    .await
+                    .map_err(service)?;
+                self.usage.read(out.consumed_capacity());
+                if let Some(items) = out.responses().and_then(|r| r.get(&self.table)) {
+                    found.extend(items.iter().cloned());
+                }
+                pending = out
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+            }
+        }
+        Ok(found)
+    }
+
+    /// One page-walk of a profile's events in the index, newest or oldest
+    /// first, keeping those `keep` accepts, until `limit` are kept.
+    async fn member_events(
+        &self,
+        space_id: &str,
+        member: &str,
+        bounds: (&str, &str),
+        q: &EventQuery,
+    ) -> Result<Vec<StoredEvent>> {
+        let mut events = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(EVENTS_INDEX)
+                .key_condition_expression("gpk = :p AND gsk BETWEEN :lo AND :hi")
+                .expression_attribute_values(":p", s(profile_key(space_id, member)))
+                .expression_attribute_values(":lo", s(bounds.0))
+                .expression_attribute_values(":hi", s(bounds.1))
+                .scan_index_forward(!q.descending)
+                .limit((q.limit.max(1) * 2).min(1_000) as i32)
+                .set_exclusive_start_key(start)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(service)?;
+            self.usage.read(out.consumed_capacity());
+            for item in out.items() {
+                let name = opt_s(item, "name");
+                let included =
+                    q.include.is_empty() || name.is_some_and(|n| q.include.iter().any(|i| i == n));
+                let excluded = name.is_some_and(|n| q.exclude.iter().any(|e| e == n));
+                if included && !excluded {
+                    events.push(StoredEvent {
+                        timestamp: get_n(item, "ts")?,
+                        seq: get_n(item, "seq")?,
+                        body: get_s(item, "body")?.to_string(),
+                    });
+                    if events.len() >= q.limit {
+                        return Ok(events);
+                    }
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(k) => start = Some(k.clone()),
+                None => return Ok(events),
+            }
+        }
+    }
+}
+
+/// Inclusive index bounds for a query's `start`, `end` and `after`.
+fn bounds(q: &EventQuery) -> (String, String) {
+    let mut lo = (i64::MIN, 0);
+    let mut hi = (i64::MAX, i64::MAX);
+    if let Some(start) = q.start {
+        lo = lo.max((start, 0));
+    }
+    if let Some(end) = q.end {
+        hi = hi.min((end.saturating_sub(1), i64::MAX));
+    }
+    if let Some((ts, seq)) = q.after {
+        if q.descending {
+            let before = if seq > 0 {
+                (ts, seq - 1)
+            } else {
+                (ts.saturating_sub(1), i64::MAX)
+            };
+            hi = hi.min(before);
+        } else {
+            lo = lo.max((ts, seq.saturating_add(1)));
+        }
+    }
+    (event_order(lo.0, lo.1), event_order(hi.0, hi.1))
+}
+
+#[async_trait]
+impl Profiles for DynamoStore {
+    async fn profile(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        parts: ProfileParts,
+    ) -> Result<Option<ProfileDoc>> {
+        let start = match lookup {
+            ProfileLookup::ProfileId(id) => Some(id.clone()),
+            ProfileLookup::Identifier(id) => self
+                .get_item(identifier_key(space_id, id))
+                .await?
+                .map(|item| get_s(&item, "profile_id").map(str::to_string))
+                .transpose()?,
+        };
+        let Some(mut current) = start else {
+            return Ok(None);
+        };
+        let mut hops = 0;
+        let root = loop {
+            let Some(item) = self.get_item(profile_key(space_id, &current)).await? else {
+                return Ok(None);
+            };
+            match opt_s(&item, "parent_id") {
+                Some(parent) => current = parent.to_string(),
+                None => break item,
+            }
+            hops += 1;
+            if hops > 1_000 {
+                return Err(StoreError::Invariant("a cycle of merge pointers"));
+            }
+        };
+        let root_id = get_s(&root, "profile_id")?.to_string();
+        let identifiers: Vec<IdentifierEntry> = serde_json::from_str(get_s(&root, "identifiers")?)?;
+        let traits: Traits = serde_json::from_str(get_s(&root, "traits")?)?;
+        let created_at = get_n(&root, "created_at")?;
+        let first_message_id = get_s(&root, "first_message_id")?.to_string();
+
+        // The tree, breadth first, with the merge history on the way.
+        let mut tree = vec![root_id.clone()];
+        let mut merge_history = Vec::new();
+        let mut next = 0;
+        while next < tree.len() {
+            let parent = tree[next].clone();
+            next += 1;
+            for item in self
+                .items_with_prefix(profile_key(space_id, &parent), "MERGE#")
+                .await?
+            {
+                let child = get_s(&item, "child_id")?.to_string();
+                merge_history.push(MergeRecord {
+                    parent_id: parent.clone(),
+                    child_id: child.clone(),
+                    message_id: get_s(&item, "message_id")?.to_string(),
+                    merged_at: get_n(&item, "merged_at")?,
+                });
+                tree.push(child);
+            }
+        }
+
+        let mut external_ids = Vec::new();
+        if parts.external_ids {
+            let keys = identifiers
+                .iter()
+                .map(|e| key(identifier_key(space_id, &e.id), META))
+                .collect();
+            let items = self.batch_get_items(keys).await?;
+            for entry in identifiers {
+                let pk = identifier_key(space_id, &entry.id);
+                if let Some(item) = items.iter().find(|i| opt_s(i, PK) == Some(pk.as_str())) {
+                    external_ids.push(ExternalIdRecord {
+                        id: entry.id,
+                        source_id: get_s(item, "source_id")?.to_string(),
+                        collection: "users".into(),
+                        encoding: get_s(item, "encoding")?.to_string(),
+                        created_at: get_n(item, "created_at")?,
+                        first_message_id: get_s(item, "first_message_id")?.to_string(),
+                    });
+                }
+            }
+        }
+
+        // Last activity: the newest event of the tree.
+        let (mut updated_at, mut last_message_id) = (created_at, first_message_id.clone());
+        if parts.activity {
+            let newest = EventQuery {
+                limit: 1,
+                descending: true,
+                ..EventQuery::default()
+            };
+            let mut latest = i64::MIN;
+            let b = bounds(&newest);
+            for member in &tree {
+                for event in self
+                    .member_events(space_id, member, (&b.0, &b.1), &newest)
+                    .await?
+                {
+                    if event.timestamp > latest {
+                        latest = event.timestamp;
+                        updated_at = updated_at.max(event.timestamp);
+                        let body: serde_json::Value = serde_json::from_str(&event.body)?;
+                        if let Some(id) = body.get("messageId").and_then(|v| v.as_str()) {
+                            last_message_id = id.to_string();
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut links: Vec<LinkRecord> = Vec::new();
+        if parts.links {
+            for member in &tree {
+                for item in self
+                    .items_with_prefix(profile_key(space_id, member), "LINK#")
+                    .await?
+                {
+                    let link = LinkRecord {
+                        group_id: get_s(&item, "group_id")?.to_string(),
+                        linked_at: get_n(&item, "linked_at")?,
+                        message_id: get_s(&item, "message_id")?.to_string(),
+                    };
+                    if !links.iter().any(|l| l.group_id == link.group_id) {
+                        links.push(link);
+                    }
+                }
+            }
+        }
+        if !parts.merges {
+            merge_history.clear();
+        }
+        links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
+        merge_history.sort_by(|a, b| (a.merged_at, &a.child_id).cmp(&(b.merged_at, &b.child_id)));
+        Ok(Some(ProfileDoc {
+            profile_id: root_id,
+            tree,
+            created_at,
+            updated_at,
+            first_message_id,
+            last_message_id,
+            merges: get_n(&root, "merges")? as u32,
+            traits,
+            external_ids,
+            links,
+            merge_history,
+        }))
+    }
+
+    async fn events(
+        &self,
+        space_id: &str,
+        tree: &[String],
+        query: &EventQuery,
+    ) -> Result<Vec<StoredEvent>> {
+        let b = bounds(query);
+        let mut events = Vec::new();
+        for member in tree {
+            events.extend(
+                self.member_events(space_id, member, (&b.0, &b.1), query)
+                    .await?,
+            );
+        }
+        events.sort_by_key(|e| (e.timestamp, e.seq));
+        if query.descending {
+            events.reverse();
+        }
+        events.truncate(query.limit);
+        Ok(events)
+    }
+}
