@@ -150,6 +150,10 @@ impl DynamoStore {
         }
     }
 
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     pub fn usage(&self) -> UsageSnapshot {
         self.usage.snapshot()
     }
