@@ -4,6 +4,7 @@
 //! pipeline; nothing here decides who is who.
 
 pub mod dynamo;
+pub mod lambda;
 pub mod sqs;
 
 use kindred_domain::Event;

@@ -11,9 +11,9 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::profile::authorize;
-use crate::AppState;
+use crate::ReadState;
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: ReadState) -> Router {
     Router::new()
         .route(
             "/v1/spaces/{space_id}/identity_settings",
@@ -23,7 +23,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn get_settings(
-    State(state): State<AppState>,
+    State(state): State<ReadState>,
     Path(space_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<IdentitySettings>, ApiError> {
@@ -33,7 +33,7 @@ async fn get_settings(
 
 /// Replaces the identity settings; only events processed afterwards see them.
 async fn put_settings(
-    State(state): State<AppState>,
+    State(state): State<ReadState>,
     Path(space_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,

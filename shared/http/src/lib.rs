@@ -15,11 +15,13 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use kindred_store::token::random_base62;
 use kindred_store::{EventQueue, Profiles, Spaces};
 use serde_json::json;
 
+pub use axum::body::Body;
+pub use axum::Router;
 pub use error::ApiError;
 pub use tracking::RateLimiter;
 
@@ -30,6 +32,38 @@ pub struct AppState {
     pub profiles: Arc<dyn Profiles>,
     pub queue: Arc<dyn EventQueue>,
     pub rate_limiter: Arc<RateLimiter>,
+}
+
+/// What the Tracking API needs (the `ingest` function has only this).
+#[derive(Clone)]
+pub struct TrackingState {
+    pub spaces: Arc<dyn Spaces>,
+    pub queue: Arc<dyn EventQueue>,
+    pub rate_limiter: Arc<RateLimiter>,
+}
+
+/// What the Profile and admin APIs need (the `profile-api` function).
+#[derive(Clone)]
+pub struct ReadState {
+    pub spaces: Arc<dyn Spaces>,
+    pub profiles: Arc<dyn Profiles>,
+}
+
+impl AppState {
+    pub fn tracking(&self) -> TrackingState {
+        TrackingState {
+            spaces: Arc::clone(&self.spaces),
+            queue: Arc::clone(&self.queue),
+            rate_limiter: Arc::clone(&self.rate_limiter),
+        }
+    }
+
+    pub fn read(&self) -> ReadState {
+        ReadState {
+            spaces: Arc::clone(&self.spaces),
+            profiles: Arc::clone(&self.profiles),
+        }
+    }
 }
 
 /// Adds the layers every Kindred response has: a `Request-Id` header and
@@ -49,18 +83,41 @@ async fn request_id(request: Request, next: Next) -> Response {
     response
 }
 
-/// Everything one local process serves on one port.
-pub fn app(state: AppState) -> Router {
-    let health = Router::new()
+fn health() -> Router {
+    Router::new()
         .route(
             "/",
             get(|| async { Json(json!({"service": "kindred", "status": "ok"})) }),
         )
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }));
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+}
+
+/// Everything one local process serves on one port.
+pub fn app(state: AppState) -> Router {
     finish(
-        health
-            .merge(tracking::router(state.clone()))
+        health()
+            .merge(tracking::router(state.tracking()))
+            .merge(profile::router(state.read()))
+            .merge(admin::router(state.read())),
+    )
+}
+
+/// The `ingest` function's routes: the Tracking API.
+pub fn ingest_app(state: TrackingState) -> Router {
+    finish(health().merge(tracking::router(state)))
+}
+
+/// The `profile-api` function's routes: the Profile API and admin API.
+pub fn profile_api_app(state: ReadState) -> Router {
+    finish(
+        health()
             .merge(profile::router(state.clone()))
             .merge(admin::router(state)),
     )
+}
+
+/// A response body's bytes (for callers that hold a router but do not
+/// depend on axum, like the Lambda tests).
+pub async fn body_bytes(body: Body) -> Result<Vec<u8>, axum::Error> {
+    Ok(axum::body::to_bytes(body, usize::MAX).await?.to_vec())
 }

@@ -18,9 +18,9 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::basic_user;
 use crate::error::ApiError;
-use crate::AppState;
+use crate::ReadState;
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: ReadState) -> Router {
     Router::new()
         .route(
             "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/{resource}",
@@ -36,7 +36,7 @@ pub fn router(state: AppState) -> Router {
 /// Authenticates a token of `kind` for exactly this space. A valid token of
 /// another space is refused like an unknown one: it never reaches data.
 pub(crate) async fn authorize(
-    state: &AppState,
+    state: &ReadState,
     headers: &HeaderMap,
     space_id: &str,
     kind: TokenKind,
@@ -111,7 +111,7 @@ fn cursor(uri: &Uri, has_more: bool, next: Option<String>, limit: usize) -> Valu
 }
 
 async fn resource(
-    State(state): State<AppState>,
+    State(state): State<ReadState>,
     Path((space_id, lookup, resource)): Path<(String, String, String)>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -253,7 +253,7 @@ fn time_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i64
 }
 
 async fn events(
-    state: &AppState,
+    state: &ReadState,
     space_id: &str,
     doc: &ProfileDoc,
     params: &HashMap<String, String>,

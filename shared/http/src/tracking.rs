@@ -23,9 +23,9 @@ use tracing::debug;
 
 use crate::auth::basic_user;
 use crate::error::ApiError;
-use crate::AppState;
+use crate::TrackingState;
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: TrackingState) -> Router {
     Router::new()
         .route("/v1/batch", post(batch))
         .route("/v1/import", post(batch))
@@ -104,7 +104,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
 }
 
 async fn authenticate(
-    state: &AppState,
+    state: &TrackingState,
     headers: &HeaderMap,
     body_key: Option<&str>,
 ) -> Result<SpaceAuth, ApiError> {
@@ -130,7 +130,7 @@ fn generated_message_id() -> String {
 }
 
 async fn single(
-    State(state): State<AppState>,
+    State(state): State<TrackingState>,
     Path(call): Path<String>,
     request: Request,
 ) -> Response {
@@ -190,7 +190,7 @@ struct BatchBody<'a> {
     write_key: Option<String>,
 }
 
-async fn batch(State(state): State<AppState>, request: Request) -> Response {
+async fn batch(State(state): State<TrackingState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let bytes = read_body(&parts.headers, body).await?;
@@ -282,14 +282,18 @@ fn strip_write_key(mut value: Value) -> Value {
     value
 }
 
-fn check_rate(state: &AppState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {
+fn check_rate(state: &TrackingState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {
     state
         .rate_limiter
         .take(&auth.space_id, n)
         .map_err(ApiError::rate_limited)
 }
 
-async fn enqueue(state: &AppState, auth: &SpaceAuth, events: Vec<Event>) -> Result<(), ApiError> {
+async fn enqueue(
+    state: &TrackingState,
+    auth: &SpaceAuth,
+    events: Vec<Event>,
+) -> Result<(), ApiError> {
     let count = events.len();
     let queued = events
         .into_iter()

@@ -1,0 +1,108 @@
+//! The `identity` function: consumes the events queue and runs each event
+//! through the identity pipeline on DynamoDB. Failures are reported per
+//! message (`batchItemFailures`): SQS redelivers only those, and after the
+//! queue's `maxReceiveCount` moves them to the dead-letter queue, so one
+//! poisoned message never blocks the others.
+
+use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use kindred_aws::{identify, DynamoStore};
+use kindred_store::identity::Outcome;
+use kindred_store::ports::QueuedEvent;
+use kindred_store::StoreError;
+use tracing::{info, info_span, warn, Instrument};
+
+/// The function's configuration, from its environment, loaded once.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub table: String,
+}
+
+impl Config {
+    pub fn load() -> Result<Self, String> {
+        Ok(Self {
+            table: kindred_aws::lambda::env("KINDRED_TABLE")?,
+        })
+    }
+}
+
+/// Handles one SQS batch. Messages are independent: each is applied or
+/// reported failed on its own.
+pub async fn handle(store: &DynamoStore, event: SqsEvent) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    for record in event.records {
+        let sqs_id = record.message_id.clone().unwrap_or_default();
+        let span = info_span!("identity", sqs_message_id = %sqs_id);
+        let result = async {
+            let queued: QueuedEvent = serde_json::from_str(record.body.as_deref().unwrap_or(""))
+                .map_err(|e| StoreError::Invalid(format!("not a queued event: {e}")))?;
+            let before = store.usage();
+            let outcome = Box::pin(identify(store, &queued)).await?;
+            let usage = store.usage().since(before);
+            let (profile_id, created, merged) = match &outcome {
+                Outcome::Recorded {
+                    profile_id,
+                    created,
+                    merged,
+                } => (profile_id.as_str(), *created, *merged),
+                _ => ("", false, 0),
+            };
+            // Ids and counts only: never the event or its traits.
+            info!(
+                space_id = %queued.space_id,
+                profile_id,
+                created,
+                merged,
+                outcome = ?std::mem::discriminant(&outcome),
+                duplicate = outcome == Outcome::Duplicate,
+                dynamodb_read_requests = usage.read_requests,
+                dynamodb_write_requests = usage.write_requests,
+                dynamodb_read_units = usage.read_units,
+                dynamodb_write_units = usage.write_units,
+                "event applied"
+            );
+            Ok::<_, StoreError>(())
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = result {
+            warn!(sqs_message_id = %sqs_id, error = %e, "event not applied; SQS will redeliver it");
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = sqs_id;
+            response.batch_item_failures.push(failure);
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixture with `{{BODY}}` replaced, as Lambda delivers it.
+    fn sqs_event(body: &str) -> SqsEvent {
+        let template = include_str!("../fixtures/sqs-event.json");
+        let body = serde_json::to_string(body).unwrap();
+        serde_json::from_str(&template.replace("\"{{BODY}}\"", &body)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_message_that_is_not_a_queued_event_is_reported_failed_alone() {
+        // Fails before any DynamoDB call, so no endpoint is needed.
+        let sdk = aws_config_for_tests();
+        let store = DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(sdk), "unused");
+        let response = handle(&store, sqs_event("this is not JSON")).await;
+        let failed: Vec<&str> = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        assert_eq!(failed, ["059f36b4-87a3-44ab-83d2-661975830a7d"]);
+    }
+
+    fn aws_config_for_tests() -> aws_sdk_dynamodb::Config {
+        aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .build()
+    }
+}

@@ -1,0 +1,19 @@
+use kindred_aws::DynamoStore;
+use kindred_identity::{handle, Config};
+use lambda_runtime::{service_fn, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    kindred_aws::lambda::init_logging();
+    let config = Config::load()?;
+    let sdk = kindred_aws::lambda::sdk_config().await;
+    // One store per instance: its caches stay warm across invocations.
+    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), &config.table);
+    let store = &store;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
+            Ok::<_, lambda_runtime::Error>(handle(store, event.payload).await)
+        },
+    ))
+    .await
+}

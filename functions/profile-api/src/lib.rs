@@ -1,0 +1,35 @@
+//! The `profile-api` function: the Profile API and the admin API (the
+//! same routers `kindred serve` runs) on API Gateway, reading DynamoDB.
+
+use std::sync::Arc;
+
+use aws_config::SdkConfig;
+use kindred_aws::lambda::env;
+use kindred_aws::DynamoStore;
+use kindred_http::{profile_api_app, ReadState, Router};
+
+/// The function's configuration, from its environment, loaded once.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub table: String,
+}
+
+impl Config {
+    pub fn load() -> Result<Self, String> {
+        Ok(Self {
+            table: env("KINDRED_TABLE")?,
+        })
+    }
+}
+
+/// The router the function serves.
+pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
+    let store = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(sdk),
+        &config.table,
+    ));
+    profile_api_app(ReadState {
+        spaces: store.clone(),
+        profiles: store,
+    })
+}

@@ -1,0 +1,28 @@
+//! What every Kindred Lambda function sets up the same way.
+
+use aws_config::{BehaviorVersion, SdkConfig};
+
+/// JSON logs for CloudWatch, one object per line, filtered by `RUST_LOG`
+/// (default `info`). Handlers log ids and counts, never payloads.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .without_time()
+        .with_current_span(true)
+        .init();
+}
+
+/// The SDK's configuration from the Lambda environment (region,
+/// credentials; `AWS_ENDPOINT_URL_*` points it at emulators in tests).
+pub async fn sdk_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest()).load().await
+}
+
+/// A required environment variable, or a message naming it.
+pub fn env(name: &str) -> Result<String, String> {
+    std::env::var(name).map_err(|_| format!("the environment variable {name} is not set"))
+}
