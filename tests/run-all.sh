@@ -20,6 +20,16 @@ if ! "$venv/bin/python" -c "import segment.analytics" 2>/dev/null; then
 fi
 export KINDRED_PYTHON="$venv/bin/python"
 
+# The AWS template: cfn-lint, and SAM's own validation of its resources
+# (both offline, no credentials needed).
+infra_venv="$PWD/target/infra-venv"
+if ! "$infra_venv/bin/sam" --version >/dev/null 2>&1 || ! "$infra_venv/bin/cfn-lint" --version >/dev/null 2>&1; then
+  python3 -m venv "$infra_venv"
+  "$infra_venv/bin/pip" install --quiet --disable-pip-version-check aws-sam-cli==1.170.0 cfn-lint==1.58.0
+fi
+"$infra_venv/bin/cfn-lint" infra/template.yaml
+SAM_CLI_TELEMETRY=0 "$infra_venv/bin/sam" validate --lint --region us-east-1 -t infra/template.yaml
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins

@@ -40,6 +40,11 @@ enum SpaceCommand {
         space_id: String,
         #[arg(long, env = "KINDRED_DATA_DIR", default_value = "./kindred-data")]
         data_dir: PathBuf,
+        /// Create it in this DynamoDB table of an AWS deployment instead
+        /// (the stack's `TableName` output; credentials and region from the
+        /// usual AWS environment).
+        #[arg(long, conflicts_with = "data_dir")]
+        dynamodb_table: Option<String>,
     },
 }
 
@@ -55,11 +60,30 @@ fn main() -> anyhow::Result<()> {
                 .block_on(server::serve(config))
         }
         Command::Space {
-            command: SpaceCommand::Create { space_id, data_dir },
+            command:
+                SpaceCommand::Create {
+                    space_id,
+                    data_dir,
+                    dynamodb_table,
+                },
         } => {
-            let store = kindred_store::sqlite::SqliteStore::open(&data_dir)
-                .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-            match store.create_space(&space_id) {
+            let created = match dynamodb_table {
+                Some(table) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(async {
+                        let sdk = kindred_aws::lambda::sdk_config().await;
+                        let store = kindred_aws::DynamoStore::new(
+                            aws_sdk_dynamodb::Client::new(&sdk),
+                            table,
+                        );
+                        store.create_space(&space_id).await
+                    }),
+                None => kindred_store::sqlite::SqliteStore::open(&data_dir)
+                    .with_context(|| format!("opening the store in {}", data_dir.display()))?
+                    .create_space(&space_id),
+            };
+            match created {
                 Ok(space) => {
                     println!("{}", serde_json::to_string(&space)?);
                     Ok(())
