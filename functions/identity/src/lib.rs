@@ -35,6 +35,10 @@ pub async fn handle(store: &DynamoStore, event: SqsEvent) -> SqsBatchResponse {
         let result = async {
             let queued: QueuedEvent = serde_json::from_str(record.body.as_deref().unwrap_or(""))
                 .map_err(|e| StoreError::Invalid(format!("not a queued event: {e}")))?;
+            let message_id = serde_json::from_str::<serde_json::Value>(&queued.body)
+                .ok()
+                .and_then(|v| v["messageId"].as_str().map(str::to_string))
+                .unwrap_or_default();
             let before = store.usage();
             let outcome = Box::pin(identify(store, &queued)).await?;
             let usage = store.usage().since(before);
@@ -49,10 +53,10 @@ pub async fn handle(store: &DynamoStore, event: SqsEvent) -> SqsBatchResponse {
             // Ids and counts only: never the event or its traits.
             info!(
                 space_id = %queued.space_id,
+                message_id,
                 profile_id,
                 created,
                 merged,
-                outcome = ?std::mem::discriminant(&outcome),
                 duplicate = outcome == Outcome::Duplicate,
                 dynamodb_read_requests = usage.read_requests,
                 dynamodb_write_requests = usage.write_requests,

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use aws_config::SdkConfig;
-use kindred_aws::lambda::env;
+use kindred_aws::lambda::{env, request_cost};
 use kindred_aws::{DynamoStore, SqsQueue};
-use kindred_http::{ingest_app, RateLimiter, Router, TrackingState};
+use kindred_http::{ingest_app, with_request_costs, RateLimiter, Router, TrackingState};
 
 /// The function's configuration, from its environment, loaded once.
 #[derive(Clone, Debug)]
@@ -37,11 +37,15 @@ impl Config {
 
 /// The router the function serves.
 pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
-    let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(sdk), &config.table);
+    let store = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(sdk),
+        &config.table,
+    ));
     let queue = SqsQueue::new(aws_sdk_sqs::Client::new(sdk), &config.events_queue_url);
-    ingest_app(TrackingState {
-        spaces: Arc::new(store),
+    let app = ingest_app(TrackingState {
+        spaces: store.clone(),
         queue: Arc::new(queue),
         rate_limiter: Arc::new(RateLimiter::new(config.ingest_rate)),
-    })
+    });
+    with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

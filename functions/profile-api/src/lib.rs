@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use aws_config::SdkConfig;
-use kindred_aws::lambda::env;
+use kindred_aws::lambda::{env, request_cost};
 use kindred_aws::DynamoStore;
-use kindred_http::{profile_api_app, ReadState, Router};
+use kindred_http::{profile_api_app, with_request_costs, ReadState, Router};
 
 /// The function's configuration, from its environment, loaded once.
 #[derive(Clone, Debug)]
@@ -28,8 +28,9 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         aws_sdk_dynamodb::Client::new(sdk),
         &config.table,
     ));
-    profile_api_app(ReadState {
+    let app = profile_api_app(ReadState {
         spaces: store.clone(),
-        profiles: store,
-    })
+        profiles: store.clone(),
+    });
+    with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

@@ -3,10 +3,11 @@
 use aws_config::{BehaviorVersion, SdkConfig};
 
 /// JSON logs for CloudWatch, one object per line, filtered by `RUST_LOG`
-/// (default `info`). Handlers log ids and counts, never payloads.
+/// (default `info`; the routers' per-request lines are at debug and on by
+/// default here). Handlers log ids and counts, never payloads.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kindred_http=debug"));
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
@@ -25,4 +26,16 @@ pub async fn sdk_config() -> SdkConfig {
 /// A required environment variable, or a message naming it.
 pub fn env(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("the environment variable {name} is not set"))
+}
+
+/// The store's running request and capacity totals, for
+/// [`kindred_http::with_request_costs`].
+pub fn request_cost(store: &crate::DynamoStore) -> kindred_http::RequestCost {
+    let u = store.usage();
+    kindred_http::RequestCost {
+        read_requests: u.read_requests,
+        write_requests: u.write_requests,
+        read_units: u.read_units,
+        write_units: u.write_units,
+    }
 }

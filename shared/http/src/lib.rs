@@ -74,9 +74,26 @@ pub fn finish(router: Router) -> Router {
         .layer(axum::middleware::from_fn(request_id))
 }
 
+/// Tags the response with a `Request-Id` and logs the request at debug
+/// level: the route template (never the raw path, which can hold an
+/// email), the status and the time taken.
 async fn request_id(request: Request, next: Next) -> Response {
     let id = format!("req_{}", random_base62(20));
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = std::time::Instant::now();
     let mut response = next.run(request).await;
+    tracing::debug!(
+        request_id = %id,
+        %method,
+        route,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("Request-Id", value);
     }
@@ -120,4 +137,42 @@ pub fn profile_api_app(state: ReadState) -> Router {
 /// depend on axum, like the Lambda tests).
 pub async fn body_bytes(body: Body) -> Result<Vec<u8>, axum::Error> {
     Ok(axum::body::to_bytes(body, usize::MAX).await?.to_vec())
+}
+
+/// Storage requests and capacity a request consumed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestCost {
+    pub read_requests: u64,
+    pub write_requests: u64,
+    pub read_units: f64,
+    pub write_units: f64,
+}
+
+/// Logs, after each request, what it cost in storage requests and units
+/// (`usage` reads the adapter's running totals). Meant for Lambda, where
+/// an instance serves one request at a time, so the difference is the
+/// request's own.
+pub fn with_request_costs(
+    router: Router,
+    usage: Arc<dyn Fn() -> RequestCost + Send + Sync>,
+) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| {
+            let usage = Arc::clone(&usage);
+            async move {
+                let before = usage();
+                let response = next.run(request).await;
+                let after = usage();
+                tracing::info!(
+                    status = response.status().as_u16(),
+                    dynamodb_read_requests = after.read_requests - before.read_requests,
+                    dynamodb_write_requests = after.write_requests - before.write_requests,
+                    dynamodb_read_units = after.read_units - before.read_units,
+                    dynamodb_write_units = after.write_units - before.write_units,
+                    "request cost"
+                );
+                response
+            }
+        },
+    ))
 }

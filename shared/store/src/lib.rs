@@ -2,19 +2,8 @@
 //! (SQLite) adapters used by `kindred serve`, and the identity pipeline
 //! that drives the domain's resolution against any identity graph.
 //!
-//! Data model (one logical single table, keyed as DynamoDB will key it;
-//! the SQLite adapter keeps one table per item type):
-//!
-//! | item | partition key | sort key |
-//! |---|---|---|
-//! | space | `SPACE#{space}` | `META` |
-//! | token (hashed) | `TOKEN#{token id}` | `META` |
-//! | identifier -> owner | `ID#{space}#{type}#{value}` | `META` |
-//! | profile (version, parent pointer, identifiers, traits) | `PRF#{space}#{profile}` | `META` |
-//! | merge record | `PRF#{space}#{parent}` | `MERGE#{child}` |
-//! | account link | `PRF#{space}#{profile}` | `LINK#{group}` |
-//! | event | `PRF#{space}#{profile}` | `EVT#{timestamp}#{seq}` |
-//! | message dedup (TTL) | `MSG#{space}#{message id}` | `META` |
+//! Data model: the DynamoDB single-table design of `ARCHITECTURE.md`;
+//! the SQLite adapter keeps one table per item type of it.
 
 pub mod identity;
 pub mod ports;

@@ -1,0 +1,104 @@
+//! DynamoDB requests and capacity units per event, as DynamoDB Local
+//! reports them (`ReturnConsumedCapacity=TOTAL`), for the three kinds of
+//! event that matter for cost. Prints the figures BENCHMARKS.md quotes and
+//! holds the design's bound for the common case: an event from a known
+//! identity costs at most one read request and two write units.
+
+use kindred_aws::{identify, DynamoStore, UsageSnapshot};
+use kindred_store::identity::Outcome;
+use kindred_store::ports::QueuedEvent;
+use kindred_tests::{aws_config, emulators, fresh_dynamo};
+use serde_json::json;
+
+fn queued(space: &str, event: serde_json::Value) -> QueuedEvent {
+    QueuedEvent {
+        space_id: space.to_string(),
+        source_id: "src_costs".into(),
+        body: event.to_string(),
+    }
+}
+
+async fn cost(store: &DynamoStore, event: &QueuedEvent) -> (Outcome, UsageSnapshot) {
+    let before = store.usage();
+    let outcome = identify(store, event).await.unwrap();
+    (outcome, store.usage().since(before))
+}
+
+fn show(label: &str, u: UsageSnapshot) {
+    println!(
+        "{label:<48} read requests {}, read units {:.1}, write requests {}, write units {:.1}",
+        u.read_requests, u.read_units, u.write_requests, u.write_units
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_capacity_units_per_event() {
+    if !emulators("requests_and_capacity_units_per_event") {
+        return;
+    }
+    let store = fresh_dynamo().await;
+    let space = store.create_space("costs").await.unwrap().space_id;
+    let at = "2026-11-28T12:00:00Z";
+    let track = |id: &str, anon: &str| {
+        json!({"type": "track", "event": "Product Viewed", "messageId": id, "anonymousId": anon,
+               "properties": {"sku": "A-1", "price": 19.5}, "timestamp": at})
+    };
+
+    // (b) A new identity: a profile and its identifiers created.
+    let new = queued(
+        &space,
+        json!({"type": "identify", "messageId": "b", "anonymousId": "dev-1", "userId": "u-1",
+               "traits": {"email": "u1@example.com", "name": "Ada"}, "timestamp": at}),
+    );
+    let (outcome, b) = cost(&store, &new).await;
+    assert!(matches!(outcome, Outcome::Recorded { created: true, .. }));
+
+    // (a) A known identity, warm (the worker has seen the profile).
+    let (outcome, a_warm) = cost(&store, &queued(&space, track("a1", "dev-1"))).await;
+    assert!(matches!(
+        outcome,
+        Outcome::Recorded {
+            created: false,
+            merged: 0,
+            ..
+        }
+    ));
+
+    // (a) A known identity on a cold worker (a fresh Lambda instance).
+    let cold = DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&aws_config().await),
+        store.table(),
+    );
+    let (_, a_cold) = cost(&cold, &queued(&space, track("a2", "dev-1"))).await;
+
+    // A repeated message id.
+    let (outcome, dup) = cost(&store, &queued(&space, track("a1", "dev-1"))).await;
+    assert_eq!(outcome, Outcome::Duplicate);
+
+    // (c) A merge: a second device's profile joins through the user id.
+    cost(&store, &queued(&space, track("c0", "dev-2"))).await;
+    let merge = queued(
+        &space,
+        json!({"type": "identify", "messageId": "c", "anonymousId": "dev-2", "userId": "u-1",
+               "traits": {"plan": "pro"}, "timestamp": at}),
+    );
+    let (outcome, c) = cost(&store, &merge).await;
+    assert!(
+        matches!(outcome, Outcome::Recorded { merged: 1, .. }),
+        "{outcome:?}"
+    );
+
+    println!();
+    show("(a) known identity, warm worker", a_warm);
+    show("(a) known identity, cold worker", a_cold);
+    show("(b) new identity (3 identifiers)", b);
+    show("(c) merge of two profiles", c);
+    show("repeated messageId (dropped)", dup);
+
+    // DynamoDB Local reports capacity as AWS would; without it the bound
+    // below could not fail, so its presence is part of the check.
+    assert!(a_warm.write_units > 0.0, "no consumed capacity reported");
+    assert!(a_warm.read_requests <= 1, "{a_warm:?}");
+    assert!(a_warm.write_units <= 2.0, "{a_warm:?}");
+    assert!(a_cold.read_requests <= 3, "{a_cold:?}");
+}
