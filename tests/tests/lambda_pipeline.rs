@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
+use aws_lambda_events::sqs::SqsEvent;
 use base64::Engine;
 use kindred_aws::DynamoStore;
 use kindred_tests::{aws_config, emulators, fresh_dynamo, fresh_queue};
@@ -30,18 +30,25 @@ mod axum_body {
     }
 }
 
-/// What Lambda's event source mapping would hand the function.
+/// What Lambda's event source mapping would hand the function: the SQS
+/// event fixture, one record per received message.
 fn sqs_event(messages: &[aws_sdk_sqs::types::Message]) -> SqsEvent {
-    let mut event = SqsEvent::default();
-    for m in messages {
-        let mut record = SqsMessage::default();
-        record.message_id = m.message_id().map(str::to_string);
-        record.receipt_handle = m.receipt_handle().map(str::to_string);
-        record.body = m.body().map(str::to_string);
-        record.event_source = Some("aws:sqs".into());
-        event.records.push(record);
-    }
-    event
+    let fixture: Value = serde_json::from_str(include_str!(
+        "../../functions/identity/fixtures/sqs-event.json"
+    ))
+    .unwrap();
+    let template = &fixture["Records"][0];
+    let records: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let mut record = template.clone();
+            record["messageId"] = m.message_id().unwrap().into();
+            record["receiptHandle"] = m.receipt_handle().unwrap().into();
+            record["body"] = m.body().unwrap().into();
+            record
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
 }
 
 async fn receive(sqs: &aws_sdk_sqs::Client, queue: &str) -> Vec<aws_sdk_sqs::types::Message> {

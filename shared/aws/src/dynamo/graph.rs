@@ -28,11 +28,16 @@ const MAX_BATCH_KEYS: usize = 100;
 
 pub struct DynamoGraph<'a> {
     store: &'a DynamoStore,
+    /// Transactions sent so far; part of each one's idempotency token.
+    transactions: u64,
 }
 
 impl<'a> DynamoGraph<'a> {
     pub(crate) fn new(store: &'a DynamoStore) -> Self {
-        Self { store }
+        Self {
+            store,
+            transactions: 0,
+        }
     }
 
     /// Strongly consistent batch read of the given keys (any order back).
@@ -248,7 +253,8 @@ impl IdentityGraph for DynamoGraph<'_> {
                 items.len()
             )));
         }
-        let token = request_token(space_id, plan, record);
+        self.transactions += 1;
+        let token = request_token(space_id, plan, record, self.transactions);
         let out = store
             .client
             .transact_write_items()
@@ -535,10 +541,12 @@ fn transaction_items(
     Ok(items)
 }
 
-/// Idempotency token of one plan's transaction: the SDK's own retries of
-/// the same call are applied once; a re-made plan gets a new token.
-fn request_token(space_id: &str, plan: &Plan, record: &EventRecord<'_>) -> String {
+/// Idempotency token of one transaction: the SDK's own retries of the
+/// same call are applied once; another attempt (even of an identical plan,
+/// after a cancellation) is a new request.
+fn request_token(space_id: &str, plan: &Plan, record: &EventRecord<'_>, attempt: u64) -> String {
     let mut hash = Sha256::new();
+    hash.update(attempt.to_le_bytes());
     hash.update(space_id.as_bytes());
     hash.update([0]);
     hash.update(record.event.message_id.as_bytes());
