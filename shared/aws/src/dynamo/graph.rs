@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
+    AttributeValue, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
 use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use kindred_store::ports::{Applied, EventRecord, IdentityGraph};
@@ -23,8 +23,6 @@ use super::{
 
 /// DynamoDB's limit on the items of one `TransactWriteItems`.
 const MAX_TRANSACTION_ITEMS: usize = 100;
-/// DynamoDB's limit on the keys of one `BatchGetItem`.
-const MAX_BATCH_KEYS: usize = 100;
 
 pub struct DynamoGraph<'a> {
     store: &'a DynamoStore,
@@ -38,46 +36,6 @@ impl<'a> DynamoGraph<'a> {
             store,
             transactions: 0,
         }
-    }
-
-    /// Strongly consistent batch read of the given keys (any order back).
-    async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>> {
-        let mut found = Vec::new();
-        for chunk in keys.chunks(MAX_BATCH_KEYS) {
-            let mut pending = chunk.to_vec();
-            let mut attempt = 0u32;
-            while !pending.is_empty() {
-                let request = KeysAndAttributes::builder()
-                    .set_keys(Some(pending))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(service)?;
-                let out = self
-                    .store
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.store.table, request)
-                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                    .send()
-                    .await
-                    .map_err(service)?;
-                self.store.usage.read(out.consumed_capacity());
-                if let Some(items) = out.responses().and_then(|r| r.get(&self.store.table)) {
-                    found.extend(items.iter().cloned());
-                }
-                pending = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.store.table))
-                    .map(|k| k.keys().to_vec())
-                    .unwrap_or_default();
-                if !pending.is_empty() {
-                    attempt += 1;
-                    let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                }
-            }
-        }
-        Ok(found)
     }
 }
 
@@ -108,7 +66,7 @@ impl IdentityGraph for DynamoGraph<'_> {
             .iter()
             .map(|id| key(identifier_key(space_id, id), META))
             .collect();
-        let items = self.batch_get(keys).await?;
+        let items = self.store.batch_get(keys, true).await?;
         let by_key: HashMap<&str, &Item> = items
             .iter()
             .filter_map(|i| opt_s(i, PK).map(|k| (k, i)))
@@ -164,7 +122,7 @@ impl IdentityGraph for DynamoGraph<'_> {
                 .iter()
                 .map(|p| key(profile_key(space_id, p), META))
                 .collect();
-            let items = self.batch_get(keys).await?;
+            let items = self.store.batch_get(keys, true).await?;
             for item in &items {
                 let id = get_s(item, "profile_id")?.to_string();
                 match opt_s(item, "parent_id") {

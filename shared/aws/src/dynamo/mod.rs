@@ -19,16 +19,19 @@ use std::time::Instant;
 
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, GlobalSecondaryIndex,
-    KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType,
-    TimeToLiveSpecification,
+    KeySchemaElement, KeyType, KeysAndAttributes, Projection, ProjectionType,
+    ReturnConsumedCapacity, ScalarAttributeType, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 use kindred_domain::{Identifier, IdentityRules, ProfileFacts};
-use kindred_store::{SpaceAuth, StoreError};
+use kindred_store::{Result, SpaceAuth, StoreError};
 
 pub use graph::DynamoGraph;
 
 pub type Item = HashMap<String, AttributeValue>;
+
+/// DynamoDB's limit on the keys of one `BatchGetItem`.
+const MAX_BATCH_KEYS: usize = 100;
 
 /// Partition and sort key attribute names of the table.
 pub(crate) const PK: &str = "pk";
@@ -161,6 +164,62 @@ impl DynamoStore {
     /// A unit of work on the identity graph for one worker.
     pub fn graph(&self) -> DynamoGraph<'_> {
         DynamoGraph::new(self)
+    }
+
+    /// The item alone in partition `pk`.
+    pub(crate) async fn get(&self, pk: String, consistent: bool) -> Result<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(pk, META)))
+            .consistent_read(consistent)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(service)?;
+        self.usage.read(out.consumed_capacity());
+        Ok(out.item().cloned())
+    }
+
+    /// Batch read of the given keys (found items, any order), re-asking
+    /// for unprocessed keys with jittered backoff.
+    pub(crate) async fn batch_get(&self, keys: Vec<Item>, consistent: bool) -> Result<Vec<Item>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(MAX_BATCH_KEYS) {
+            let mut pending = chunk.to_vec();
+            let mut attempt = 0u32;
+            while !pending.is_empty() {
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(pending))
+                    .consistent_read(consistent)
+                    .build()
+                    .map_err(service)?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, request)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+                    .await
+                    .map_err(service)?;
+                self.usage.read(out.consumed_capacity());
+                if let Some(items) = out.responses().and_then(|r| r.get(&self.table)) {
+                    found.extend(items.iter().cloned());
+                }
+                pending = out
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+                if !pending.is_empty() {
+                    attempt += 1;
+                    let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+            }
+        }
+        Ok(found)
     }
 
     pub(crate) fn cache_profile(&self, space_id: &str, facts: ProfileFacts) {

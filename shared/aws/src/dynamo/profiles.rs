@@ -3,7 +3,7 @@
 //! the merge records kept under each parent.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{KeysAndAttributes, ReturnConsumedCapacity};
+use aws_sdk_dynamodb::types::ReturnConsumedCapacity;
 use kindred_domain::{IdentifierEntry, Traits};
 use kindred_store::ports::{
     EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
@@ -16,23 +16,7 @@ use super::{
     Item, EVENTS_INDEX, META, PK,
 };
 
-const MAX_BATCH_KEYS: usize = 100;
-
 impl DynamoStore {
-    async fn get_item(&self, pk: String) -> Result<Option<Item>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(pk, META)))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(service)?;
-        self.usage.read(out.consumed_capacity());
-        Ok(out.item().cloned())
-    }
-
     /// Every item of a partition whose sort key starts with `prefix`.
     async fn items_with_prefix(&self, pk: String, prefix: &str) -> Result<Vec<Item>> {
         let mut items = Vec::new();
@@ -57,37 +41,6 @@ impl DynamoStore {
                 None => return Ok(items),
             }
         }
-    }
-
-    async fn batch_get_items(&self, keys: Vec<Item>) -> Result<Vec<Item>> {
-        let mut found = Vec::new();
-        for chunk in keys.chunks(MAX_BATCH_KEYS) {
-            let mut pending = chunk.to_vec();
-            while !pending.is_empty() {
-                let request = KeysAndAttributes::builder()
-                    .set_keys(Some(pending))
-                    .build()
-                    .map_err(service)?;
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, request)
-                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                    .send()
-                    .await
-                    .map_err(service)?;
-                self.usage.read(out.consumed_capacity());
-                if let Some(items) = out.responses().and_then(|r| r.get(&self.table)) {
-                    found.extend(items.iter().cloned());
-                }
-                pending = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.table))
-                    .map(|k| k.keys().to_vec())
-                    .unwrap_or_default();
-            }
-        }
-        Ok(found)
     }
 
     /// One page-walk of a profile's events in the index, newest or oldest
@@ -179,7 +132,7 @@ impl Profiles for DynamoStore {
         let start = match lookup {
             ProfileLookup::ProfileId(id) => Some(id.clone()),
             ProfileLookup::Identifier(id) => self
-                .get_item(identifier_key(space_id, id))
+                .get(identifier_key(space_id, id), false)
                 .await?
                 .map(|item| get_s(&item, "profile_id").map(str::to_string))
                 .transpose()?,
@@ -189,7 +142,7 @@ impl Profiles for DynamoStore {
         };
         let mut hops = 0;
         let root = loop {
-            let Some(item) = self.get_item(profile_key(space_id, &current)).await? else {
+            let Some(item) = self.get(profile_key(space_id, &current), false).await? else {
                 return Ok(None);
             };
             match opt_s(&item, "parent_id") {
@@ -235,7 +188,7 @@ impl Profiles for DynamoStore {
                 .iter()
                 .map(|e| key(identifier_key(space_id, &e.id), META))
                 .collect();
-            let items = self.batch_get_items(keys).await?;
+            let items = self.batch_get(keys, false).await?;
             for entry in identifiers {
                 let pk = identifier_key(space_id, &entry.id);
                 if let Some(item) = items.iter().find(|i| opt_s(i, PK) == Some(pk.as_str())) {

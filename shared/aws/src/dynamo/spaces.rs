@@ -18,21 +18,6 @@ const CACHE_TTL: Duration = Duration::from_secs(10);
 const MAX_CACHED: usize = 10_000;
 
 impl DynamoStore {
-    async fn get(&self, pk: String) -> Result<Option<Item>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(key(pk, META)))
-            .consistent_read(true)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(service)?;
-        self.usage.read(out.consumed_capacity());
-        Ok(out.item().cloned())
-    }
-
     /// Creates a space with default identity settings and fresh
     /// credentials in one transaction; the secrets are returned once.
     pub async fn create_space(&self, space_id: &str) -> Result<NewSpace> {
@@ -137,7 +122,7 @@ impl Spaces for DynamoStore {
                 return Ok(Some(auth.clone()));
             }
         }
-        let Some(token) = self.get(token_key(id)).await? else {
+        let Some(token) = self.get(token_key(id), true).await? else {
             return Ok(None);
         };
         let Some(AttributeValue::B(hash)) = token.get("hash") else {
@@ -151,7 +136,7 @@ impl Spaces for DynamoStore {
             return Ok(None);
         }
         let space_id = get_s(&token, "space_id")?.to_string();
-        let Some(space) = self.get(space_key(&space_id)).await? else {
+        let Some(space) = self.get(space_key(&space_id), true).await? else {
             return Ok(None);
         };
         let auth = SpaceAuth {
@@ -171,7 +156,7 @@ impl Spaces for DynamoStore {
 
     async fn identity_settings(&self, space_id: &str) -> Result<IdentitySettings> {
         let space = self
-            .get(space_key(space_id))
+            .get(space_key(space_id), true)
             .await?
             .ok_or(StoreError::NotFound)?;
         Ok(serde_json::from_str(get_s(&space, "settings")?)?)
