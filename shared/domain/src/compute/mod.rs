@@ -1,0 +1,387 @@
+//! Computed traits and audiences (SPEC 7-10): definitions, the incremental
+//! engine that keeps them exact as events arrive and as time passes, and
+//! the changes they emit for the sync step.
+//!
+//! The engine is pure: adapters hand it a profile's state, its custom
+//! traits, an event or a moment, and store what it returns.
+
+mod definition;
+mod ops;
+mod state;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+pub use definition::{
+    evaluation_order, valid_key, Aggregate, Body, Class, ComputedTrait, Condition, Count,
+    Definition, DefinitionError, EventMatch, Filter, Funnel, Op, Span, Test, TraitKind, Window,
+    HOUR_MS, MAX_EXPRESSIONS,
+};
+pub use state::{hour, Acc, DefState, EventFacts};
+
+use crate::event::{Event, EventKind};
+use crate::traits::Traits;
+use crate::Millis;
+
+/// Computed values of one profile by definition key; a key without a
+/// value is absent.
+pub type Values = BTreeMap<String, Value>;
+
+/// How many moments ahead the engine looks for the next change of a
+/// profile's values before settling for a recheck at the last one.
+const MAX_LOOKAHEAD: usize = 64;
+
+impl Event {
+    /// The event as computations see it; `None` for calls that carry no
+    /// event (identify, group, alias).
+    pub fn facts(&self) -> Option<EventFacts<'_>> {
+        let name = match self.kind {
+            EventKind::Track => self.name.as_deref()?,
+            EventKind::Page => "Page Viewed",
+            EventKind::Screen => "Screen Viewed",
+            _ => return None,
+        };
+        Some(EventFacts {
+            name,
+            timestamp: self.timestamp,
+            properties: self.object("properties"),
+        })
+    }
+}
+
+/// The state of every definition for one profile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProfileState {
+    pub defs: BTreeMap<String, DefState>,
+}
+
+/// A space's definitions, in evaluation order.
+#[derive(Clone, Debug, Default)]
+pub struct Ruleset {
+    defs: Vec<Definition>,
+}
+
+impl Ruleset {
+    /// Checks references and cycles and orders the definitions.
+    pub fn new(defs: Vec<Definition>) -> Result<Ruleset, DefinitionError> {
+        let order = evaluation_order(&defs)?;
+        let mut slots: Vec<Option<Definition>> = defs.into_iter().map(Some).collect();
+        Ok(Ruleset {
+            defs: order.into_iter().filter_map(|i| slots[i].take()).collect(),
+        })
+    }
+
+    pub fn definitions(&self) -> &[Definition] {
+        &self.defs
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.defs.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Definition> {
+        self.defs.iter().find(|d| d.key == key)
+    }
+
+    /// The state of a profile without events: every definition built, empty.
+    pub fn fresh(&self) -> ProfileState {
+        ProfileState {
+            defs: self
+                .defs
+                .iter()
+                .map(|d| (d.key.clone(), DefState::empty(d)))
+                .collect(),
+        }
+    }
+
+    /// Definitions whose state is missing or was built for another
+    /// version: they must be rebuilt from history before `apply`.
+    pub fn stale<'a>(&'a self, state: &ProfileState) -> Vec<&'a Definition> {
+        self.defs
+            .iter()
+            .filter(|d| state.defs.get(&d.key).is_none_or(|s| s.v != d.version))
+            .collect()
+    }
+
+    /// Drops states of definitions that no longer exist.
+    pub fn retain_known(&self, state: &mut ProfileState) {
+        state.defs.retain(|k, _| self.get(k).is_some());
+    }
+
+    /// Folds one event into every definition's state (missing states start empty).
+    pub fn apply(&self, state: &mut ProfileState, event: &EventFacts<'_>) {
+        for d in &self.defs {
+            let s = state
+                .defs
+                .entry(d.key.clone())
+                .or_insert_with(|| DefState::empty(d));
+            apply_one(d, s, event);
+        }
+    }
+
+    /// Folds a merged-away profile's state in. States of another version
+    /// are dropped: the caller rebuilds them (see [`Ruleset::stale`]).
+    pub fn merge(&self, into: &mut ProfileState, other: ProfileState) {
+        for (key, theirs) in other.defs {
+            let Some(d) = self.get(&key) else { continue };
+            match into.defs.get_mut(&key) {
+                Some(ours) if ours.v == d.version && theirs.v == d.version => ours.merge(theirs),
+                Some(_) => {
+                    into.defs.remove(&key);
+                }
+                None if theirs.v == d.version => {
+                    into.defs.insert(key, theirs);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Forgets what can no longer count at `now` or later.
+    pub fn prune(&self, state: &mut ProfileState, now: Millis) {
+        for d in &self.defs {
+            if let Some(s) = state.defs.get_mut(&d.key) {
+                for (leaf, acc) in state::leaves(d).iter().zip(s.l.iter_mut()) {
+                    leaf.prune(acc, now);
+                }
+            }
+        }
+    }
+
+    /// Every definition's value at `now`.
+    pub fn evaluate(&self, state: &ProfileState, traits: &Traits, now: Millis) -> Values {
+        let mut values = Values::new();
+        for d in &self.defs {
+            let value = match state.defs.get(&d.key) {
+                Some(s) if s.v == d.version => evaluate_one(d, s, traits, &values, now),
+                // Not built yet: no value rather than a wrong one.
+                _ => None,
+            };
+            if let Some(v) = value {
+                values.insert(d.key.clone(), v);
+            }
+        }
+        values
+    }
+
+    /// The first moment after `now` at which some value will differ from
+    /// its value at `now` by time alone; `None` if none ever will. When
+    /// more than [`MAX_LOOKAHEAD`] moments pass without a change, the last
+    /// one is returned as a moment to look again.
+    pub fn next_change(
+        &self,
+        state: &ProfileState,
+        traits: &Traits,
+        now: Millis,
+    ) -> Option<Millis> {
+        let mut moments = Vec::new();
+        for d in &self.defs {
+            if let Some(s) = state.defs.get(&d.key).filter(|s| s.v == d.version) {
+                for (leaf, acc) in state::leaves(d).iter().zip(&s.l) {
+                    leaf.moments(acc, now, &mut moments);
+                }
+            }
+        }
+        let moments: BTreeSet<Millis> = moments.into_iter().filter(|t| *t > now).collect();
+        let current = self.evaluate(state, traits, now);
+        let mut last = None;
+        for (i, t) in moments.into_iter().enumerate() {
+            if i == MAX_LOOKAHEAD {
+                return last;
+            }
+            if self.evaluate(state, traits, t) != current {
+                return Some(t);
+            }
+            last = Some(t);
+        }
+        None
+    }
+}
+
+fn apply_one(d: &Definition, s: &mut DefState, event: &EventFacts<'_>) {
+    for (leaf, acc) in state::leaves(d).iter().zip(s.l.iter_mut()) {
+        leaf.apply(acc, event);
+    }
+}
+
+/// Builds one definition's state from a profile's history.
+pub fn rebuild<'a>(d: &Definition, events: impl IntoIterator<Item = EventFacts<'a>>) -> DefState {
+    let mut s = DefState::empty(d);
+    for e in events {
+        apply_one(d, &mut s, &e);
+    }
+    s
+}
+
+fn evaluate_one(
+    d: &Definition,
+    s: &DefState,
+    traits: &Traits,
+    values: &Values,
+    now: Millis,
+) -> Option<Value> {
+    let leaves = state::leaves(d);
+    match &d.body {
+        Body::Trait(_) => leaves.first().and_then(|l| l.value(&s.l[0], now)),
+        Body::Audience(c) => {
+            let mut next = 0;
+            let env = Env {
+                leaves: &leaves,
+                accs: &s.l,
+                traits,
+                values,
+                now,
+            };
+            Some(Value::Bool(env.holds(c, &mut next)))
+        }
+    }
+}
+
+struct Env<'a> {
+    leaves: &'a [state::Leaf<'a>],
+    accs: &'a [Acc],
+    traits: &'a Traits,
+    values: &'a Values,
+    now: Millis,
+}
+
+impl Env<'_> {
+    /// Whether `c` holds; `next` walks the leaves in the order
+    /// [`state::leaves`] lists them, so every leaf is visited (no
+    /// short-circuit).
+    fn holds(&self, c: &Condition, next: &mut usize) -> bool {
+        match c {
+            Condition::Performed { count, .. } => {
+                let n = self.leaves[*next].count(&self.accs[*next], self.now);
+                *next += 1;
+                count.holds(n)
+            }
+            Condition::NotPerformed { .. } => {
+                let n = self.leaves[*next].count(&self.accs[*next], self.now);
+                *next += 1;
+                n == 0
+            }
+            Condition::Trait { name, test } => {
+                let v = self
+                    .values
+                    .get(name)
+                    .or_else(|| self.traits.get(name).map(|t| &t.value));
+                ops::test(test, v)
+            }
+            Condition::Audience(key) => self.values.get(key) == Some(&Value::Bool(true)),
+            Condition::And(cs) => {
+                let all: Vec<bool> = cs.iter().map(|c| self.holds(c, next)).collect();
+                all.into_iter().all(|b| b)
+            }
+            Condition::Or(cs) => {
+                let all: Vec<bool> = cs.iter().map(|c| self.holds(c, next)).collect();
+                all.into_iter().any(|b| b)
+            }
+            Condition::Not(c) => !self.holds(c, next),
+        }
+    }
+}
+
+/// One computed value that changed: the input of the sync step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub key: String,
+    pub class: Class,
+    pub old: Option<Value>,
+    /// `null`: the trait no longer has a value.
+    pub new: Value,
+}
+
+impl Serialize for Class {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Class {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Class::parse(&s).ok_or_else(|| serde::de::Error::custom("unknown class"))
+    }
+}
+
+/// A value that is not worth announcing for a profile that never had one.
+fn is_blank(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// Compares freshly computed values with the stored ones: returns the
+/// values to store and the changes to announce. A profile that never had
+/// a value does not get (or announce) a blank one (`false`, `0`, `[]`);
+/// keys of deleted definitions are dropped silently.
+pub fn settle(ruleset: &Ruleset, stored: &Values, computed: &Values) -> (Values, Vec<Change>) {
+    let mut out = Values::new();
+    let mut changes = Vec::new();
+    for d in ruleset.definitions() {
+        let old = stored.get(&d.key);
+        let new = computed.get(&d.key);
+        match (old, new) {
+            (None, None) => {}
+            (None, Some(n)) if is_blank(n) => {}
+            (Some(o), Some(n)) if o == n => {
+                out.insert(d.key.clone(), o.clone());
+            }
+            (old, new) => {
+                if let Some(n) = new {
+                    out.insert(d.key.clone(), n.clone());
+                }
+                changes.push(Change {
+                    key: d.key.clone(),
+                    class: d.class(),
+                    old: old.cloned(),
+                    new: new.cloned().unwrap_or(Value::Null),
+                });
+            }
+        }
+    }
+    (out, changes)
+}
+
+impl Change {
+    /// The Segment calls that announce this change (SPEC 8): an identify
+    /// with `{key: value}`, and for audiences `Audience Entered` /
+    /// `Audience Exited`. Identifiers are filled in by the sync step.
+    pub fn payloads(&self, space_id: &str, timestamp: &str) -> Vec<Value> {
+        let personas = json!({
+            "computation_class": self.class.as_str(),
+            "computation_key": self.key,
+            "computation_id": self.key,
+            "space_id": space_id,
+        });
+        let mut traits = Map::new();
+        traits.insert(self.key.clone(), self.new.clone());
+        let mut calls = vec![json!({
+            "type": "identify",
+            "traits": traits,
+            "timestamp": timestamp,
+            "context": {"personas": personas},
+        })];
+        if self.class == Class::Audience {
+            let event = if self.new == Value::Bool(true) {
+                "Audience Entered"
+            } else {
+                "Audience Exited"
+            };
+            calls.push(json!({
+                "type": "track",
+                "event": event,
+                "properties": {"audience_key": self.key, self.key.clone(): self.new},
+                "timestamp": timestamp,
+                "context": {"personas": personas},
+            }));
+        }
+        calls
+    }
+}
