@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kindred_http::{AppState, RateLimiter};
-use kindred_store::sqlite::{IdentityWorker, SqliteQueue, SqliteStore};
+use kindred_store::sqlite::{ComputeWorker, IdentityWorker, SqliteQueue, SqliteStore};
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -19,6 +19,7 @@ pub struct Local {
     pub store: Arc<SqliteStore>,
     pub queue: Arc<SqliteQueue>,
     pub worker: Arc<IdentityWorker>,
+    pub compute: Arc<ComputeWorker>,
     pub state: AppState,
 }
 
@@ -27,26 +28,31 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let queue = SqliteQueue::open(&config.data_dir).context("opening the queue")?;
     let worker = IdentityWorker::new(Arc::clone(&store), Arc::clone(&queue));
+    let compute = ComputeWorker::new(Arc::clone(&store));
     let state = AppState {
         spaces: store.clone(),
         profiles: store.clone(),
         queue: queue.clone(),
         rate_limiter: Arc::new(RateLimiter::new(config.ingest_rate)),
+        computations: Some(store.clone()),
     };
     Ok(Local {
         store,
         queue,
         worker,
+        compute,
         state,
     })
 }
 
-/// A running server: HTTP on `addr`, the identity worker on its thread.
+/// A running server: HTTP on `addr`, the identity and compute workers on
+/// their threads.
 pub struct Running {
     pub addr: SocketAddr,
     pub local: Local,
     stop_worker: Arc<AtomicBool>,
     worker: Option<std::thread::JoinHandle<()>>,
+    compute: Option<std::thread::JoinHandle<()>>,
     stop_http: Option<oneshot::Sender<()>>,
     http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -62,6 +68,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
     };
     let stop_worker = Arc::new(AtomicBool::new(false));
     let worker = local.worker.spawn(Arc::clone(&stop_worker));
+    let compute = local.compute.spawn(Arc::clone(&stop_worker));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -81,6 +88,7 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
             local,
             stop_worker,
             worker: Some(worker),
+            compute: Some(compute),
             stop_http: Some(stop_http),
             http: Some(http),
         },
@@ -89,11 +97,15 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
 }
 
 impl Running {
-    /// Waits until the identity worker has applied everything queued so far.
+    /// Waits until the identity worker has applied everything queued so
+    /// far, and the compute worker has computed it.
     pub async fn wait_idle(&self) -> anyhow::Result<()> {
         let target = self.local.queue.last_seq();
         while self.local.worker.cursor()? < target {
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        while !self.local.compute.is_idle()? {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     }
@@ -107,7 +119,10 @@ impl Running {
             http.await??;
         }
         self.stop_worker.store(true, Ordering::Relaxed);
-        if let Some(worker) = self.worker.take() {
+        for worker in [self.worker.take(), self.compute.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
         Ok(())

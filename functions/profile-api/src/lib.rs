@@ -31,6 +31,8 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
     let app = profile_api_app(ReadState {
         spaces: store.clone(),
         profiles: store.clone(),
+        // Computed traits and audiences are not built on DynamoDB yet.
+        computations: None,
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

@@ -871,6 +871,9 @@ proptest! {
             r.merge(&mut merged, s);
         }
         r.prune(&mut merged, now);
+        // What is stored is what comes back.
+        let stored = serde_json::to_string(&merged).unwrap();
+        let merged: ProfileState = serde_json::from_str(&stored).unwrap();
         let all: Vec<&Ev> = events.iter().map(|(_, e)| e).collect();
         let incremental = r.evaluate(&merged, &Traits::new(), now);
         prop_assert_eq!(&incremental, &naive_all(&r, &all, now));

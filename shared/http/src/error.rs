@@ -72,6 +72,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => Self::not_found("not found"),
             StoreError::Invalid(m) => Self::bad_request(m),
+            StoreError::Definition(d) => Self::bad_request(d.to_string()),
             StoreError::Service(_) => {
                 error!(error = %e, "storage service failure");
                 let mut unavailable = Self::new(

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod compute;
 pub mod error;
 pub mod profile;
 pub mod tracking;
@@ -17,7 +18,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Json;
 use kindred_store::token::random_base62;
-use kindred_store::{EventQueue, Profiles, Spaces};
+use kindred_store::{Computations, EventQueue, Profiles, Spaces};
 use serde_json::json;
 
 pub use axum::body::Body;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub profiles: Arc<dyn Profiles>,
     pub queue: Arc<dyn EventQueue>,
     pub rate_limiter: Arc<RateLimiter>,
+    /// `None` where computed traits are not available (answered 501).
+    pub computations: Option<Arc<dyn Computations>>,
 }
 
 /// What the Tracking API needs (the `ingest` function has only this).
@@ -47,6 +50,7 @@ pub struct TrackingState {
 pub struct ReadState {
     pub spaces: Arc<dyn Spaces>,
     pub profiles: Arc<dyn Profiles>,
+    pub computations: Option<Arc<dyn Computations>>,
 }
 
 impl AppState {
@@ -62,6 +66,7 @@ impl AppState {
         ReadState {
             spaces: Arc::clone(&self.spaces),
             profiles: Arc::clone(&self.profiles),
+            computations: self.computations.clone(),
         }
     }
 }
@@ -115,7 +120,8 @@ pub fn app(state: AppState) -> Router {
         health()
             .merge(tracking::router(state.tracking()))
             .merge(profile::router(state.read()))
-            .merge(admin::router(state.read())),
+            .merge(admin::router(state.read()))
+            .merge(compute::router(state.read())),
     )
 }
 
@@ -129,7 +135,8 @@ pub fn profile_api_app(state: ReadState) -> Router {
     finish(
         health()
             .merge(profile::router(state.clone()))
-            .merge(admin::router(state)),
+            .merge(admin::router(state.clone()))
+            .merge(compute::router(state)),
     )
 }
 

@@ -3,12 +3,13 @@
 //! (and the older `/v1/namespaces/...` prefix), with the merge history as
 //! an extra resource.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Uri};
 use axum::routing::get;
 use axum::{Json, Router};
+use kindred_domain::compute::Class;
 use kindred_domain::event::{format_millis, parse_time};
 use kindred_domain::traits::visible;
 use kindred_domain::Identifier;
@@ -132,6 +133,7 @@ async fn resource(
         links: resource == "links",
         merges: resource == "merges",
         activity: resource == "metadata",
+        computed: resource == "traits",
     };
     let doc = state
         .profiles
@@ -157,30 +159,38 @@ fn traits(
     let limit = limit(params)?;
     let verbose = flag(params, "verbose")?;
     let include = list(params, "include");
-    match params.get("class").map(String::as_str) {
-        None => {}
-        // Computed traits and audiences arrive with the compute step; a
-        // profile has none of those classes until then.
-        Some("audience") | Some("computed_trait") => {
-            return Ok(json!({"traits": {}, "cursor": cursor(uri, false, None, limit)}))
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "class must be audience or computed_trait",
-            ))
+    let class = match params.get("class").map(String::as_str) {
+        None => None,
+        Some(c) => Some(
+            Class::parse(c)
+                .ok_or_else(|| ApiError::bad_request("class must be audience or computed_trait"))?,
+        ),
+    };
+    let after = params.get("next");
+    // Custom traits and computed values in one key order; a computed
+    // value wins over a custom trait of the same name.
+    let mut all: BTreeMap<&String, (&Value, &str, i64)> = BTreeMap::new();
+    if class.is_none() {
+        for (k, t) in visible(&doc.traits) {
+            all.insert(k, (&t.value, t.source_id.as_str(), t.updated_at));
         }
     }
-    let after = params.get("next");
-    let mut selected = visible(&doc.traits)
+    for (k, c) in &doc.computed {
+        if class.is_none_or(|class| class == c.class) {
+            all.insert(k, (&c.value, "kindred:compute", c.updated_at));
+        }
+    }
+    let mut selected = all
+        .into_iter()
         .filter(|(k, _)| include.is_empty() || include.contains(k))
         .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a.as_str()));
     let mut out = Map::new();
     let mut last = None;
-    for (key, t) in selected.by_ref().take(limit) {
+    for (key, (value, source_id, updated_at)) in selected.by_ref().take(limit) {
         let value = if verbose {
-            json!({"value": t.value, "source_id": t.source_id, "updated_at": format_millis(t.updated_at)})
+            json!({"value": value, "source_id": source_id, "updated_at": format_millis(updated_at)})
         } else {
-            t.value.clone()
+            value.clone()
         };
         out.insert(key.clone(), value);
         last = Some(key.clone());

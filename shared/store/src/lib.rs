@@ -35,6 +35,9 @@ pub enum StoreError {
     Invariant(&'static str),
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A definition that does not validate (names the bad field).
+    #[error(transparent)]
+    Definition(#[from] kindred_domain::compute::DefinitionError),
     /// A storage service (DynamoDB, SQS) failed or throttled: retryable.
     #[error("storage service failure: {0}")]
     Service(String),

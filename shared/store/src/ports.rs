@@ -2,10 +2,15 @@
 //! capability. Async ports serve request handlers; [`IdentityGraph`] is the
 //! unit of work the identity pipeline runs resolution against.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
+use kindred_domain::compute::Class;
 use kindred_domain::{
     Event, ExternalId, Facts, Identifier, IdentitySettings, Millis, Plan, Traits,
 };
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::token::TokenKind;
 use crate::Result;
@@ -104,6 +109,8 @@ pub struct ProfileDoc {
     pub last_message_id: String,
     pub merges: u32,
     pub traits: Traits,
+    /// Computed traits and audiences by key.
+    pub computed: ComputedValues,
     pub external_ids: Vec<ExternalIdRecord>,
     pub links: Vec<LinkRecord>,
     pub merge_history: Vec<MergeRecord>,
@@ -136,6 +143,8 @@ pub struct ProfileParts {
     pub merges: bool,
     /// `updated_at` and `last_message_id` from the newest event.
     pub activity: bool,
+    /// Computed traits and audiences.
+    pub computed: bool,
 }
 
 impl ProfileParts {
@@ -144,6 +153,7 @@ impl ProfileParts {
         links: true,
         merges: true,
         activity: true,
+        computed: true,
     };
 }
 
@@ -205,4 +215,90 @@ pub trait IdentityGraph {
     ) -> Result<Applied>;
     /// Waits before the next attempt after repeated conflicts.
     async fn backoff(&mut self, wait: std::time::Duration);
+}
+
+/// A computed trait's or audience's value on a profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComputedValue {
+    #[serde(rename = "c")]
+    pub class: Class,
+    #[serde(rename = "v")]
+    pub value: Value,
+    #[serde(rename = "t")]
+    pub updated_at: Millis,
+}
+
+pub type ComputedValues = BTreeMap<String, ComputedValue>;
+
+/// Where a definition's backfill over stored history stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DefinitionStatus {
+    Backfilling { done: u64, total: u64 },
+    Ready,
+    Failed(String),
+}
+
+/// A stored computed trait or audience definition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DefinitionRecord {
+    pub key: String,
+    pub class: Class,
+    /// Bumped on every replace.
+    pub version: u64,
+    /// The JSON body as given (validated).
+    pub body: Value,
+    pub status: DefinitionStatus,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// One entry of a space's outbound change log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChangeRecord {
+    /// Position in the space's log; `since` continues after it.
+    pub seq: i64,
+    pub profile_id: String,
+    pub key: String,
+    pub class: Class,
+    pub old: Option<Value>,
+    pub new: Value,
+    pub at: Millis,
+}
+
+/// Computed traits and audiences: their definitions, the change log and
+/// the lookback sweep.
+#[async_trait]
+pub trait Computations: Send + Sync {
+    /// Creates or replaces a definition after validating it together with
+    /// the space's others (references, cycles, key taken by the other
+    /// class); a new version starts backfilling.
+    async fn put_definition(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+        body: &Value,
+    ) -> Result<DefinitionRecord>;
+    async fn definition(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+    ) -> Result<Option<DefinitionRecord>>;
+    async fn definitions(&self, space_id: &str, class: Class) -> Result<Vec<DefinitionRecord>>;
+    /// `false` if there was none; refused while another audience references it.
+    async fn delete_definition(&self, space_id: &str, class: Class, key: &str) -> Result<bool>;
+    /// Builds the definition again from every profile's history (a new
+    /// version, same body); `None` if there is no such definition.
+    async fn rebackfill(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+    ) -> Result<Option<DefinitionRecord>>;
+    /// Changes after `since`, oldest first, at most `limit`.
+    async fn changes(&self, space_id: &str, since: i64, limit: usize) -> Result<Vec<ChangeRecord>>;
+    /// Enqueues a recompute, as of `as_of`, of exactly the profiles whose
+    /// next change by time has come; returns how many.
+    async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64>;
 }

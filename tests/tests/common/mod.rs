@@ -109,6 +109,37 @@ impl Server {
         Self::reply(req.send().await.unwrap()).await
     }
 
+    pub async fn post_as(&self, path: &str, body: &Value, token: &str) -> Reply {
+        let req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .basic_auth(token, Some(""))
+            .json(body);
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    pub async fn delete_as(&self, path: &str, token: &str) -> Reply {
+        let req = self
+            .client
+            .delete(format!("{}{path}", self.base))
+            .basic_auth(token, Some(""));
+        Self::reply(req.send().await.unwrap()).await
+    }
+
+    /// An admin call on a path under the default space (`/v1/spaces/{id}`).
+    pub async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        let full = format!("/v1/spaces/{}{path}", self.space.space_id);
+        let token = &self.space.admin_token;
+        let none = Value::Null;
+        match method {
+            "GET" => self.get_as(&full, Some(token)).await,
+            "PUT" => self.put_as(&full, body.unwrap_or(&none), token).await,
+            "POST" => self.post_as(&full, body.unwrap_or(&none), token).await,
+            "DELETE" => self.delete_as(&full, token).await,
+            other => panic!("unknown method {other}"),
+        }
+    }
+
     /// Waits until everything accepted so far is in the profiles.
     pub async fn settle(&self) {
         self.running.wait_idle().await.unwrap();

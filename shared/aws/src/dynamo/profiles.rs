@@ -263,6 +263,8 @@ impl Profiles for DynamoStore {
             last_message_id,
             merges: get_n(&root, "merges")? as u32,
             traits,
+            // Computed traits and audiences are not built on DynamoDB yet.
+            computed: Default::default(),
             external_ids,
             links,
             merge_history,

@@ -121,8 +121,9 @@ impl Ruleset {
         }
     }
 
-    /// Folds a merged-away profile's state in. States of another version
-    /// are dropped: the caller rebuilds them (see [`Ruleset::stale`]).
+    /// Folds a merged-away profile's state in. A definition either side
+    /// has no current state for is dropped: the caller rebuilds it from
+    /// the merged history (see [`Ruleset::stale`]).
     pub fn merge(&self, into: &mut ProfileState, other: ProfileState) {
         for (key, theirs) in other.defs {
             let Some(d) = self.get(&key) else { continue };
@@ -131,9 +132,8 @@ impl Ruleset {
                 Some(_) => {
                     into.defs.remove(&key);
                 }
-                None if theirs.v == d.version => {
-                    into.defs.insert(key, theirs);
-                }
+                // Ours is not built: it will be rebuilt from the whole
+                // tree's history, which includes theirs.
                 None => {}
             }
         }

@@ -58,7 +58,6 @@ impl Cell {
 /// One accumulator. Bucket keys are hours for windowed computations and
 /// `0` for all-history ones.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "k")]
 pub enum Acc {
     Count {
         b: BTreeMap<i64, u64>,

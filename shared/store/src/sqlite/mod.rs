@@ -9,6 +9,7 @@
 //! and primary-key inserts.
 
 mod audit;
+mod compute;
 mod graph;
 mod profiles;
 mod queue;
@@ -23,6 +24,7 @@ use std::time::Instant;
 use rusqlite::Connection;
 
 pub use audit::{AuditEvent, GraphAudit};
+pub use compute::{ComputeStats, ComputeWorker};
 pub use graph::{OptimisticGraph, TxGraph};
 pub use queue::{QueueEntry, SqliteQueue};
 pub use worker::{IdentityWorker, WorkerStats};
@@ -211,6 +213,7 @@ impl SqliteStore {
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
         writer.execute_batch(STORE_SCHEMA)?;
+        writer.execute_batch(compute::SCHEMA)?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             path,

@@ -13,7 +13,11 @@ use crate::ports::{
 use crate::Result;
 
 /// Follows merge pointers from `profile_id` to its root.
-fn root_of(conn: &Connection, space_id: &str, profile_id: &str) -> Result<Option<String>> {
+pub(crate) fn root_of(
+    conn: &Connection,
+    space_id: &str,
+    profile_id: &str,
+) -> Result<Option<String>> {
     let mut current = profile_id.to_string();
     let mut stmt = conn
         .prepare_cached("SELECT parent_id FROM profiles WHERE space_id = ?1 AND profile_id = ?2")?;
@@ -174,6 +178,11 @@ fn load_profile(
             }
         }
     }
+    let computed = if parts.computed {
+        super::compute::live_values(conn, space_id, &root)?
+    } else {
+        Default::default()
+    };
     links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
     merge_history.sort_by(|a, b| (a.merged_at, &a.child_id).cmp(&(b.merged_at, &b.child_id)));
 
@@ -186,6 +195,7 @@ fn load_profile(
         last_message_id,
         merges: merges as u32,
         traits,
+        computed,
         external_ids,
         links,
         merge_history,

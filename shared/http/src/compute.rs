@@ -1,0 +1,246 @@
+//! The Definitions API (SPEC 10), the change log and the on-demand
+//! lookback run, all authenticated with the space's admin token.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kindred_domain::compute::Class;
+use kindred_domain::event::{format_millis, parse_time};
+use kindred_store::token::TokenKind;
+use kindred_store::{Computations, DefinitionRecord, DefinitionStatus};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::profile::authorize;
+use crate::ReadState;
+
+pub fn router(state: ReadState) -> Router {
+    let mut router = Router::new();
+    for (class, collection) in [
+        (Class::ComputedTrait, "computed_traits"),
+        (Class::Audience, "audiences"),
+    ] {
+        router = router
+            .route(
+                &format!("/v1/spaces/{{space_id}}/{collection}"),
+                get(move |s, p, h| list(class, s, p, h)),
+            )
+            .route(
+                &format!("/v1/spaces/{{space_id}}/{collection}/{{key}}"),
+                get(move |s, p, h| read(class, s, p, h))
+                    .put(move |s, p, h, b| put(class, s, p, h, b))
+                    .delete(move |s, p, h| delete(class, s, p, h)),
+            )
+            .route(
+                &format!("/v1/spaces/{{space_id}}/{collection}/{{key}}/backfill"),
+                post(move |s, p, h| backfill(class, s, p, h)),
+            );
+    }
+    router
+        .route("/v1/spaces/{space_id}/changes", get(changes))
+        .route("/v1/spaces/{space_id}/lookback/run", post(run_lookback))
+        .with_state(state)
+}
+
+/// Authorizes an admin call and returns the computations port.
+async fn admin(
+    state: &ReadState,
+    headers: &HeaderMap,
+    space_id: &str,
+) -> Result<Arc<dyn Computations>, ApiError> {
+    authorize(state, headers, space_id, TokenKind::Admin).await?;
+    state.computations.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "computed traits and audiences are not available in this deployment yet",
+        )
+    })
+}
+
+pub fn definition_json(r: &DefinitionRecord) -> Value {
+    let mut out = json!({
+        "key": r.key,
+        "class": r.class.as_str(),
+        "version": r.version,
+        "definition": r.body,
+        "created_at": format_millis(r.created_at),
+        "updated_at": format_millis(r.updated_at),
+    });
+    match &r.status {
+        DefinitionStatus::Backfilling { done, total } => {
+            out["status"] = json!("backfilling");
+            out["progress"] = json!({"done": done, "total": total});
+        }
+        DefinitionStatus::Ready => out["status"] = json!("ready"),
+        DefinitionStatus::Failed(e) => {
+            out["status"] = json!("failed");
+            out["error"] = json!(e);
+        }
+    }
+    out
+}
+
+async fn list(
+    class: Class,
+    State(state): State<ReadState>,
+    Path(space_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let all = port.definitions(&space_id, class).await?;
+    Ok(Json(
+        json!({"data": all.iter().map(definition_json).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn read(
+    class: Class,
+    State(state): State<ReadState>,
+    Path((space_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let r = port
+        .definition(&space_id, class, &key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no {} {key:?}", class.as_str())))?;
+    Ok(Json(definition_json(&r)))
+}
+
+async fn put(
+    class: Class,
+    State(state): State<ReadState>,
+    Path((space_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
+    let r = port.put_definition(&space_id, class, &key, &body).await?;
+    let status = if r.created_at == r.updated_at {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(definition_json(&r))))
+}
+
+async fn delete(
+    class: Class,
+    State(state): State<ReadState>,
+    Path((space_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    if port.delete_definition(&space_id, class, &key).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "no {} {key:?}",
+            class.as_str()
+        )))
+    }
+}
+
+async fn backfill(
+    class: Class,
+    State(state): State<ReadState>,
+    Path((space_id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let r = port
+        .rebackfill(&space_id, class, &key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no {} {key:?}", class.as_str())))?;
+    Ok((StatusCode::ACCEPTED, Json(definition_json(&r))))
+}
+
+async fn changes(
+    State(state): State<ReadState>,
+    Path(space_id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let since = match params.get("since") {
+        None => 0,
+        Some(s) => s.parse::<i64>().ok().filter(|s| *s >= 0).ok_or_else(|| {
+            ApiError::bad_request("since must be a position from a previous response (or 0)")
+        })?,
+    };
+    let limit = match params.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 1000"))?,
+    };
+    // One more than asked tells whether there is more.
+    let mut rows = port.changes(&space_id, since, limit + 1).await?;
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = rows.last().map_or(since, |c| c.seq);
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|c| {
+            let at = format_millis(c.at);
+            let change = kindred_domain::compute::Change {
+                key: c.key.clone(),
+                class: c.class,
+                old: c.old.clone(),
+                new: c.new.clone(),
+            };
+            json!({
+                "seq": c.seq,
+                "profile_id": c.profile_id,
+                "key": c.key,
+                "class": c.class.as_str(),
+                "old": c.old,
+                "new": c.new,
+                "at": at,
+                "payloads": change.payloads(&space_id, &at),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({"data": data, "cursor": {"since": since, "next": next.to_string(), "has_more": has_more}}),
+    ))
+}
+
+async fn run_lookback(
+    State(state): State<ReadState>,
+    Path(space_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let as_of = if body.iter().all(u8::is_ascii_whitespace) {
+        kindred_store::now_millis()
+    } else {
+        let body: Value = serde_json::from_slice(&body)
+            .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
+        match body.get("as_of") {
+            None | Some(Value::Null) => kindred_store::now_millis(),
+            Some(Value::String(s)) => parse_time(s)
+                .ok_or_else(|| ApiError::bad_request("as_of: must be an RFC 3339 date-time"))?,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "as_of: must be an RFC 3339 date-time",
+                ))
+            }
+        }
+    };
+    let n = port.run_lookback(&space_id, as_of).await?;
+    Ok(Json(
+        json!({"as_of": format_millis(as_of), "profiles_enqueued": n}),
+    ))
+}

@@ -1,0 +1,1058 @@
+//! Computed traits and audiences on the embedded store: definitions, the
+//! compute worker, the change log and the lookback sweep.
+//!
+//! The local recompute queue is a transactional outbox: the identity
+//! worker's commit appends each event to `events` (with its sequence
+//! number) in the same transaction that updates the graph, and the compute
+//! worker consumes `events` in that order behind its own cursor, advanced
+//! in the transaction that writes the states and the change log. Expiry
+//! and backfill requests go through `compute_requests` the same way. Each
+//! event is therefore folded into exactly one profile state exactly once,
+//! even across crashes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kindred_domain::compute::{
+    rebuild, settle, Class, Definition, DefinitionError, ProfileState, Ruleset, Values,
+};
+use kindred_domain::{Event, Millis, Traits};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde_json::Value;
+use tracing::{error, info, info_span};
+
+use super::profiles::root_of;
+use super::{lock, SqliteStore};
+use crate::ports::{
+    ChangeRecord, Computations, ComputedValue, ComputedValues, DefinitionRecord, DefinitionStatus,
+};
+use crate::{now_millis, Result, StoreError};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS definitions (
+    space_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    class TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    status TEXT NOT NULL,
+    done INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    PRIMARY KEY (space_id, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS definition_sets (
+    space_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    backfill_after TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS compute_states (
+    space_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    computed TEXT NOT NULL,
+    due INTEGER,
+    PRIMARY KEY (space_id, profile_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS compute_due ON compute_states (space_id, due) WHERE due IS NOT NULL;
+CREATE TABLE IF NOT EXISTS compute_requests (
+    seq INTEGER PRIMARY KEY,
+    space_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    as_of INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY,
+    space_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    class TEXT NOT NULL,
+    old TEXT,
+    new TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_space ON changes (space_id, seq);
+";
+
+const EVENTS_CURSOR: &str = "compute";
+const REQUESTS_CURSOR: &str = "compute_requests";
+/// Root profiles visited per backfill step.
+const BACKFILL_CHUNK: usize = 500;
+
+fn class_of(s: &str) -> Result<Class> {
+    Class::parse(s).ok_or(StoreError::Invalid(format!("unknown class {s}")))
+}
+
+/// The space's live definitions, parsed.
+fn load_definitions(conn: &Connection, space_id: &str) -> Result<Vec<Definition>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, class, version, body FROM definitions WHERE space_id = ?1 AND deleted = 0",
+    )?;
+    let rows = stmt.query_map([space_id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut defs = Vec::new();
+    for row in rows {
+        let (key, class, version, body) = row?;
+        let body: Value = serde_json::from_str(&body)?;
+        defs.push(Definition::parse(
+            class_of(&class)?,
+            &key,
+            version as u64,
+            &body,
+        )?);
+    }
+    Ok(defs)
+}
+
+fn set_version(conn: &Connection, space_id: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT version FROM definition_sets WHERE space_id = ?1")?
+        .query_row([space_id], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn record_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
+    Ok(RawRecord {
+        key: r.get(0)?,
+        class: r.get(1)?,
+        version: r.get(2)?,
+        body: r.get(3)?,
+        status: r.get(4)?,
+        done: r.get(5)?,
+        total: r.get(6)?,
+        error: r.get(7)?,
+        created_at: r.get(8)?,
+        updated_at: r.get(9)?,
+    })
+}
+
+const RECORD_COLUMNS: &str =
+    "key, class, version, body, status, done, total, error, created_at, updated_at";
+
+struct RawRecord {
+    key: String,
+    class: String,
+    version: i64,
+    body: String,
+    status: String,
+    done: i64,
+    total: i64,
+    error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl RawRecord {
+    fn into_record(self) -> Result<DefinitionRecord> {
+        Ok(DefinitionRecord {
+            class: class_of(&self.class)?,
+            key: self.key,
+            version: self.version as u64,
+            body: serde_json::from_str(&self.body)?,
+            status: match self.status.as_str() {
+                "backfilling" => DefinitionStatus::Backfilling {
+                    done: self.done as u64,
+                    total: self.total as u64,
+                },
+                "failed" => DefinitionStatus::Failed(self.error.unwrap_or_default()),
+                _ => DefinitionStatus::Ready,
+            },
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+fn get_record(
+    conn: &Connection,
+    space_id: &str,
+    class: Class,
+    key: &str,
+) -> Result<Option<DefinitionRecord>> {
+    conn.prepare_cached(&format!(
+        "SELECT {RECORD_COLUMNS} FROM definitions
+         WHERE space_id = ?1 AND key = ?2 AND class = ?3 AND deleted = 0"
+    ))?
+    .query_row(params![space_id, key, class.as_str()], record_of)
+    .optional()?
+    .map(RawRecord::into_record)
+    .transpose()
+}
+
+fn space_exists(conn: &Connection, space_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM spaces WHERE space_id = ?1")?
+        .query_row([space_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Starts a new backfill pass over the space's profiles for every
+/// definition that is backfilling.
+fn restart_backfill(tx: &Transaction<'_>, space_id: &str, now: Millis) -> Result<()> {
+    let roots: i64 = tx.query_row(
+        "SELECT count(*) FROM profiles WHERE space_id = ?1 AND parent_id IS NULL",
+        [space_id],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "UPDATE definitions SET done = 0, total = ?2, updated_at = ?3
+         WHERE space_id = ?1 AND status = 'backfilling' AND deleted = 0",
+        params![space_id, roots, now],
+    )?;
+    tx.execute(
+        "INSERT INTO definition_sets (space_id, version, backfill_after) VALUES (?1, 1, NULL)
+         ON CONFLICT (space_id) DO UPDATE SET version = version + 1, backfill_after = NULL",
+        [space_id],
+    )?;
+    Ok(())
+}
+
+/// The root's computed values, without keys of deleted definitions.
+pub(crate) fn live_values(conn: &Connection, space_id: &str, root: &str) -> Result<ComputedValues> {
+    let json: Option<String> = conn
+        .prepare_cached(
+            "SELECT computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
+        )?
+        .query_row(params![space_id, root], |r| r.get(0))
+        .optional()?;
+    let Some(json) = json else {
+        return Ok(ComputedValues::new());
+    };
+    let mut values: ComputedValues = serde_json::from_str(&json)?;
+    if !values.is_empty() {
+        let mut live =
+            conn.prepare_cached("SELECT key FROM definitions WHERE space_id = ?1 AND deleted = 0")?;
+        let keys = live
+            .query_map([space_id], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<std::collections::BTreeSet<String>>>()?;
+        values.retain(|k, _| keys.contains(k));
+    }
+    Ok(values)
+}
+
+impl SqliteStore {
+    fn put_definition_now(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+        body: &Value,
+        bump_only: bool,
+    ) -> Result<DefinitionRecord> {
+        let now = now_millis();
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if !space_exists(&tx, space_id)? {
+            return Err(StoreError::NotFound);
+        }
+        let existing: Option<(String, i64, i64, i64)> = tx
+            .query_row(
+                "SELECT class, version, created_at, deleted FROM definitions
+                 WHERE space_id = ?1 AND key = ?2",
+                params![space_id, key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let live = existing.as_ref().filter(|e| e.3 == 0);
+        if let Some((other, ..)) = live.filter(|e| e.0 != class.as_str()) {
+            return Err(DefinitionError {
+                field: "key".into(),
+                message: format!("is already used by a {}", other.replace('_', " ")),
+            }
+            .into());
+        }
+        if bump_only && live.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        // Versions never repeat, even across delete and re-create.
+        let version = existing.as_ref().map_or(now, |e| (e.1 + 1).max(now));
+        let parsed = Definition::parse(class, key, version as u64, body)?;
+        let mut defs: Vec<Definition> = load_definitions(&tx, space_id)?
+            .into_iter()
+            .filter(|d| d.key != key)
+            .collect();
+        defs.push(parsed);
+        Ruleset::new(defs)?;
+        let created_at = live.map_or(now, |e| e.2);
+        tx.execute(
+            "INSERT INTO definitions (space_id, key, class, version, body, status, done, total, error, created_at, updated_at, deleted)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'backfilling', 0, 0, NULL, ?6, ?7, 0)
+             ON CONFLICT (space_id, key) DO UPDATE SET class = excluded.class, version = excluded.version,
+               body = excluded.body, status = 'backfilling', done = 0, total = 0, error = NULL,
+               created_at = excluded.created_at, updated_at = excluded.updated_at, deleted = 0",
+            params![space_id, key, class.as_str(), version, body.to_string(), created_at, now],
+        )?;
+        restart_backfill(&tx, space_id, now)?;
+        let record = get_record(&tx, space_id, class, key)?.ok_or(StoreError::Invariant(
+            "a definition just written is missing",
+        ))?;
+        tx.commit()?;
+        Ok(record)
+    }
+
+    fn delete_definition_now(&self, space_id: &str, class: Class, key: &str) -> Result<bool> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if get_record(&tx, space_id, class, key)?.is_none() {
+            return Ok(false);
+        }
+        let rest: Vec<Definition> = load_definitions(&tx, space_id)?
+            .into_iter()
+            .filter(|d| d.key != key)
+            .collect();
+        if Ruleset::new(rest).is_err() {
+            return Err(DefinitionError {
+                field: "key".into(),
+                message: "is referenced by another audience; change that audience first".into(),
+            }
+            .into());
+        }
+        tx.execute(
+            "UPDATE definitions SET deleted = 1, updated_at = ?3 WHERE space_id = ?1 AND key = ?2",
+            params![space_id, key, now_millis()],
+        )?;
+        tx.execute(
+            "INSERT INTO definition_sets (space_id, version, backfill_after) VALUES (?1, 1, NULL)
+             ON CONFLICT (space_id) DO UPDATE SET version = version + 1",
+            [space_id],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Enqueues the recompute of every profile of the space whose next
+    /// change has come by `as_of` (an index range, not a scan).
+    pub fn sweep(&self, space_id: &str, as_of: Millis) -> Result<u64> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if !space_exists(&tx, space_id)? {
+            return Err(StoreError::NotFound);
+        }
+        let n = tx.execute(
+            "INSERT INTO compute_requests (space_id, profile_id, as_of)
+             SELECT space_id, profile_id, ?2 FROM compute_states INDEXED BY compute_due
+             WHERE space_id = ?1 AND due <= ?2 ORDER BY due",
+            params![space_id, as_of],
+        )?;
+        tx.execute(
+            "UPDATE compute_states SET due = NULL WHERE space_id = ?1 AND due <= ?2",
+            params![space_id, as_of],
+        )?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+
+    /// Sweeps every space as of `as_of`.
+    pub fn sweep_all(&self, as_of: Millis) -> Result<u64> {
+        let spaces: Vec<String> = {
+            let conn = self.reader()?;
+            let mut stmt = conn.prepare("SELECT space_id FROM definition_sets")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut n = 0;
+        for space in spaces {
+            n += self.sweep(&space, as_of)?;
+        }
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl Computations for SqliteStore {
+    async fn put_definition(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+        body: &Value,
+    ) -> Result<DefinitionRecord> {
+        let (space_id, key, body) = (space_id.to_string(), key.to_string(), body.clone());
+        self.blocking(move |s| s.put_definition_now(&space_id, class, &key, &body, false))
+            .await
+    }
+
+    async fn definition(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+    ) -> Result<Option<DefinitionRecord>> {
+        let (space_id, key) = (space_id.to_string(), key.to_string());
+        self.blocking(move |s| get_record(&*s.reader()?, &space_id, class, &key))
+            .await
+    }
+
+    async fn definitions(&self, space_id: &str, class: Class) -> Result<Vec<DefinitionRecord>> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM definitions
+                 WHERE space_id = ?1 AND class = ?2 AND deleted = 0 ORDER BY key"
+            ))?;
+            let rows = stmt.query_map(params![space_id, class.as_str()], record_of)?;
+            rows.map(|r| r.map_err(StoreError::from).and_then(RawRecord::into_record))
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_definition(&self, space_id: &str, class: Class, key: &str) -> Result<bool> {
+        let (space_id, key) = (space_id.to_string(), key.to_string());
+        self.blocking(move |s| s.delete_definition_now(&space_id, class, &key))
+            .await
+    }
+
+    async fn rebackfill(
+        &self,
+        space_id: &str,
+        class: Class,
+        key: &str,
+    ) -> Result<Option<DefinitionRecord>> {
+        let (space_id, key) = (space_id.to_string(), key.to_string());
+        self.blocking(move |s| {
+            let Some(current) = get_record(&*s.reader()?, &space_id, class, &key)? else {
+                return Ok(None);
+            };
+            s.put_definition_now(&space_id, class, &key, &current.body, true)
+                .map(Some)
+        })
+        .await
+    }
+
+    async fn changes(&self, space_id: &str, since: i64, limit: usize) -> Result<Vec<ChangeRecord>> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, profile_id, key, class, old, new, at FROM changes
+                 WHERE space_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![space_id, since, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, profile_id, key, class, old, new, at) = row?;
+                out.push(ChangeRecord {
+                    seq,
+                    profile_id,
+                    key,
+                    class: class_of(&class)?,
+                    old: old.map(|o| serde_json::from_str(&o)).transpose()?,
+                    new: serde_json::from_str(&new)?,
+                    at,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| s.sweep(&space_id, as_of)).await
+    }
+}
+
+/// Counters since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ComputeStats {
+    pub events: u64,
+    pub requests: u64,
+    /// Profile states evaluated and written.
+    pub recomputed: u64,
+    /// Definition states rebuilt from a profile's history.
+    pub rebuilt: u64,
+    pub changes: u64,
+    /// Entries skipped after failing repeatedly (logged as errors).
+    pub skipped: u64,
+}
+
+/// The local compute worker: folds events into profile states, serves
+/// recompute requests and runs backfills, on a thread of its own.
+pub struct ComputeWorker {
+    store: Arc<SqliteStore>,
+    state: Mutex<WorkerState>,
+}
+
+#[derive(Default)]
+struct WorkerState {
+    rulesets: HashMap<String, (i64, Arc<Ruleset>)>,
+    /// Per space, the latest `as_of` of an explicit lookback run: a run in
+    /// the future moves the space's clock forward for later recomputes.
+    clock: HashMap<String, Millis>,
+    stats: ComputeStats,
+}
+
+/// One profile's state loaded into a batch.
+struct Loaded {
+    state: ProfileState,
+    stored: ComputedValues,
+    now: Millis,
+    dirty: bool,
+}
+
+/// The profiles one transaction touches.
+struct Batch<'t> {
+    tx: &'t Transaction<'t>,
+    profiles: HashMap<(String, String), Loaded>,
+    stats: ComputeStats,
+}
+
+fn cursor(conn: &Connection, name: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT seq FROM cursors WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+fn set_cursor(tx: &Transaction<'_>, name: &str, seq: i64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO cursors (name, seq) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+    )?
+    .execute(params![name, seq])?;
+    Ok(())
+}
+
+fn parse_event(body: &str) -> Result<Event> {
+    let body = serde_json::from_str(body)?;
+    Event::from_stored(body)
+        .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
+}
+
+impl Batch<'_> {
+    /// Loads (once per batch) the root's state, folding in the states of
+    /// profiles merged into it since, and rebuilds from history the
+    /// definitions it has no current state for, from the events before
+    /// `history_before` (those already folded into some state).
+    fn touch(
+        &mut self,
+        ruleset: &Ruleset,
+        space_id: &str,
+        root: &str,
+        history_before: i64,
+        now: Millis,
+    ) -> Result<&mut Loaded> {
+        let key = (space_id.to_string(), root.to_string());
+        if !self.profiles.contains_key(&key) {
+            let row: Option<(String, String)> = self
+                .tx
+                .prepare_cached(
+                    "SELECT state, computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
+                )?
+                .query_row(params![space_id, root], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let (state, stored) = match row {
+                Some((s, c)) => (serde_json::from_str(&s)?, serde_json::from_str(&c)?),
+                None => (ProfileState::default(), ComputedValues::new()),
+            };
+            self.profiles.insert(
+                key.clone(),
+                Loaded {
+                    state,
+                    stored,
+                    now,
+                    dirty: false,
+                },
+            );
+        }
+        // States of profiles merged into this one (each event is in exactly
+        // one state, so merging them is exact).
+        let absorbed: Vec<(String, String, String)> = {
+            let mut stmt = self.tx.prepare_cached(
+                "WITH RECURSIVE tree(id) AS (
+                   SELECT profile_id FROM profiles INDEXED BY profiles_by_parent WHERE space_id = ?1 AND parent_id = ?2
+                   UNION ALL
+                   SELECT p.profile_id FROM profiles p INDEXED BY profiles_by_parent JOIN tree ON p.space_id = ?1 AND p.parent_id = tree.id)
+                 SELECT c.profile_id, c.state, c.computed FROM compute_states c JOIN tree ON c.space_id = ?1 AND c.profile_id = tree.id",
+            )?;
+            let rows = stmt.query_map(params![space_id, root], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let loaded = self.profiles.get_mut(&key).expect("inserted above");
+        loaded.now = loaded.now.max(now);
+        for (child, state, computed) in absorbed {
+            let theirs: ProfileState = serde_json::from_str(&state)?;
+            ruleset.merge(&mut loaded.state, theirs);
+            // A membership the merged profile had is not announced again.
+            let theirs: ComputedValues = serde_json::from_str(&computed)?;
+            for (k, v) in theirs {
+                let ours = loaded.stored.entry(k).or_insert_with(|| v.clone());
+                if v.value == Value::Bool(true) {
+                    ours.value = Value::Bool(true);
+                }
+            }
+            self.tx
+                .prepare_cached(
+                    "DELETE FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
+                )?
+                .execute(params![space_id, child])?;
+            loaded.dirty = true;
+        }
+        let stale: Vec<&Definition> = ruleset.stale(&loaded.state);
+        if !stale.is_empty() {
+            let bodies: Vec<String> = {
+                let mut stmt = self.tx.prepare_cached(
+                    "WITH RECURSIVE tree(id) AS (
+                       SELECT ?2
+                       UNION ALL
+                       SELECT p.profile_id FROM profiles p INDEXED BY profiles_by_parent JOIN tree ON p.space_id = ?1 AND p.parent_id = tree.id)
+                     SELECT e.body FROM events e INDEXED BY events_by_profile JOIN tree ON e.space_id = ?1 AND e.profile_id = tree.id
+                     WHERE e.seq < ?3",
+                )?;
+                let rows = stmt.query_map(params![space_id, root, history_before], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let events = bodies
+                .iter()
+                .map(|b| parse_event(b))
+                .collect::<Result<Vec<_>>>()?;
+            for d in stale {
+                let s = rebuild(d, events.iter().filter_map(Event::facts));
+                loaded.state.defs.insert(d.key.clone(), s);
+                self.stats.rebuilt += 1;
+            }
+            loaded.dirty = true;
+        }
+        Ok(loaded)
+    }
+
+    /// Evaluates and writes every dirty profile; appends the changes.
+    fn flush(&mut self, rulesets: &HashMap<String, (i64, Arc<Ruleset>)>) -> Result<()> {
+        let profiles = std::mem::take(&mut self.profiles);
+        for ((space_id, root), mut p) in profiles {
+            if !p.dirty {
+                continue;
+            }
+            let Some((_, ruleset)) = rulesets.get(&space_id) else {
+                continue;
+            };
+            let traits: Traits = self
+                .tx
+                .prepare_cached(
+                    "SELECT traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+                )?
+                .query_row(params![space_id, root], |r| r.get::<_, String>(0))
+                .optional()?
+                .map(|t| serde_json::from_str(&t))
+                .transpose()?
+                .unwrap_or_default();
+            ruleset.retain_known(&mut p.state);
+            ruleset.prune(&mut p.state, p.now);
+            let computed = ruleset.evaluate(&p.state, &traits, p.now);
+            let plain: Values = p
+                .stored
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect();
+            let (values, changes) = settle(ruleset, &plain, &computed);
+            let mut stored = ComputedValues::new();
+            for (k, v) in values {
+                let entry = match p.stored.remove(&k) {
+                    Some(old) if old.value == v => old,
+                    _ => ComputedValue {
+                        class: ruleset.get(&k).map_or(Class::ComputedTrait, |d| d.class()),
+                        value: v,
+                        updated_at: p.now,
+                    },
+                };
+                stored.insert(k, entry);
+            }
+            let due = ruleset.next_change(&p.state, &traits, p.now);
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO compute_states (space_id, profile_id, state, computed, due)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (space_id, profile_id) DO UPDATE SET state = excluded.state,
+                       computed = excluded.computed, due = excluded.due",
+                )?
+                .execute(params![
+                    space_id,
+                    root,
+                    serde_json::to_string(&p.state)?,
+                    serde_json::to_string(&stored)?,
+                    due
+                ])?;
+            let mut insert = self.tx.prepare_cached(
+                "INSERT INTO changes (space_id, profile_id, key, class, old, new, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for c in &changes {
+                insert.execute(params![
+                    space_id,
+                    root,
+                    c.key,
+                    c.class.as_str(),
+                    c.old.as_ref().map(Value::to_string),
+                    c.new.to_string(),
+                    p.now
+                ])?;
+            }
+            self.stats.recomputed += 1;
+            self.stats.changes += changes.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+impl ComputeWorker {
+    pub fn new(store: Arc<SqliteStore>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            state: Mutex::new(WorkerState::default()),
+        })
+    }
+
+    pub fn stats(&self) -> ComputeStats {
+        lock(&self.state).stats.clone()
+    }
+
+    /// Whether every event and request so far is folded in and no backfill runs.
+    pub fn is_idle(&self) -> Result<bool> {
+        let conn = self.store.reader()?;
+        let events: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
+        let requests: i64 = conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM compute_requests",
+            [],
+            |r| r.get(0),
+        )?;
+        let backfilling: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM definitions WHERE status = 'backfilling' AND deleted = 0)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(cursor(&conn, EVENTS_CURSOR)? >= events
+            && cursor(&conn, REQUESTS_CURSOR)? >= requests
+            && !backfilling)
+    }
+
+    fn ruleset(
+        state: &mut WorkerState,
+        tx: &Transaction<'_>,
+        space_id: &str,
+    ) -> Result<Arc<Ruleset>> {
+        let version = set_version(tx, space_id)?;
+        if let Some((v, r)) = state.rulesets.get(space_id) {
+            if *v == version {
+                return Ok(Arc::clone(r));
+            }
+        }
+        let ruleset = Arc::new(Ruleset::new(load_definitions(tx, space_id)?)?);
+        state
+            .rulesets
+            .insert(space_id.to_string(), (version, Arc::clone(&ruleset)));
+        Ok(ruleset)
+    }
+
+    fn now_for(state: &WorkerState, space_id: &str) -> Millis {
+        now_millis().max(state.clock.get(space_id).copied().unwrap_or(0))
+    }
+
+    /// Folds the next events into their profiles' states; returns how many
+    /// events it consumed.
+    pub fn run_events(&self, limit: usize) -> Result<usize> {
+        let mut state = lock(&self.state);
+        let mut conn = self.store.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let after = cursor(&tx, EVENTS_CURSOR)?;
+        let rows: Vec<(i64, String, Option<String>, String)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, space_id, profile_id, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(last) = rows.last().map(|r| r.0) else {
+            return Ok(0);
+        };
+        let mut batch = Batch {
+            tx: &tx,
+            profiles: HashMap::new(),
+            stats: ComputeStats::default(),
+        };
+        for (seq, space_id, profile_id, body) in &rows {
+            let Some(profile_id) = profile_id else {
+                continue;
+            };
+            let ruleset = Self::ruleset(&mut state, &tx, space_id)?;
+            if ruleset.is_empty() {
+                continue;
+            }
+            let _span = info_span!("compute", space_id = %space_id, seq).entered();
+            let Some(root) = root_of(&tx, space_id, profile_id)? else {
+                continue;
+            };
+            let now = Self::now_for(&state, space_id);
+            let event = parse_event(body)?;
+            let loaded = batch.touch(&ruleset, space_id, &root, *seq, now)?;
+            if let Some(facts) = event.facts() {
+                ruleset.apply(&mut loaded.state, &facts);
+            }
+            // Identify calls change the traits audiences may read.
+            loaded.dirty = true;
+            batch.stats.events += 1;
+        }
+        batch.flush(&state.rulesets)?;
+        let stats = std::mem::take(&mut batch.stats);
+        set_cursor(&tx, EVENTS_CURSOR, last)?;
+        tx.commit()?;
+        add(&mut state.stats, &stats);
+        Ok(rows.len())
+    }
+
+    /// Serves the next recompute requests (lookback sweeps).
+    pub fn run_requests(&self, limit: usize) -> Result<usize> {
+        let mut state = lock(&self.state);
+        let mut conn = self.store.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let after = cursor(&tx, REQUESTS_CURSOR)?;
+        let rows: Vec<(i64, String, String, i64)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, space_id, profile_id, as_of FROM compute_requests WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(last) = rows.last().map(|r| r.0) else {
+            return Ok(0);
+        };
+        let history_before = cursor(&tx, EVENTS_CURSOR)? + 1;
+        let mut batch = Batch {
+            tx: &tx,
+            profiles: HashMap::new(),
+            stats: ComputeStats::default(),
+        };
+        for (_, space_id, profile_id, as_of) in &rows {
+            let clock = state.clock.entry(space_id.clone()).or_insert(0);
+            *clock = (*clock).max(*as_of);
+            let ruleset = Self::ruleset(&mut state, &tx, space_id)?;
+            let Some(root) = root_of(&tx, space_id, profile_id)? else {
+                continue;
+            };
+            let now = (*as_of).max(now_millis());
+            let loaded = batch.touch(&ruleset, space_id, &root, history_before, now)?;
+            loaded.dirty = true;
+            batch.stats.requests += 1;
+        }
+        batch.flush(&state.rulesets)?;
+        let stats = std::mem::take(&mut batch.stats);
+        set_cursor(&tx, REQUESTS_CURSOR, last)?;
+        tx.execute("DELETE FROM compute_requests WHERE seq <= ?1", [last])?;
+        tx.commit()?;
+        add(&mut state.stats, &stats);
+        Ok(rows.len())
+    }
+
+    /// Visits the next chunk of root profiles of spaces with backfilling
+    /// definitions; returns how many profiles it visited.
+    pub fn run_backfill(&self) -> Result<usize> {
+        let mut state = lock(&self.state);
+        let mut conn = self.store.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let space: Option<(String, Option<String>)> = tx
+            .query_row(
+                "SELECT s.space_id, s.backfill_after FROM definition_sets s
+                 WHERE EXISTS (SELECT 1 FROM definitions d WHERE d.space_id = s.space_id
+                               AND d.status = 'backfilling' AND d.deleted = 0)
+                 LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((space_id, after)) = space else {
+            return Ok(0);
+        };
+        let ruleset = Self::ruleset(&mut state, &tx, &space_id)?;
+        let roots: Vec<String> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT profile_id FROM profiles WHERE space_id = ?1 AND parent_id IS NULL AND profile_id > ?2
+                 ORDER BY profile_id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![space_id, after.unwrap_or_default(), BACKFILL_CHUNK as i64],
+                |r| r.get(0),
+            )?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let history_before = cursor(&tx, EVENTS_CURSOR)? + 1;
+        let now = Self::now_for(&state, &space_id);
+        let mut batch = Batch {
+            tx: &tx,
+            profiles: HashMap::new(),
+            stats: ComputeStats::default(),
+        };
+        let visited = roots.len();
+        let outcome = roots.iter().try_for_each(|root| {
+            batch.touch(&ruleset, &space_id, root, history_before, now)?;
+            Ok::<_, StoreError>(())
+        });
+        let outcome = outcome.and_then(|()| batch.flush(&state.rulesets));
+        if let Err(e) = outcome {
+            drop(batch);
+            drop(tx);
+            error!(space_id = %space_id, error = %e, "backfill failed");
+            conn.execute(
+                "UPDATE definitions SET status = 'failed', error = ?2
+                 WHERE space_id = ?1 AND status = 'backfilling' AND deleted = 0",
+                params![
+                    space_id,
+                    "the profiles' history could not be computed; see the server log"
+                ],
+            )?;
+            return Ok(visited.max(1));
+        }
+        let stats = std::mem::take(&mut batch.stats);
+        if visited < BACKFILL_CHUNK {
+            tx.execute(
+                "UPDATE definitions SET status = 'ready', done = total
+                 WHERE space_id = ?1 AND status = 'backfilling' AND deleted = 0",
+                [&space_id],
+            )?;
+            info!(space_id = %space_id, "backfill finished");
+        } else {
+            tx.execute(
+                "UPDATE definitions SET done = min(done + ?2, total)
+                 WHERE space_id = ?1 AND status = 'backfilling' AND deleted = 0",
+                params![space_id, visited as i64],
+            )?;
+        }
+        tx.execute(
+            "UPDATE definition_sets SET backfill_after = ?2 WHERE space_id = ?1",
+            params![space_id, roots.last()],
+        )?;
+        tx.commit()?;
+        add(&mut state.stats, &stats);
+        Ok(visited.max(1))
+    }
+
+    /// One round: events, then requests, then a backfill chunk.
+    pub fn run_once(&self) -> Result<usize> {
+        let events = self
+            .run_events(1024)
+            .or_else(|e| self.isolate(EVENTS_CURSOR, e, |w| w.run_events(1)))?;
+        let requests = self
+            .run_requests(1024)
+            .or_else(|e| self.isolate(REQUESTS_CURSOR, e, |w| w.run_requests(1)))?;
+        Ok(events + requests + self.run_backfill()?)
+    }
+
+    /// After a failed batch: retries the entries one at a time, and skips
+    /// (with an error in the log) one that keeps failing, so that it cannot
+    /// hold up everything behind it. Storage errors are only retried.
+    fn isolate(
+        &self,
+        name: &str,
+        first: StoreError,
+        step: impl Fn(&Self) -> Result<usize>,
+    ) -> Result<usize> {
+        let transient = |e: &StoreError| matches!(e, StoreError::Sqlite(_) | StoreError::Closed);
+        if transient(&first) {
+            return Err(first);
+        }
+        let mut last = first;
+        for _ in 0..3 {
+            match step(self) {
+                Ok(n) => return Ok(n),
+                Err(e) if transient(&e) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        let table = if name == EVENTS_CURSOR {
+            "events"
+        } else {
+            "compute_requests"
+        };
+        let mut conn = self.store.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let after = cursor(&tx, name)?;
+        let next: Option<i64> = tx.query_row(
+            &format!("SELECT min(seq) FROM {table} WHERE seq > ?1"),
+            [after],
+            |r| r.get(0),
+        )?;
+        if let Some(seq) = next {
+            set_cursor(&tx, name, seq)?;
+            tx.commit()?;
+            drop(conn);
+            error!(seq, queue = table, error = %last, "the compute step skipped an entry it cannot process");
+            lock(&self.state).stats.skipped += 1;
+        }
+        Ok(1)
+    }
+
+    /// Runs until everything so far is computed.
+    pub fn drain(&self) -> Result<()> {
+        while self.run_once()? > 0 {}
+        Ok(())
+    }
+
+    /// Runs on a thread of its own until `stop` is set, with the hourly
+    /// lookback sweep of every space.
+    pub fn spawn(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+        let worker = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("kindred-compute".into())
+            .spawn(move || {
+                let mut last_sweep = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if last_sweep.elapsed() >= Duration::from_secs(3600) {
+                        last_sweep = Instant::now();
+                        match worker.store.sweep_all(now_millis()) {
+                            Ok(n) => info!(profiles = n, "hourly lookback sweep"),
+                            Err(e) => error!(error = %e, "hourly lookback sweep failed"),
+                        }
+                    }
+                    match worker.run_once() {
+                        Ok(0) => std::thread::sleep(Duration::from_millis(20)),
+                        Ok(_) => {}
+                        Err(e) => {
+                            error!(error = %e, "compute batch failed; retrying");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })
+            .expect("spawning the compute worker thread")
+    }
+}
+
+fn add(total: &mut ComputeStats, s: &ComputeStats) {
+    total.events += s.events;
+    total.requests += s.requests;
+    total.recomputed += s.recomputed;
+    total.rebuilt += s.rebuilt;
+    total.changes += s.changes;
+}
