@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kindred::{bench, config, server};
+use kindred::{backfill, bench, config, server};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,9 @@ enum Command {
     },
     /// Measure ingest throughput, memory and Profile API latency.
     Bench(bench::BenchArgs),
+    /// Rebuild a computed trait or audience from every profile's history,
+    /// with a progress bar.
+    Backfill(backfill::BackfillArgs),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +97,10 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => Err(e).context("creating the space"),
             }
         }
+        Command::Backfill(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(backfill::run(args)),
         Command::Bench(args) => {
             config::init_logging();
             tokio::runtime::Builder::new_multi_thread()
