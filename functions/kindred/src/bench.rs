@@ -45,6 +45,17 @@ pub struct BenchArgs {
     /// Data directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Define the 20 computed traits and audiences of
+    /// [`crate::compute_bench::DEFINITIONS`] before ingest, then measure
+    /// recompute and backfill over the profiles.
+    #[arg(long)]
+    pub definitions: bool,
+    /// Instead of the pipeline: time the lookback sweep over this many
+    /// profile states, of which `--due-percent` are due.
+    #[arg(long)]
+    pub sweep_profiles: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub due_percent: f64,
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -71,6 +82,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.sweep_profiles {
+        return crate::compute_bench::sweep(n, args.due_percent);
+    }
     let temp = tempfile_dir()?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
     let config = Config {
@@ -87,6 +101,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .create_space(&format!("bench{}", std::process::id()))?,
     };
     let base = format!("http://{}", running.addr);
+    if args.definitions {
+        crate::compute_bench::define(&running, &space.space_id).await?;
+    }
     let users = args.users.unwrap_or((args.events / 20).max(10));
     println!(
         "kindred bench: {} events, {} users, batches of {}, {} connections, seed {}",
@@ -152,8 +169,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let _ = generator.join();
     let acked_at = started.elapsed();
-    running.wait_idle().await?;
+    running.wait_identity().await?;
     let elapsed = started.elapsed();
+    running.wait_compute().await?;
+    let computed_at = started.elapsed();
     let stats = running.local.worker.stats();
     let rate = accepted as f64 / elapsed.as_secs_f64();
     println!();
@@ -166,11 +185,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("  all in profiles after  {:.2} s", elapsed.as_secs_f64());
     println!("  end-to-end throughput  {rate:.0} events/s");
+    if args.definitions {
+        let c = running.local.compute.stats();
+        println!(
+            "  computed after         {:.2} s ({} profile recomputes, {} changes)",
+            computed_at.as_secs_f64(),
+            c.recomputed,
+            c.changes
+        );
+    }
     println!(
         "  profiles created {}, merges {}, duplicates dropped {}, unresolved {}",
         stats.created, stats.merged, stats.duplicates, stats.unresolved
     );
     let rss_after_ingest = peak_rss_mib();
+    if args.definitions {
+        crate::compute_bench::recompute_and_backfill(&running, &space.space_id, accepted).await?;
+    }
 
     tokio::time::sleep(Duration::from_secs(args.api_delay)).await;
     println!();

@@ -3,6 +3,7 @@
 
 pub mod backfill;
 pub mod bench;
+pub mod compute_bench;
 pub mod config;
 pub mod server;
 pub mod workload;

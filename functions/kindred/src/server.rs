@@ -100,10 +100,22 @@ impl Running {
     /// Waits until the identity worker has applied everything queued so
     /// far, and the compute worker has computed it.
     pub async fn wait_idle(&self) -> anyhow::Result<()> {
+        self.wait_identity().await?;
+        self.wait_compute().await
+    }
+
+    /// Waits until the identity worker has applied everything queued so far.
+    pub async fn wait_identity(&self) -> anyhow::Result<()> {
         let target = self.local.queue.last_seq();
         while self.local.worker.cursor()? < target {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        Ok(())
+    }
+
+    /// Waits until the compute worker has folded in every recorded event,
+    /// served every request and finished every backfill.
+    pub async fn wait_compute(&self) -> anyhow::Result<()> {
         while !self.local.compute.is_idle()? {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -356,6 +356,18 @@ impl SqliteStore {
         Ok(n as u64)
     }
 
+    /// Enqueues the recompute of every profile of the space that has a
+    /// computed state, as of `as_of` (after an incident, or to measure).
+    pub fn recompute_all(&self, space_id: &str, as_of: Millis) -> Result<u64> {
+        let conn = self.writer();
+        let n = conn.execute(
+            "INSERT INTO compute_requests (space_id, profile_id, as_of)
+             SELECT space_id, profile_id, ?2 FROM compute_states WHERE space_id = ?1",
+            params![space_id, as_of],
+        )?;
+        Ok(n as u64)
+    }
+
     /// Sweeps every space as of `as_of`.
     pub fn sweep_all(&self, as_of: Millis) -> Result<u64> {
         let spaces: Vec<String> = {
@@ -546,6 +558,26 @@ fn parse_event(body: &str) -> Result<Event> {
         .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
 }
 
+/// Every profile merged into `root`, directly or not.
+fn descendants(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT profile_id FROM profiles INDEXED BY profiles_by_parent
+         WHERE space_id = ?1 AND parent_id = ?2",
+    )?;
+    let mut out: Vec<String> = Vec::new();
+    let mut next = 0;
+    let mut parent = root.to_string();
+    loop {
+        for child in stmt.query_map(params![space_id, parent], |r| r.get::<_, String>(0))? {
+            out.push(child?);
+        }
+        let Some(p) = out.get(next) else { break };
+        parent = p.clone();
+        next += 1;
+    }
+    Ok(out)
+}
+
 impl Batch<'_> {
     /// Loads (once per batch) the root's state, folding in the states of
     /// profiles merged into it since, and rebuilds from history the
@@ -584,19 +616,23 @@ impl Batch<'_> {
         }
         // States of profiles merged into this one (each event is in exactly
         // one state, so merging them is exact).
-        let absorbed: Vec<(String, String, String)> = {
+        // (Plain indexed lookups, one per tree member: the planner cannot
+        // turn them into a scan.)
+        let descendants = descendants(self.tx, space_id, root)?;
+        let mut absorbed = Vec::new();
+        {
             let mut stmt = self.tx.prepare_cached(
-                "WITH RECURSIVE tree(id) AS (
-                   SELECT profile_id FROM profiles INDEXED BY profiles_by_parent WHERE space_id = ?1 AND parent_id = ?2
-                   UNION ALL
-                   SELECT p.profile_id FROM profiles p INDEXED BY profiles_by_parent JOIN tree ON p.space_id = ?1 AND p.parent_id = tree.id)
-                 SELECT c.profile_id, c.state, c.computed FROM compute_states c JOIN tree ON c.space_id = ?1 AND c.profile_id = tree.id",
+                "SELECT state, computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
             )?;
-            let rows = stmt.query_map(params![space_id, root], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+            for child in &descendants {
+                let row: Option<(String, String)> = stmt
+                    .query_row(params![space_id, child], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((state, computed)) = row {
+                    absorbed.push((child.clone(), state, computed));
+                }
+            }
+        }
         let loaded = self.profiles.get_mut(&key).expect("inserted above");
         loaded.now = loaded.now.max(now);
         for (child, state, computed) in absorbed {
@@ -619,18 +655,19 @@ impl Batch<'_> {
         }
         let stale: Vec<&Definition> = ruleset.stale(&loaded.state);
         if !stale.is_empty() {
-            let bodies: Vec<String> = {
+            let mut bodies: Vec<String> = Vec::new();
+            {
                 let mut stmt = self.tx.prepare_cached(
-                    "WITH RECURSIVE tree(id) AS (
-                       SELECT ?2
-                       UNION ALL
-                       SELECT p.profile_id FROM profiles p INDEXED BY profiles_by_parent JOIN tree ON p.space_id = ?1 AND p.parent_id = tree.id)
-                     SELECT e.body FROM events e INDEXED BY events_by_profile JOIN tree ON e.space_id = ?1 AND e.profile_id = tree.id
-                     WHERE e.seq < ?3",
+                    "SELECT body FROM events INDEXED BY events_by_profile
+                     WHERE space_id = ?1 AND profile_id = ?2 AND seq < ?3",
                 )?;
-                let rows = stmt.query_map(params![space_id, root, history_before], |r| r.get(0))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
+                for member in std::iter::once(root).chain(descendants.iter().map(String::as_str)) {
+                    let rows = stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
+                    for body in rows {
+                        bodies.push(body?);
+                    }
+                }
+            }
             let events = bodies
                 .iter()
                 .map(|b| parse_event(b))
@@ -784,12 +821,13 @@ impl ComputeWorker {
         let mut conn = self.store.writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let after = cursor(&tx, EVENTS_CURSOR)?;
-        let rows: Vec<(i64, String, Option<String>, String)> = {
+        // Bodies are read only for spaces with definitions.
+        let rows: Vec<(i64, String, Option<String>)> = {
             let mut stmt = tx.prepare_cached(
-                "SELECT seq, space_id, profile_id, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, space_id, profile_id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -801,7 +839,7 @@ impl ComputeWorker {
             profiles: HashMap::new(),
             stats: ComputeStats::default(),
         };
-        for (seq, space_id, profile_id, body) in &rows {
+        for (seq, space_id, profile_id) in &rows {
             let Some(profile_id) = profile_id else {
                 continue;
             };
@@ -814,7 +852,10 @@ impl ComputeWorker {
                 continue;
             };
             let now = Self::now_for(&state, space_id);
-            let event = parse_event(body)?;
+            let body: String = tx
+                .prepare_cached("SELECT body FROM events WHERE seq = ?1")?
+                .query_row([seq], |r| r.get(0))?;
+            let event = parse_event(&body)?;
             let loaded = batch.touch(&ruleset, space_id, &root, *seq, now)?;
             if let Some(facts) = event.facts() {
                 ruleset.apply(&mut loaded.state, &facts);
