@@ -1,6 +1,13 @@
 //! Computed traits and audiences on the embedded store: definitions, the
 //! compute worker, the change log and the lookback sweep.
 //!
+//! These tables live in their own database file, `compute.db`, with its
+//! own writer, so that the compute worker and the identity worker commit
+//! in parallel. The compute writer reads the store (`events`, `profiles`,
+//! `spaces`) through `store.db` attached as `s`, in WAL snapshots that
+//! never block the identity worker; store readers attach `compute.db` as
+//! `c` to serve computed values with profiles.
+//!
 //! The local recompute queue is a transactional outbox: the identity
 //! worker's commit appends each event to `events` (with its sequence
 //! number) in the same transaction that updates the graph, and the compute
@@ -78,6 +85,10 @@ CREATE TABLE IF NOT EXISTS changes (
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_space ON changes (space_id, seq);
+CREATE TABLE IF NOT EXISTS compute_cursors (
+    name TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 const EVENTS_CURSOR: &str = "compute";
@@ -254,8 +265,8 @@ impl SqliteStore {
         bump_only: bool,
     ) -> Result<DefinitionRecord> {
         let now = now_millis();
-        let mut conn = self.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         if !space_exists(&tx, space_id)? {
             return Err(StoreError::NotFound);
         }
@@ -305,8 +316,8 @@ impl SqliteStore {
     }
 
     fn delete_definition_now(&self, space_id: &str, class: Class, key: &str) -> Result<bool> {
-        let mut conn = self.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         if get_record(&tx, space_id, class, key)?.is_none() {
             return Ok(false);
         }
@@ -337,8 +348,8 @@ impl SqliteStore {
     /// Enqueues the recompute of every profile of the space whose next
     /// change has come by `as_of` (an index range, not a scan).
     pub fn sweep(&self, space_id: &str, as_of: Millis) -> Result<u64> {
-        let mut conn = self.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         if !space_exists(&tx, space_id)? {
             return Err(StoreError::NotFound);
         }
@@ -359,7 +370,7 @@ impl SqliteStore {
     /// Enqueues the recompute of every profile of the space that has a
     /// computed state, as of `as_of` (after an incident, or to measure).
     pub fn recompute_all(&self, space_id: &str, as_of: Millis) -> Result<u64> {
-        let conn = self.writer();
+        let conn = self.compute_writer();
         let n = conn.execute(
             "INSERT INTO compute_requests (space_id, profile_id, as_of)
              SELECT space_id, profile_id, ?2 FROM compute_states WHERE space_id = ?1",
@@ -537,7 +548,7 @@ struct Batch<'t> {
 
 fn cursor(conn: &Connection, name: &str) -> Result<i64> {
     Ok(conn
-        .prepare_cached("SELECT seq FROM cursors WHERE name = ?1")?
+        .prepare_cached("SELECT seq FROM compute_cursors WHERE name = ?1")?
         .query_row([name], |r| r.get(0))
         .optional()?
         .unwrap_or(0))
@@ -545,7 +556,7 @@ fn cursor(conn: &Connection, name: &str) -> Result<i64> {
 
 fn set_cursor(tx: &Transaction<'_>, name: &str, seq: i64) -> Result<()> {
     tx.prepare_cached(
-        "INSERT INTO cursors (name, seq) VALUES (?1, ?2)
+        "INSERT INTO compute_cursors (name, seq) VALUES (?1, ?2)
          ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
     )?
     .execute(params![name, seq])?;
@@ -662,7 +673,8 @@ impl Batch<'_> {
                      WHERE space_id = ?1 AND profile_id = ?2 AND seq < ?3",
                 )?;
                 for member in std::iter::once(root).chain(descendants.iter().map(String::as_str)) {
-                    let rows = stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
+                    let rows =
+                        stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
                     for body in rows {
                         bodies.push(body?);
                     }
@@ -818,8 +830,8 @@ impl ComputeWorker {
     /// events it consumed.
     pub fn run_events(&self, limit: usize) -> Result<usize> {
         let mut state = lock(&self.state);
-        let mut conn = self.store.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.store.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let after = cursor(&tx, EVENTS_CURSOR)?;
         // Bodies are read only for spaces with definitions.
         let rows: Vec<(i64, String, Option<String>)> = {
@@ -875,8 +887,8 @@ impl ComputeWorker {
     /// Serves the next recompute requests (lookback sweeps).
     pub fn run_requests(&self, limit: usize) -> Result<usize> {
         let mut state = lock(&self.state);
-        let mut conn = self.store.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.store.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let after = cursor(&tx, REQUESTS_CURSOR)?;
         let rows: Vec<(i64, String, String, i64)> = {
             let mut stmt = tx.prepare_cached(
@@ -921,8 +933,8 @@ impl ComputeWorker {
     /// definitions; returns how many profiles it visited.
     pub fn run_backfill(&self) -> Result<usize> {
         let mut state = lock(&self.state);
-        let mut conn = self.store.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.store.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let space: Option<(String, Option<String>)> = tx
             .query_row(
                 "SELECT s.space_id, s.backfill_after FROM definition_sets s
@@ -1036,8 +1048,8 @@ impl ComputeWorker {
         } else {
             "compute_requests"
         };
-        let mut conn = self.store.writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.store.compute_writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let after = cursor(&tx, name)?;
         let next: Option<i64> = tx.query_row(
             &format!("SELECT min(seq) FROM {table} WHERE seq > ?1"),

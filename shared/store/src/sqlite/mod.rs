@@ -170,7 +170,10 @@ pub struct SqliteStore {
     /// Lets `&self` methods hand an owned handle to blocking tasks.
     me: Weak<SqliteStore>,
     path: PathBuf,
+    compute_path: PathBuf,
     writer: Mutex<Connection>,
+    /// The writer of `compute.db` (computed traits and audiences).
+    compute_writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     /// Recently verified tokens, keyed by the SHA-256 of the secret.
     auth_cache: Mutex<HashMap<[u8; 32], (crate::SpaceAuth, Instant)>>,
@@ -213,11 +216,16 @@ impl SqliteStore {
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
         writer.execute_batch(STORE_SCHEMA)?;
-        writer.execute_batch(compute::SCHEMA)?;
+        let compute_path = dir.join("compute.db");
+        let compute_writer = open(&compute_path, Durability::Normal)?;
+        compute_writer.execute_batch(compute::SCHEMA)?;
+        compute_writer.execute("ATTACH DATABASE ?1 AS s", [path.to_string_lossy()])?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             path,
+            compute_path,
             writer: Mutex::new(writer),
+            compute_writer: Mutex::new(compute_writer),
             readers: Mutex::new(Vec::new()),
             auth_cache: Mutex::new(HashMap::new()),
         }))
@@ -227,7 +235,14 @@ impl SqliteStore {
         let pooled = lock(&self.readers).pop();
         let conn = match pooled {
             Some(c) => c,
-            None => open_reader(&self.path)?,
+            None => {
+                let conn = open_reader(&self.path)?;
+                conn.execute(
+                    "ATTACH DATABASE ?1 AS c",
+                    [self.compute_path.to_string_lossy()],
+                )?;
+                conn
+            }
         };
         Ok(Reader {
             store: self,
@@ -237,6 +252,10 @@ impl SqliteStore {
 
     pub(crate) fn writer(&self) -> MutexGuard<'_, Connection> {
         lock(&self.writer)
+    }
+
+    pub(crate) fn compute_writer(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.compute_writer)
     }
 
     /// Runs blocking store work off the async runtime.
