@@ -77,6 +77,18 @@ impl Ruleset {
         &self.defs
     }
 
+    /// Whether some audience reads a trait that no definition computes
+    /// (a custom trait of the profile).
+    pub fn reads_custom_traits(&self) -> bool {
+        self.defs.iter().any(|d| {
+            let mut names = BTreeSet::new();
+            if let Body::Audience(c) = &d.body {
+                c.references(&mut names);
+            }
+            names.iter().any(|n| self.get(n).is_none())
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.defs.is_empty()
     }
@@ -176,6 +188,19 @@ impl Ruleset {
         traits: &Traits,
         now: Millis,
     ) -> Option<Millis> {
+        let current = self.evaluate(state, traits, now);
+        self.next_change_from(state, traits, now, &current)
+    }
+
+    /// [`Ruleset::next_change`] for a caller that already holds the
+    /// values at `now`.
+    pub fn next_change_from(
+        &self,
+        state: &ProfileState,
+        traits: &Traits,
+        now: Millis,
+        current: &Values,
+    ) -> Option<Millis> {
         let mut moments = Vec::new();
         for d in &self.defs {
             if let Some(s) = state.defs.get(&d.key).filter(|s| s.v == d.version) {
@@ -185,13 +210,12 @@ impl Ruleset {
             }
         }
         let moments: BTreeSet<Millis> = moments.into_iter().filter(|t| *t > now).collect();
-        let current = self.evaluate(state, traits, now);
         let mut last = None;
         for (i, t) in moments.into_iter().enumerate() {
             if i == MAX_LOOKAHEAD {
                 return last;
             }
-            if self.evaluate(state, traits, t) != current {
+            if self.evaluate(state, traits, t) != *current {
                 return Some(t);
             }
             last = Some(t);

@@ -704,16 +704,19 @@ impl Batch<'_> {
             let Some((_, ruleset)) = rulesets.get(&space_id) else {
                 continue;
             };
-            let traits: Traits = self
-                .tx
-                .prepare_cached(
-                    "SELECT traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
-                )?
-                .query_row(params![space_id, root], |r| r.get::<_, String>(0))
-                .optional()?
-                .map(|t| serde_json::from_str(&t))
-                .transpose()?
-                .unwrap_or_default();
+            let traits: Traits = if ruleset.reads_custom_traits() {
+                self.tx
+                    .prepare_cached(
+                        "SELECT traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+                    )?
+                    .query_row(params![space_id, root], |r| r.get::<_, String>(0))
+                    .optional()?
+                    .map(|t| serde_json::from_str(&t))
+                    .transpose()?
+                    .unwrap_or_default()
+            } else {
+                Traits::new()
+            };
             ruleset.retain_known(&mut p.state);
             ruleset.prune(&mut p.state, p.now);
             let computed = ruleset.evaluate(&p.state, &traits, p.now);
@@ -735,7 +738,7 @@ impl Batch<'_> {
                 };
                 stored.insert(k, entry);
             }
-            let due = ruleset.next_change(&p.state, &traits, p.now);
+            let due = ruleset.next_change_from(&p.state, &traits, p.now, &computed);
             self.tx
                 .prepare_cached(
                     "INSERT INTO compute_states (space_id, profile_id, state, computed, due)
