@@ -825,6 +825,23 @@ impl ComputeWorker {
         Ok(ruleset)
     }
 
+    /// [`ComputeWorker::ruleset`], looked up once per space per batch: no
+    /// definition can change during a batch, since definition writes take
+    /// the same writer.
+    fn ruleset_in_batch(
+        state: &mut WorkerState,
+        tx: &Transaction<'_>,
+        seen: &mut HashMap<String, Arc<Ruleset>>,
+        space_id: &str,
+    ) -> Result<Arc<Ruleset>> {
+        if let Some(r) = seen.get(space_id) {
+            return Ok(Arc::clone(r));
+        }
+        let r = Self::ruleset(state, tx, space_id)?;
+        seen.insert(space_id.to_string(), Arc::clone(&r));
+        Ok(r)
+    }
+
     fn now_for(state: &WorkerState, space_id: &str) -> Millis {
         now_millis().max(state.clock.get(space_id).copied().unwrap_or(0))
     }
@@ -849,6 +866,7 @@ impl ComputeWorker {
         let Some(last) = rows.last().map(|r| r.0) else {
             return Ok(0);
         };
+        let mut seen = HashMap::new();
         let mut batch = Batch {
             tx: &tx,
             profiles: HashMap::new(),
@@ -858,7 +876,7 @@ impl ComputeWorker {
             let Some(profile_id) = profile_id else {
                 continue;
             };
-            let ruleset = Self::ruleset(&mut state, &tx, space_id)?;
+            let ruleset = Self::ruleset_in_batch(&mut state, &tx, &mut seen, space_id)?;
             if ruleset.is_empty() {
                 continue;
             }
@@ -906,6 +924,7 @@ impl ComputeWorker {
             return Ok(0);
         };
         let history_before = cursor(&tx, EVENTS_CURSOR)? + 1;
+        let mut seen = HashMap::new();
         let mut batch = Batch {
             tx: &tx,
             profiles: HashMap::new(),
@@ -914,7 +933,7 @@ impl ComputeWorker {
         for (_, space_id, profile_id, as_of) in &rows {
             let clock = state.clock.entry(space_id.clone()).or_insert(0);
             *clock = (*clock).max(*as_of);
-            let ruleset = Self::ruleset(&mut state, &tx, space_id)?;
+            let ruleset = Self::ruleset_in_batch(&mut state, &tx, &mut seen, space_id)?;
             let Some(root) = root_of(&tx, space_id, profile_id)? else {
                 continue;
             };
