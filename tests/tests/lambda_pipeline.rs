@@ -111,13 +111,16 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
 
     // identity: drain the queue the way the event source mapping does.
     let identity = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), setup.table());
+    let (_, compute_queue, _) = fresh_queue(3).await;
+    let compute = kindred_aws::SqsQueue::new(sqs.clone(), &compute_queue);
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut applied, mut poison_failures) = (0, 0);
     let mut in_dlq = Vec::new();
     while Instant::now() < deadline && (applied < 2 || in_dlq.is_empty()) {
         let messages = receive(&sqs, &queue).await;
         if !messages.is_empty() {
-            let response = kindred_identity::handle(&identity, sqs_event(&messages)).await;
+            let response =
+                kindred_identity::handle(&identity, &compute, sqs_event(&messages)).await;
             let failed: Vec<&str> = response
                 .batch_item_failures
                 .iter()
@@ -152,6 +155,7 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
     let profile_api = kindred_profile_api::app(
         &kindred_profile_api::Config {
             table: setup.table().to_string(),
+            compute_queue_url: compute_queue.clone(),
         },
         &sdk,
     );

@@ -3,9 +3,14 @@
 //! message (`batchItemFailures`): SQS redelivers only those, and after the
 //! queue's `maxReceiveCount` moves them to the dead-letter queue, so one
 //! poisoned message never blocks the others.
+//!
+//! Every recorded event (and every repeat of one, in case the first
+//! attempt stopped before this step) is then sent to the compute queue;
+//! a message is reported done only once that send succeeded.
 
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
-use kindred_aws::{identify, DynamoStore};
+use kindred_aws::dynamo::compute::ComputeMessage;
+use kindred_aws::{identify, DynamoStore, SqsQueue};
 use kindred_store::identity::Outcome;
 use kindred_store::ports::QueuedEvent;
 use kindred_store::StoreError;
@@ -15,20 +20,24 @@ use tracing::{info, info_span, warn, Instrument};
 #[derive(Clone, Debug)]
 pub struct Config {
     pub table: String,
+    /// Where recorded events go for computed traits and audiences.
+    pub compute_queue_url: String,
 }
 
 impl Config {
     pub fn load() -> Result<Self, String> {
         Ok(Self {
             table: kindred_aws::lambda::env("KINDRED_TABLE")?,
+            compute_queue_url: kindred_aws::lambda::env("KINDRED_COMPUTE_QUEUE_URL")?,
         })
     }
 }
 
 /// Handles one SQS batch. Messages are independent: each is applied or
 /// reported failed on its own.
-pub async fn handle(store: &DynamoStore, event: SqsEvent) -> SqsBatchResponse {
+pub async fn handle(store: &DynamoStore, compute: &SqsQueue, event: SqsEvent) -> SqsBatchResponse {
     let mut response = SqsBatchResponse::default();
+    let mut recorded: Vec<(String, ComputeMessage)> = Vec::new();
     for record in event.records {
         let sqs_id = record.message_id.clone().unwrap_or_default();
         let span = info_span!("identity", sqs_message_id = %sqs_id);
@@ -64,12 +73,30 @@ pub async fn handle(store: &DynamoStore, event: SqsEvent) -> SqsBatchResponse {
                 dynamodb_write_units = usage.write_units,
                 "event applied"
             );
+            if outcome != Outcome::Unresolved && !message_id.is_empty() {
+                recorded.push((
+                    sqs_id.clone(),
+                    ComputeMessage::Event {
+                        space_id: queued.space_id.clone(),
+                        message_id,
+                    },
+                ));
+            }
             Ok::<_, StoreError>(())
         }
         .instrument(span)
         .await;
         if let Err(e) = result {
             warn!(sqs_message_id = %sqs_id, error = %e, "event not applied; SQS will redeliver it");
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = sqs_id;
+            response.batch_item_failures.push(failure);
+        }
+    }
+    let messages: Vec<&ComputeMessage> = recorded.iter().map(|(_, m)| m).collect();
+    if let Err(e) = compute.send_json(&messages).await {
+        warn!(error = %e, "compute messages not sent; SQS will redeliver their events");
+        for (sqs_id, _) in recorded {
             let mut failure = BatchItemFailure::default();
             failure.item_identifier = sqs_id;
             response.batch_item_failures.push(failure);
@@ -94,7 +121,14 @@ mod tests {
         // Fails before any DynamoDB call, so no endpoint is needed.
         let sdk = aws_config_for_tests();
         let store = DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(sdk), "unused");
-        let response = handle(&store, sqs_event("this is not JSON")).await;
+        let sqs = aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::Config::builder()
+                .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+                .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+                .build(),
+        );
+        let compute = SqsQueue::new(sqs, "unused");
+        let response = handle(&store, &compute, sqs_event("this is not JSON")).await;
         let failed: Vec<&str> = response
             .batch_item_failures
             .iter()

@@ -10,9 +10,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // One store per instance: its caches stay warm across invocations.
     let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), &config.table);
     let store = &store;
+    let compute =
+        &kindred_aws::SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), &config.compute_queue_url);
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
-            Ok::<_, lambda_runtime::Error>(handle(store, event.payload).await)
+            Ok::<_, lambda_runtime::Error>(handle(store, compute, event.payload).await)
         },
     ))
     .await

@@ -4,20 +4,24 @@
 use std::sync::Arc;
 
 use aws_config::SdkConfig;
+use kindred_aws::compute::DynamoComputations;
 use kindred_aws::lambda::{env, request_cost};
-use kindred_aws::DynamoStore;
+use kindred_aws::{DynamoStore, SqsQueue};
 use kindred_http::{profile_api_app, with_request_costs, ReadState, Router};
 
 /// The function's configuration, from its environment, loaded once.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub table: String,
+    /// Where backfills and lookback runs send their recomputes.
+    pub compute_queue_url: String,
 }
 
 impl Config {
     pub fn load() -> Result<Self, String> {
         Ok(Self {
             table: env("KINDRED_TABLE")?,
+            compute_queue_url: env("KINDRED_COMPUTE_QUEUE_URL")?,
         })
     }
 }
@@ -31,8 +35,13 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
     let app = profile_api_app(ReadState {
         spaces: store.clone(),
         profiles: store.clone(),
-        // Computed traits and audiences are not built on DynamoDB yet.
-        computations: None,
+        computations: Some(Arc::new(DynamoComputations {
+            store: store.clone(),
+            queue: Arc::new(SqsQueue::new(
+                aws_sdk_sqs::Client::new(sdk),
+                &config.compute_queue_url,
+            )),
+        })),
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

@@ -3,6 +3,7 @@
 //! The identity rules are the domain's and the retry loop is the store's
 //! pipeline; nothing here decides who is who.
 
+pub mod compute;
 pub mod dynamo;
 pub mod lambda;
 pub mod sqs;

@@ -88,17 +88,19 @@ impl SqsQueue {
     }
 }
 
-#[async_trait]
-impl EventQueue for SqsQueue {
-    async fn enqueue(&self, events: Vec<QueuedEvent>) -> Result<()> {
+impl SqsQueue {
+    /// Sends each item as one JSON message, in batches of at most 10
+    /// messages and 256 KiB sent concurrently; returns once SQS has
+    /// accepted every one.
+    pub async fn send_json<T: serde::Serialize>(&self, items: &[T]) -> Result<()> {
         let mut batch: Vec<String> = Vec::new();
         let mut bytes = 0;
         let mut sends = Vec::new();
-        for event in &events {
-            let body = serde_json::to_string(event)?;
+        for item in items {
+            let body = serde_json::to_string(item)?;
             if body.len() > MAX_BATCH_BYTES {
                 return Err(StoreError::Invalid(
-                    "an event is larger than an SQS message".into(),
+                    "a message is larger than SQS allows".into(),
                 ));
             }
             if batch.len() == MAX_BATCH_MESSAGES || bytes + body.len() > MAX_BATCH_BYTES {
@@ -111,8 +113,14 @@ impl EventQueue for SqsQueue {
         if !batch.is_empty() {
             sends.push(batch);
         }
-        // The batches of one request go out concurrently.
         futures::future::try_join_all(sends.into_iter().map(|b| self.send_batch(b))).await?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl EventQueue for SqsQueue {
+    async fn enqueue(&self, events: Vec<QueuedEvent>) -> Result<()> {
+        self.send_json(&events).await
     }
 }

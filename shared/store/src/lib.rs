@@ -5,6 +5,7 @@
 //! Data model: the DynamoDB single-table design of `ARCHITECTURE.md`;
 //! the SQLite adapter keeps one table per item type of it.
 
+pub mod compute;
 pub mod identity;
 pub mod ports;
 pub mod sqlite;

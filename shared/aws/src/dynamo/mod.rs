@@ -8,6 +8,7 @@
 //! with `attribute_not_exists`, so it is also the dedup record.
 
 mod audit;
+pub mod compute;
 mod graph;
 mod profiles;
 mod spaces;

@@ -16,19 +16,93 @@ use super::{
     Item, EVENTS_INDEX, META, PK,
 };
 
+/// A profile's root item, its tree (root first, breadth first) and the
+/// merges that built it.
+pub(crate) struct Resolved {
+    pub root: Item,
+    pub tree: Vec<String>,
+    pub merge_history: Vec<MergeRecord>,
+}
+
 impl DynamoStore {
+    /// Follows `start`'s merge pointers to its root and walks the tree
+    /// under it; `None` if there is no such profile.
+    pub(crate) async fn resolve(
+        &self,
+        space_id: &str,
+        start: String,
+        consistent: bool,
+    ) -> Result<Option<Resolved>> {
+        let mut current = start;
+        let mut hops = 0;
+        let root = loop {
+            let Some(item) = self
+                .get(profile_key(space_id, &current), consistent)
+                .await?
+            else {
+                return Ok(None);
+            };
+            match opt_s(&item, "parent_id") {
+                Some(parent) => current = parent.to_string(),
+                None => break item,
+            }
+            hops += 1;
+            if hops > 1_000 {
+                return Err(StoreError::Invariant("a cycle of merge pointers"));
+            }
+        };
+        let mut tree = vec![get_s(&root, "profile_id")?.to_string()];
+        let mut merge_history = Vec::new();
+        let mut next = 0;
+        while next < tree.len() {
+            let parent = tree[next].clone();
+            next += 1;
+            for item in self
+                .items_with_prefix(profile_key(space_id, &parent), "MERGE#", consistent)
+                .await?
+            {
+                let child = get_s(&item, "child_id")?.to_string();
+                merge_history.push(MergeRecord {
+                    parent_id: parent.clone(),
+                    child_id: child.clone(),
+                    message_id: get_s(&item, "message_id")?.to_string(),
+                    merged_at: get_n(&item, "merged_at")?,
+                });
+                tree.push(child);
+            }
+        }
+        Ok(Some(Resolved {
+            root,
+            tree,
+            merge_history,
+        }))
+    }
+
     /// Every item of a partition whose sort key starts with `prefix`.
-    async fn items_with_prefix(&self, pk: String, prefix: &str) -> Result<Vec<Item>> {
+    pub(crate) async fn items_with_prefix(
+        &self,
+        pk: String,
+        prefix: &str,
+        consistent: bool,
+    ) -> Result<Vec<Item>> {
         let mut items = Vec::new();
         let mut start = None;
         loop {
-            let out = self
+            let mut query = self
                 .client
                 .query()
                 .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(pk.clone()))
-                .expression_attribute_values(":prefix", s(prefix))
+                .expression_attribute_values(":pk", s(pk.clone()));
+            // DynamoDB refuses `begins_with` of an empty prefix.
+            query = if prefix.is_empty() {
+                query.key_condition_expression("pk = :pk")
+            } else {
+                query
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                    .expression_attribute_values(":prefix", s(prefix))
+            };
+            let out = query
+                .consistent_read(consistent)
                 .set_exclusive_start_key(start)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
@@ -43,16 +117,17 @@ impl DynamoStore {
         }
     }
 
-    /// One page-walk of a profile's events in the index, newest or oldest
-    /// first, keeping those `keep` accepts, until `limit` are kept.
-    async fn member_events(
+    /// Walks a profile's events in the index between `bounds`, oldest
+    /// or newest first, until `visit` answers `false`.
+    pub(crate) async fn walk_member(
         &self,
         space_id: &str,
         member: &str,
         bounds: (&str, &str),
-        q: &EventQuery,
-    ) -> Result<Vec<StoredEvent>> {
-        let mut events = Vec::new();
+        descending: bool,
+        page: i32,
+        mut visit: impl FnMut(&Item) -> Result<bool>,
+    ) -> Result<()> {
         let mut start = None;
         loop {
             let out = self
@@ -64,8 +139,8 @@ impl DynamoStore {
                 .expression_attribute_values(":p", s(profile_key(space_id, member)))
                 .expression_attribute_values(":lo", s(bounds.0))
                 .expression_attribute_values(":hi", s(bounds.1))
-                .scan_index_forward(!q.descending)
-                .limit((q.limit.max(1) * 2).min(1_000) as i32)
+                .scan_index_forward(!descending)
+                .limit(page)
                 .set_exclusive_start_key(start)
                 .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
@@ -73,31 +148,51 @@ impl DynamoStore {
                 .map_err(service)?;
             self.usage.read(out.consumed_capacity());
             for item in out.items() {
-                let name = opt_s(item, "name");
-                let included =
-                    q.include.is_empty() || name.is_some_and(|n| q.include.iter().any(|i| i == n));
-                let excluded = name.is_some_and(|n| q.exclude.iter().any(|e| e == n));
-                if included && !excluded {
-                    events.push(StoredEvent {
-                        timestamp: get_n(item, "ts")?,
-                        seq: get_n(item, "seq")?,
-                        body: get_s(item, "body")?.to_string(),
-                    });
-                    if events.len() >= q.limit {
-                        return Ok(events);
-                    }
+                if !visit(item)? {
+                    return Ok(());
                 }
             }
             match out.last_evaluated_key() {
                 Some(k) => start = Some(k.clone()),
-                None => return Ok(events),
+                None => return Ok(()),
             }
         }
+    }
+
+    /// A profile's events in the index that `q` selects, at most `q.limit`.
+    async fn member_events(
+        &self,
+        space_id: &str,
+        member: &str,
+        bounds: (&str, &str),
+        q: &EventQuery,
+    ) -> Result<Vec<StoredEvent>> {
+        let mut events = Vec::new();
+        if q.limit == 0 {
+            return Ok(events);
+        }
+        let page = (q.limit.max(1) * 2).min(1_000) as i32;
+        self.walk_member(space_id, member, bounds, q.descending, page, |item| {
+            let name = opt_s(item, "name");
+            let included =
+                q.include.is_empty() || name.is_some_and(|n| q.include.iter().any(|i| i == n));
+            let excluded = name.is_some_and(|n| q.exclude.iter().any(|e| e == n));
+            if included && !excluded {
+                events.push(StoredEvent {
+                    timestamp: get_n(item, "ts")?,
+                    seq: get_n(item, "seq")?,
+                    body: get_s(item, "body")?.to_string(),
+                });
+            }
+            Ok(events.len() < q.limit)
+        })
+        .await?;
+        Ok(events)
     }
 }
 
 /// Inclusive index bounds for a query's `start`, `end` and `after`.
-fn bounds(q: &EventQuery) -> (String, String) {
+pub(crate) fn bounds(q: &EventQuery) -> (String, String) {
     let mut lo = (i64::MIN, 0);
     let mut hi = (i64::MAX, i64::MAX);
     if let Some(start) = q.start {
@@ -137,50 +232,22 @@ impl Profiles for DynamoStore {
                 .map(|item| get_s(&item, "profile_id").map(str::to_string))
                 .transpose()?,
         };
-        let Some(mut current) = start else {
+        let Some(start) = start else {
             return Ok(None);
         };
-        let mut hops = 0;
-        let root = loop {
-            let Some(item) = self.get(profile_key(space_id, &current), false).await? else {
-                return Ok(None);
-            };
-            match opt_s(&item, "parent_id") {
-                Some(parent) => current = parent.to_string(),
-                None => break item,
-            }
-            hops += 1;
-            if hops > 1_000 {
-                return Err(StoreError::Invariant("a cycle of merge pointers"));
-            }
+        let Some(Resolved {
+            root,
+            tree,
+            mut merge_history,
+        }) = self.resolve(space_id, start, false).await?
+        else {
+            return Ok(None);
         };
         let root_id = get_s(&root, "profile_id")?.to_string();
         let identifiers: Vec<IdentifierEntry> = serde_json::from_str(get_s(&root, "identifiers")?)?;
         let traits: Traits = serde_json::from_str(get_s(&root, "traits")?)?;
         let created_at = get_n(&root, "created_at")?;
         let first_message_id = get_s(&root, "first_message_id")?.to_string();
-
-        // The tree, breadth first, with the merge history on the way.
-        let mut tree = vec![root_id.clone()];
-        let mut merge_history = Vec::new();
-        let mut next = 0;
-        while next < tree.len() {
-            let parent = tree[next].clone();
-            next += 1;
-            for item in self
-                .items_with_prefix(profile_key(space_id, &parent), "MERGE#")
-                .await?
-            {
-                let child = get_s(&item, "child_id")?.to_string();
-                merge_history.push(MergeRecord {
-                    parent_id: parent.clone(),
-                    child_id: child.clone(),
-                    message_id: get_s(&item, "message_id")?.to_string(),
-                    merged_at: get_n(&item, "merged_at")?,
-                });
-                tree.push(child);
-            }
-        }
 
         let mut external_ids = Vec::new();
         if parts.external_ids {
@@ -235,7 +302,7 @@ impl Profiles for DynamoStore {
         if parts.links {
             for member in &tree {
                 for item in self
-                    .items_with_prefix(profile_key(space_id, member), "LINK#")
+                    .items_with_prefix(profile_key(space_id, member), "LINK#", false)
                     .await?
                 {
                     let link = LinkRecord {
@@ -254,6 +321,11 @@ impl Profiles for DynamoStore {
         }
         links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
         merge_history.sort_by(|a, b| (a.merged_at, &a.child_id).cmp(&(b.merged_at, &b.child_id)));
+        let computed = if parts.computed {
+            self.computed_values(space_id, &root_id).await?
+        } else {
+            Default::default()
+        };
         Ok(Some(ProfileDoc {
             profile_id: root_id,
             tree,
@@ -263,8 +335,7 @@ impl Profiles for DynamoStore {
             last_message_id,
             merges: get_n(&root, "merges")? as u32,
             traits,
-            // Computed traits and audiences are not built on DynamoDB yet.
-            computed: Default::default(),
+            computed,
             external_ids,
             links,
             merge_history,

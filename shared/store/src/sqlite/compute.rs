@@ -23,9 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kindred_domain::compute::{
-    rebuild, settle, Class, Definition, DefinitionError, ProfileState, Ruleset, Values,
-};
+use kindred_domain::compute::{rebuild, Class, Definition, ProfileState, Ruleset};
 use kindred_domain::{Event, Millis, Traits};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
@@ -33,8 +31,9 @@ use tracing::{error, info, info_span};
 
 use super::profiles::root_of;
 use super::{lock, SqliteStore};
+use crate::compute::{absorb, check_delete, check_put, recompute, Recomputed};
 use crate::ports::{
-    ChangeRecord, Computations, ComputedValue, ComputedValues, DefinitionRecord, DefinitionStatus,
+    ChangeRecord, Computations, ComputedValues, DefinitionRecord, DefinitionStatus,
 };
 use crate::{now_millis, Result, StoreError};
 
@@ -279,25 +278,14 @@ impl SqliteStore {
             )
             .optional()?;
         let live = existing.as_ref().filter(|e| e.3 == 0);
-        if let Some((other, ..)) = live.filter(|e| e.0 != class.as_str()) {
-            return Err(DefinitionError {
-                field: "key".into(),
-                message: format!("is already used by a {}", other.replace('_', " ")),
-            }
-            .into());
-        }
         if bump_only && live.is_none() {
             return Err(StoreError::NotFound);
         }
         // Versions never repeat, even across delete and re-create.
         let version = existing.as_ref().map_or(now, |e| (e.1 + 1).max(now));
         let parsed = Definition::parse(class, key, version as u64, body)?;
-        let mut defs: Vec<Definition> = load_definitions(&tx, space_id)?
-            .into_iter()
-            .filter(|d| d.key != key)
-            .collect();
-        defs.push(parsed);
-        Ruleset::new(defs)?;
+        let live_class = live.map(|e| class_of(&e.0)).transpose()?;
+        check_put(live_class, parsed, load_definitions(&tx, space_id)?)?;
         let created_at = live.map_or(now, |e| e.2);
         tx.execute(
             "INSERT INTO definitions (space_id, key, class, version, body, status, done, total, error, created_at, updated_at, deleted)
@@ -321,17 +309,7 @@ impl SqliteStore {
         if get_record(&tx, space_id, class, key)?.is_none() {
             return Ok(false);
         }
-        let rest: Vec<Definition> = load_definitions(&tx, space_id)?
-            .into_iter()
-            .filter(|d| d.key != key)
-            .collect();
-        if Ruleset::new(rest).is_err() {
-            return Err(DefinitionError {
-                field: "key".into(),
-                message: "is referenced by another audience; change that audience first".into(),
-            }
-            .into());
-        }
+        check_delete(key, load_definitions(&tx, space_id)?)?;
         tx.execute(
             "UPDATE definitions SET deleted = 1, updated_at = ?3 WHERE space_id = ?1 AND key = ?2",
             params![space_id, key, now_millis()],
@@ -647,16 +625,14 @@ impl Batch<'_> {
         let loaded = self.profiles.get_mut(&key).expect("inserted above");
         loaded.now = loaded.now.max(now);
         for (child, state, computed) in absorbed {
-            let theirs: ProfileState = serde_json::from_str(&state)?;
-            ruleset.merge(&mut loaded.state, theirs);
-            // A membership the merged profile had is not announced again.
-            let theirs: ComputedValues = serde_json::from_str(&computed)?;
-            for (k, v) in theirs {
-                let ours = loaded.stored.entry(k).or_insert_with(|| v.clone());
-                if v.value == Value::Bool(true) {
-                    ours.value = Value::Bool(true);
-                }
-            }
+            absorb(
+                ruleset,
+                (&mut loaded.state, &mut loaded.stored),
+                (
+                    serde_json::from_str(&state)?,
+                    serde_json::from_str(&computed)?,
+                ),
+            );
             self.tx
                 .prepare_cached(
                     "DELETE FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
@@ -717,28 +693,11 @@ impl Batch<'_> {
             } else {
                 Traits::new()
             };
-            ruleset.retain_known(&mut p.state);
-            ruleset.prune(&mut p.state, p.now);
-            let computed = ruleset.evaluate(&p.state, &traits, p.now);
-            let plain: Values = p
-                .stored
-                .iter()
-                .map(|(k, v)| (k.clone(), v.value.clone()))
-                .collect();
-            let (values, changes) = settle(ruleset, &plain, &computed);
-            let mut stored = ComputedValues::new();
-            for (k, v) in values {
-                let entry = match p.stored.remove(&k) {
-                    Some(old) if old.value == v => old,
-                    _ => ComputedValue {
-                        class: ruleset.get(&k).map_or(Class::ComputedTrait, |d| d.class()),
-                        value: v,
-                        updated_at: p.now,
-                    },
-                };
-                stored.insert(k, entry);
-            }
-            let due = ruleset.next_change_from(&p.state, &traits, p.now, &computed);
+            let Recomputed {
+                values: stored,
+                changes,
+                due,
+            } = recompute(ruleset, &mut p.state, p.stored, &traits, p.now);
             self.tx
                 .prepare_cached(
                     "INSERT INTO compute_states (space_id, profile_id, state, computed, due)

@@ -1,0 +1,20 @@
+use kindred_aws::{DynamoStore, SqsQueue};
+use kindred_expiry::{handle, Config};
+use lambda_runtime::{service_fn, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    kindred_aws::lambda::init_logging();
+    let config = Config::load()?;
+    let sdk = kindred_aws::lambda::sdk_config().await;
+    let store = &DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), &config.table);
+    let queue = &SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), &config.compute_queue_url);
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            handle(store, queue, &event.payload)
+                .await
+                .map_err(lambda_runtime::Error::from)
+        },
+    ))
+    .await
+}

@@ -1,0 +1,558 @@
+//! Computed traits and audiences on AWS, against DynamoDB Local and
+//! ministack's SQS, with the Lambda handlers in process: definitions
+//! through the `profile-api` function, events through `ingest` ->
+//! `identity` -> the compute queue -> `compute`, the Profile API serving
+//! the results, lookback expiry through the due index, the change log,
+//! backfill over stored history, SQS redelivery, and racing folds.
+
+use std::time::{Duration, Instant};
+
+use aws_lambda_events::sqs::SqsEvent;
+use base64::Engine;
+use kindred_aws::dynamo::compute::{ComputeMessage, CHANGES_SETTLE_MS};
+use kindred_aws::{DynamoStore, SqsQueue};
+use kindred_domain::event::format_millis;
+use kindred_tests::{aws_config, emulators, fresh_dynamo, fresh_queue};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const HOUR: i64 = 3_600_000;
+
+fn basic(user: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
+}
+
+/// An API Gateway v2 request, built from the Profile API fixture.
+fn apigw(method: &str, path: &str, query: &str, token: &str, body: Option<&Value>) -> String {
+    let mut request: Value = serde_json::from_str(include_str!(
+        "../../functions/profile-api/fixtures/apigw-v2-get-traits.json"
+    ))
+    .unwrap();
+    request["rawPath"] = path.into();
+    request["rawQueryString"] = query.into();
+    request["headers"]["authorization"] = format!("Basic {}", basic(token)).into();
+    request["headers"]["content-type"] = "application/json".into();
+    request["requestContext"]["http"]["method"] = method.into();
+    request["requestContext"]["http"]["path"] = path.into();
+    request["body"] = body.map_or(Value::Null, |b| b.to_string().into());
+    request["isBase64Encoded"] = false.into();
+    request.to_string()
+}
+
+async fn call(app: &kindred_http::Router, request: String) -> (u16, Value) {
+    let response = app
+        .clone()
+        .oneshot(lambda_http::request::from_str(&request).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = kindred_http::body_bytes(response.into_body())
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// What Lambda's event source mapping hands a function: one record per
+/// received message.
+fn sqs_event(messages: &[aws_sdk_sqs::types::Message]) -> SqsEvent {
+    let fixture: Value = serde_json::from_str(include_str!(
+        "../../functions/compute/fixtures/sqs-event.json"
+    ))
+    .unwrap();
+    let template = &fixture["Records"][0];
+    let records: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let mut record = template.clone();
+            record["messageId"] = m.message_id().unwrap().into();
+            record["receiptHandle"] = m.receipt_handle().unwrap().into();
+            record["body"] = m.body().unwrap().into();
+            record
+        })
+        .collect();
+    serde_json::from_value(json!({ "Records": records })).unwrap()
+}
+
+struct Deployment {
+    store: DynamoStore,
+    sqs: aws_sdk_sqs::Client,
+    events_queue: String,
+    compute_queue: String,
+    compute: SqsQueue,
+    ingest: kindred_http::Router,
+    profile_api: kindred_http::Router,
+    space: kindred_store::NewSpace,
+}
+
+impl Deployment {
+    async fn start(name: &str) -> Self {
+        // Warnings (ids and errors, never payloads) show with a failure.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_test_writer()
+            .try_init();
+        let setup = fresh_dynamo().await;
+        let space = setup.create_space(name).await.unwrap();
+        let (sqs, events_queue, _) = fresh_queue(3).await;
+        let (_, compute_queue, _) = fresh_queue(3).await;
+        let sdk = aws_config().await;
+        let ingest = kindred_ingest::app(
+            &kindred_ingest::Config {
+                table: setup.table().to_string(),
+                events_queue_url: events_queue.clone(),
+                ingest_rate: 10_000,
+            },
+            &sdk,
+        );
+        let profile_api = kindred_profile_api::app(
+            &kindred_profile_api::Config {
+                table: setup.table().to_string(),
+                compute_queue_url: compute_queue.clone(),
+            },
+            &sdk,
+        );
+        let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), setup.table());
+        let compute = SqsQueue::new(sqs.clone(), &compute_queue);
+        Self {
+            store,
+            sqs,
+            events_queue,
+            compute_queue,
+            compute,
+            ingest,
+            profile_api,
+            space,
+        }
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let path = format!("/v1/spaces/{}{path}", self.space.space_id);
+        let request = apigw(method, &path, query, &self.space.admin_token, body);
+        call(&self.profile_api, request).await
+    }
+
+    async fn define(&self, collection: &str, key: &str, body: Value) -> Value {
+        let (status, reply) = self
+            .admin("PUT", &format!("/{collection}/{key}"), Some(&body))
+            .await;
+        assert!((200..300).contains(&status), "{key}: {status} {reply}");
+        reply
+    }
+
+    async fn traits(&self, lookup: &str, query: &str) -> Value {
+        let path = format!(
+            "/v1/spaces/{}/collections/users/profiles/{lookup}/traits",
+            self.space.space_id
+        );
+        let request = apigw("GET", &path, query, &self.space.access_token, None);
+        let (status, reply) = call(&self.profile_api, request).await;
+        assert_eq!(status, 200, "{reply}");
+        reply
+    }
+
+    async fn batch(&self, events: Vec<Value>) {
+        let mut request: Value = serde_json::from_str(include_str!(
+            "../../functions/ingest/fixtures/apigw-v2-batch.json"
+        ))
+        .unwrap();
+        request["headers"]["authorization"] =
+            format!("Basic {}", basic(&self.space.write_key)).into();
+        request["body"] = json!({ "batch": events }).to_string().into();
+        let (status, reply) = call(&self.ingest, request.to_string()).await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["rejected"], json!([]), "{reply}");
+    }
+
+    /// Receives from `queue` until it stays empty, handing each batch to
+    /// `handler` and deleting what it did not report failed.
+    async fn pump<F, Fut>(&self, queue: &str, handler: F) -> usize
+    where
+        F: Fn(SqsEvent) -> Fut,
+        Fut: std::future::Future<Output = aws_lambda_events::sqs::SqsBatchResponse>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut handled = 0;
+        let mut empty = 0;
+        while empty < 2 {
+            assert!(Instant::now() < deadline, "the queue did not drain");
+            let messages = self
+                .sqs
+                .receive_message()
+                .queue_url(queue)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap()
+                .messages()
+                .to_vec();
+            if messages.is_empty() {
+                empty += 1;
+                continue;
+            }
+            empty = 0;
+            let response = handler(sqs_event(&messages)).await;
+            let failed: Vec<String> = response
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.clone())
+                .collect();
+            assert!(failed.is_empty(), "messages failed: {failed:?}");
+            for m in &messages {
+                self.sqs
+                    .delete_message()
+                    .queue_url(queue)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+                handled += 1;
+            }
+        }
+        handled
+    }
+
+    /// Runs the identity step, then the compute step, until both queues drain.
+    async fn settle(&self) {
+        self.pump(&self.events_queue, |e| {
+            kindred_identity::handle(&self.store, &self.compute, e)
+        })
+        .await;
+        self.pump_compute().await;
+    }
+
+    async fn pump_compute(&self) -> usize {
+        self.pump(&self.compute_queue, |e| {
+            kindred_compute::handle(&self.store, &self.compute, e)
+        })
+        .await
+    }
+
+    async fn changes(&self, since: i64) -> Vec<Value> {
+        let (status, reply) = self
+            .admin("GET", &format!("/changes?since={since}&limit=1000"), None)
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        reply["data"].as_array().unwrap().clone()
+    }
+}
+
+fn order(user: &str, revenue: i64, at: i64) -> Value {
+    json!({"type": "track", "userId": user, "event": "Order Completed",
+           "properties": {"revenue": revenue}, "timestamp": format_millis(at)})
+}
+
+/// Waits past the next hour boundary if it is less than three minutes
+/// away, so that "now" stays in one hour for the rest of the test.
+async fn away_from_hour_boundary() {
+    let into = kindred_store::now_millis().rem_euclid(HOUR);
+    if into > HOUR - 180_000 {
+        tokio::time::sleep(Duration::from_millis((HOUR - into + 1_000) as u64)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_traits_and_audiences_through_the_lambda_functions() {
+    if !emulators("computed_traits_and_audiences_through_the_lambda_functions") {
+        return;
+    }
+    away_from_hour_boundary().await;
+    let d = Deployment::start("compute").await;
+    d.define("computed_traits", "lifetime_value", json!({
+        "type": "aggregation", "function": "sum", "event": "Order Completed", "property": "revenue"})).await;
+    d.define(
+        "audiences",
+        "high_value_users",
+        json!({"condition": {"trait": {"name": "lifetime_value", "op": ">", "value": 500}}}),
+    )
+    .await;
+    d.define(
+        "computed_traits",
+        "orders_90d",
+        json!({"type": "event_counter", "event": "Order Completed", "lookback": {"days": 90}}),
+    )
+    .await;
+    let created = d
+        .define(
+            "audiences",
+            "ordered_90d",
+            json!({"condition": {"performed": {"event": "Order Completed", "within": {"days": 90}}}}),
+        )
+        .await;
+    assert_eq!(created["status"], "backfilling", "{created}");
+    // A cycle is refused on DynamoDB as locally, naming the field.
+    let (status, reply) = d
+        .admin(
+            "PUT",
+            "/audiences/loop",
+            Some(&json!({"condition": {"audience": "loop"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cycle"),
+        "{reply}"
+    );
+    // The (empty) space's backfill pass finishes.
+    d.pump_compute().await;
+    let (_, reply) = d.admin("GET", "/audiences/ordered_90d", None).await;
+    assert_eq!(reply["status"], "ready", "{reply}");
+
+    let now = kindred_store::now_millis();
+    let mut events = vec![
+        order("big", 300, now - HOUR),
+        order("big", 250, now),
+        order("small", 20, now),
+        order("u1", 10, now - 2_159 * HOUR),
+        order("u1", 10, now - 2_161 * HOUR),
+    ];
+    let message_ids: Vec<String> = (0..events.len()).map(|i| format!("m-{i}")).collect();
+    for (e, id) in events.iter_mut().zip(&message_ids) {
+        e["messageId"] = id.as_str().into();
+    }
+    d.batch(events).await;
+    d.settle().await;
+
+    // The classic example.
+    let body = d.traits("user_id:big", "include=high_value_users").await;
+    assert_eq!(body["traits"], json!({"high_value_users": true}), "{body}");
+    assert_eq!(body["cursor"]["has_more"], json!(false), "{body}");
+    let body = d.traits("user_id:small", "class=audience").await;
+    assert_eq!(body["traits"].get("high_value_users"), None, "{body}");
+    let body = d
+        .traits("user_id:u1", "include=orders_90d,ordered_90d")
+        .await;
+    assert_eq!(
+        body["traits"],
+        json!({"orders_90d": 1, "ordered_90d": true})
+    );
+
+    // An hour later the 2,159-hour-old order has aged out: exactly u1 is due.
+    let as_of = json!({"as_of": format_millis(now + HOUR)});
+    let (status, reply) = d.admin("POST", "/lookback/run", Some(&as_of)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["profiles_enqueued"], json!(1), "{reply}");
+    d.pump_compute().await;
+    let body = d
+        .traits("user_id:u1", "include=orders_90d,ordered_90d")
+        .await;
+    assert_eq!(
+        body["traits"],
+        json!({"orders_90d": 0, "ordered_90d": false})
+    );
+    let body = d.traits("user_id:big", "include=orders_90d").await;
+    assert_eq!(body["traits"], json!({"orders_90d": 2}));
+    // Nobody is due any more.
+    let (_, reply) = d.admin("POST", "/lookback/run", Some(&as_of)).await;
+    assert_eq!(reply["profiles_enqueued"], json!(0), "{reply}");
+
+    // The change log, once settled: one entry and one exit of u1.
+    tokio::time::sleep(Duration::from_millis(CHANGES_SETTLE_MS as u64 + 500)).await;
+    let all = d.changes(0).await;
+    let ordered: Vec<&Value> = all.iter().filter(|c| c["key"] == "ordered_90d").collect();
+    assert_eq!(
+        ordered.len(),
+        4,
+        "big, small and u1 entered; u1 exited: {all:?}"
+    );
+    let exits: Vec<&Value> = ordered
+        .iter()
+        .filter(|c| c["new"] == false)
+        .copied()
+        .collect();
+    assert_eq!(exits.len(), 1, "{all:?}");
+    assert_eq!(exits[0]["payloads"][1]["event"], "Audience Exited");
+    assert_eq!(
+        exits[0]["payloads"][1]["context"]["personas"]["computation_key"],
+        "ordered_90d"
+    );
+    let seqs: Vec<i64> = all.iter().map(|c| c["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "ordered: {seqs:?}");
+    let rest = d.changes(seqs[seqs.len() - 3]).await;
+    assert_eq!(rest.len(), 2, "since continues after the given seq");
+
+    // Backfill: a definition created after the events is built from the
+    // history already folded.
+    d.define(
+        "computed_traits",
+        "orders_total",
+        json!({"type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    d.pump_compute().await;
+    let (_, reply) = d.admin("GET", "/computed_traits/orders_total", None).await;
+    assert_eq!(reply["status"], "ready", "{reply}");
+    let body = d.traits("user_id:u1", "include=orders_total").await;
+    assert_eq!(body["traits"], json!({"orders_total": 2}));
+
+    // A redelivered event message is not folded twice.
+    let again: Vec<ComputeMessage> = message_ids
+        .iter()
+        .map(|m| ComputeMessage::Event {
+            space_id: d.space.space_id.clone(),
+            message_id: m.clone(),
+        })
+        .collect();
+    d.compute.send_json(&again).await.unwrap();
+    assert_eq!(d.pump_compute().await, 5);
+    let body = d
+        .traits("user_id:big", "include=orders_total,lifetime_value")
+        .await;
+    assert_eq!(
+        body["traits"],
+        json!({"orders_total": 2, "lifetime_value": 550})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_folds_of_one_profile_fold_each_event_exactly_once() {
+    if !emulators("racing_folds_of_one_profile_fold_each_event_exactly_once") {
+        return;
+    }
+    let d = Deployment::start("compute-race").await;
+    d.define(
+        "computed_traits",
+        "orders",
+        json!({"type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    d.pump_compute().await;
+    let now = kindred_store::now_millis();
+    let events: Vec<Value> = (0..24)
+        .map(|i| order("racer", i, now - i * 1_000))
+        .collect();
+    d.batch(events).await;
+    // The identity step only: the compute messages stay queued.
+    d.pump(&d.events_queue, |e| {
+        kindred_identity::handle(&d.store, &d.compute, e)
+    })
+    .await;
+    let mut messages = Vec::new();
+    loop {
+        let batch = d
+            .sqs
+            .receive_message()
+            .queue_url(&d.compute_queue)
+            .max_number_of_messages(10)
+            .visibility_timeout(60)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap()
+            .messages()
+            .to_vec();
+        if batch.is_empty() {
+            break;
+        }
+        messages.extend(batch);
+    }
+    assert_eq!(messages.len(), 24);
+    // Four workers fold overlapping halves of the messages concurrently:
+    // every event is offered twice, to different workers.
+    let bodies: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m.message_id().unwrap().to_string(),
+                m.body().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let halves = [
+        bodies[..12].to_vec(),
+        bodies[12..].to_vec(),
+        bodies[6..18].to_vec(),
+        [&bodies[..6], &bodies[18..]].concat(),
+    ];
+    let results = futures::future::join_all(
+        halves
+            .into_iter()
+            .map(|h| kindred_aws::compute::handle(&d.store, &d.compute, h)),
+    )
+    .await;
+    assert!(results.iter().all(Vec::is_empty), "{results:?}");
+    let body = d.traits("user_id:racer", "include=orders").await;
+    assert_eq!(body["traits"], json!({"orders": 24}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_folds_the_merged_state_in_without_entering_twice() {
+    if !emulators("a_merge_folds_the_merged_state_in_without_entering_twice") {
+        return;
+    }
+    let d = Deployment::start("compute-merge").await;
+    d.define(
+        "audiences",
+        "repeat_buyers",
+        json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 2}}}}),
+    )
+    .await;
+    d.define(
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    d.pump_compute().await;
+    let now = kindred_store::now_millis();
+    d.batch(vec![
+        json!({"type": "track", "anonymousId": "a1", "event": "Order Completed", "timestamp": format_millis(now - HOUR)}),
+        order("u1", 5, now),
+    ])
+    .await;
+    d.settle().await;
+    d.batch(vec![
+        json!({"type": "identify", "anonymousId": "a1", "userId": "u1"}),
+    ])
+    .await;
+    d.settle().await;
+    let body = d.traits("anonymous_id:a1", "class=audience").await;
+    assert_eq!(
+        body["traits"],
+        json!({"buyers": true, "repeat_buyers": true}),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(CHANGES_SETTLE_MS as u64 + 500)).await;
+    let log = d.changes(0).await;
+    let count = |key: &str| log.iter().filter(|c| c["key"] == key).count();
+    assert_eq!(count("repeat_buyers"), 1, "{log:?}");
+    // Both profiles entered `buyers` before the merge; the merged one does not again.
+    assert_eq!(count("buyers"), 2, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_definition_writes_never_make_a_cycle_on_dynamodb() {
+    if !emulators("racing_definition_writes_never_make_a_cycle_on_dynamodb") {
+        return;
+    }
+    let d = Deployment::start("compute-defs").await;
+    for round in 0..5 {
+        let (a, b) = (format!("a{round}"), format!("b{round}"));
+        let leaf = |e: &str| json!({"condition": {"performed": {"event": e}}});
+        d.define("audiences", &a, leaf("A")).await;
+        d.define("audiences", &b, leaf("B")).await;
+        let to_b = json!({"condition": {"audience": b}});
+        let to_a = json!({"condition": {"audience": a}});
+        let path_a = format!("/audiences/{a}");
+        let path_b = format!("/audiences/{b}");
+        let (one, two) = futures::join!(
+            d.admin("PUT", &path_a, Some(&to_b)),
+            d.admin("PUT", &path_b, Some(&to_a)),
+        );
+        let ok = [one.0, two.0]
+            .iter()
+            .filter(|s| (200..300).contains(*s))
+            .count();
+        assert_eq!(
+            ok, 1,
+            "exactly one of two writes that would close a cycle wins: {one:?} {two:?}"
+        );
+    }
+}
