@@ -174,3 +174,24 @@ pub async fn fresh_queue(max_receives: u32) -> (aws_sdk_sqs::Client, String, Str
         .to_string();
     (client, queue, dlq)
 }
+
+/// What Lambda's event source mapping hands an SQS consumer: the SQS event
+/// fixture with one record per received message.
+pub fn sqs_event(messages: &[aws_sdk_sqs::types::Message]) -> aws_lambda_events::sqs::SqsEvent {
+    let fixture: serde_json::Value = serde_json::from_str(include_str!(
+        "../../functions/compute/fixtures/sqs-event.json"
+    ))
+    .expect("the SQS event fixture");
+    let template = &fixture["Records"][0];
+    let records: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            let mut record = template.clone();
+            record["messageId"] = m.message_id().unwrap_or_default().into();
+            record["receiptHandle"] = m.receipt_handle().unwrap_or_default().into();
+            record["body"] = m.body().unwrap_or_default().into();
+            record
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": records })).expect("an SQS event")
+}

@@ -12,7 +12,7 @@ use base64::Engine;
 use kindred_aws::dynamo::compute::{ComputeMessage, CHANGES_SETTLE_MS};
 use kindred_aws::{DynamoStore, SqsQueue};
 use kindred_domain::event::format_millis;
-use kindred_tests::{aws_config, emulators, fresh_dynamo, fresh_queue};
+use kindred_tests::{aws_config, emulators, fresh_dynamo, fresh_queue, sqs_event};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -53,27 +53,6 @@ async fn call(app: &kindred_http::Router, request: String) -> (u16, Value) {
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
-}
-
-/// What Lambda's event source mapping hands a function: one record per
-/// received message.
-fn sqs_event(messages: &[aws_sdk_sqs::types::Message]) -> SqsEvent {
-    let fixture: Value = serde_json::from_str(include_str!(
-        "../../functions/compute/fixtures/sqs-event.json"
-    ))
-    .unwrap();
-    let template = &fixture["Records"][0];
-    let records: Vec<Value> = messages
-        .iter()
-        .map(|m| {
-            let mut record = template.clone();
-            record["messageId"] = m.message_id().unwrap().into();
-            record["receiptHandle"] = m.receipt_handle().unwrap().into();
-            record["body"] = m.body().unwrap().into();
-            record
-        })
-        .collect();
-    serde_json::from_value(json!({ "Records": records })).unwrap()
 }
 
 struct Deployment {

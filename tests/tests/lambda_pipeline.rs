@@ -6,10 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use aws_lambda_events::sqs::SqsEvent;
 use base64::Engine;
 use kindred_aws::DynamoStore;
-use kindred_tests::{aws_config, emulators, fresh_dynamo, fresh_queue};
+use kindred_tests::{aws_config, emulators, fresh_dynamo, fresh_queue, sqs_event};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -28,27 +27,6 @@ mod axum_body {
     pub async fn to_bytes(body: Body) -> Vec<u8> {
         kindred_http::body_bytes(body).await.unwrap()
     }
-}
-
-/// What Lambda's event source mapping would hand the function: the SQS
-/// event fixture, one record per received message.
-fn sqs_event(messages: &[aws_sdk_sqs::types::Message]) -> SqsEvent {
-    let fixture: Value = serde_json::from_str(include_str!(
-        "../../functions/identity/fixtures/sqs-event.json"
-    ))
-    .unwrap();
-    let template = &fixture["Records"][0];
-    let records: Vec<Value> = messages
-        .iter()
-        .map(|m| {
-            let mut record = template.clone();
-            record["messageId"] = m.message_id().unwrap().into();
-            record["receiptHandle"] = m.receipt_handle().unwrap().into();
-            record["body"] = m.body().unwrap().into();
-            record
-        })
-        .collect();
-    serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
 }
 
 async fn receive(sqs: &aws_sdk_sqs::Client, queue: &str) -> Vec<aws_sdk_sqs::types::Message> {

@@ -183,6 +183,35 @@ impl DynamoStore {
         Ok(out.item().cloned())
     }
 
+    /// Runs a query page by page (counting its capacity), handing each
+    /// item to `visit` until it answers `false`.
+    pub(crate) async fn query_pages(
+        &self,
+        query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+        mut visit: impl FnMut(&Item) -> Result<bool>,
+    ) -> Result<()> {
+        let mut start = None;
+        loop {
+            let out = query
+                .clone()
+                .set_exclusive_start_key(start)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(service)?;
+            self.usage.read(out.consumed_capacity());
+            for item in out.items() {
+                if !visit(item)? {
+                    return Ok(());
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(k) => start = Some(k.clone()),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// Batch read of the given keys (found items, any order), re-asking
     /// for unprocessed keys with jittered backoff.
     pub(crate) async fn batch_get(&self, keys: Vec<Item>, consistent: bool) -> Result<Vec<Item>> {

@@ -3,7 +3,6 @@
 //! the merge records kept under each parent.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::ReturnConsumedCapacity;
 use kindred_domain::{IdentifierEntry, Traits};
 use kindred_store::ports::{
     EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
@@ -12,8 +11,8 @@ use kindred_store::ports::{
 use kindred_store::{Result, StoreError};
 
 use super::{
-    event_order, get_n, get_s, identifier_key, key, opt_s, profile_key, s, service, DynamoStore,
-    Item, EVENTS_INDEX, META, PK,
+    event_order, get_n, get_s, identifier_key, key, opt_s, profile_key, s, DynamoStore, Item,
+    EVENTS_INDEX, META, PK,
 };
 
 /// A profile's root item, its tree (root first, breadth first) and the
@@ -85,36 +84,27 @@ impl DynamoStore {
         prefix: &str,
         consistent: bool,
     ) -> Result<Vec<Item>> {
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .expression_attribute_values(":pk", s(pk))
+            .consistent_read(consistent);
+        // DynamoDB refuses `begins_with` of an empty prefix.
+        query = if prefix.is_empty() {
+            query.key_condition_expression("pk = :pk")
+        } else {
+            query
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":prefix", s(prefix))
+        };
         let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let mut query = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .expression_attribute_values(":pk", s(pk.clone()));
-            // DynamoDB refuses `begins_with` of an empty prefix.
-            query = if prefix.is_empty() {
-                query.key_condition_expression("pk = :pk")
-            } else {
-                query
-                    .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                    .expression_attribute_values(":prefix", s(prefix))
-            };
-            let out = query
-                .consistent_read(consistent)
-                .set_exclusive_start_key(start)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(service)?;
-            self.usage.read(out.consumed_capacity());
-            items.extend(out.items().iter().cloned());
-            match out.last_evaluated_key() {
-                Some(k) => start = Some(k.clone()),
-                None => return Ok(items),
-            }
-        }
+        self.query_pages(query, |item| {
+            items.push(item.clone());
+            Ok(true)
+        })
+        .await?;
+        Ok(items)
     }
 
     /// Walks a profile's events in the index between `bounds`, oldest
@@ -128,35 +118,18 @@ impl DynamoStore {
         page: i32,
         mut visit: impl FnMut(&Item) -> Result<bool>,
     ) -> Result<()> {
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(EVENTS_INDEX)
-                .key_condition_expression("gpk = :p AND gsk BETWEEN :lo AND :hi")
-                .expression_attribute_values(":p", s(profile_key(space_id, member)))
-                .expression_attribute_values(":lo", s(bounds.0))
-                .expression_attribute_values(":hi", s(bounds.1))
-                .scan_index_forward(!descending)
-                .limit(page)
-                .set_exclusive_start_key(start)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(service)?;
-            self.usage.read(out.consumed_capacity());
-            for item in out.items() {
-                if !visit(item)? {
-                    return Ok(());
-                }
-            }
-            match out.last_evaluated_key() {
-                Some(k) => start = Some(k.clone()),
-                None => return Ok(()),
-            }
-        }
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(EVENTS_INDEX)
+            .key_condition_expression("gpk = :p AND gsk BETWEEN :lo AND :hi")
+            .expression_attribute_values(":p", s(profile_key(space_id, member)))
+            .expression_attribute_values(":lo", s(bounds.0))
+            .expression_attribute_values(":hi", s(bounds.1))
+            .scan_index_forward(!descending)
+            .limit(page);
+        self.query_pages(query, &mut visit).await
     }
 
     /// A profile's events in the index that `q` selects, at most `q.limit`.
