@@ -7,22 +7,7 @@
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use kindred_aws::{DynamoStore, SqsQueue};
 
-/// The function's configuration, from its environment, loaded once.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub table: String,
-    /// The compute queue itself: backfill passes send their next steps to it.
-    pub compute_queue_url: String,
-}
-
-impl Config {
-    pub fn load() -> Result<Self, String> {
-        Ok(Self {
-            table: kindred_aws::lambda::env("KINDRED_TABLE")?,
-            compute_queue_url: kindred_aws::lambda::env("KINDRED_COMPUTE_QUEUE_URL")?,
-        })
-    }
-}
+pub use kindred_aws::lambda::Config;
 
 /// Handles one SQS batch; the messages of one profile are folded together.
 pub async fn handle(store: &DynamoStore, queue: &SqsQueue, event: SqsEvent) -> SqsBatchResponse {

@@ -8,21 +8,7 @@ use kindred_store::{now_millis, Result};
 use serde_json::Value;
 use tracing::info;
 
-/// The function's configuration, from its environment, loaded once.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub table: String,
-    pub compute_queue_url: String,
-}
-
-impl Config {
-    pub fn load() -> Result<Self, String> {
-        Ok(Self {
-            table: kindred_aws::lambda::env("KINDRED_TABLE")?,
-            compute_queue_url: kindred_aws::lambda::env("KINDRED_COMPUTE_QUEUE_URL")?,
-        })
-    }
-}
+pub use kindred_aws::lambda::Config;
 
 /// Runs the sweep as of the scheduled event's `time` (or now, if the
 /// event has none or it is in the past); answers how many profiles were sent.

@@ -16,22 +16,7 @@ use kindred_store::ports::QueuedEvent;
 use kindred_store::StoreError;
 use tracing::{info, info_span, warn, Instrument};
 
-/// The function's configuration, from its environment, loaded once.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub table: String,
-    /// Where recorded events go for computed traits and audiences.
-    pub compute_queue_url: String,
-}
-
-impl Config {
-    pub fn load() -> Result<Self, String> {
-        Ok(Self {
-            table: kindred_aws::lambda::env("KINDRED_TABLE")?,
-            compute_queue_url: kindred_aws::lambda::env("KINDRED_COMPUTE_QUEUE_URL")?,
-        })
-    }
-}
+pub use kindred_aws::lambda::Config;
 
 /// Handles one SQS batch. Messages are independent: each is applied or
 /// reported failed on its own.

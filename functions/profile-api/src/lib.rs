@@ -5,26 +5,11 @@ use std::sync::Arc;
 
 use aws_config::SdkConfig;
 use kindred_aws::compute::DynamoComputations;
-use kindred_aws::lambda::{env, request_cost};
+use kindred_aws::lambda::request_cost;
 use kindred_aws::{DynamoStore, SqsQueue};
 use kindred_http::{profile_api_app, with_request_costs, ReadState, Router};
 
-/// The function's configuration, from its environment, loaded once.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub table: String,
-    /// Where backfills and lookback runs send their recomputes.
-    pub compute_queue_url: String,
-}
-
-impl Config {
-    pub fn load() -> Result<Self, String> {
-        Ok(Self {
-            table: env("KINDRED_TABLE")?,
-            compute_queue_url: env("KINDRED_COMPUTE_QUEUE_URL")?,
-        })
-    }
-}
+pub use kindred_aws::lambda::Config;
 
 /// The router the function serves.
 pub fn app(config: &Config, sdk: &SdkConfig) -> Router {

@@ -28,6 +28,25 @@ pub fn env(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("the environment variable {name} is not set"))
 }
 
+/// The configuration of the functions that work on the table and send to
+/// the compute queue (`identity`, `compute`, `expiry`, `profile-api`),
+/// from their environment, loaded once.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub table: String,
+    /// The compute queue: recorded events, recomputes and backfill passes.
+    pub compute_queue_url: String,
+}
+
+impl Config {
+    pub fn load() -> Result<Self, String> {
+        Ok(Self {
+            table: env("KINDRED_TABLE")?,
+            compute_queue_url: env("KINDRED_COMPUTE_QUEUE_URL")?,
+        })
+    }
+}
+
 /// The store's running request and capacity totals, for
 /// [`kindred_http::with_request_costs`].
 pub fn request_cost(store: &crate::DynamoStore) -> kindred_http::RequestCost {
