@@ -102,3 +102,72 @@ async fn requests_and_capacity_units_per_event() {
     assert!(a_warm.write_units <= 2.0, "{a_warm:?}");
     assert!(a_cold.read_requests <= 3, "{a_cold:?}");
 }
+
+/// The compute step's cost per event with 20 definitions, on a profile
+/// that already has a state (the common case), and on the first event of
+/// a profile (no state yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_requests_and_capacity_units_per_event() {
+    if !emulators("compute_requests_and_capacity_units_per_event") {
+        return;
+    }
+    use kindred_aws::compute::{handle, DynamoComputations};
+    use kindred_aws::dynamo::compute::ComputeMessage;
+    use kindred_domain::compute::Class;
+    use kindred_store::ports::Computations;
+    use std::sync::Arc;
+
+    let store = Arc::new(fresh_dynamo().await);
+    let space = store.create_space("compute-costs").await.unwrap().space_id;
+    let (sqs, queue_url, _) = kindred_tests::fresh_queue(3).await;
+    let queue = Arc::new(kindred_aws::SqsQueue::new(sqs, &queue_url));
+    let defs = DynamoComputations {
+        store: store.clone(),
+        queue: queue.clone(),
+    };
+    for i in 0..10 {
+        let trait_def = json!({"type": "event_counter", "event": format!("Event {i}"), "lookback": {"days": 30}});
+        defs.put_definition(&space, Class::ComputedTrait, &format!("count_{i}"), &trait_def)
+            .await
+            .unwrap();
+        let audience = json!({"condition": {"performed": {"event": format!("Event {i}"), "within": {"days": 7}}}});
+        defs.put_definition(&space, Class::Audience, &format!("did_{i}"), &audience)
+            .await
+            .unwrap();
+    }
+    let at = "2026-11-28T12:00:00Z";
+    let event = |id: &str, name: &str| {
+        queued(
+            &space,
+            json!({"type": "track", "event": name, "messageId": id, "userId": "u-1",
+                   "properties": {"sku": "A-1"}, "timestamp": at}),
+        )
+    };
+    let fold = |id: &str| {
+        let message = ComputeMessage::Event {
+            space_id: space.clone(),
+            message_id: id.to_string(),
+        };
+        vec![(format!("sqs-{id}"), serde_json::to_string(&message).unwrap())]
+    };
+    identify(&store, &event("e1", "Event 1")).await.unwrap();
+    let before = store.usage();
+    assert!(handle(&store, &queue, fold("e1")).await.is_empty());
+    let first = store.usage().since(before);
+
+    identify(&store, &event("e2", "Event 2")).await.unwrap();
+    let before = store.usage();
+    assert!(handle(&store, &queue, fold("e2")).await.is_empty());
+    let known = store.usage().since(before);
+
+    let before = store.usage();
+    assert!(handle(&store, &queue, fold("e2")).await.is_empty());
+    let repeat = store.usage().since(before);
+
+    println!();
+    show("compute, first event of a profile (20 defs)", first);
+    show("compute, event on a profile with a state", known);
+    show("compute, redelivered event (dropped)", repeat);
+    assert!(known.write_units > 0.0, "no consumed capacity reported");
+    assert_eq!(repeat.write_requests, 0, "{repeat:?}");
+}

@@ -1,3 +1,6 @@
+// The compute handler's future is deeper than the default limit allows.
+#![recursion_limit = "256"]
+
 use kindred_aws::{DynamoStore, SqsQueue};
 use kindred_compute::{handle, Config};
 use lambda_runtime::{service_fn, LambdaEvent};

@@ -36,7 +36,7 @@ const MAX_TRANSACTION_ITEMS: usize = 100;
 pub const DUE_SHARDS: u64 = 8;
 /// How many recently folded message ids a state remembers: a rebuild
 /// reads history from the index, which may lag the base table.
-const RECENT: usize = 64;
+const RECENT: usize = 32;
 /// Changes are served only once this old, so that a change written by a
 /// slower writer with an earlier time is never skipped by a reader that
 /// has moved past it.
@@ -200,18 +200,51 @@ struct StateItem {
     values: ComputedValues,
     clock: Millis,
     recent: Vec<String>,
+    /// The due time its due-index item holds, if it has one.
+    due: Option<Millis>,
+}
+
+/// The part of a state only the compute step reads, stored compressed
+/// (per-hour buckets and message ids compress several times over).
+struct Packed {
+    state: ProfileState,
+    recent: Vec<String>,
+}
+
+fn pack(state: &ProfileState, recent: &[String]) -> Result<AttributeValue> {
+    use std::io::Write;
+    let json = serde_json::to_vec(&(state, recent))?;
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(&json)
+        .and_then(|_| z.finish())
+        .map(|bytes| AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(bytes)))
+        .map_err(|e| StoreError::Service(format!("compressing a state: {e}")))
+}
+
+fn unpack(item: &Item) -> Result<Packed> {
+    let Some(AttributeValue::B(bytes)) = item.get("state") else {
+        return Err(StoreError::Service("a compute state has no state".into()));
+    };
+    let (state, recent) =
+        serde_json::from_reader(flate2::read::DeflateDecoder::new(bytes.as_ref()))?;
+    Ok(Packed { state, recent })
 }
 
 fn state_of(item: &Item) -> Result<StateItem> {
+    let Packed { state, recent } = unpack(item)?;
     Ok(StateItem {
         profile_id: get_s(item, "profile_id")?.to_string(),
         version: get_n(item, "version")?,
-        state: serde_json::from_str(get_s(item, "state")?)?,
+        state,
         values: serde_json::from_str(get_s(item, "computed")?)?,
         clock: get_n(item, "clock")?,
-        recent: serde_json::from_str(get_s(item, "recent")?)?,
+        recent,
+        due: get_n(item, "due").ok(),
     })
 }
+
+/// The sort key of a profile's due-index item, next to its state.
+const DUE: &str = "DUE";
 
 /// An event to fold: its message id and stored body.
 pub(crate) struct Pending {
@@ -697,6 +730,7 @@ impl DynamoStore {
             values: ComputedValues::new(),
             clock: 0,
             recent: Vec::new(),
+            due: None,
         });
         let read_version = root.version;
         let mut writes = Vec::new();
@@ -717,6 +751,9 @@ impl DynamoStore {
                 .build()
                 .map_err(service)?;
             writes.push(TransactWriteItem::builder().delete(delete).build());
+            if child.due.is_some() {
+                writes.push(self.delete_due(space_id, &child.profile_id)?);
+            }
             folded.absorbed += 1;
         }
         let stale = ruleset.stale(&root.state);
@@ -767,15 +804,31 @@ impl DynamoStore {
         let mut item = key(state_key(space_id, root_id), META);
         item.insert("profile_id".into(), s(root_id));
         item.insert("version".into(), n(version));
-        item.insert("state".into(), s(serde_json::to_string(&root.state)?));
+        item.insert("state".into(), pack(&root.state, &root.recent)?);
         item.insert("computed".into(), s(serde_json::to_string(&values)?));
         item.insert("clock".into(), n(now));
-        item.insert("recent".into(), s(serde_json::to_string(&root.recent)?));
         if let Some(due) = due {
-            let shard = event_seq(root_id) as u64 % DUE_SHARDS;
-            item.insert(GPK.into(), s(due_partition(space_id, shard)));
-            item.insert(GSK.into(), s(due_sort(due)));
             item.insert("due".into(), n(due));
+        }
+        // The due index holds a small item of its own, written only when
+        // the due time moves (the state is not copied into the index).
+        if due != root.due {
+            match due {
+                Some(due) => {
+                    let shard = event_seq(root_id) as u64 % DUE_SHARDS;
+                    let mut entry = key(state_key(space_id, root_id), DUE);
+                    entry.insert("profile_id".into(), s(root_id));
+                    entry.insert(GPK.into(), s(due_partition(space_id, shard)));
+                    entry.insert(GSK.into(), s(due_sort(due)));
+                    let put = Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(entry))
+                        .build()
+                        .map_err(service)?;
+                    writes.push(TransactWriteItem::builder().put(put).build());
+                }
+                None => writes.push(self.delete_due(space_id, root_id)?),
+            }
         }
         let put = Put::builder()
             .table_name(&self.table)
@@ -816,6 +869,15 @@ impl DynamoStore {
         }
         self.transact(writes).await?;
         Ok(folded)
+    }
+
+    fn delete_due(&self, space_id: &str, profile_id: &str) -> Result<TransactWriteItem> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(state_key(space_id, profile_id), DUE)))
+            .build()
+            .map_err(service)?;
+        Ok(TransactWriteItem::builder().delete(delete).build())
     }
 
     /// The bodies of every event of the tree already folded into some
