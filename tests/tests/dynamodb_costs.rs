@@ -127,9 +127,14 @@ async fn compute_requests_and_capacity_units_per_event() {
     };
     for i in 0..10 {
         let trait_def = json!({"type": "event_counter", "event": format!("Event {i}"), "lookback": {"days": 30}});
-        defs.put_definition(&space, Class::ComputedTrait, &format!("count_{i}"), &trait_def)
-            .await
-            .unwrap();
+        defs.put_definition(
+            &space,
+            Class::ComputedTrait,
+            &format!("count_{i}"),
+            &trait_def,
+        )
+        .await
+        .unwrap();
         let audience = json!({"condition": {"performed": {"event": format!("Event {i}"), "within": {"days": 7}}}});
         defs.put_definition(&space, Class::Audience, &format!("did_{i}"), &audience)
             .await
@@ -148,7 +153,10 @@ async fn compute_requests_and_capacity_units_per_event() {
             space_id: space.clone(),
             message_id: id.to_string(),
         };
-        vec![(format!("sqs-{id}"), serde_json::to_string(&message).unwrap())]
+        vec![(
+            format!("sqs-{id}"),
+            serde_json::to_string(&message).unwrap(),
+        )]
     };
     identify(&store, &event("e1", "Event 1")).await.unwrap();
     let before = store.usage();

@@ -202,7 +202,7 @@ pub fn sweep(n: u64, due_percent: f64) -> anyhow::Result<()> {
     let every = (100.0 / due_percent.max(0.0001)).round().max(1.0) as u64;
     let started = Instant::now();
     {
-        let mut conn = rusqlite::Connection::open(dir.join("store.db"))?;
+        let mut conn = rusqlite::Connection::open(dir.join("compute.db"))?;
         let tx = conn.transaction()?;
         {
             let mut insert = tx.prepare(

@@ -11,7 +11,7 @@ use kindred_domain::{Millis, Traits};
 use serde_json::Value;
 
 use crate::ports::{ComputedValue, ComputedValues};
-use crate::Result;
+use crate::{Result, StoreError};
 
 /// Checks a create or replace of `key` against the space's live
 /// definitions: `live_class` is the class the key has now, if any.
@@ -63,6 +63,29 @@ pub fn absorb(
     }
 }
 
+/// The first byte of a binary-encoded state (JSON states start with `{`).
+const BINARY_STATE: u8 = 1;
+
+/// A profile's compute state as stored: a version byte, then postcard
+/// (compact, and several times faster to read and write than JSON for
+/// per-hour maps).
+pub fn encode_state(state: &ProfileState) -> Result<Vec<u8>> {
+    let mut out = vec![BINARY_STATE];
+    postcard::to_io(state, &mut out)
+        .map_err(|e| StoreError::Undecodable(format!("encoding a state: {e}")))?;
+    Ok(out)
+}
+
+/// Reads a state written by [`encode_state`], or a JSON one (data
+/// directories from before the binary encoding).
+pub fn decode_state(bytes: &[u8]) -> Result<ProfileState> {
+    match bytes.split_first() {
+        Some((&BINARY_STATE, rest)) => postcard::from_bytes(rest)
+            .map_err(|e| StoreError::Undecodable(format!("a stored state: {e}"))),
+        _ => Ok(serde_json::from_slice(bytes)?),
+    }
+}
+
 /// A profile's state evaluated at a moment.
 #[derive(Debug)]
 pub struct Recomputed {
@@ -108,5 +131,48 @@ pub fn recompute(
         values,
         changes,
         due,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kindred_domain::compute::{Definition, EventFacts};
+    use serde_json::json;
+
+    #[test]
+    fn states_round_trip_in_binary_and_json_ones_still_read() {
+        let d = Definition::parse(
+            Class::ComputedTrait,
+            "spend",
+            3,
+            &json!({"type": "aggregation", "function": "sum", "event": "Order Completed",
+                    "property": "revenue", "lookback": {"days": 7}}),
+        )
+        .unwrap();
+        let r = Ruleset::new(vec![d]).unwrap();
+        let mut state = r.fresh();
+        let props = json!({"revenue": 12.5});
+        for ts in [1_000_000_000_000, 1_000_003_600_000] {
+            r.apply(
+                &mut state,
+                &EventFacts {
+                    name: "Order Completed",
+                    timestamp: ts,
+                    properties: props.as_object(),
+                },
+            );
+        }
+        let binary = encode_state(&state).unwrap();
+        let json = serde_json::to_vec(&state).unwrap();
+        assert!(
+            binary.len() < json.len() / 2,
+            "{} vs {}",
+            binary.len(),
+            json.len()
+        );
+        assert_eq!(decode_state(&binary).unwrap(), state);
+        assert_eq!(decode_state(&json).unwrap(), state);
+        assert!(decode_state(&[BINARY_STATE, 0xff, 0xff]).is_err());
     }
 }

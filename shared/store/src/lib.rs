@@ -28,6 +28,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored data could not be decoded")]
     Corrupt(#[from] serde_json::Error),
+    #[error("stored data could not be decoded: {0}")]
+    Undecodable(String),
     #[error("the store is shutting down")]
     Closed,
     /// A write failed a condition that was checked just before it in the

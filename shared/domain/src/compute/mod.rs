@@ -201,26 +201,39 @@ impl Ruleset {
         now: Millis,
         current: &Values,
     ) -> Option<Millis> {
+        // Until the first change, every value is its current one, so each
+        // definition can be checked alone at its own moments with the
+        // others' current values. The first definition to change (in
+        // time) changes at one of its own moments: one whose inputs are
+        // all unchanged then. So the earliest change any of them finds
+        // alone is the first change of all.
+        let mut first: Option<Millis> = None;
         let mut moments = Vec::new();
         for d in &self.defs {
-            if let Some(s) = state.defs.get(&d.key).filter(|s| s.v == d.version) {
-                for (leaf, acc) in state::leaves(d).iter().zip(&s.l) {
-                    leaf.moments(acc, now, &mut moments);
+            let Some(s) = state.defs.get(&d.key).filter(|s| s.v == d.version) else {
+                continue;
+            };
+            moments.clear();
+            for (leaf, acc) in state::leaves(d).iter().zip(&s.l) {
+                leaf.moments(acc, now, &mut moments);
+            }
+            moments.retain(|t| *t > now && first.is_none_or(|f| *t < f));
+            moments.sort_unstable();
+            moments.dedup();
+            let before = current.get(&d.key);
+            for (i, t) in moments.iter().enumerate() {
+                if i == MAX_LOOKAHEAD {
+                    // Look again then: too far ahead to be worth checking now.
+                    first = Some(*t);
+                    break;
+                }
+                if evaluate_one(d, s, traits, current, *t).as_ref() != before {
+                    first = Some(*t);
+                    break;
                 }
             }
         }
-        let moments: BTreeSet<Millis> = moments.into_iter().filter(|t| *t > now).collect();
-        let mut last = None;
-        for (i, t) in moments.into_iter().enumerate() {
-            if i == MAX_LOOKAHEAD {
-                return last;
-            }
-            if self.evaluate(state, traits, t) != *current {
-                return Some(t);
-            }
-            last = Some(t);
-        }
-        None
+        first
     }
 }
 
