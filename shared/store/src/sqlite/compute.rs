@@ -1074,6 +1074,7 @@ impl ComputeWorker {
         std::thread::Builder::new()
             .name("kindred-compute".into())
             .spawn(move || {
+                give_way_to_identity();
                 let mut last_sweep = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     if last_sweep.elapsed() >= Duration::from_secs(3600) {
@@ -1097,6 +1098,23 @@ impl ComputeWorker {
                 }
             })
             .expect("spawning the compute worker thread")
+    }
+}
+
+/// Identity resolution is on the path from every event to its profile;
+/// computed values may lag. So when the CPU is contended the compute
+/// thread gives way (niceness 9 on Linux) and uses what is left; on an
+/// idle machine it runs at full speed.
+fn give_way_to_identity() {
+    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
+    let result = ThreadPriorityValue::try_from(25u8)
+        .map_err(|e| e.to_string())
+        .and_then(|p| {
+            set_current_thread_priority(ThreadPriority::Crossplatform(p))
+                .map_err(|e| format!("{e:?}"))
+        });
+    if let Err(e) = result {
+        info!(error = %e, "the compute thread keeps the default priority");
     }
 }
 
