@@ -15,6 +15,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::dynamo::compute::{ComputeMessage, Folded, Pending};
+use crate::dynamo::profiles::Resolved;
 use crate::dynamo::{get_s, opt_s};
 use crate::{DynamoStore, SqsQueue};
 
@@ -301,11 +302,13 @@ async fn handle_space(
         }
     }
     // Profiles named by the messages, grouped by their root.
-    let mut roots: BTreeMap<String, Work> = BTreeMap::new();
+    // The tree read here serves the first fold attempt.
+    let mut roots: BTreeMap<String, (Work, Option<Resolved>)> = BTreeMap::new();
     for (profile_id, w) in work {
         match store.resolve(space_id, profile_id, true).await {
             Ok(Some(tree)) => {
-                let root = roots.entry(tree.tree[0].clone()).or_default();
+                let (root, resolved) = roots.entry(tree.tree[0].clone()).or_default();
+                *resolved = Some(tree);
                 root.sqs_ids.extend(w.sqs_ids);
                 root.pending.extend(w.pending);
                 root.as_of = root.as_of.max(w.as_of);
@@ -318,8 +321,8 @@ async fn handle_space(
             }
         }
     }
-    for (root, w) in roots {
-        match fold_root(store, &ruleset, space_id, &root, &w).await {
+    for (root, (w, tree)) in roots {
+        match fold_root(store, &ruleset, space_id, &root, &w, tree).await {
             Ok(folded) => {
                 info!(
                     space_id,
@@ -356,6 +359,7 @@ async fn fold_root(
     space_id: &str,
     root: &str,
     work: &Work,
+    mut tree: Option<Resolved>,
 ) -> Result<Folded> {
     let mut pending: Vec<&Pending> = work.pending.iter().collect();
     for attempt in 0..FOLD_ATTEMPTS {
@@ -370,19 +374,17 @@ async fn fold_root(
                 })
             });
         }
-        // The tree may have grown (or the root been merged away) meanwhile.
-        let Some(tree) = store.resolve(space_id, root.to_string(), true).await? else {
-            return Ok(Folded::default());
+        // After a lost race the tree may have grown (or the root been
+        // merged away): read it again.
+        let tree = match tree.take() {
+            Some(tree) => tree,
+            None => match store.resolve(space_id, root.to_string(), true).await? {
+                Some(tree) => tree,
+                None => return Ok(Folded::default()),
+            },
         };
-        let owned: Vec<Pending> = pending
-            .iter()
-            .map(|p| Pending {
-                message_id: p.message_id.clone(),
-                body: p.body.clone(),
-            })
-            .collect();
         match store
-            .fold(space_id, ruleset, &tree, &owned, work.as_of)
+            .fold(space_id, ruleset, &tree, &pending, work.as_of)
             .await
         {
             Err(StoreError::Conflict) => continue,

@@ -708,7 +708,7 @@ impl DynamoStore {
         space_id: &str,
         ruleset: &Ruleset,
         tree: &Resolved,
-        pending: &[Pending],
+        pending: &[&Pending],
         as_of: Millis,
     ) -> Result<Folded> {
         let mut folded = Folded::default();

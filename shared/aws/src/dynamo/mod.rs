@@ -10,7 +10,7 @@
 mod audit;
 pub mod compute;
 mod graph;
-mod profiles;
+pub(crate) mod profiles;
 mod spaces;
 
 use std::collections::HashMap;
