@@ -30,6 +30,12 @@ fi
 "$infra_venv/bin/cfn-lint" infra/template.yaml
 SAM_CLI_TELEMETRY=0 "$infra_venv/bin/sam" validate --lint --region us-east-1 -t infra/template.yaml
 
+# A fresh CI clone gains nothing from incremental compilation, and its
+# caches double the disk the build needs.
+if [ "${CI:-}" = "true" ]; then
+  export CARGO_INCREMENTAL=0
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins

@@ -2,9 +2,7 @@
 //! Definitions API, the compute step behind the identity step, the
 //! change log, lookback expiry and backfill.
 
-mod common;
-
-use common::Server;
+use crate::common::Server;
 use kindred_domain::event::format_millis;
 use reqwest::StatusCode;
 use serde_json::{json, Value};

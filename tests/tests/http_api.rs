@@ -1,11 +1,9 @@
 //! Scenario tests through HTTP: the Tracking API, identity resolution as a
 //! user sees it, and every Profile API parameter.
 
-mod common;
-
 use std::io::Write;
 
-use common::Server;
+use crate::common::Server;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

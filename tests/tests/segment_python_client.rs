@@ -1,11 +1,9 @@
 //! Segment's real Python client, pointed at Kindred with `host=`, works
 //! unchanged: its events show up in the Profile API.
 
-mod common;
-
 use std::process::Command;
 
-use common::Server;
+use crate::common::Server;
 use reqwest::StatusCode;
 
 /// The interpreter with `segment-analytics-python` installed: the test

@@ -1,0 +1,19 @@
+//! Every cross-crate and end-to-end test, in one test binary.
+//!
+//! One binary instead of one per file: each links the whole workspace and
+//! the AWS SDK, so separate binaries multiplied the link time and the disk
+//! the test command needs. nextest still runs every test in its own process.
+
+mod common;
+
+mod computed;
+mod crash_safety;
+mod dynamodb_costs;
+mod dynamodb_races;
+mod http_api;
+mod identity_races;
+mod lambda_compute;
+mod lambda_pipeline;
+mod queue_contract;
+mod segment_python_client;
+mod store_contract;
