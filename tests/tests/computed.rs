@@ -532,3 +532,107 @@ async fn racing_definition_writes_never_make_a_cycle() {
         );
     }
 }
+
+/// Enough profiles that the compute worker's batches are split over
+/// threads (states decoded, evaluated and encoded in parallel): every
+/// profile still gets exactly its own value, on ingest and on expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_profiles_per_batch_each_get_their_own_values() {
+    away_from_hour_boundary().await;
+    let s = Server::start().await;
+    define(
+        &s,
+        "computed_traits",
+        "orders_2h",
+        json!({"type": "event_counter", "event": "Order Completed", "lookback": {"hours": 2}}),
+    )
+    .await;
+    define(
+        &s,
+        "audiences",
+        "repeat_buyers",
+        json!({"condition": {"performed": {"event": "Order Completed",
+            "count": {"at_least": 3}, "within": {"hours": 2}}}}),
+    )
+    .await;
+    let now = now_ms();
+    let users = 300;
+    let mut events = Vec::new();
+    for i in 0..users {
+        for k in 0..(i % 5) {
+            events.push(order(&format!("u{i}"), k, now - HOUR / 2));
+        }
+        events.push(json!({"type": "identify", "userId": format!("u{i}")}));
+    }
+    for chunk in events.chunks(100) {
+        batch(&s, chunk.to_vec()).await;
+    }
+    s.settle().await;
+    // (A profile that never had a value gets no blank one: SPEC 8.)
+    let value = |n: i64, blank: Value| if n == 0 { Value::Null } else { blank };
+    for i in 0..users {
+        let t = traits(&s, &format!("user_id:u{i}"), "").await;
+        let orders = i % 5;
+        assert_eq!(
+            t["traits"]["orders_2h"],
+            value(orders, json!(orders)),
+            "u{i}: {t}"
+        );
+        let member = if orders >= 3 {
+            json!(true)
+        } else {
+            Value::Null
+        };
+        assert_eq!(t["traits"]["repeat_buyers"], member, "u{i}: {t}");
+    }
+    let members = (0..users).filter(|i| i % 5 >= 3).count();
+    // The change log's position before expiry (pages of 1,000).
+    let mut since = 0;
+    loop {
+        let page = changes(&s, since).await;
+        match page.last() {
+            Some(last) => since = last["seq"].as_i64().unwrap(),
+            None => break,
+        }
+    }
+    // Three hours later every order has aged out: each member exits once.
+    let r = s
+        .admin(
+            "POST",
+            "/lookback/run",
+            Some(&json!({"as_of": format_millis(now + 3 * HOUR)})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["profiles_enqueued"],
+        json!(users - users / 5),
+        "{}",
+        r.body
+    );
+    s.settle().await;
+    for i in 0..users {
+        let t = traits(&s, &format!("user_id:u{i}"), "").await;
+        let orders = i % 5;
+        assert_eq!(
+            t["traits"]["orders_2h"],
+            value(orders, json!(0)),
+            "u{i}: {t}"
+        );
+        let member = if orders >= 3 {
+            json!(false)
+        } else {
+            Value::Null
+        };
+        assert_eq!(t["traits"]["repeat_buyers"], member, "u{i}: {t}");
+    }
+    let after = changes(&s, since).await;
+    let exits: Vec<&Value> = after
+        .iter()
+        .filter(|c| c["key"] == "repeat_buyers")
+        .collect();
+    assert_eq!(exits.len(), members, "{after:?}");
+    assert!(exits
+        .iter()
+        .all(|c| c["payloads"][1]["event"] == "Audience Exited"));
+}

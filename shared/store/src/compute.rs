@@ -68,9 +68,11 @@ const BINARY_STATE: u8 = 1;
 
 /// A profile's compute state as stored: a version byte, then postcard
 /// (compact, and several times faster to read and write than JSON for
-/// per-hour maps).
-pub fn encode_state(state: &ProfileState) -> Result<Vec<u8>> {
-    let mut out = vec![BINARY_STATE];
+/// per-hour maps). `capacity` is a guess of the size (the last stored
+/// one), which saves growing the buffer step by step.
+pub fn encode_state(state: &ProfileState, capacity: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(capacity.max(64));
+    out.push(BINARY_STATE);
     postcard::to_io(state, &mut out)
         .map_err(|e| StoreError::Undecodable(format!("encoding a state: {e}")))?;
     Ok(out)
@@ -163,7 +165,7 @@ mod tests {
                 },
             );
         }
-        let binary = encode_state(&state).unwrap();
+        let binary = encode_state(&state, 0).unwrap();
         let json = serde_json::to_vec(&state).unwrap();
         assert!(
             binary.len() < json.len() / 2,

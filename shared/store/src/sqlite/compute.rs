@@ -17,7 +17,7 @@
 //! event is therefore folded into exactly one profile state exactly once,
 //! even across crashes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,6 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::{error, info, info_span};
 
-use super::profiles::root_of;
 use super::{lock, SqliteStore};
 use crate::compute::{
     absorb, check_delete, check_put, decode_state, encode_state, recompute, Recomputed,
@@ -522,12 +521,86 @@ struct Loaded {
     stored: ComputedValues,
     now: Millis,
     dirty: bool,
+    /// The root's custom traits, when they were read with its row.
+    traits: Option<String>,
+    /// The stored state's size: the encoding buffer starts at about it.
+    stored_len: usize,
+    /// Merged profiles' states are folded in and stale definitions rebuilt
+    /// (once per batch: the batch reads one snapshot of the graph).
+    settled: bool,
 }
 
-/// The profiles one transaction touches.
+impl Loaded {
+    /// A profile's row as read (or none yet), decoded.
+    fn decode(row: Option<(Vec<u8>, String)>, now: Millis) -> Result<Loaded> {
+        let (state, stored, stored_len) = match row {
+            Some((s, c)) => (decode_state(&s)?, serde_json::from_str(&c)?, s.len()),
+            None => (ProfileState::default(), ComputedValues::new(), 0),
+        };
+        Ok(Loaded {
+            state,
+            stored,
+            now,
+            dirty: false,
+            traits: None,
+            stored_len,
+            settled: false,
+        })
+    }
+}
+
+/// A profile evaluated and encoded, ready to write.
+struct Flushed {
+    space_id: String,
+    root: String,
+    state: Vec<u8>,
+    computed: String,
+    due: Option<Millis>,
+    changes: Vec<kindred_domain::compute::Change>,
+    now: Millis,
+}
+
+/// Below this many items a step runs on the calling thread alone.
+const PARALLEL_MIN: usize = 64;
+
+/// `f` over `items`, in order, split over the machine's cores (at most 4
+/// threads): decoding, evaluating and encoding states is CPU work that
+/// needs no database access, so it need not wait for the one writer.
+fn par_map<T: Send, U: Send>(items: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if threads <= 1 || items.len() < PARALLEL_MIN {
+        return items.into_iter().map(f).collect();
+    }
+    let size = items.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<T>> = Vec::with_capacity(threads);
+    let mut rest = items.into_iter();
+    loop {
+        let chunk: Vec<T> = rest.by_ref().take(size).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut chunks = chunks.into_iter();
+        let first = chunks.next().unwrap_or_default();
+        let handles: Vec<_> = chunks
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<U>>()))
+            .collect();
+        let mut out: Vec<U> = first.into_iter().map(f).collect();
+        for h in handles {
+            out.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        out
+    })
+}
+
+/// The profiles one transaction touches, in key order (so that they are
+/// written in the order of the table's B-tree).
 struct Batch<'t> {
     tx: &'t Transaction<'t>,
-    profiles: HashMap<(String, String), Loaded>,
+    profiles: BTreeMap<(String, String), Loaded>,
     stats: ComputeStats,
 }
 
@@ -564,6 +637,32 @@ fn parse_event(body: &str) -> Result<Event> {
         .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
 }
 
+/// The root of the profile's tree, with the root's custom traits when
+/// `traits` asks for them (one lookup instead of two).
+fn root_with_traits(
+    conn: &Connection,
+    space_id: &str,
+    profile_id: &str,
+    traits: bool,
+) -> Result<Option<(String, Option<String>)>> {
+    let mut stmt = conn.prepare_cached(if traits {
+        "SELECT parent_id, traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2"
+    } else {
+        "SELECT parent_id, NULL FROM profiles WHERE space_id = ?1 AND profile_id = ?2"
+    })?;
+    let mut current = profile_id.to_string();
+    loop {
+        let row: Option<(Option<String>, Option<String>)> = stmt
+            .query_row(params![space_id, current], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match row {
+            None => return Ok(None),
+            Some((None, t)) => return Ok(Some((current, t))),
+            Some((Some(p), _)) => current = p,
+        }
+    }
+}
+
 /// Every profile merged into `root`, directly or not.
 fn descendants(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
@@ -585,6 +684,38 @@ fn descendants(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<Stri
 }
 
 impl Batch<'_> {
+    fn read_state(&self, space_id: &str, root: &str) -> Result<Option<(Vec<u8>, String)>> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT state, computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
+            )?
+            .query_row(params![space_id, root], state_row)
+            .optional()?)
+    }
+
+    /// Reads the states of these roots (those not loaded yet) and decodes
+    /// them in parallel, ahead of [`Batch::touch`].
+    fn preload(&mut self, roots: Vec<(String, String, Millis)>) -> Result<()> {
+        let mut rows = Vec::with_capacity(roots.len());
+        for (space_id, root, now) in roots {
+            let key = (space_id, root);
+            if self.profiles.contains_key(&key) {
+                continue;
+            }
+            let row = self.read_state(&key.0, &key.1)?;
+            rows.push((key, row, now));
+        }
+        let decoded = par_map(rows, |(key, row, now)| {
+            Ok::<_, StoreError>((key, Loaded::decode(row, now)?))
+        });
+        for d in decoded {
+            let (key, loaded): ((String, String), Loaded) = d?;
+            self.profiles.entry(key).or_insert(loaded);
+        }
+        Ok(())
+    }
+
     /// Loads (once per batch) the root's state, folding in the states of
     /// profiles merged into it since, and rebuilds from history the
     /// definitions it has no current state for, from the events before
@@ -596,29 +727,20 @@ impl Batch<'_> {
         root: &str,
         history_before: i64,
         now: Millis,
+        traits: Option<String>,
     ) -> Result<&mut Loaded> {
         let key = (space_id.to_string(), root.to_string());
         if !self.profiles.contains_key(&key) {
-            let row: Option<(Vec<u8>, String)> = self
-                .tx
-                .prepare_cached(
-                    "SELECT state, computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
-                )?
-                .query_row(params![space_id, root], state_row)
-                .optional()?;
-            let (state, stored) = match row {
-                Some((s, c)) => (decode_state(&s)?, serde_json::from_str(&c)?),
-                None => (ProfileState::default(), ComputedValues::new()),
-            };
-            self.profiles.insert(
-                key.clone(),
-                Loaded {
-                    state,
-                    stored,
-                    now,
-                    dirty: false,
-                },
-            );
+            let row = self.read_state(space_id, root)?;
+            self.profiles.insert(key.clone(), Loaded::decode(row, now)?);
+        }
+        if self.profiles.get(&key).is_some_and(|l| l.settled) {
+            let loaded = self.profiles.get_mut(&key).expect("present");
+            loaded.now = loaded.now.max(now);
+            if traits.is_some() {
+                loaded.traits = traits;
+            }
+            return Ok(loaded);
         }
         // States of profiles merged into this one (each event is in exactly
         // one state, so merging them is exact).
@@ -641,6 +763,9 @@ impl Batch<'_> {
         }
         let loaded = self.profiles.get_mut(&key).expect("inserted above");
         loaded.now = loaded.now.max(now);
+        if traits.is_some() {
+            loaded.traits = traits;
+        }
         for (child, state, computed) in absorbed {
             absorb(
                 ruleset,
@@ -681,12 +806,14 @@ impl Batch<'_> {
             }
             loaded.dirty = true;
         }
+        loaded.settled = true;
         Ok(loaded)
     }
 
     /// Evaluates and writes every dirty profile; appends the changes.
     fn flush(&mut self, rulesets: &HashMap<String, (i64, Arc<Ruleset>)>) -> Result<()> {
         let profiles = std::mem::take(&mut self.profiles);
+        let mut work = Vec::with_capacity(profiles.len());
         for ((space_id, root), mut p) in profiles {
             if !p.dirty {
                 continue;
@@ -694,7 +821,11 @@ impl Batch<'_> {
             let Some((_, ruleset)) = rulesets.get(&space_id) else {
                 continue;
             };
-            let traits: Traits = if ruleset.reads_custom_traits() {
+            let traits: Traits = if !ruleset.reads_custom_traits() {
+                Traits::new()
+            } else if let Some(t) = p.traits.take() {
+                serde_json::from_str(&t)?
+            } else {
                 self.tx
                     .prepare_cached(
                         "SELECT traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
@@ -704,14 +835,35 @@ impl Batch<'_> {
                     .map(|t| serde_json::from_str(&t))
                     .transpose()?
                     .unwrap_or_default()
-            } else {
-                Traits::new()
             };
+            work.push((space_id, root, p, traits, Arc::clone(ruleset)));
+        }
+        let flushed = par_map(work, |(space_id, root, mut p, traits, ruleset)| {
             let Recomputed {
-                values: stored,
+                values,
                 changes,
                 due,
-            } = recompute(ruleset, &mut p.state, p.stored, &traits, p.now);
+            } = recompute(&ruleset, &mut p.state, p.stored, &traits, p.now);
+            Ok::<_, StoreError>(Flushed {
+                space_id,
+                root,
+                state: encode_state(&p.state, p.stored_len + 64)?,
+                computed: serde_json::to_string(&values)?,
+                due,
+                changes,
+                now: p.now,
+            })
+        });
+        for f in flushed {
+            let Flushed {
+                space_id,
+                root,
+                state,
+                computed,
+                due,
+                changes,
+                now,
+            } = f?;
             self.tx
                 .prepare_cached(
                     "INSERT INTO compute_states (space_id, profile_id, state, computed, due)
@@ -719,13 +871,7 @@ impl Batch<'_> {
                      ON CONFLICT (space_id, profile_id) DO UPDATE SET state = excluded.state,
                        computed = excluded.computed, due = excluded.due",
                 )?
-                .execute(params![
-                    space_id,
-                    root,
-                    encode_state(&p.state)?,
-                    serde_json::to_string(&stored)?,
-                    due
-                ])?;
+                .execute(params![space_id, root, state, computed, due])?;
             let mut insert = self.tx.prepare_cached(
                 "INSERT INTO changes (space_id, profile_id, key, class, old, new, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -738,7 +884,7 @@ impl Batch<'_> {
                     c.class.as_str(),
                     c.old.as_ref().map(Value::to_string),
                     c.new.to_string(),
-                    p.now
+                    now
                 ])?;
             }
             self.stats.recomputed += 1;
@@ -826,13 +972,24 @@ impl ComputeWorker {
         let mut conn = self.store.compute_writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let after = cursor(&tx, EVENTS_CURSOR)?;
-        // Bodies are read only for spaces with definitions.
-        let rows: Vec<(i64, String, Option<String>)> = {
+        // Bodies are read (in the same pass) only for spaces with definitions.
+        let active: Vec<String> = tx
+            .prepare_cached("SELECT DISTINCT space_id FROM definitions WHERE deleted = 0")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        type Row = (i64, String, Option<String>, Option<String>);
+        let rows: Vec<Row> = {
             let mut stmt = tx.prepare_cached(
-                "SELECT seq, space_id, profile_id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, space_id, profile_id, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                let space_id: String = r.get(1)?;
+                let body = if active.contains(&space_id) {
+                    r.get(3)?
+                } else {
+                    None
+                };
+                Ok((r.get(0)?, space_id, r.get(2)?, body))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
@@ -842,27 +999,50 @@ impl ComputeWorker {
         let mut seen = HashMap::new();
         let mut batch = Batch {
             tx: &tx,
-            profiles: HashMap::new(),
+            profiles: BTreeMap::new(),
             stats: ComputeStats::default(),
         };
-        for (seq, space_id, profile_id) in &rows {
-            let Some(profile_id) = profile_id else {
+        // Each event's profile's root, looked up once per batch.
+        let mut roots: HashMap<(&str, &str), String> = HashMap::new();
+        let mut resolved = Vec::with_capacity(rows.len());
+        for (seq, space_id, profile_id, body) in &rows {
+            let (Some(profile_id), Some(body)) = (profile_id, body) else {
                 continue;
             };
             let ruleset = Self::ruleset_in_batch(&mut state, &tx, &mut seen, space_id)?;
             if ruleset.is_empty() {
                 continue;
             }
-            let _span = info_span!("compute", space_id = %space_id, seq).entered();
-            let Some(root) = root_of(&tx, space_id, profile_id)? else {
-                continue;
+            let (root, traits) = match roots.get(&(space_id.as_str(), profile_id.as_str())) {
+                Some(root) => (root.clone(), None),
+                None => {
+                    let Some((root, traits)) =
+                        root_with_traits(&tx, space_id, profile_id, ruleset.reads_custom_traits())?
+                    else {
+                        continue;
+                    };
+                    roots.insert((space_id, profile_id), root.clone());
+                    (root, traits)
+                }
             };
             let now = Self::now_for(&state, space_id);
-            let body: String = tx
-                .prepare_cached("SELECT body FROM events WHERE seq = ?1")?
-                .query_row([seq], |r| r.get(0))?;
-            let event = parse_event(&body)?;
-            let loaded = batch.touch(&ruleset, space_id, &root, *seq, now)?;
+            resolved.push((ruleset, space_id, root, traits, *seq, now, body));
+        }
+        // Parsing the events and decoding the states are CPU work done in
+        // parallel; folding the events in stays in their order.
+        let events = par_map(resolved.iter().map(|r| r.6).collect(), |b| parse_event(b));
+        batch.preload(
+            resolved
+                .iter()
+                .map(|(_, space_id, root, _, _, now, _)| ((*space_id).clone(), root.clone(), *now))
+                .collect(),
+        )?;
+        for ((ruleset, space_id, root, traits, seq, now, _), event) in
+            resolved.into_iter().zip(events)
+        {
+            let _span = info_span!("compute", space_id = %space_id, seq).entered();
+            let event = event?;
+            let loaded = batch.touch(&ruleset, space_id, &root, seq, now, traits)?;
             if let Some(facts) = event.facts() {
                 ruleset.apply(&mut loaded.state, &facts);
             }
@@ -900,18 +1080,29 @@ impl ComputeWorker {
         let mut seen = HashMap::new();
         let mut batch = Batch {
             tx: &tx,
-            profiles: HashMap::new(),
+            profiles: BTreeMap::new(),
             stats: ComputeStats::default(),
         };
+        let mut resolved = Vec::with_capacity(rows.len());
         for (_, space_id, profile_id, as_of) in &rows {
             let clock = state.clock.entry(space_id.clone()).or_insert(0);
             *clock = (*clock).max(*as_of);
             let ruleset = Self::ruleset_in_batch(&mut state, &tx, &mut seen, space_id)?;
-            let Some(root) = root_of(&tx, space_id, profile_id)? else {
+            let Some((root, traits)) =
+                root_with_traits(&tx, space_id, profile_id, ruleset.reads_custom_traits())?
+            else {
                 continue;
             };
-            let now = (*as_of).max(now_millis());
-            let loaded = batch.touch(&ruleset, space_id, &root, history_before, now)?;
+            resolved.push((ruleset, space_id, root, traits, (*as_of).max(now_millis())));
+        }
+        batch.preload(
+            resolved
+                .iter()
+                .map(|(_, space_id, root, _, now)| ((*space_id).clone(), root.clone(), *now))
+                .collect(),
+        )?;
+        for (ruleset, space_id, root, traits, now) in resolved {
+            let loaded = batch.touch(&ruleset, space_id, &root, history_before, now, traits)?;
             loaded.dirty = true;
             batch.stats.requests += 1;
         }
@@ -959,12 +1150,12 @@ impl ComputeWorker {
         let now = Self::now_for(&state, &space_id);
         let mut batch = Batch {
             tx: &tx,
-            profiles: HashMap::new(),
+            profiles: BTreeMap::new(),
             stats: ComputeStats::default(),
         };
         let visited = roots.len();
         let outcome = roots.iter().try_for_each(|root| {
-            batch.touch(&ruleset, &space_id, root, history_before, now)?;
+            batch.touch(&ruleset, &space_id, root, history_before, now, None)?;
             Ok::<_, StoreError>(())
         });
         let outcome = outcome.and_then(|()| batch.flush(&state.rulesets));
@@ -1124,4 +1315,22 @@ fn add(total: &mut ComputeStats, s: &ComputeStats) {
     total.recomputed += s.recomputed;
     total.rebuilt += s.rebuilt;
     total.changes += s.changes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::par_map;
+
+    #[test]
+    fn par_map_keeps_order_and_every_item() {
+        for n in [0, 1, 63, 64, 65, 1000, 4097] {
+            let items: Vec<usize> = (0..n).collect();
+            let out = par_map(items, |x| x * 3 + 1);
+            assert_eq!(
+                out,
+                (0..n).map(|x| x * 3 + 1).collect::<Vec<_>>(),
+                "n = {n}"
+            );
+        }
+    }
 }

@@ -133,6 +133,10 @@ pub(crate) enum Durability {
 /// readers share the OS page cache and stay small, since there may be many.
 const WRITER_CACHE_KIB: i64 = 65_536;
 const READER_CACHE_KIB: i64 = 8_192;
+/// Database pages are read through a memory map (up to this much of each
+/// file): a page that is not in a connection's cache is then a memory
+/// read, not a system call and a copy.
+const MMAP_BYTES: i64 = 1 << 30;
 /// Idle read connections kept for reuse.
 const MAX_IDLE_READERS: usize = 16;
 
@@ -152,6 +156,7 @@ pub(crate) fn open(path: &Path, durability: Durability) -> Result<Connection> {
         },
     )?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Fewer, larger checkpoints: pages rewritten between two are written once.
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
@@ -220,6 +225,11 @@ impl SqliteStore {
         let compute_writer = open(&compute_path, Durability::Normal)?;
         compute_writer.execute_batch(compute::SCHEMA)?;
         compute_writer.execute("ATTACH DATABASE ?1 AS s", [path.to_string_lossy()])?;
+        // An attached database has its own page cache and memory map, which
+        // start at SQLite's defaults (2 MB, none): the compute writer reads
+        // the profiles on every step.
+        compute_writer.pragma_update(Some("s"), "cache_size", -WRITER_CACHE_KIB)?;
+        compute_writer.pragma_update(Some("s"), "mmap_size", MMAP_BYTES)?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             path,
@@ -241,6 +251,8 @@ impl SqliteStore {
                     "ATTACH DATABASE ?1 AS c",
                     [self.compute_path.to_string_lossy()],
                 )?;
+                conn.pragma_update(Some("c"), "cache_size", -READER_CACHE_KIB)?;
+                conn.pragma_update(Some("c"), "mmap_size", MMAP_BYTES)?;
                 conn
             }
         };
