@@ -61,6 +61,8 @@ pub struct ProfileState {
 #[derive(Clone, Debug, Default)]
 pub struct Ruleset {
     defs: Vec<Definition>,
+    /// See [`Ruleset::reads_custom_traits`] (worked out once).
+    reads_custom: bool,
 }
 
 impl Ruleset {
@@ -68,9 +70,18 @@ impl Ruleset {
     pub fn new(defs: Vec<Definition>) -> Result<Ruleset, DefinitionError> {
         let order = evaluation_order(&defs)?;
         let mut slots: Vec<Option<Definition>> = defs.into_iter().map(Some).collect();
-        Ok(Ruleset {
+        let mut ruleset = Ruleset {
             defs: order.into_iter().filter_map(|i| slots[i].take()).collect(),
-        })
+            reads_custom: false,
+        };
+        ruleset.reads_custom = ruleset.defs.iter().any(|d| {
+            let mut names = BTreeSet::new();
+            if let Body::Audience(c) = &d.body {
+                c.references(&mut names);
+            }
+            names.iter().any(|n| ruleset.get(n).is_none())
+        });
+        Ok(ruleset)
     }
 
     pub fn definitions(&self) -> &[Definition] {
@@ -80,13 +91,7 @@ impl Ruleset {
     /// Whether some audience reads a trait that no definition computes
     /// (a custom trait of the profile).
     pub fn reads_custom_traits(&self) -> bool {
-        self.defs.iter().any(|d| {
-            let mut names = BTreeSet::new();
-            if let Body::Audience(c) = &d.body {
-                c.references(&mut names);
-            }
-            names.iter().any(|n| self.get(n).is_none())
-        })
+        self.reads_custom
     }
 
     pub fn is_empty(&self) -> bool {
