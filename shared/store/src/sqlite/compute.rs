@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::{error, info, info_span};
 
+use super::profiles::root_with_traits;
 use super::{lock, SqliteStore};
 use crate::compute::{
     absorb, check_delete, check_put, decode_state, encode_state, recompute, Recomputed,
@@ -637,32 +638,6 @@ fn parse_event(body: &str) -> Result<Event> {
         .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
 }
 
-/// The root of the profile's tree, with the root's custom traits when
-/// `traits` asks for them (one lookup instead of two).
-fn root_with_traits(
-    conn: &Connection,
-    space_id: &str,
-    profile_id: &str,
-    traits: bool,
-) -> Result<Option<(String, Option<String>)>> {
-    let mut stmt = conn.prepare_cached(if traits {
-        "SELECT parent_id, traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2"
-    } else {
-        "SELECT parent_id, NULL FROM profiles WHERE space_id = ?1 AND profile_id = ?2"
-    })?;
-    let mut current = profile_id.to_string();
-    loop {
-        let row: Option<(Option<String>, Option<String>)> = stmt
-            .query_row(params![space_id, current], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        match row {
-            None => return Ok(None),
-            Some((None, t)) => return Ok(Some((current, t))),
-            Some((Some(p), _)) => current = p,
-        }
-    }
-}
-
 /// Every profile merged into `root`, directly or not.
 fn descendants(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
@@ -734,13 +709,13 @@ impl Batch<'_> {
             let row = self.read_state(space_id, root)?;
             self.profiles.insert(key.clone(), Loaded::decode(row, now)?);
         }
-        if self.profiles.get(&key).is_some_and(|l| l.settled) {
-            let loaded = self.profiles.get_mut(&key).expect("present");
-            loaded.now = loaded.now.max(now);
-            if traits.is_some() {
-                loaded.traits = traits;
-            }
-            return Ok(loaded);
+        let loaded = self.profiles.get_mut(&key).expect("inserted above");
+        loaded.now = loaded.now.max(now);
+        if traits.is_some() {
+            loaded.traits = traits;
+        }
+        if loaded.settled {
+            return Ok(self.profiles.get_mut(&key).expect("present"));
         }
         // States of profiles merged into this one (each event is in exactly
         // one state, so merging them is exact).
@@ -762,10 +737,6 @@ impl Batch<'_> {
             }
         }
         let loaded = self.profiles.get_mut(&key).expect("inserted above");
-        loaded.now = loaded.now.max(now);
-        if traits.is_some() {
-            loaded.traits = traits;
-        }
         for (child, state, computed) in absorbed {
             absorb(
                 ruleset,
@@ -1009,10 +980,8 @@ impl ComputeWorker {
             let (Some(profile_id), Some(body)) = (profile_id, body) else {
                 continue;
             };
+            // (A space with definitions has a body: see `active`.)
             let ruleset = Self::ruleset_in_batch(&mut state, &tx, &mut seen, space_id)?;
-            if ruleset.is_empty() {
-                continue;
-            }
             let (root, traits) = match roots.get(&(space_id.as_str(), profile_id.as_str())) {
                 Some(root) => (root.clone(), None),
                 None => {

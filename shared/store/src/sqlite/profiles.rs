@@ -18,17 +18,31 @@ pub(crate) fn root_of(
     space_id: &str,
     profile_id: &str,
 ) -> Result<Option<String>> {
+    Ok(root_with_traits(conn, space_id, profile_id, false)?.map(|(root, _)| root))
+}
+
+/// The root of the profile's tree, with the root's custom traits when
+/// `traits` asks for them (one lookup instead of two).
+pub(crate) fn root_with_traits(
+    conn: &Connection,
+    space_id: &str,
+    profile_id: &str,
+    traits: bool,
+) -> Result<Option<(String, Option<String>)>> {
+    let mut stmt = conn.prepare_cached(if traits {
+        "SELECT parent_id, traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2"
+    } else {
+        "SELECT parent_id, NULL FROM profiles WHERE space_id = ?1 AND profile_id = ?2"
+    })?;
     let mut current = profile_id.to_string();
-    let mut stmt = conn
-        .prepare_cached("SELECT parent_id FROM profiles WHERE space_id = ?1 AND profile_id = ?2")?;
     loop {
-        let parent: Option<Option<String>> = stmt
-            .query_row(params![space_id, current], |r| r.get(0))
+        let row: Option<(Option<String>, Option<String>)> = stmt
+            .query_row(params![space_id, current], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        match parent {
+        match row {
             None => return Ok(None),
-            Some(None) => return Ok(Some(current)),
-            Some(Some(p)) => current = p,
+            Some((None, t)) => return Ok(Some((current, t))),
+            Some((Some(p), _)) => current = p,
         }
     }
 }
