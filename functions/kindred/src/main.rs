@@ -9,6 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kindred::{backfill, bench, config, server};
 
+/// mimalloc: the compute worker decodes and drops many small maps per
+/// profile, where it is markedly faster than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kindred",

@@ -9,7 +9,7 @@ mod definition;
 mod ops;
 mod state;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -61,6 +61,10 @@ pub struct ProfileState {
 #[derive(Clone, Debug, Default)]
 pub struct Ruleset {
     defs: Vec<Definition>,
+    /// Each definition's position in `defs`, by key.
+    index: HashMap<String, usize>,
+    /// The keys, sorted (the order of a state's map).
+    sorted_keys: Vec<String>,
     /// See [`Ruleset::reads_custom_traits`] (worked out once).
     reads_custom: bool,
 }
@@ -72,8 +76,15 @@ impl Ruleset {
         let mut slots: Vec<Option<Definition>> = defs.into_iter().map(Some).collect();
         let mut ruleset = Ruleset {
             defs: order.into_iter().filter_map(|i| slots[i].take()).collect(),
+            index: HashMap::new(),
+            sorted_keys: Vec::new(),
             reads_custom: false,
         };
+        ruleset.index = (ruleset.defs.iter().enumerate())
+            .map(|(i, d)| (d.key.clone(), i))
+            .collect();
+        ruleset.sorted_keys = ruleset.defs.iter().map(|d| d.key.clone()).collect();
+        ruleset.sorted_keys.sort();
         ruleset.reads_custom = ruleset.defs.iter().any(|d| {
             let mut names = BTreeSet::new();
             if let Body::Audience(c) = &d.body {
@@ -99,7 +110,7 @@ impl Ruleset {
     }
 
     pub fn get(&self, key: &str) -> Option<&Definition> {
-        self.defs.iter().find(|d| d.key == key)
+        self.index.get(key).map(|&i| &self.defs[i])
     }
 
     /// The state of a profile without events: every definition built, empty.
@@ -122,8 +133,20 @@ impl Ruleset {
             .collect()
     }
 
+    /// Whether [`Ruleset::stale`] has any definitions, without listing them.
+    pub fn has_stale(&self, state: &ProfileState) -> bool {
+        self.defs
+            .iter()
+            .any(|d| state.defs.get(&d.key).is_none_or(|s| s.v != d.version))
+    }
+
     /// Drops states of definitions that no longer exist.
     pub fn retain_known(&self, state: &mut ProfileState) {
+        // (Usually the state has exactly the definitions' keys: one pass
+        // over both sorted lists tells.)
+        if state.defs.keys().eq(self.sorted_keys.iter()) {
+            return;
+        }
         state.defs.retain(|k, _| self.get(k).is_some());
     }
 

@@ -17,7 +17,7 @@
 //! event is therefore folded into exactly one profile state exactly once,
 //! even across crashes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::{error, info, info_span};
 
+use super::parallel::{par_map, pipeline};
 use super::profiles::root_with_traits;
 use super::{lock, SqliteStore};
 use crate::compute::{
@@ -524,8 +525,12 @@ struct Loaded {
     dirty: bool,
     /// The root's custom traits, when they were read with its row.
     traits: Option<String>,
-    /// The stored state's size: the encoding buffer starts at about it.
-    stored_len: usize,
+    /// The row as stored (none yet for a new profile): a profile whose
+    /// state, values and next change come out the same is not rewritten.
+    row: Option<StateRow>,
+    /// Whether some definition had no current state when the row was
+    /// decoded (worked out there, off the database thread).
+    stale: bool,
     /// Merged profiles' states are folded in and stale definitions rebuilt
     /// (once per batch: the batch reads one snapshot of the graph).
     settled: bool,
@@ -533,68 +538,41 @@ struct Loaded {
 
 impl Loaded {
     /// A profile's row as read (or none yet), decoded.
-    fn decode(row: Option<(Vec<u8>, String)>, now: Millis) -> Result<Loaded> {
-        let (state, stored, stored_len) = match row {
-            Some((s, c)) => (decode_state(&s)?, serde_json::from_str(&c)?, s.len()),
-            None => (ProfileState::default(), ComputedValues::new(), 0),
+    fn decode(row: Option<StateRow>, now: Millis, ruleset: &Ruleset) -> Result<Loaded> {
+        let (state, stored) = match &row {
+            Some(r) => (decode_state(&r.state)?, serde_json::from_str(&r.computed)?),
+            None => (ProfileState::default(), ComputedValues::new()),
         };
         Ok(Loaded {
+            stale: ruleset.has_stale(&state),
             state,
             stored,
             now,
             dirty: false,
             traits: None,
-            stored_len,
+            row,
             settled: false,
         })
     }
+}
+
+/// A `compute_states` row.
+struct StateRow {
+    /// A blob, or JSON text in data directories from before the binary encoding.
+    state: Vec<u8>,
+    computed: String,
+    due: Option<Millis>,
 }
 
 /// A profile evaluated and encoded, ready to write.
 struct Flushed {
     space_id: String,
     root: String,
-    state: Vec<u8>,
-    computed: String,
+    /// The encoded state and values, unless they are what is stored.
+    write: Option<(Vec<u8>, String)>,
     due: Option<Millis>,
     changes: Vec<kindred_domain::compute::Change>,
     now: Millis,
-}
-
-/// Below this many items a step runs on the calling thread alone.
-const PARALLEL_MIN: usize = 64;
-
-/// `f` over `items`, in order, split over the machine's cores (at most 4
-/// threads): decoding, evaluating and encoding states is CPU work that
-/// needs no database access, so it need not wait for the one writer.
-fn par_map<T: Send, U: Send>(items: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if threads <= 1 || items.len() < PARALLEL_MIN {
-        return items.into_iter().map(f).collect();
-    }
-    let size = items.len().div_ceil(threads);
-    let mut chunks: Vec<Vec<T>> = Vec::with_capacity(threads);
-    let mut rest = items.into_iter();
-    loop {
-        let chunk: Vec<T> = rest.by_ref().take(size).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        chunks.push(chunk);
-    }
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut chunks = chunks.into_iter();
-        let first = chunks.next().unwrap_or_default();
-        let handles: Vec<_> = chunks
-            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<U>>()))
-            .collect();
-        let mut out: Vec<U> = first.into_iter().map(f).collect();
-        for h in handles {
-            out.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-        }
-        out
-    })
 }
 
 /// The profiles one transaction touches, in key order (so that they are
@@ -622,14 +600,17 @@ fn set_cursor(tx: &Transaction<'_>, name: &str, seq: i64) -> Result<()> {
     Ok(())
 }
 
-/// A `(state, computed)` row: the state is a blob, or JSON text in data
-/// directories from before the binary encoding.
-fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, String)> {
+/// A [`StateRow`] from `SELECT state, computed, due`.
+fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StateRow> {
     let state = match r.get_ref(0)? {
         rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.to_vec(),
         _ => Vec::new(),
     };
-    Ok((state, r.get(1)?))
+    Ok(StateRow {
+        state,
+        computed: r.get(1)?,
+        due: r.get(2)?,
+    })
 }
 
 fn parse_event(body: &str) -> Result<Event> {
@@ -658,34 +639,48 @@ fn descendants(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<Stri
     Ok(out)
 }
 
-impl Batch<'_> {
-    fn read_state(&self, space_id: &str, root: &str) -> Result<Option<(Vec<u8>, String)>> {
-        Ok(self
-            .tx
-            .prepare_cached(
-                "SELECT state, computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
-            )?
-            .query_row(params![space_id, root], state_row)
-            .optional()?)
-    }
+fn read_state(tx: &Transaction<'_>, space_id: &str, root: &str) -> Result<Option<StateRow>> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT state, computed, due FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
+        )?
+        .query_row(params![space_id, root], state_row)
+        .optional()?)
+}
 
+/// A root to load into a batch: its space's definitions, and the time to
+/// evaluate it at.
+type Root = (Arc<Ruleset>, String, String, Millis);
+
+impl Batch<'_> {
     /// Reads the states of these roots (those not loaded yet) and decodes
     /// them in parallel, ahead of [`Batch::touch`].
-    fn preload(&mut self, roots: Vec<(String, String, Millis)>) -> Result<()> {
-        let mut rows = Vec::with_capacity(roots.len());
-        for (space_id, root, now) in roots {
-            let key = (space_id, root);
-            if self.profiles.contains_key(&key) {
-                continue;
-            }
-            let row = self.read_state(&key.0, &key.1)?;
-            rows.push((key, row, now));
-        }
-        let decoded = par_map(rows, |(key, row, now)| {
-            Ok::<_, StoreError>((key, Loaded::decode(row, now)?))
-        });
-        for d in decoded {
-            let (key, loaded): ((String, String), Loaded) = d?;
+    fn preload(&mut self, roots: Vec<Root>) -> Result<()> {
+        let mut roots = roots.into_iter();
+        let mut decoded = Vec::with_capacity(roots.len());
+        let tx = self.tx;
+        let profiles = &self.profiles;
+        // Rows are read on this thread while others decode those read.
+        pipeline(
+            || {
+                for (ruleset, space_id, root, now) in roots.by_ref() {
+                    let key = (space_id, root);
+                    if !profiles.contains_key(&key) {
+                        let row = read_state(tx, &key.0, &key.1)?;
+                        return Ok(Some((key, row, now, ruleset)));
+                    }
+                }
+                Ok(None)
+            },
+            |(key, row, now, ruleset)| {
+                Ok::<_, StoreError>((key, Loaded::decode(row, now, &ruleset)?))
+            },
+            |d| {
+                decoded.push(d?);
+                Ok::<_, StoreError>(())
+            },
+        )?;
+        for (key, loaded) in decoded {
             self.profiles.entry(key).or_insert(loaded);
         }
         Ok(())
@@ -704,51 +699,52 @@ impl Batch<'_> {
         now: Millis,
         traits: Option<String>,
     ) -> Result<&mut Loaded> {
-        let key = (space_id.to_string(), root.to_string());
-        if !self.profiles.contains_key(&key) {
-            let row = self.read_state(space_id, root)?;
-            self.profiles.insert(key.clone(), Loaded::decode(row, now)?);
-        }
-        let loaded = self.profiles.get_mut(&key).expect("inserted above");
+        let tx = self.tx;
+        let loaded = match self
+            .profiles
+            .entry((space_id.to_string(), root.to_string()))
+        {
+            btree_map::Entry::Occupied(e) => e.into_mut(),
+            btree_map::Entry::Vacant(e) => {
+                let row = read_state(tx, space_id, root)?;
+                e.insert(Loaded::decode(row, now, ruleset)?)
+            }
+        };
         loaded.now = loaded.now.max(now);
         if traits.is_some() {
             loaded.traits = traits;
         }
         if loaded.settled {
-            return Ok(self.profiles.get_mut(&key).expect("present"));
+            return Ok(loaded);
         }
         // States of profiles merged into this one (each event is in exactly
         // one state, so merging them is exact).
         // (Plain indexed lookups, one per tree member: the planner cannot
         // turn them into a scan.)
-        let descendants = descendants(self.tx, space_id, root)?;
-        let mut absorbed = Vec::new();
-        {
-            let mut stmt = self.tx.prepare_cached(
-                "SELECT state, computed FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
-            )?;
-            for child in &descendants {
-                let row: Option<(Vec<u8>, String)> = stmt
-                    .query_row(params![space_id, child], state_row)
-                    .optional()?;
-                if let Some((state, computed)) = row {
-                    absorbed.push((child.clone(), state, computed));
-                }
-            }
-        }
-        let loaded = self.profiles.get_mut(&key).expect("inserted above");
-        for (child, state, computed) in absorbed {
+        let descendants = descendants(tx, space_id, root)?;
+        for child in &descendants {
+            let Some(row) = read_state(tx, space_id, child)? else {
+                continue;
+            };
             absorb(
                 ruleset,
                 (&mut loaded.state, &mut loaded.stored),
-                (decode_state(&state)?, serde_json::from_str(&computed)?),
+                (
+                    decode_state(&row.state)?,
+                    serde_json::from_str(&row.computed)?,
+                ),
             );
-            self.tx
-                .prepare_cached(
-                    "DELETE FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
-                )?
-                .execute(params![space_id, child])?;
+            tx.prepare_cached(
+                "DELETE FROM compute_states WHERE space_id = ?1 AND profile_id = ?2",
+            )?
+            .execute(params![space_id, child])?;
             loaded.dirty = true;
+            // (Merging drops definitions either side had no current state for.)
+            loaded.stale = true;
+        }
+        if !loaded.stale {
+            loaded.settled = true;
+            return Ok(loaded);
         }
         let stale: Vec<&Definition> = ruleset.stale(&loaded.state);
         if !stale.is_empty() {
@@ -782,86 +778,105 @@ impl Batch<'_> {
     }
 
     /// Evaluates and writes every dirty profile; appends the changes.
+    /// Profiles are evaluated and encoded on other threads while this one
+    /// reads traits and writes the profiles evaluated before.
     fn flush(&mut self, rulesets: &HashMap<String, (i64, Arc<Ruleset>)>) -> Result<()> {
-        let profiles = std::mem::take(&mut self.profiles);
-        let mut work = Vec::with_capacity(profiles.len());
-        for ((space_id, root), mut p) in profiles {
-            if !p.dirty {
-                continue;
-            }
-            let Some((_, ruleset)) = rulesets.get(&space_id) else {
-                continue;
-            };
-            let traits: Traits = if !ruleset.reads_custom_traits() {
-                Traits::new()
-            } else if let Some(t) = p.traits.take() {
-                serde_json::from_str(&t)?
-            } else {
-                self.tx
-                    .prepare_cached(
-                        "SELECT traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
-                    )?
-                    .query_row(params![space_id, root], |r| r.get::<_, String>(0))
-                    .optional()?
-                    .map(|t| serde_json::from_str(&t))
-                    .transpose()?
-                    .unwrap_or_default()
-            };
-            work.push((space_id, root, p, traits, Arc::clone(ruleset)));
-        }
-        let flushed = par_map(work, |(space_id, root, mut p, traits, ruleset)| {
-            let Recomputed {
-                values,
-                changes,
-                due,
-            } = recompute(&ruleset, &mut p.state, p.stored, &traits, p.now);
-            Ok::<_, StoreError>(Flushed {
-                space_id,
-                root,
-                state: encode_state(&p.state, p.stored_len + 64)?,
-                computed: serde_json::to_string(&values)?,
-                due,
-                changes,
-                now: p.now,
-            })
-        });
-        for f in flushed {
-            let Flushed {
-                space_id,
-                root,
-                state,
-                computed,
-                due,
-                changes,
-                now,
-            } = f?;
-            self.tx
-                .prepare_cached(
+        let mut profiles = std::mem::take(&mut self.profiles).into_iter();
+        let tx = self.tx;
+        let stats = &mut self.stats;
+        pipeline(
+            || {
+                for ((space_id, root), mut p) in profiles.by_ref() {
+                    if !p.dirty {
+                        continue;
+                    }
+                    let Some((_, ruleset)) = rulesets.get(&space_id) else {
+                        continue;
+                    };
+                    // (The custom traits are parsed off this thread.)
+                    let traits: Option<String> = if !ruleset.reads_custom_traits() {
+                        None
+                    } else if let Some(t) = p.traits.take() {
+                        Some(t)
+                    } else {
+                        tx.prepare_cached(
+                            "SELECT traits FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+                        )?
+                        .query_row(params![space_id, root], |r| r.get::<_, String>(0))
+                        .optional()?
+                    };
+                    return Ok(Some((space_id, root, p, traits, Arc::clone(ruleset))));
+                }
+                Ok(None)
+            },
+            |(space_id, root, mut p, traits, ruleset)| {
+                let traits: Traits = match traits {
+                    Some(t) => serde_json::from_str(&t)?,
+                    None => Traits::new(),
+                };
+                let Recomputed {
+                    values,
+                    changes,
+                    due,
+                } = recompute(&ruleset, &mut p.state, p.stored, &traits, p.now);
+                let size = p.row.as_ref().map_or(0, |r| r.state.len());
+                let state = encode_state(&p.state, size + 64)?;
+                let computed = serde_json::to_string(&values)?;
+                // Nothing to write when the state, the values and the next
+                // change are what is stored (a recompute that time did not
+                // move); there are no changes then either.
+                let unchanged = p
+                    .row
+                    .as_ref()
+                    .is_some_and(|r| r.due == due && r.state == state && r.computed == computed);
+                Ok::<_, StoreError>(Flushed {
+                    space_id,
+                    root,
+                    write: (!unchanged).then_some((state, computed)),
+                    due,
+                    changes,
+                    now: p.now,
+                })
+            },
+            |f| {
+                let Flushed {
+                    space_id,
+                    root,
+                    write,
+                    due,
+                    changes,
+                    now,
+                } = f?;
+                stats.recomputed += 1;
+                let Some((state, computed)) = write else {
+                    return Ok(());
+                };
+                tx.prepare_cached(
                     "INSERT INTO compute_states (space_id, profile_id, state, computed, due)
                      VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (space_id, profile_id) DO UPDATE SET state = excluded.state,
                        computed = excluded.computed, due = excluded.due",
                 )?
                 .execute(params![space_id, root, state, computed, due])?;
-            let mut insert = self.tx.prepare_cached(
-                "INSERT INTO changes (space_id, profile_id, key, class, old, new, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for c in &changes {
-                insert.execute(params![
-                    space_id,
-                    root,
-                    c.key,
-                    c.class.as_str(),
-                    c.old.as_ref().map(Value::to_string),
-                    c.new.to_string(),
-                    now
-                ])?;
-            }
-            self.stats.recomputed += 1;
-            self.stats.changes += changes.len() as u64;
-        }
-        Ok(())
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO changes (space_id, profile_id, key, class, old, new, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for c in &changes {
+                    insert.execute(params![
+                        space_id,
+                        root,
+                        c.key,
+                        c.class.as_str(),
+                        c.old.as_ref().map(Value::to_string),
+                        c.new.to_string(),
+                        now
+                    ])?;
+                }
+                stats.changes += changes.len() as u64;
+                Ok::<_, StoreError>(())
+            },
+        )
     }
 }
 
@@ -1003,7 +1018,9 @@ impl ComputeWorker {
         batch.preload(
             resolved
                 .iter()
-                .map(|(_, space_id, root, _, _, now, _)| ((*space_id).clone(), root.clone(), *now))
+                .map(|(ruleset, space_id, root, _, _, now, _)| {
+                    (Arc::clone(ruleset), (*space_id).clone(), root.clone(), *now)
+                })
                 .collect(),
         )?;
         for ((ruleset, space_id, root, traits, seq, now, _), event) in
@@ -1067,7 +1084,9 @@ impl ComputeWorker {
         batch.preload(
             resolved
                 .iter()
-                .map(|(_, space_id, root, _, now)| ((*space_id).clone(), root.clone(), *now))
+                .map(|(ruleset, space_id, root, _, now)| {
+                    (Arc::clone(ruleset), (*space_id).clone(), root.clone(), *now)
+                })
                 .collect(),
         )?;
         for (ruleset, space_id, root, traits, now) in resolved {
@@ -1284,22 +1303,4 @@ fn add(total: &mut ComputeStats, s: &ComputeStats) {
     total.recomputed += s.recomputed;
     total.rebuilt += s.rebuilt;
     total.changes += s.changes;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::par_map;
-
-    #[test]
-    fn par_map_keeps_order_and_every_item() {
-        for n in [0, 1, 63, 64, 65, 1000, 4097] {
-            let items: Vec<usize> = (0..n).collect();
-            let out = par_map(items, |x| x * 3 + 1);
-            assert_eq!(
-                out,
-                (0..n).map(|x| x * 3 + 1).collect::<Vec<_>>(),
-                "n = {n}"
-            );
-        }
-    }
 }

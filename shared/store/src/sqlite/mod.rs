@@ -11,6 +11,7 @@
 mod audit;
 mod compute;
 mod graph;
+mod parallel;
 mod profiles;
 mod queue;
 mod spaces;
