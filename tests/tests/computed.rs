@@ -262,6 +262,23 @@ async fn lookback_boundaries_are_exact_to_the_hour_and_expiry_exits_once() {
         )
         .await;
     assert_eq!(r.body["profiles_enqueued"], json!(0), "{}", r.body);
+
+    // A later run, after the request queue has drained, is served too:
+    // u2's order (10 hours old at `now`) ages out 2,150 hours later.
+    let r = s
+        .admin(
+            "POST",
+            "/lookback/run",
+            Some(&json!({"as_of": format_millis(now + 2_150 * HOUR)})),
+        )
+        .await;
+    assert_eq!(r.body["profiles_enqueued"], json!(1), "{}", r.body);
+    s.settle().await;
+    let body = traits(&s, "user_id:u2", "include=orders_90d,ordered_90d").await;
+    assert_eq!(
+        body["traits"],
+        json!({"orders_90d": 0, "ordered_90d": false})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

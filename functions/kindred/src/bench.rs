@@ -200,7 +200,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let rss_after_ingest = peak_rss_mib();
     if args.definitions {
-        crate::compute_bench::recompute_and_backfill(&running, &space.space_id, accepted).await?;
+        crate::compute_bench::recompute_and_backfill(
+            &running,
+            &data_dir,
+            &space.space_id,
+            accepted,
+        )
+        .await?;
     }
 
     tokio::time::sleep(Duration::from_secs(args.api_delay)).await;

@@ -2,7 +2,8 @@
 //! over the benchmark's profiles (recompute and backfill rates), and the
 //! lookback sweep over a million profile states.
 
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kindred_domain::compute::Class;
@@ -125,6 +126,27 @@ pub fn definitions() -> Vec<(Class, &'static str, Value)> {
     ]
 }
 
+/// Recomputes every profile of the space and prints the rate.
+async fn recompute_all(running: &Running, space_id: &str, label: &str) -> anyhow::Result<()> {
+    let compute = &running.local.compute;
+    let defs = definitions().len() as f64;
+    let before = compute.stats();
+    let started = Instant::now();
+    let profiles = running.local.store.recompute_all(space_id, now_millis())?;
+    running.wait_compute().await?;
+    let took = started.elapsed().as_secs_f64();
+    let after = compute.stats();
+    println!(
+        "  {label}: profiles {profiles}, {:.2} s: {:.0} profiles/s, {:.0} profile-definitions/s ({} states rewritten, {} changes)",
+        took,
+        profiles as f64 / took,
+        profiles as f64 * defs / took,
+        after.written - before.written,
+        after.changes - before.changes
+    );
+    Ok(())
+}
+
 pub async fn define(running: &Running, space_id: &str) -> anyhow::Result<()> {
     for (class, key, body) in definitions() {
         running
@@ -137,34 +159,34 @@ pub async fn define(running: &Running, space_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// After ingest: every profile recomputed on request, then one definition
+/// After ingest: every profile recomputed on request (twice: as they are,
+/// then with every state's next-change time cleared, as a sweep does for
+/// the due ones, so that every state is rewritten), then one definition
 /// backfilled from history.
 pub async fn recompute_and_backfill(
     running: &Running,
+    data_dir: &Path,
     space_id: &str,
     events: u64,
 ) -> anyhow::Result<()> {
     let store = &running.local.store;
     let compute = &running.local.compute;
     let defs = definitions().len() as f64;
-
-    let before = compute.stats();
-    let started = Instant::now();
-    let profiles = store.recompute_all(space_id, now_millis())?;
-    running.wait_compute().await?;
-    let took = started.elapsed().as_secs_f64();
-    let after = compute.stats();
     println!();
     println!(
         "recompute of every profile (load state, evaluate {defs} definitions, next change, write)"
     );
-    println!(
-        "  profiles {profiles}, {:.2} s: {:.0} profiles/s, {:.0} profile-definitions/s ({} changes)",
-        took,
-        profiles as f64 / took,
-        profiles as f64 * defs / took,
-        after.changes - before.changes
-    );
+    recompute_all(running, space_id, "as stored").await?;
+    {
+        let conn = rusqlite::Connection::open(data_dir.join("compute.db"))?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.execute(
+            "UPDATE compute_states SET due = NULL WHERE space_id = ?1",
+            [space_id],
+        )?;
+    }
+    recompute_all(running, space_id, "next change cleared").await?;
+    let after = compute.stats();
 
     let started = Instant::now();
     store

@@ -91,6 +91,13 @@ CREATE TABLE IF NOT EXISTS compute_cursors (
     name TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- `compute_requests` keeps its last served row, so that new requests are
+-- numbered after the cursor. A data directory whose table was emptied
+-- (before that) gets a marker row at the cursor, which is never served.
+INSERT INTO compute_requests (seq, space_id, profile_id, as_of)
+SELECT c.seq, '', '', 0 FROM compute_cursors c
+WHERE c.name = 'compute_requests'
+  AND c.seq > coalesce((SELECT max(seq) FROM compute_requests), 0);
 ";
 
 const EVENTS_CURSOR: &str = "compute";
@@ -492,8 +499,10 @@ impl Computations for SqliteStore {
 pub struct ComputeStats {
     pub events: u64,
     pub requests: u64,
-    /// Profile states evaluated and written.
+    /// Profile states evaluated.
     pub recomputed: u64,
+    /// Of those, the ones written (the others came out as stored).
+    pub written: u64,
     /// Definition states rebuilt from a profile's history.
     pub rebuilt: u64,
     pub changes: u64,
@@ -851,6 +860,7 @@ impl Batch<'_> {
                 let Some((state, computed)) = write else {
                     return Ok(());
                 };
+                stats.written += 1;
                 tx.prepare_cached(
                     "INSERT INTO compute_states (space_id, profile_id, state, computed, due)
                      VALUES (?1, ?2, ?3, ?4, ?5)
@@ -1097,7 +1107,9 @@ impl ComputeWorker {
         batch.flush(&state.rulesets)?;
         let stats = std::mem::take(&mut batch.stats);
         set_cursor(&tx, REQUESTS_CURSOR, last)?;
-        tx.execute("DELETE FROM compute_requests WHERE seq <= ?1", [last])?;
+        // The last served row stays: `seq` is a plain rowid, which an
+        // empty table would hand out again from 1, behind the cursor.
+        tx.execute("DELETE FROM compute_requests WHERE seq < ?1", [last])?;
         tx.commit()?;
         add(&mut state.stats, &stats);
         Ok(rows.len())
@@ -1301,6 +1313,7 @@ fn add(total: &mut ComputeStats, s: &ComputeStats) {
     total.events += s.events;
     total.requests += s.requests;
     total.recomputed += s.recomputed;
+    total.written += s.written;
     total.rebuilt += s.rebuilt;
     total.changes += s.changes;
 }
