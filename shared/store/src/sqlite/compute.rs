@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::{error, info, info_span};
 
-use super::parallel::{par_map, pipeline};
+use super::parallel::{self, par_map, pipeline};
 use super::profiles::root_with_traits;
 use super::{lock, SqliteStore};
 use crate::compute::{
@@ -588,6 +588,8 @@ struct Flushed {
 /// written in the order of the table's B-tree).
 struct Batch<'t> {
     tx: &'t Transaction<'t>,
+    /// Threads for the CPU work (see [`parallel`]).
+    threads: usize,
     profiles: BTreeMap<(String, String), Loaded>,
     stats: ComputeStats,
 }
@@ -671,6 +673,7 @@ impl Batch<'_> {
         let profiles = &self.profiles;
         // Rows are read on this thread while others decode those read.
         pipeline(
+            self.threads,
             || {
                 for (ruleset, space_id, root, now) in roots.by_ref() {
                     let key = (space_id, root);
@@ -794,6 +797,7 @@ impl Batch<'_> {
         let tx = self.tx;
         let stats = &mut self.stats;
         pipeline(
+            self.threads,
             || {
                 for ((space_id, root), mut p) in profiles.by_ref() {
                     if !p.dirty {
@@ -995,6 +999,10 @@ impl ComputeWorker {
         let mut seen = HashMap::new();
         let mut batch = Batch {
             tx: &tx,
+            // Events arrive while identity resolution runs: helper threads
+            // here took CPU from it (ingest -23.5% with them, -4.5% without,
+            // see BENCHMARKS.md) and compute caught up no sooner.
+            threads: 1,
             profiles: BTreeMap::new(),
             stats: ComputeStats::default(),
         };
@@ -1022,9 +1030,11 @@ impl ComputeWorker {
             let now = Self::now_for(&state, space_id);
             resolved.push((ruleset, space_id, root, traits, *seq, now, body));
         }
-        // Parsing the events and decoding the states are CPU work done in
-        // parallel; folding the events in stays in their order.
-        let events = par_map(resolved.iter().map(|r| r.6).collect(), |b| parse_event(b));
+        // Parsing the events and decoding the states are CPU work (done on
+        // `batch.threads` threads); folding the events in stays in order.
+        let events = par_map(batch.threads, resolved.iter().map(|r| r.6).collect(), |b| {
+            parse_event(b)
+        });
         batch.preload(
             resolved
                 .iter()
@@ -1076,6 +1086,7 @@ impl ComputeWorker {
         let mut seen = HashMap::new();
         let mut batch = Batch {
             tx: &tx,
+            threads: parallel::threads(),
             profiles: BTreeMap::new(),
             stats: ComputeStats::default(),
         };
@@ -1150,6 +1161,7 @@ impl ComputeWorker {
         let now = Self::now_for(&state, &space_id);
         let mut batch = Batch {
             tx: &tx,
+            threads: parallel::threads(),
             profiles: BTreeMap::new(),
             stats: ComputeStats::default(),
         };

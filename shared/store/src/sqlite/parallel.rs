@@ -12,13 +12,18 @@ const PARALLEL_MIN: usize = 64;
 /// At most this many threads (the caller's included).
 const MAX_THREADS: usize = 4;
 
-fn threads() -> usize {
+/// The threads a step may use: the machine's cores, at most [`MAX_THREADS`].
+pub(crate) fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
 }
 
-/// `f` over `items`, in order, split over the machine's cores.
-pub(crate) fn par_map<T: Send, U: Send>(items: Vec<T>, f: impl Fn(T) -> U + Sync) -> Vec<U> {
-    let threads = threads();
+/// `f` over `items`, in order, split over `threads` threads (the
+/// caller's included).
+pub(crate) fn par_map<T: Send, U: Send>(
+    threads: usize,
+    items: Vec<T>,
+    f: impl Fn(T) -> U + Sync,
+) -> Vec<U> {
     if threads <= 1 || items.len() < PARALLEL_MIN {
         return items.into_iter().map(f).collect();
     }
@@ -55,14 +60,17 @@ pub(crate) fn par_map<T: Send, U: Send>(items: Vec<T>, f: impl Fn(T) -> U + Sync
 /// done. So the database thread never waits for the CPU work of items it
 /// is not about to write, and the other cores never wait for the database.
 ///
-/// Stops at the first error of `produce` or `consume` (items already
-/// handed out are worked on and dropped).
+/// Uses `threads` threads, the caller's included (with one, everything
+/// runs on the caller's thread, in turn). Stops at the first error of
+/// `produce` or `consume` (items already handed out are worked on and
+/// dropped).
 pub(crate) fn pipeline<T: Send, U: Send, E>(
+    threads: usize,
     mut produce: impl FnMut() -> Result<Option<T>, E>,
     work: impl Fn(T) -> U + Sync,
     mut consume: impl FnMut(U) -> Result<(), E>,
 ) -> Result<(), E> {
-    let helpers = threads().saturating_sub(1);
+    let helpers = threads.saturating_sub(1);
     if helpers == 0 {
         while let Some(item) = produce()? {
             consume(work(item))?;
@@ -157,7 +165,7 @@ mod tests {
     fn par_map_keeps_order_and_every_item() {
         for n in [0, 1, 63, 64, 65, 1000, 4097] {
             let items: Vec<usize> = (0..n).collect();
-            let out = par_map(items, |x| x * 3 + 1);
+            let out = par_map(4, items, |x| x * 3 + 1);
             assert_eq!(
                 out,
                 (0..n).map(|x| x * 3 + 1).collect::<Vec<_>>(),
@@ -168,10 +176,11 @@ mod tests {
 
     #[test]
     fn pipeline_consumes_every_result_in_order() {
-        for n in [0usize, 1, 2, 100, 5000] {
+        for (n, threads) in [(0usize, 4), (1, 4), (2, 2), (100, 1), (100, 4), (5000, 2)] {
             let mut produced = 0;
             let mut out = Vec::new();
             pipeline(
+                threads,
                 || {
                     produced += 1;
                     Ok::<_, String>((produced <= n).then_some(produced - 1))
@@ -189,7 +198,11 @@ mod tests {
                 },
             )
             .expect("no errors");
-            assert_eq!(out, (0..n).map(|x| x * 2).collect::<Vec<_>>(), "n = {n}");
+            assert_eq!(
+                out,
+                (0..n).map(|x| x * 2).collect::<Vec<_>>(),
+                "n = {n}, threads = {threads}"
+            );
         }
     }
 
@@ -198,6 +211,7 @@ mod tests {
         let mut produced = 0;
         let mut consumed = Vec::new();
         let outcome = pipeline(
+            4,
             || {
                 produced += 1;
                 Ok::<_, String>((produced <= 1000).then_some(produced))
@@ -216,6 +230,7 @@ mod tests {
 
         let mut produced = 0;
         let outcome = pipeline(
+            4,
             || {
                 produced += 1;
                 if produced == 5 {
