@@ -129,15 +129,18 @@ impl Ruleset {
     pub fn stale<'a>(&'a self, state: &ProfileState) -> Vec<&'a Definition> {
         self.defs
             .iter()
-            .filter(|d| state.defs.get(&d.key).is_none_or(|s| s.v != d.version))
+            .filter(|d| Self::is_stale(d, state))
             .collect()
     }
 
     /// Whether [`Ruleset::stale`] has any definitions, without listing them.
     pub fn has_stale(&self, state: &ProfileState) -> bool {
-        self.defs
-            .iter()
-            .any(|d| state.defs.get(&d.key).is_none_or(|s| s.v != d.version))
+        self.defs.iter().any(|d| Self::is_stale(d, state))
+    }
+
+    /// The state has no current state for this definition.
+    fn is_stale(d: &Definition, state: &ProfileState) -> bool {
+        state.defs.get(&d.key).is_none_or(|s| s.v != d.version)
     }
 
     /// Drops states of definitions that no longer exist.
