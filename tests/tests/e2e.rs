@@ -17,3 +17,4 @@ mod lambda_pipeline;
 mod queue_contract;
 mod segment_python_client;
 mod store_contract;
+mod sync;

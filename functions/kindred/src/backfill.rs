@@ -23,7 +23,7 @@ pub struct BackfillArgs {
     pub token: String,
 }
 
-async fn call(
+pub(crate) async fn call(
     client: &reqwest::Client,
     method: reqwest::Method,
     url: &str,

@@ -56,6 +56,10 @@ pub struct BenchArgs {
     pub sweep_profiles: Option<u64>,
     #[arg(long, default_value_t = 1.0)]
     pub due_percent: f64,
+    /// Instead of the pipeline: measure sync to a local receiver over this
+    /// many profiles (deliveries per second, change-to-delivery latency).
+    #[arg(long)]
+    pub sync_profiles: Option<usize>,
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -91,6 +95,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         data_dir: data_dir.clone(),
         listen: "127.0.0.1:0".parse()?,
         ingest_rate: u32::MAX,
+        sync: kindred_sync::RetryPolicy::default(),
     };
     let (running, created) = start(&config).await?;
     let space = match created {
@@ -100,6 +105,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .store
             .create_space(&format!("bench{}", std::process::id()))?,
     };
+    if let Some(n) = args.sync_profiles {
+        let result = crate::sync_bench::run(&running, &space, n.max(1)).await;
+        running.stop().await?;
+        if args.data_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        return result;
+    }
     let base = format!("http://{}", running.addr);
     if args.definitions {
         crate::compute_bench::define(&running, &space.space_id).await?;

@@ -18,6 +18,13 @@ pub struct ServeArgs {
     /// Events per second each space may send before getting 429s.
     #[arg(long, env = "KINDRED_INGEST_RATE", default_value_t = 250_000)]
     pub ingest_rate: u32,
+    /// Milliseconds before the first retry of a failed delivery to a
+    /// destination (each next retry waits about twice as long).
+    #[arg(long, env = "KINDRED_SYNC_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub sync_retry_base_ms: u64,
+    /// Delivery attempts before calls go to the destination's dead letters.
+    #[arg(long, env = "KINDRED_SYNC_MAX_ATTEMPTS", default_value_t = 10)]
+    pub sync_max_attempts: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -25,6 +32,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub ingest_rate: u32,
+    /// How deliveries to destinations are retried.
+    pub sync: kindred_sync::RetryPolicy,
 }
 
 impl Config {
@@ -36,10 +45,23 @@ impl Config {
             )
         })?;
         anyhow::ensure!(args.ingest_rate > 0, "--ingest-rate must be at least 1");
+        anyhow::ensure!(
+            args.sync_retry_base_ms > 0,
+            "--sync-retry-base-ms must be at least 1"
+        );
+        anyhow::ensure!(
+            args.sync_max_attempts > 0,
+            "--sync-max-attempts must be at least 1"
+        );
         Ok(Self {
             data_dir: args.data_dir,
             listen,
             ingest_rate: args.ingest_rate,
+            sync: kindred_sync::RetryPolicy {
+                base: std::time::Duration::from_millis(args.sync_retry_base_ms),
+                max_attempts: args.sync_max_attempts,
+                ..kindred_sync::RetryPolicy::default()
+            },
         })
     }
 }

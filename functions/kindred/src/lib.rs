@@ -5,5 +5,7 @@ pub mod backfill;
 pub mod bench;
 pub mod compute_bench;
 pub mod config;
+pub mod destinations;
 pub mod server;
+pub mod sync_bench;
 pub mod workload;

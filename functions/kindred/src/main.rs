@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kindred::{backfill, bench, config, server};
+use kindred::{backfill, bench, config, destinations, server};
 
 /// mimalloc: the compute worker decodes and drops many small maps per
 /// profile, where it is markedly faster than the system allocator.
@@ -39,6 +39,9 @@ enum Command {
     /// Rebuild a computed trait or audience from every profile's history,
     /// with a progress bar.
     Backfill(backfill::BackfillArgs),
+    /// List a space's destinations with delivered / pending / retrying /
+    /// dead counts, the last success and the last error.
+    Destinations(destinations::DestinationsArgs),
 }
 
 #[derive(Subcommand)]
@@ -106,6 +109,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(backfill::run(args)),
+        Command::Destinations(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(destinations::run(args)),
         Command::Bench(args) => {
             config::init_logging();
             tokio::runtime::Builder::new_multi_thread()

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kindred_http::{AppState, RateLimiter};
-use kindred_store::sqlite::{ComputeWorker, IdentityWorker, SqliteQueue, SqliteStore};
+use kindred_store::sqlite::{ComputeWorker, IdentityWorker, SqliteQueue, SqliteStore, SyncWorker};
+use kindred_sync::Deliverer;
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -20,6 +21,10 @@ pub struct Local {
     pub queue: Arc<SqliteQueue>,
     pub worker: Arc<IdentityWorker>,
     pub compute: Arc<ComputeWorker>,
+    /// Fans the change log out to the destinations' outboxes.
+    pub sync: Arc<SyncWorker>,
+    /// Drains the outboxes.
+    pub deliverer: Arc<Deliverer>,
     pub state: AppState,
 }
 
@@ -29,18 +34,23 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
     let queue = SqliteQueue::open(&config.data_dir).context("opening the queue")?;
     let worker = IdentityWorker::new(Arc::clone(&store), Arc::clone(&queue));
     let compute = ComputeWorker::new(Arc::clone(&store));
+    let sync = SyncWorker::new(Arc::clone(&store));
+    let deliverer = Deliverer::new(store.clone(), config.sync);
     let state = AppState {
         spaces: store.clone(),
         profiles: store.clone(),
         queue: queue.clone(),
         rate_limiter: Arc::new(RateLimiter::new(config.ingest_rate)),
         computations: Some(store.clone()),
+        destinations: Some(store.clone()),
     };
     Ok(Local {
         store,
         queue,
         worker,
         compute,
+        sync,
+        deliverer,
         state,
     })
 }
@@ -53,6 +63,8 @@ pub struct Running {
     stop_worker: Arc<AtomicBool>,
     worker: Option<std::thread::JoinHandle<()>>,
     compute: Option<std::thread::JoinHandle<()>>,
+    sync: Option<std::thread::JoinHandle<()>>,
+    deliverer: Option<tokio::task::JoinHandle<()>>,
     stop_http: Option<oneshot::Sender<()>>,
     http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -69,6 +81,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
     let stop_worker = Arc::new(AtomicBool::new(false));
     let worker = local.worker.spawn(Arc::clone(&stop_worker));
     let compute = local.compute.spawn(Arc::clone(&stop_worker));
+    let sync = local.sync.spawn(Arc::clone(&stop_worker));
+    let deliverer = tokio::spawn(Arc::clone(&local.deliverer).run(Arc::clone(&stop_worker)));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -89,6 +103,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
             stop_worker,
             worker: Some(worker),
             compute: Some(compute),
+            sync: Some(sync),
+            deliverer: Some(deliverer),
             stop_http: Some(stop_http),
             http: Some(http),
         },
@@ -122,6 +138,15 @@ impl Running {
         Ok(())
     }
 
+    /// Waits until every change and merge logged so far is in the
+    /// destinations' outboxes.
+    pub async fn wait_fanned_out(&self) -> anyhow::Result<()> {
+        while !self.local.sync.is_caught_up()? {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
     /// Stops accepting requests, lets in-flight ones finish, stops the worker.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop_http.take() {
@@ -131,7 +156,10 @@ impl Running {
             http.await??;
         }
         self.stop_worker.store(true, Ordering::Relaxed);
-        for worker in [self.worker.take(), self.compute.take()]
+        if let Some(d) = self.deliverer.take() {
+            let _ = d.await;
+        }
+        for worker in [self.worker.take(), self.compute.take(), self.sync.take()]
             .into_iter()
             .flatten()
         {

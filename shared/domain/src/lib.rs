@@ -10,6 +10,7 @@ pub mod identifier;
 pub mod model;
 pub mod resolve;
 pub mod settings;
+pub mod sync;
 pub mod traits;
 
 pub use event::{Envelope, Event, EventKind, Rejection};

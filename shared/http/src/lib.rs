@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod compute;
+pub mod destinations;
 pub mod error;
 pub mod profile;
 pub mod tracking;
@@ -18,7 +19,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Json;
 use kindred_store::token::random_base62;
-use kindred_store::{Computations, EventQueue, Profiles, Spaces};
+use kindred_store::{Computations, Destinations, EventQueue, Profiles, Spaces};
 use serde_json::json;
 
 pub use axum::body::Body;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub rate_limiter: Arc<RateLimiter>,
     /// `None` where computed traits are not available (answered 501).
     pub computations: Option<Arc<dyn Computations>>,
+    /// `None` where destinations are not available (answered 501).
+    pub destinations: Option<Arc<dyn Destinations>>,
 }
 
 /// What the Tracking API needs (the `ingest` function has only this).
@@ -51,6 +54,7 @@ pub struct ReadState {
     pub spaces: Arc<dyn Spaces>,
     pub profiles: Arc<dyn Profiles>,
     pub computations: Option<Arc<dyn Computations>>,
+    pub destinations: Option<Arc<dyn Destinations>>,
 }
 
 impl AppState {
@@ -67,6 +71,7 @@ impl AppState {
             spaces: Arc::clone(&self.spaces),
             profiles: Arc::clone(&self.profiles),
             computations: self.computations.clone(),
+            destinations: self.destinations.clone(),
         }
     }
 }
@@ -121,7 +126,8 @@ pub fn app(state: AppState) -> Router {
             .merge(tracking::router(state.tracking()))
             .merge(profile::router(state.read()))
             .merge(admin::router(state.read()))
-            .merge(compute::router(state.read())),
+            .merge(compute::router(state.read()))
+            .merge(destinations::router(state.read())),
     )
 }
 
@@ -136,7 +142,8 @@ pub fn profile_api_app(state: ReadState) -> Router {
         health()
             .merge(profile::router(state.clone()))
             .merge(admin::router(state.clone()))
-            .merge(compute::router(state)),
+            .merge(compute::router(state.clone()))
+            .merge(destinations::router(state)),
     )
 }
 

@@ -8,10 +8,13 @@
 pub mod compute;
 pub mod identity;
 pub mod ports;
+pub mod secret;
 pub mod sqlite;
+pub mod sync;
 pub mod token;
 
 pub use ports::*;
+pub use sync::*;
 
 /// What can go wrong in a store. Internal details stay in the `source`
 /// chain for logs; clients only ever see a generic message.

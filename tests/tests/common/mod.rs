@@ -2,6 +2,8 @@
 //! port, driven over real HTTP.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use kindred::config::Config;
 use kindred::server::{start, Running};
 use kindred_store::NewSpace;
@@ -33,6 +35,12 @@ impl Server {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
             ingest_rate,
+            sync: kindred_sync::RetryPolicy {
+                base: std::time::Duration::from_millis(50),
+                max: std::time::Duration::from_secs(1),
+                max_attempts: 12,
+                timeout: std::time::Duration::from_secs(5),
+            },
         };
         let (running, created) = start(&config).await.unwrap();
         let base = format!("http://{}", running.addr);

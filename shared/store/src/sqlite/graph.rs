@@ -344,6 +344,11 @@ fn apply_writes(
                     record.now
                 ])
                 .map_err(claim_error)?;
+                sp.prepare_cached(
+                    "INSERT INTO merge_log (space_id, child_id, parent_id, merged_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![space_id, child, a.profile_id, record.now])?;
             }
             if plan.writes_profile() || !a.children.is_empty() {
                 let identifiers = a

@@ -15,6 +15,7 @@ mod parallel;
 mod profiles;
 mod queue;
 mod spaces;
+mod sync;
 mod worker;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ pub use audit::{AuditEvent, GraphAudit};
 pub use compute::{ComputeStats, ComputeWorker};
 pub use graph::{OptimisticGraph, TxGraph};
 pub use queue::{QueueEntry, SqliteQueue};
+pub use sync::{FanOut, SyncWorker};
 pub use worker::{IdentityWorker, WorkerStats};
 
 use crate::Result;
@@ -98,6 +100,15 @@ CREATE TABLE IF NOT EXISTS merges (
     merged_at INTEGER NOT NULL,
     PRIMARY KEY (space_id, parent_id, child_id)
 ) WITHOUT ROWID;
+-- Every merge in commit order, for the sync step's `alias` calls (rows
+-- are never deleted, so sequence numbers only grow).
+CREATE TABLE IF NOT EXISTS merge_log (
+    seq INTEGER PRIMARY KEY,
+    space_id TEXT NOT NULL,
+    child_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    merged_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS links (
     space_id TEXT NOT NULL,
     profile_id TEXT NOT NULL,
@@ -180,6 +191,10 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     /// The writer of `compute.db` (computed traits and audiences).
     compute_writer: Mutex<Connection>,
+    /// The writer of `sync.db` (destinations and their outboxes).
+    sync_writer: Mutex<Connection>,
+    /// Seals destination secrets (key in `secrets.key`).
+    sealer: crate::secret::Sealer,
     readers: Mutex<Vec<Connection>>,
     /// Recently verified tokens, keyed by the SHA-256 of the secret.
     auth_cache: Mutex<HashMap<[u8; 32], (crate::SpaceAuth, Instant)>>,
@@ -231,12 +246,16 @@ impl SqliteStore {
         // the profiles on every step.
         compute_writer.pragma_update(Some("s"), "cache_size", -WRITER_CACHE_KIB)?;
         compute_writer.pragma_update(Some("s"), "mmap_size", MMAP_BYTES)?;
+        let sync_writer = sync::open_writer(dir, &path, &compute_path)?;
+        let sealer = crate::secret::Sealer::load_or_create(&dir.join("secrets.key"))?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             path,
             compute_path,
             writer: Mutex::new(writer),
             compute_writer: Mutex::new(compute_writer),
+            sync_writer: Mutex::new(sync_writer),
+            sealer,
             readers: Mutex::new(Vec::new()),
             auth_cache: Mutex::new(HashMap::new()),
         }))
@@ -269,6 +288,10 @@ impl SqliteStore {
 
     pub(crate) fn compute_writer(&self) -> MutexGuard<'_, Connection> {
         lock(&self.compute_writer)
+    }
+
+    pub(crate) fn sync_writer(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.sync_writer)
     }
 
     /// Runs blocking store work off the async runtime.

@@ -1,0 +1,157 @@
+//! The sync step's ports: destinations as the admin API manages them
+//! ([`Destinations`]), and the per-destination outbox of Segment calls the
+//! delivery worker drains ([`Outbox`]). Adapters fill the outbox from the
+//! outbound change log and the merge log, exactly once per change and
+//! destination, in log order.
+
+use async_trait::async_trait;
+use kindred_domain::sync::Settings;
+use kindred_domain::Millis;
+use serde_json::Value;
+
+use crate::Result;
+
+/// A configured destination, as the API shows it (never its secret).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestinationRecord {
+    pub destination_id: String,
+    pub name: Option<String>,
+    pub settings: Settings,
+    /// Whether a secret (webhook signing secret, Segment write key) is set.
+    pub has_secret: bool,
+    /// Bumped on every replace.
+    pub version: u64,
+    /// The current values of the selected keys are still to be queued.
+    pub initial_sync_pending: bool,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// The last failed delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryError {
+    /// The receiver's HTTP status; `None` when there was no answer.
+    pub status: Option<u16>,
+    pub message: String,
+    pub at: Millis,
+}
+
+/// Where a destination's deliveries stand.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DestinationStatus {
+    /// Calls the destination accepted.
+    pub delivered: u64,
+    /// Calls queued and not attempted yet.
+    pub pending: u64,
+    /// Calls that failed at least once and will be tried again.
+    pub retrying: u64,
+    /// Calls in the dead-letter store.
+    pub dead: u64,
+    pub last_success_at: Option<Millis>,
+    pub last_error: Option<DeliveryError>,
+}
+
+/// A call in the dead-letter store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub profile_id: String,
+    pub call: Value,
+    pub attempts: u32,
+    pub error: String,
+}
+
+#[async_trait]
+pub trait Destinations: Send + Sync {
+    /// Creates or replaces a destination. `secret: None` keeps the stored
+    /// one. A new destination, or one whose key selection grew, first
+    /// queues the current values (initial sync).
+    async fn put_destination(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        name: Option<String>,
+        settings: Settings,
+        secret: Option<String>,
+    ) -> Result<(DestinationRecord, bool)>;
+    async fn destination(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+    ) -> Result<Option<DestinationRecord>>;
+    async fn destinations(&self, space_id: &str) -> Result<Vec<DestinationRecord>>;
+    /// Removes the destination with its queued and dead calls; `false` if
+    /// there was none.
+    async fn delete_destination(&self, space_id: &str, destination_id: &str) -> Result<bool>;
+    async fn destination_status(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+    ) -> Result<Option<DestinationStatus>>;
+    /// Dead letters, oldest first, at most `limit`.
+    async fn dead_letters(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>>;
+    /// Puts every dead letter back in the queue; returns how many.
+    async fn replay(&self, space_id: &str, destination_id: &str) -> Result<u64>;
+}
+
+/// A destination the delivery worker serves, with its secret opened.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub space_id: String,
+    pub destination_id: String,
+    pub version: u64,
+    pub settings: Settings,
+    pub secret: Option<String>,
+}
+
+/// A queued call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingCall {
+    pub seq: i64,
+    /// The call's JSON.
+    pub call: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// How an attempt to deliver some calls ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    Delivered {
+        at: Millis,
+    },
+    /// Failed; `dead`: the calls go to the dead-letter store.
+    Failed {
+        error: DeliveryError,
+        dead: bool,
+    },
+}
+
+/// What the delivery worker needs: the live destinations and each one's
+/// queue, drained in order.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Every enabled destination of every space.
+    async fn targets(&self) -> Result<Vec<Target>>;
+    /// The oldest queued (not dead) calls of a destination, at most `limit`.
+    async fn next_calls(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        limit: usize,
+    ) -> Result<Vec<PendingCall>>;
+    /// Records an attempt at these calls: delivered ones leave the queue;
+    /// failed ones count an attempt, dead ones move to the dead letters.
+    async fn record(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        seqs: &[i64],
+        attempt: Attempt,
+    ) -> Result<()>;
+}

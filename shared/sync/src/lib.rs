@@ -1,0 +1,324 @@
+//! The delivery worker: one task per destination drains that
+//! destination's outbox in order, a request at a time (so calls about a
+//! profile arrive in the order they were logged), batching where the
+//! destination allows. A failed request is retried with exponential
+//! backoff and jitter, never sooner than the receiver's `Retry-After`;
+//! after `max_attempts` its calls go to the dead-letter store. Each
+//! destination waits only for itself: a failing one never delays another.
+//!
+//! The same worker runs in `kindred serve` (over the SQLite outbox) and
+//! can run in a Lambda function over any [`Outbox`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kindred_domain::sync::{
+    outcome, parse_retry_after, retry_delay, Kind, Outcome, SIGNATURE_HEADER,
+};
+use kindred_store::{now_millis, Attempt, DeliveryError, Outbox, PendingCall, Target};
+use tracing::{info, warn};
+
+/// How hard to try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The first retry waits about this long; each next one twice as long.
+    pub base: Duration,
+    /// No wait is longer (a `Retry-After` may ask for up to 4 times this).
+    pub max: Duration,
+    /// Attempts before calls go to the dead letters.
+    pub max_attempts: u32,
+    /// How long one request may take.
+    pub timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            max_attempts: 10,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How often an idle destination looks for new calls, and the worker for
+/// new or changed destinations.
+const IDLE_POLL: Duration = Duration::from_millis(10);
+const TARGETS_POLL: Duration = Duration::from_millis(250);
+
+/// Counters for benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    pub requests: AtomicU64,
+    pub delivered: AtomicU64,
+    pub failed_requests: AtomicU64,
+}
+
+pub struct Deliverer {
+    outbox: Arc<dyn Outbox>,
+    client: reqwest::Client,
+    policy: RetryPolicy,
+    pub stats: Arc<DeliveryStats>,
+}
+
+type Key = (String, String);
+
+impl Deliverer {
+    pub fn new(outbox: Arc<dyn Outbox>, policy: RetryPolicy) -> Arc<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(policy.timeout)
+            .user_agent(concat!("kindred/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("an HTTP client with default TLS settings");
+        Arc::new(Self {
+            outbox,
+            client,
+            policy,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Delivers until `stop` is set: keeps one task per enabled
+    /// destination, started and stopped as destinations come and go.
+    pub async fn run(self: Arc<Self>, stop: Arc<AtomicBool>) {
+        let live: Arc<Mutex<HashMap<Key, Target>>> = Arc::default();
+        let mut tasks: HashMap<Key, tokio::task::JoinHandle<()>> = HashMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            match self.outbox.targets().await {
+                Ok(targets) => {
+                    let mut now: HashMap<Key, Target> = targets
+                        .into_iter()
+                        .map(|t| ((t.space_id.clone(), t.destination_id.clone()), t))
+                        .collect();
+                    let keys: Vec<Key> = now.keys().cloned().collect();
+                    std::mem::swap(
+                        &mut *live.lock().unwrap_or_else(|p| p.into_inner()),
+                        &mut now,
+                    );
+                    // A removed or disabled destination's task stops now
+                    // (an interrupted request is sent again later, with
+                    // the same messageIds).
+                    tasks.retain(|k, t| {
+                        let keep = keys.contains(k) && !t.is_finished();
+                        if !keep {
+                            t.abort();
+                        }
+                        keep
+                    });
+                    for key in keys {
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            tasks.entry(key.clone())
+                        {
+                            let me = Arc::clone(&self);
+                            let (live, stop) = (Arc::clone(&live), Arc::clone(&stop));
+                            slot.insert(tokio::spawn(
+                                async move { me.drain(key, live, stop).await },
+                            ));
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "reading destinations failed; retrying"),
+            }
+            tokio::time::sleep(TARGETS_POLL).await;
+        }
+        // A task may be waiting out a long backoff: stop it where it is
+        // (what it had not recorded is sent again, with the same ids).
+        for (_, t) in tasks {
+            t.abort();
+        }
+    }
+
+    /// One destination's loop: the oldest calls, one request at a time.
+    async fn drain(&self, key: Key, live: Arc<Mutex<HashMap<Key, Target>>>, stop: Arc<AtomicBool>) {
+        while !stop.load(Ordering::Relaxed) {
+            let Some(target) = live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .cloned()
+            else {
+                return;
+            };
+            match self.deliver_next(&target).await {
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(space_id = %key.0, destination_id = %key.1, error = %e,
+                          "the outbox failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Sends the destination's next request, if any, and records how it
+    /// went. Returns how long to wait before the next one (`None`: go on).
+    pub async fn deliver_next(&self, t: &Target) -> kindred_store::Result<Option<Duration>> {
+        let calls = self
+            .outbox
+            .next_calls(&t.space_id, &t.destination_id, t.settings.batch_size)
+            .await?;
+        if calls.is_empty() {
+            return Ok(Some(IDLE_POLL));
+        }
+        let seqs: Vec<i64> = calls.iter().map(|c| c.seq).collect();
+        let attempts = calls.iter().map(|c| c.attempts).max().unwrap_or(0) + 1;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.send(t, &calls).await;
+        let (status, retry_after, message) = match result {
+            Ok((status, retry_after, message)) => (Some(status), retry_after, message),
+            Err(message) => (None, None, message),
+        };
+        let verdict = match status {
+            Some(code) => outcome(code, retry_after),
+            None => Outcome::Retry { retry_after: None },
+        };
+        let at = now_millis();
+        match verdict {
+            Outcome::Delivered => {
+                self.outbox
+                    .record(
+                        &t.space_id,
+                        &t.destination_id,
+                        &seqs,
+                        Attempt::Delivered { at },
+                    )
+                    .await?;
+                self.stats
+                    .delivered
+                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                Ok(None)
+            }
+            Outcome::Retry { retry_after } => {
+                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                let dead = attempts >= self.policy.max_attempts;
+                warn!(space_id = %t.space_id, destination_id = %t.destination_id,
+                      status = ?status, attempts, dead, "delivery failed");
+                self.outbox
+                    .record(
+                        &t.space_id,
+                        &t.destination_id,
+                        &seqs,
+                        Attempt::Failed {
+                            error: DeliveryError {
+                                status,
+                                message,
+                                at,
+                            },
+                            dead,
+                        },
+                    )
+                    .await?;
+                if dead {
+                    return Ok(None);
+                }
+                let wait = retry_delay(
+                    attempts,
+                    self.policy.base.as_millis() as u64,
+                    self.policy.max.as_millis() as u64,
+                    rand::random::<f64>(),
+                    retry_after,
+                );
+                Ok(Some(Duration::from_millis(wait)))
+            }
+            Outcome::Rejected => {
+                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+                info!(space_id = %t.space_id, destination_id = %t.destination_id,
+                      status = ?status, calls = seqs.len(), "calls refused; moved to the dead letters");
+                self.outbox
+                    .record(
+                        &t.space_id,
+                        &t.destination_id,
+                        &seqs,
+                        Attempt::Failed {
+                            error: DeliveryError {
+                                status,
+                                message,
+                                at,
+                            },
+                            dead: true,
+                        },
+                    )
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// One HTTP request: `(status, Retry-After in ms, message)`, or why
+    /// there was no answer.
+    async fn send(
+        &self,
+        t: &Target,
+        calls: &[PendingCall],
+    ) -> Result<(u16, Option<u64>, String), String> {
+        // The calls are stored as JSON text: the body is assembled, not
+        // re-serialized.
+        let body = if t.settings.kind == Kind::Webhook && t.settings.batch_size == 1 {
+            calls[0].call.clone()
+        } else {
+            let mut b =
+                String::with_capacity(calls.iter().map(|c| c.call.len() + 1).sum::<usize>() + 12);
+            b.push_str("{\"batch\":[");
+            for (i, c) in calls.iter().enumerate() {
+                if i > 0 {
+                    b.push(',');
+                }
+                b.push_str(&c.call);
+            }
+            b.push_str("]}");
+            b
+        };
+        let mut req = self
+            .client
+            .post(t.settings.request_url())
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        match t.settings.kind {
+            Kind::Webhook => {
+                if let Some(secret) = &t.secret {
+                    req = req.header(
+                        SIGNATURE_HEADER,
+                        kindred_domain::sync::sign(secret, body.as_bytes()),
+                    );
+                }
+            }
+            Kind::Segment => {
+                req = req.basic_auth(t.secret.as_deref().unwrap_or_default(), Some(""));
+            }
+        }
+        let response = req.body(body).send().await.map_err(|e| {
+            if e.is_timeout() {
+                "the request timed out".to_string()
+            } else if e.is_connect() {
+                "could not connect".to_string()
+            } else {
+                "the request failed".to_string()
+            }
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now_millis()));
+        let text = if status.is_success() {
+            String::new()
+        } else {
+            let body = response.text().await.unwrap_or_default();
+            let reason = status.canonical_reason().unwrap_or("");
+            let mut m = format!("{reason}: {}", body.trim());
+            if m.len() > 200 {
+                let mut cut = 200;
+                while !m.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                m.truncate(cut);
+            }
+            m
+        };
+        Ok((status.as_u16(), retry_after, text))
+    }
+}

@@ -1,0 +1,642 @@
+//! Sync to destinations through HTTP on `kindred serve`: the Destinations
+//! API, payloads per id-sync strategy, signatures, initial sync, retries
+//! through faults, dead letters and replay, alias on merge, and a
+//! `segment` destination that is another Kindred.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::common::receiver::{Mode, Receiver};
+use crate::common::Server;
+use kindred_domain::event::format_millis;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn define(s: &Server, collection: &str, key: &str, body: Value) {
+    let r = s
+        .admin("PUT", &format!("/{collection}/{key}"), Some(&body))
+        .await;
+    assert!(r.status.is_success(), "{key}: {} {}", r.status, r.body);
+}
+
+async fn destination(s: &Server, id: &str, body: Value) -> Value {
+    let r = s
+        .admin("PUT", &format!("/destinations/{id}"), Some(&body))
+        .await;
+    assert!(r.status.is_success(), "{id}: {} {}", r.status, r.body);
+    r.body
+}
+
+async fn send(s: &Server, events: Vec<Value>) {
+    let r = s.track("/v1/batch", &json!({ "batch": events })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    s.settle().await;
+}
+
+fn order(user: &str) -> Value {
+    json!({"type": "track", "userId": user, "event": "Order Completed",
+           "properties": {"revenue": 10}, "timestamp": format_millis(kindred_store::now_millis())})
+}
+
+async fn status(s: &Server, id: &str) -> Value {
+    let r = s
+        .admin("GET", &format!("/destinations/{id}/status"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.body
+}
+
+async fn wait_status(s: &Server, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let body = status(s, id).await;
+        if done(&body) {
+            return body;
+        }
+        assert!(start.elapsed() < WAIT, "{what}: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn message_ids(calls: &[Value]) -> BTreeSet<String> {
+    calls
+        .iter()
+        .map(|c| c["messageId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn count_event(calls: &[Value], event: &str) -> usize {
+    calls.iter().filter(|c| c["event"] == event).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_two_webhooks_signed_with_the_identifiers_of_each_strategy() {
+    let s = Server::start().await;
+    let a = Receiver::start().await;
+    let b = Receiver::start().await;
+    define(
+        &s,
+        "computed_traits",
+        "order_count",
+        json!({
+        "type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    define(
+        &s,
+        "audiences",
+        "vip",
+        json!({"condition": {"performed": {
+        "event": "Order Completed", "count": {"at_least": 2}}}}),
+    )
+    .await;
+
+    // Two accounts of one kind; the first gets a generated secret, shown once.
+    let created = destination(
+        &s,
+        "crm_a",
+        json!({"kind": "webhook", "url": a.url("/hook"),
+        "id_sync": {"strategy": "all", "types": ["email", "user_id"]}}),
+    )
+    .await;
+    let secret_a = created["secret"].as_str().unwrap().to_string();
+    assert!(secret_a.starts_with("whsec_"), "{created}");
+    destination(
+        &s,
+        "crm_b",
+        json!({"kind": "webhook", "url": b.url("/in"), "secret": "b-secret",
+        "keys": ["vip"], "calls": ["track"], "batch_size": 10}),
+    )
+    .await;
+    let read = s.admin("GET", "/destinations/crm_b", None).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert!(read.body.get("secret").is_none(), "{}", read.body);
+    assert_eq!(read.body["secret_set"], json!(true));
+    assert_eq!(read.body["keys"], json!(["vip"]));
+    assert_eq!(
+        read.body["id_sync"],
+        json!({"strategy": "last_added", "types": ["user_id", "anonymous_id", "email"]})
+    );
+    let list = s.admin("GET", "/destinations", None).await;
+    assert_eq!(list.body["data"].as_array().unwrap().len(), 2);
+    let status_a = status(&s, "crm_a").await;
+    assert_eq!(status_a["delivered"], json!(0));
+
+    // First order: order_count 1. Second: order_count 2 and vip entered.
+    send(
+        &s,
+        vec![
+            json!({"type": "identify", "userId": "u1", "anonymousId": "anon1",
+               "traits": {"email": "U1@Example.com"}}),
+            order("u1"),
+        ],
+    )
+    .await;
+    send(&s, vec![order("u1")]).await;
+
+    // A: every value of email and user_id, identify and track: 3 changes x 2 ids x 2 calls.
+    a.wait_for(WAIT, "crm_a gets 12 calls", |c| c.len() >= 12)
+        .await;
+    let calls = a.accepted();
+    assert_eq!(calls.len(), 12);
+    assert_eq!(
+        message_ids(&calls).len(),
+        12,
+        "one messageId per change, call and identifier"
+    );
+    for r in a.requests() {
+        assert_eq!(r.path, "/hook");
+        let sig = r
+            .headers
+            .get("x-kindred-signature")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(
+            sig,
+            kindred_domain::sync::sign(&secret_a, &r.body),
+            "HMAC over the body"
+        );
+        assert_ne!(sig, kindred_domain::sync::sign("b-secret", &r.body));
+    }
+    let identifies: Vec<&Value> = calls.iter().filter(|c| c["type"] == "identify").collect();
+    assert_eq!(identifies.len(), 6);
+    let by_email: Vec<&&Value> = identifies
+        .iter()
+        .filter(|c| c["traits"].get("email").is_some())
+        .collect();
+    assert_eq!(by_email.len(), 3);
+    for c in &by_email {
+        assert_eq!(c["traits"]["email"], "u1@example.com");
+        assert_eq!(c["userId"], "u1");
+    }
+    let last_count: Vec<&&Value> = identifies
+        .iter()
+        .filter(|c| c["traits"].get("order_count") == Some(&json!(2)))
+        .collect();
+    assert_eq!(last_count.len(), 2);
+    assert_eq!(
+        last_count[0]["context"]["personas"]["computation_class"],
+        "computed_trait"
+    );
+    assert_eq!(
+        last_count[0]["context"]["personas"]["computation_key"],
+        "order_count"
+    );
+    assert_eq!(
+        last_count[0]["context"]["personas"]["space_id"],
+        json!(s.space.space_id)
+    );
+    assert_eq!(count_event(&calls, "Audience Entered"), 2);
+    assert_eq!(count_event(&calls, "Trait Computed"), 4);
+    // Per profile, in log order: order_count 1 before 2.
+    let counts: Vec<i64> = identifies
+        .iter()
+        .filter_map(|c| c["traits"].get("order_count").and_then(Value::as_i64))
+        .collect();
+    assert_eq!(counts, vec![1, 1, 2, 2]);
+
+    // B: only vip, only track, one call with the latest of each type.
+    b.wait_for(WAIT, "crm_b gets Audience Entered", |c| !c.is_empty())
+        .await;
+    let calls = b.accepted();
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    let entered = &calls[0];
+    assert_eq!(entered["type"], "track");
+    assert_eq!(entered["event"], "Audience Entered");
+    assert_eq!(entered["userId"], "u1");
+    assert_eq!(entered["anonymousId"], "anon1");
+    assert_eq!(entered["context"]["traits"]["email"], "u1@example.com");
+    assert_eq!(
+        entered["properties"],
+        json!({"audience_key": "vip", "vip": true})
+    );
+    let r = &b.requests()[0];
+    assert!(
+        r.calls().len() == 1
+            && serde_json::from_slice::<Value>(&r.body)
+                .unwrap()
+                .get("batch")
+                .is_some()
+    );
+
+    // A destination added now first gets the current values, then changes only.
+    let c = Receiver::start().await;
+    destination(
+        &s,
+        "late",
+        json!({"kind": "webhook", "url": c.url("/x"), "calls": ["identify"]}),
+    )
+    .await;
+    c.wait_for(WAIT, "initial sync", |c| c.len() >= 2).await;
+    let mut initial: Vec<Value> = c.accepted().iter().map(|c| c["traits"].clone()).collect();
+    initial.sort_by_key(|t| t.to_string());
+    assert_eq!(
+        initial,
+        vec![
+            json!({"email": "u1@example.com", "order_count": 2}),
+            json!({"email": "u1@example.com", "vip": true})
+        ]
+    );
+    send(&s, vec![order("u1")]).await;
+    c.wait_for(WAIT, "the next change", |c| c.len() >= 3).await;
+    a.wait_for(WAIT, "crm_a gets the next change", |c| c.len() >= 16)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = c.accepted();
+    assert_eq!(late.len(), 3, "{late:#?}");
+    assert_eq!(
+        late[2]["traits"],
+        json!({"order_count": 3, "email": "u1@example.com"})
+    );
+    assert_eq!(b.accepted().len(), 1, "vip did not change");
+    let st = wait_status(&s, "crm_a", "crm_a delivered", |b| {
+        b["delivered"] == json!(16)
+    })
+    .await;
+    assert_eq!(
+        (
+            st["pending"].as_u64(),
+            st["retrying"].as_u64(),
+            st["dead"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0))
+    );
+    assert!(st["last_success_at"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_retried_until_every_call_arrives_once_and_the_healthy_destination_waits_for_nothing(
+) {
+    let s = Server::start().await;
+    let mut flaky = Receiver::start().await;
+    let healthy = Receiver::start().await;
+    define(
+        &s,
+        "computed_traits",
+        "order_count",
+        json!({
+        "type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    flaky.set(Mode::Status(500));
+    destination(
+        &s,
+        "flaky",
+        json!({"kind": "webhook", "url": flaky.url("/f"), "secret": "f", "batch_size": 5}),
+    )
+    .await;
+    destination(
+        &s,
+        "healthy",
+        json!({"kind": "webhook", "url": healthy.url("/h"), "secret": "h"}),
+    )
+    .await;
+    let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
+    send(&s, users.iter().map(|u| order(u)).collect()).await;
+
+    // 500, then 429 with Retry-After, then down.
+    let seen = |r: &Receiver, status: u16| r.requests().iter().any(|q| q.status == status);
+    let start = Instant::now();
+    while !seen(&flaky, 500) {
+        assert!(
+            start.elapsed() < WAIT,
+            "no request reached the flaky receiver"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    flaky.set(Mode::TooMany(1));
+    while !seen(&flaky, 429) {
+        assert!(start.elapsed() < WAIT, "no retry after the 500");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let st = wait_status(&s, "flaky", "the 429 is the last error", |b| {
+        b["last_error"]["status"] == json!(429)
+    })
+    .await;
+    assert!(st["retrying"].as_u64().unwrap() > 0, "{st}");
+    let answered_429 = flaky
+        .requests()
+        .iter()
+        .find(|r| r.status == 429)
+        .unwrap()
+        .at_ms;
+    flaky.down().await;
+    // The healthy destination got everything meanwhile: 10 changes, identify + track.
+    healthy
+        .wait_for(WAIT, "the healthy destination", |c| c.len() >= 20)
+        .await;
+    assert!(
+        flaky.accepted().is_empty(),
+        "nothing was accepted by the flaky one yet"
+    );
+    // The retry after the 429 waited for its Retry-After, then found nobody listening.
+    let st = wait_status(&s, "flaky", "a connection failure", |b| {
+        b["last_error"]["status"].is_null() && b["last_error"]["message"] == "could not connect"
+    })
+    .await;
+    let failed_at =
+        kindred_domain::event::parse_time(st["last_error"]["at"].as_str().unwrap()).unwrap();
+    assert!(
+        failed_at - answered_429 >= 1_000,
+        "retried {} ms after a Retry-After of 1 s",
+        failed_at - answered_429
+    );
+    flaky.set(Mode::Ok);
+    flaky.up().await;
+    flaky
+        .wait_for(WAIT, "every call after recovery", |c| {
+            message_ids(c).len() >= 20
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let accepted = flaky.accepted();
+    assert_eq!(message_ids(&accepted).len(), 20);
+    assert_eq!(accepted.len(), 20, "each call accepted once");
+    assert_eq!(healthy.accepted().len(), 20);
+    assert!(healthy.requests().iter().all(|r| r.status == 200));
+    // Every user's identify and track arrived, in order.
+    for u in &users {
+        let mine: Vec<&Value> = accepted
+            .iter()
+            .filter(|c| c["userId"] == json!(u))
+            .collect();
+        assert_eq!(mine.len(), 2, "{u}");
+        assert_eq!(
+            (mine[0]["type"].as_str(), mine[1]["type"].as_str()),
+            (Some("identify"), Some("track"))
+        );
+    }
+    let st = wait_status(&s, "flaky", "all delivered", |b| {
+        b["delivered"] == json!(20)
+    })
+    .await;
+    assert_eq!(
+        (st["retrying"].as_u64(), st["dead"].as_u64()),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_sends_one_alias_and_no_second_audience_entered() {
+    let s = Server::start().await;
+    let r = Receiver::start().await;
+    define(
+        &s,
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    destination(
+        &s,
+        "ads",
+        json!({"kind": "webhook", "url": r.url("/a"), "secret": "x",
+        "alias_on_merge": true, "calls": ["track"]}),
+    )
+    .await;
+    let t = format_millis(kindred_store::now_millis());
+    send(&s, vec![
+        json!({"type": "track", "anonymousId": "a1", "event": "Order Completed", "timestamp": t}),
+        order("u9"),
+    ]).await;
+    r.wait_for(WAIT, "both profiles enter", |c| {
+        count_event(c, "Audience Entered") == 2
+    })
+    .await;
+    // The anonymous visitor logs in as u9: the two profiles merge.
+    send(
+        &s,
+        vec![json!({"type": "identify", "userId": "u9", "anonymousId": "a1"})],
+    )
+    .await;
+    r.wait_for(WAIT, "the alias", |c| {
+        c.iter().any(|c| c["type"] == "alias")
+    })
+    .await;
+    s.running.wait_fanned_out().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = r.accepted();
+    let aliases: Vec<&Value> = calls.iter().filter(|c| c["type"] == "alias").collect();
+    assert_eq!(aliases.len(), 1, "{calls:#?}");
+    assert_eq!(aliases[0]["previousId"], "a1");
+    assert_eq!(aliases[0]["userId"], "u9");
+    assert_eq!(count_event(&calls, "Audience Entered"), 2, "{calls:#?}");
+    assert_eq!(count_event(&calls, "Audience Exited"), 0);
+    let body = s.profile("user_id:u9", "traits?include=buyers").await.body;
+    assert_eq!(body["traits"], json!({"buyers": true}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_go_to_dead_letters_and_replay_delivers_them() {
+    let s = Server::start().await;
+    let r = Receiver::start().await;
+    r.set(Mode::Status(400));
+    define(
+        &s,
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    destination(
+        &s,
+        "crm",
+        json!({"kind": "webhook", "url": r.url("/c"), "secret": "x"}),
+    )
+    .await;
+    send(&s, vec![order("u1")]).await;
+    let st = wait_status(&s, "crm", "both calls dead", |b| b["dead"] == json!(2)).await;
+    assert_eq!(st["last_error"]["status"], json!(400));
+    assert_eq!(st["last_error"]["message"], "Bad Request: receiver says no");
+    assert_eq!(r.requests().len(), 2, "a 400 is not retried");
+    let dead = s.admin("GET", "/destinations/crm/dead_letters", None).await;
+    assert_eq!(dead.status, StatusCode::OK);
+    let letters = dead.body["data"].as_array().unwrap();
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0]["call"]["type"], "identify");
+    assert_eq!(letters[1]["call"]["event"], "Audience Entered");
+    assert_eq!(letters[0]["attempts"], json!(1));
+    assert!(letters[0]["error"].as_str().unwrap().starts_with("400"));
+
+    r.set(Mode::Ok);
+    let replay = s.admin("POST", "/destinations/crm/replay", None).await;
+    assert_eq!(replay.status, StatusCode::ACCEPTED);
+    assert_eq!(replay.body["replayed"], json!(2));
+    r.wait_for(WAIT, "the replayed calls", |c| c.len() == 2)
+        .await;
+    let st = wait_status(&s, "crm", "delivered after replay", |b| {
+        b["delivered"] == json!(2)
+    })
+    .await;
+    assert_eq!(st["dead"], json!(0));
+    assert_eq!(
+        r.accepted()[0]["messageId"],
+        letters[0]["call"]["messageId"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destinations_api_validates_and_keeps_spaces_apart() {
+    let s = Server::start().await;
+    for (body, field) in [
+        (json!({"kind": "email"}), "kind"),
+        (json!({"kind": "webhook"}), "url"),
+        (json!({"kind": "segment", "host": "http://h"}), "write_key"),
+        (
+            json!({"kind": "webhook", "url": "http://h", "id_sync": {"strategy": "most"}}),
+            "id_sync.strategy",
+        ),
+    ] {
+        let r = s.admin("PUT", "/destinations/d1", Some(&body)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(r.body["error"]["code"], "invalid_request_error");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field),
+            "{}",
+            r.body
+        );
+    }
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/bad%20id",
+            Some(&json!({"kind": "webhook", "url": "http://h"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        s.admin("GET", "/destinations/nope", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.admin("GET", "/destinations/nope/status", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.admin("POST", "/destinations/nope/replay", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/d1",
+            Some(&json!({"kind": "webhook", "url": "http://h/1"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // A replace keeps the secret and shows none.
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/d1",
+            Some(&json!({"kind": "webhook", "url": "http://h/2", "enabled": false})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.get("secret").is_none());
+    assert_eq!(
+        (r.body["version"].as_u64(), r.body["enabled"].as_bool()),
+        (Some(2), Some(false))
+    );
+    assert_eq!(r.body["secret_set"], json!(true));
+
+    // Another space's admin token reaches nothing here, and its own list is empty.
+    let other = s.running.local.store.create_space("other").unwrap();
+    let path = format!("/v1/spaces/{}/destinations/d1", s.space.space_id);
+    let r = s.get_as(&path, Some(&other.admin_token)).await;
+    assert!(
+        r.status == StatusCode::UNAUTHORIZED || r.status == StatusCode::FORBIDDEN,
+        "{}",
+        r.status
+    );
+    let r = s
+        .get_as("/v1/spaces/other/destinations", Some(&other.admin_token))
+        .await;
+    assert_eq!(r.body["data"], json!([]));
+    // Access tokens are not admin tokens.
+    let r = s.get_as(&path, Some(&s.space.access_token)).await;
+    assert!(r.status == StatusCode::UNAUTHORIZED || r.status == StatusCode::FORBIDDEN);
+
+    assert_eq!(
+        s.admin("DELETE", "/destinations/d1", None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        s.admin("GET", "/destinations/d1", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.admin("DELETE", "/destinations/d1", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_destination_that_is_another_kindred_shows_the_synced_traits() {
+    let s = Server::start().await;
+    let mirror = Server::start().await;
+    define(
+        &s,
+        "computed_traits",
+        "order_count",
+        json!({
+        "type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    define(
+        &s,
+        "audiences",
+        "vip",
+        json!({"condition": {"performed": {
+        "event": "Order Completed", "count": {"at_least": 2}}}}),
+    )
+    .await;
+    destination(
+        &s,
+        "mirror",
+        json!({"kind": "segment", "host": mirror.base,
+        "write_key": mirror.space.write_key, "id_sync": {"types": ["user_id"]}}),
+    )
+    .await;
+    send(&s, vec![order("u1"), order("u1")]).await;
+    let start = Instant::now();
+    loop {
+        mirror.settle().await;
+        let r = mirror.profile("user_id:u1", "traits").await;
+        if r.status == StatusCode::OK
+            && r.body["traits"]["vip"] == json!(true)
+            && r.body["traits"]["order_count"] == json!(2)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "not synced: {} {}",
+            r.status,
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = mirror.profile("user_id:u1", "events").await.body;
+    let names: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(names.contains(&"Audience Entered"), "{events}");
+    let st = status(&s, "mirror").await;
+    assert_eq!(st["dead"], json!(0), "{st}");
+}
