@@ -640,3 +640,37 @@ async fn a_segment_destination_that_is_another_kindred_shows_the_synced_traits()
     let st = status(&s, "mirror").await;
     assert_eq!(st["dead"], json!(0), "{st}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_puts_of_one_destination_create_it_once_and_count_every_replace() {
+    let s = Server::start().await;
+    let bodies: Vec<Value> = (0..16)
+        .map(|i| json!({"kind": "webhook", "url": format!("http://h/{i}"), "secret": format!("s{i}")}))
+        .collect();
+    let replies = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|b| s.admin("PUT", "/destinations/race", Some(b))),
+    )
+    .await;
+    let created = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    let replaced = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert_eq!((created, replaced), (1, 15));
+    let versions: BTreeSet<u64> = replies
+        .iter()
+        .map(|r| r.body["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=16).collect(),
+        "each write saw its own version"
+    );
+    let read = s.admin("GET", "/destinations/race", None).await;
+    assert_eq!(read.body["version"], json!(16));
+}

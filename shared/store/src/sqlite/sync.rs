@@ -196,9 +196,14 @@ fn selection_grew(old: &Settings, new: &Settings) -> bool {
 }
 
 impl SqliteStore {
+    /// One transaction on `sync.db`. Deferred, not immediate: `BEGIN
+    /// IMMEDIATE` would take the write lock of every attached database too,
+    /// stalling the identity and compute writers. This connection is the
+    /// only writer of `sync.db`, so a deferred transaction never has to
+    /// wait to upgrade.
     fn sync_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.sync_writer();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
@@ -973,4 +978,29 @@ pub(crate) fn open_writer(
     conn.execute("ATTACH DATABASE ?1 AS s", [store.to_string_lossy()])?;
     conn.execute("ATTACH DATABASE ?1 AS c", [compute.to_string_lossy()])?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sync_transaction_leaves_the_attached_databases_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store
+            .sync_tx(|tx| {
+                set_cursor(tx, "test", 1)?;
+                let _: i64 = tx.query_row("SELECT count(*) FROM c.changes", [], |r| r.get(0))?;
+                let _: i64 = tx.query_row("SELECT count(*) FROM s.merge_log", [], |r| r.get(0))?;
+                // The identity and compute writers can commit meanwhile.
+                for file in ["compute.db", "store.db"] {
+                    let other = Connection::open(dir.path().join(file))?;
+                    other.busy_timeout(Duration::ZERO)?;
+                    other.execute_batch("BEGIN IMMEDIATE; COMMIT;")?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
 }
