@@ -22,8 +22,9 @@ pub struct ServeArgs {
     /// destination (each next retry waits about twice as long).
     #[arg(long, env = "KINDRED_SYNC_RETRY_BASE_MS", default_value_t = 1_000)]
     pub sync_retry_base_ms: u64,
-    /// Delivery attempts before calls go to the destination's dead letters.
-    #[arg(long, env = "KINDRED_SYNC_MAX_ATTEMPTS", default_value_t = 10)]
+    /// Delivery attempts before calls go to the destination's dead letters
+    /// (20: about an hour of failures with the default backoff).
+    #[arg(long, env = "KINDRED_SYNC_MAX_ATTEMPTS", default_value_t = 20)]
     pub sync_max_attempts: u32,
 }
 

@@ -38,7 +38,8 @@ impl Default for RetryPolicy {
         Self {
             base: Duration::from_secs(1),
             max: Duration::from_secs(300),
-            max_attempts: 10,
+            // 1 s doubling to 5 min, then every 5 min: about an hour.
+            max_attempts: 20,
             timeout: Duration::from_secs(10),
         }
     }
