@@ -674,3 +674,58 @@ async fn racing_puts_of_one_destination_create_it_once_and_count_every_replace()
     let read = s.admin("GET", "/destinations/race", None).await;
     assert_eq!(read.body["version"], json!(16));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_sync_larger_than_one_chunk_sends_every_value_once_then_changes() {
+    let s = Server::start().await;
+    let r = Receiver::start().await;
+    define(
+        &s,
+        "computed_traits",
+        "order_count",
+        json!({
+        "type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    define(
+        &s,
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    // 1,600 profiles x 2 values x (identify + track): 6,400 calls, two chunks.
+    for chunk in (0..1600).collect::<Vec<usize>>().chunks(400) {
+        let events: Vec<Value> = chunk.iter().map(|i| order(&format!("bulk{i}"))).collect();
+        let reply = s.track("/v1/batch", &json!({ "batch": events })).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    s.settle().await;
+    destination(
+        &s,
+        "bulk",
+        json!({"kind": "webhook", "url": r.url("/b"), "secret": "x", "batch_size": 100}),
+    )
+    .await;
+    r.wait_for(WAIT, "the initial sync", |c| c.len() >= 6400)
+        .await;
+    s.running.wait_fanned_out().await.unwrap();
+    let read = s.admin("GET", "/destinations/bulk", None).await;
+    assert_eq!(read.body["initial_sync"], "done");
+    send(&s, vec![order("bulk7")]).await;
+    r.wait_for(WAIT, "the change after", |c| c.len() >= 6402)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = r.accepted();
+    assert_eq!(calls.len(), 6402);
+    assert_eq!(message_ids(&calls).len(), 6402);
+    assert_eq!(count_event(&calls, "Audience Entered"), 1600);
+    let last = &calls[6400];
+    assert_eq!(
+        (
+            last["userId"].as_str(),
+            last["traits"]["order_count"].as_i64()
+        ),
+        (Some("bulk7"), Some(2))
+    );
+}

@@ -195,14 +195,16 @@ pub struct SqliteStore {
     sync_writer: Mutex<Connection>,
     /// Seals destination secrets (key in `secrets.key`).
     sealer: crate::secret::Sealer,
+    sync_path: PathBuf,
+    sync_readers: Mutex<Vec<Connection>>,
     readers: Mutex<Vec<Connection>>,
     /// Recently verified tokens, keyed by the SHA-256 of the secret.
     auth_cache: Mutex<HashMap<[u8; 32], (crate::SpaceAuth, Instant)>>,
 }
 
-/// A pooled read connection, returned to the pool on drop.
+/// A pooled read connection, returned to its pool on drop.
 pub(crate) struct Reader<'a> {
-    store: &'a SqliteStore,
+    pool: &'a Mutex<Vec<Connection>>,
     conn: Option<Connection>,
 }
 
@@ -216,7 +218,7 @@ impl std::ops::Deref for Reader<'_> {
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let mut idle = lock(&self.store.readers);
+            let mut idle = lock(self.pool);
             if idle.len() < MAX_IDLE_READERS {
                 idle.push(conn);
             }
@@ -256,6 +258,8 @@ impl SqliteStore {
             compute_writer: Mutex::new(compute_writer),
             sync_writer: Mutex::new(sync_writer),
             sealer,
+            sync_path: dir.join("sync.db"),
+            sync_readers: Mutex::new(Vec::new()),
             readers: Mutex::new(Vec::new()),
             auth_cache: Mutex::new(HashMap::new()),
         }))
@@ -277,7 +281,22 @@ impl SqliteStore {
             }
         };
         Ok(Reader {
-            store: self,
+            pool: &self.readers,
+            conn: Some(conn),
+        })
+    }
+
+    /// A read connection to `sync.db` (destinations, outboxes): the
+    /// Destinations API and the delivery worker read without waiting for
+    /// the sync writer.
+    pub(crate) fn sync_reader(&self) -> Result<Reader<'_>> {
+        let pooled = lock(&self.sync_readers).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_reader(&self.sync_path)?,
+        };
+        Ok(Reader {
+            pool: &self.sync_readers,
             conn: Some(conn),
         })
     }

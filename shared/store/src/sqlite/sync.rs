@@ -287,6 +287,121 @@ impl SqliteStore {
     pub fn fan_out(&self) -> Result<FanOut> {
         let span = info_span!("sync_fan_out");
         let _e = span.enter();
+        let pending = {
+            let conn = self.sync_reader()?;
+            rows(&conn, "WHERE initial_pending = 1", &[])?
+        };
+        let mut initial = (0, 0);
+        for d in pending.iter().filter(|d| d.settings.enabled) {
+            initial.0 += 1;
+            initial.1 += self.initial_sync(d)?;
+        }
+        let mut step = self.fan_out_logs()?;
+        step.initial_syncs = initial.0;
+        step.calls += initial.1;
+        Ok(step)
+    }
+
+    /// Queues the current value of every selected key of every profile of
+    /// the destination's space, then moves its change horizon to the end
+    /// of the change log as of the same snapshot: from then on the
+    /// destination gets changes only. The states are read in one read
+    /// transaction (so values and horizon agree) while the calls are
+    /// written in chunks, each its own short write transaction: other
+    /// destinations' deliveries and the API go on meanwhile. If the
+    /// destination is replaced or deleted during the pass, the pass stops
+    /// (a replace that needs one starts a new pass). A crash mid-pass
+    /// starts it again; the calls already sent are sent again with the same
+    /// messageIds.
+    fn initial_sync(&self, d: &Row) -> Result<u64> {
+        const CHUNK: usize = 5_000;
+        let reader = self.reader()?;
+        let snapshot = reader.unchecked_transaction()?;
+        let horizon: i64 =
+            snapshot.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+                r.get(0)
+            })?;
+        let current = |tx: &Transaction<'_>| -> Result<bool> {
+            Ok(tx
+                .prepare_cached(
+                    "SELECT 1 FROM destinations WHERE space_id = ?1 AND destination_id = ?2
+                       AND version = ?3 AND initial_pending = 1",
+                )?
+                .exists(params![d.space_id, d.destination_id, d.version as i64])?)
+        };
+        let flush = |calls: &mut Vec<(String, Value)>, last: bool| -> Result<bool> {
+            self.sync_tx(|tx| {
+                if !current(tx)? {
+                    return Ok(false);
+                }
+                let mut insert = Inserter::new(tx)?;
+                for (profile_id, call) in calls.iter() {
+                    insert.call(d, profile_id, call)?;
+                }
+                if last {
+                    tx.prepare_cached(
+                        "UPDATE destinations SET initial_pending = 0,
+                             since_change = max(since_change, ?3)
+                         WHERE space_id = ?1 AND destination_id = ?2",
+                    )?
+                    .execute(params![
+                        d.space_id,
+                        d.destination_id,
+                        horizon
+                    ])?;
+                }
+                Ok(true)
+            })
+            .inspect(|_| calls.clear())
+        };
+        let mut ids = IdCache::default();
+        let mut buffer: Vec<(String, Value)> = Vec::new();
+        let mut queued = 0u64;
+        let now = format_millis(now_millis());
+        let mut stmt = snapshot
+            .prepare("SELECT profile_id, computed FROM c.compute_states WHERE space_id = ?1")?;
+        let mut states = stmt.query([&d.space_id])?;
+        while let Some(row) = states.next()? {
+            let profile_id: String = row.get(0)?;
+            let computed: String = row.get(1)?;
+            let computed: BTreeMap<String, crate::ComputedValue> = serde_json::from_str(&computed)?;
+            let (root, root_ids) = ids.root(&snapshot, &d.space_id, &profile_id)?;
+            for (key, v) in &computed {
+                if !worth_initial_sync(v.class, &v.value) {
+                    continue;
+                }
+                let change = ChangeEntry {
+                    seq: None,
+                    key,
+                    class: v.class,
+                    new: &v.value,
+                    at: &now,
+                };
+                for call in change_calls(
+                    &d.space_id,
+                    &d.destination_id,
+                    &d.settings,
+                    &root,
+                    &root_ids,
+                    &change,
+                ) {
+                    buffer.push((root.clone(), call));
+                }
+            }
+            if buffer.len() >= CHUNK {
+                queued += buffer.len() as u64;
+                if !flush(&mut buffer, false)? {
+                    return Ok(queued);
+                }
+            }
+        }
+        queued += buffer.len() as u64;
+        flush(&mut buffer, true)?;
+        Ok(queued)
+    }
+
+    /// One transaction: merges and changes after the cursors.
+    fn fan_out_logs(&self) -> Result<FanOut> {
         self.sync_tx(|tx| {
             let mut out = FanOut::default();
             let dests = rows(tx, "WHERE 1 = 1", &[])?;
@@ -309,21 +424,15 @@ impl SqliteStore {
                 }
                 return Ok(out);
             }
-            let mut dests = dests;
             let mut ids = IdCache::default();
             let mut insert = Inserter::new(tx)?;
-            for d in dests
-                .iter_mut()
-                .filter(|d| d.initial_pending && d.settings.enabled)
-            {
-                let (calls, horizon) = initial_sync(tx, d, &mut ids, &mut insert)?;
-                d.since_change = d.since_change.max(horizon);
-                d.initial_pending = false;
-                out.calls += calls;
-                out.initial_syncs += 1;
-            }
             let mut by_space: HashMap<&str, Vec<&Row>> = HashMap::new();
-            for d in dests.iter().filter(|d| d.settings.enabled) {
+            // A destination still being initially synced gets changes once
+            // that is done (from its horizon on).
+            for d in dests
+                .iter()
+                .filter(|d| d.settings.enabled && !d.initial_pending)
+            {
                 by_space.entry(d.space_id.as_str()).or_default().push(d);
             }
 
@@ -490,13 +599,13 @@ struct IdCache {
 impl IdCache {
     /// A profile's own identifiers and its parent, if merged.
     fn row(
-        tx: &Transaction<'_>,
+        tx: &Connection,
         space_id: &str,
         profile_id: &str,
     ) -> Result<Option<(Option<String>, Vec<IdentifierEntry>)>> {
         let found = tx
             .prepare_cached(
-                "SELECT parent_id, identifiers FROM s.profiles WHERE space_id = ?1 AND profile_id = ?2",
+                "SELECT parent_id, identifiers FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
             )?
             .query_row(params![space_id, profile_id], |r| {
                 Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
@@ -510,7 +619,7 @@ impl IdCache {
 
     fn own(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         space_id: &str,
         profile_id: &str,
     ) -> Result<Vec<IdentifierEntry>> {
@@ -521,7 +630,7 @@ impl IdCache {
 
     /// The profile's current root and the root's identifiers (its whole
     /// tree's).
-    fn root(&mut self, tx: &Transaction<'_>, space_id: &str, profile_id: &str) -> Result<RootIds> {
+    fn root(&mut self, tx: &Connection, space_id: &str, profile_id: &str) -> Result<RootIds> {
         let key = (space_id.to_string(), profile_id.to_string());
         if let Some(found) = self.roots.get(&key) {
             return Ok(found.clone());
@@ -542,65 +651,6 @@ impl IdCache {
         self.roots.insert(key, found.clone());
         Ok(found)
     }
-}
-
-/// Queues the current value of every selected key of every profile of
-/// the destination's space, and moves its change horizon to the log's
-/// end as of the same snapshot: the destination then gets changes only.
-fn initial_sync(
-    tx: &Transaction<'_>,
-    d: &Row,
-    ids: &mut IdCache,
-    insert: &mut Inserter<'_>,
-) -> Result<(u64, i64)> {
-    // One read transaction: the states and the log's end agree.
-    let horizon: i64 = tx
-        .prepare_cached("SELECT coalesce(max(seq), 0) FROM c.changes")?
-        .query_row([], |r| r.get(0))?;
-    let mut calls = 0;
-    {
-        let mut stmt = tx.prepare_cached(
-            "SELECT profile_id, computed FROM c.compute_states WHERE space_id = ?1",
-        )?;
-        let states = stmt.query_map([&d.space_id], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?;
-        let now = format_millis(now_millis());
-        for s in states {
-            let (profile_id, computed) = s?;
-            let computed: BTreeMap<String, crate::ComputedValue> = serde_json::from_str(&computed)?;
-            let (root, root_ids) = ids.root(tx, &d.space_id, &profile_id)?;
-            for (key, v) in &computed {
-                if !worth_initial_sync(v.class, &v.value) {
-                    continue;
-                }
-                let change = ChangeEntry {
-                    seq: None,
-                    key,
-                    class: v.class,
-                    new: &v.value,
-                    at: &now,
-                };
-                for call in change_calls(
-                    &d.space_id,
-                    &d.destination_id,
-                    &d.settings,
-                    &root,
-                    &root_ids,
-                    &change,
-                ) {
-                    insert.call(d, &root, &call)?;
-                    calls += 1;
-                }
-            }
-        }
-    }
-    tx.prepare_cached(
-        "UPDATE destinations SET initial_pending = 0, since_change = max(since_change, ?3)
-         WHERE space_id = ?1 AND destination_id = ?2",
-    )?
-    .execute(params![d.space_id, d.destination_id, horizon])?;
-    Ok((calls, horizon))
 }
 
 /// Runs the fan-out in the background of `kindred serve`.
@@ -721,7 +771,7 @@ impl Destinations for SqliteStore {
     ) -> Result<Option<DestinationRecord>> {
         let (space_id, destination_id) = (space_id.to_string(), destination_id.to_string());
         self.blocking(move |s| {
-            let conn = s.sync_writer();
+            let conn = s.sync_reader()?;
             Ok(rows(
                 &conn,
                 "WHERE space_id = ?1 AND destination_id = ?2",
@@ -736,7 +786,7 @@ impl Destinations for SqliteStore {
     async fn destinations(&self, space_id: &str) -> Result<Vec<DestinationRecord>> {
         let space_id = space_id.to_string();
         self.blocking(move |s| {
-            let conn = s.sync_writer();
+            let conn = s.sync_reader()?;
             Ok(rows(
                 &conn,
                 "WHERE space_id = ?1 ORDER BY destination_id",
@@ -777,7 +827,7 @@ impl Destinations for SqliteStore {
     ) -> Result<Option<DestinationStatus>> {
         let (space_id, destination_id) = (space_id.to_string(), destination_id.to_string());
         self.blocking(move |s| {
-            let conn = s.sync_writer();
+            let conn = s.sync_reader()?;
             let exists = conn
                 .prepare_cached(
                     "SELECT 1 FROM destinations WHERE space_id = ?1 AND destination_id = ?2",
@@ -799,7 +849,7 @@ impl Destinations for SqliteStore {
     ) -> Result<Vec<DeadLetter>> {
         let (space_id, destination_id) = (space_id.to_string(), destination_id.to_string());
         self.blocking(move |s| {
-            let conn = s.sync_writer();
+            let conn = s.sync_reader()?;
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, profile_id, call, attempts, coalesce(error, '') FROM deliveries
                  WHERE space_id = ?1 AND destination_id = ?2 AND dead = 1 ORDER BY seq LIMIT ?3",
@@ -849,7 +899,7 @@ impl Destinations for SqliteStore {
 impl Outbox for SqliteStore {
     async fn targets(&self) -> Result<Vec<Target>> {
         self.blocking(|s| {
-            let conn = s.sync_writer();
+            let conn = s.sync_reader()?;
             let mut out = Vec::new();
             for r in rows(&conn, "WHERE 1 = 1", &[])? {
                 if !r.settings.enabled {
@@ -883,7 +933,7 @@ impl Outbox for SqliteStore {
     ) -> Result<Vec<PendingCall>> {
         let (space_id, destination_id) = (space_id.to_string(), destination_id.to_string());
         self.blocking(move |s| {
-            let conn = s.sync_writer();
+            let conn = s.sync_reader()?;
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, call, attempts FROM deliveries INDEXED BY deliveries_queue
                  WHERE space_id = ?1 AND destination_id = ?2 AND dead = 0 ORDER BY seq LIMIT ?3",
