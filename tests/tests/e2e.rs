@@ -18,3 +18,4 @@ mod queue_contract;
 mod segment_python_client;
 mod store_contract;
 mod sync;
+mod sync_contract;

@@ -82,7 +82,9 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
     let worker = local.worker.spawn(Arc::clone(&stop_worker));
     let compute = local.compute.spawn(Arc::clone(&stop_worker));
     let sync = local.sync.spawn(Arc::clone(&stop_worker));
-    let deliverer = tokio::spawn(Arc::clone(&local.deliverer).run(Arc::clone(&stop_worker)));
+    let deliverer = tokio::spawn(
+        Arc::clone(&local.deliverer).run(local.store.clone(), Arc::clone(&stop_worker)),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

@@ -132,12 +132,18 @@ pub enum Attempt {
     },
 }
 
-/// What the delivery worker needs: the live destinations and each one's
-/// queue, drained in order.
+/// The destinations' outboxes: filled by the fan-out, drained in order by
+/// the delivery worker.
 #[async_trait]
 pub trait Outbox: Send + Sync {
-    /// Every enabled destination of every space.
-    async fn targets(&self) -> Result<Vec<Target>>;
+    /// Appends calls to a destination's queue, after everything queued
+    /// before, in the order given (`(profile id, call)`).
+    async fn enqueue(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        calls: Vec<(String, Value)>,
+    ) -> Result<()>;
     /// The oldest queued (not dead) calls of a destination, at most `limit`.
     async fn next_calls(
         &self,
@@ -154,4 +160,12 @@ pub trait Outbox: Send + Sync {
         seqs: &[i64],
         attempt: Attempt,
     ) -> Result<()>;
+}
+
+/// Where a long-running delivery worker (`kindred serve`) learns which
+/// destinations to serve.
+#[async_trait]
+pub trait Targets: Send + Sync {
+    /// Every enabled destination of every space, with its secret opened.
+    async fn targets(&self) -> Result<Vec<Target>>;
 }

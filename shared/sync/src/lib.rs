@@ -17,7 +17,7 @@ use std::time::Duration;
 use kindred_domain::sync::{
     outcome, parse_retry_after, retry_delay, Kind, Outcome, SIGNATURE_HEADER,
 };
-use kindred_store::{now_millis, Attempt, DeliveryError, Outbox, PendingCall, Target};
+use kindred_store::{now_millis, Attempt, DeliveryError, Outbox, PendingCall, Target, Targets};
 use tracing::{info, warn};
 
 /// How hard to try.
@@ -84,11 +84,11 @@ impl Deliverer {
 
     /// Delivers until `stop` is set: keeps one task per enabled
     /// destination, started and stopped as destinations come and go.
-    pub async fn run(self: Arc<Self>, stop: Arc<AtomicBool>) {
+    pub async fn run(self: Arc<Self>, destinations: Arc<dyn Targets>, stop: Arc<AtomicBool>) {
         let live: Arc<Mutex<HashMap<Key, Target>>> = Arc::default();
         let mut tasks: HashMap<Key, tokio::task::JoinHandle<()>> = HashMap::new();
         while !stop.load(Ordering::Relaxed) {
-            match self.outbox.targets().await {
+            match destinations.targets().await {
                 Ok(targets) => {
                     let mut now: HashMap<Key, Target> = targets
                         .into_iter()

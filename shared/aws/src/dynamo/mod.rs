@@ -12,6 +12,7 @@ pub mod compute;
 mod graph;
 pub(crate) mod profiles;
 mod spaces;
+mod sync;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,6 +139,8 @@ pub struct DynamoStore {
     pub(crate) table: String,
     pub(crate) usage: Arc<Usage>,
     pub(crate) caches: Mutex<Caches>,
+    /// Seals destination secrets; `None` where none are configured.
+    pub(crate) sealer: Option<Arc<kindred_store::secret::Sealer>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,6 +154,7 @@ impl DynamoStore {
             table: table.into(),
             usage: Arc::new(Usage::default()),
             caches: Mutex::new(Caches::default()),
+            sealer: None,
         }
     }
 

@@ -30,7 +30,7 @@ use tracing::{error, info_span};
 use super::SqliteStore;
 use crate::sync::{
     Attempt, DeadLetter, DeliveryError, DestinationRecord, DestinationStatus, Destinations, Outbox,
-    PendingCall, Target,
+    PendingCall, Target, Targets,
 };
 use crate::{now_millis, Result, StoreError};
 
@@ -896,7 +896,7 @@ impl Destinations for SqliteStore {
 }
 
 #[async_trait]
-impl Outbox for SqliteStore {
+impl Targets for SqliteStore {
     async fn targets(&self) -> Result<Vec<Target>> {
         self.blocking(|s| {
             let conn = s.sync_reader()?;
@@ -921,6 +921,44 @@ impl Outbox for SqliteStore {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteStore {
+    async fn enqueue(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        calls: Vec<(String, Value)>,
+    ) -> Result<()> {
+        let (space_id, destination_id) = (space_id.to_string(), destination_id.to_string());
+        self.blocking(move |s| {
+            s.sync_tx(|tx| {
+                let exists = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM destinations WHERE space_id = ?1 AND destination_id = ?2",
+                    )?
+                    .exists(params![space_id, destination_id])?;
+                if !exists {
+                    return Err(StoreError::NotFound);
+                }
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO deliveries (space_id, destination_id, profile_id, call)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (profile_id, call) in &calls {
+                    stmt.execute(params![
+                        space_id,
+                        destination_id,
+                        profile_id,
+                        call.to_string()
+                    ])?;
+                }
+                Ok(())
+            })
         })
         .await
     }

@@ -1,0 +1,783 @@
+//! Destinations and their outboxes on DynamoDB.
+//!
+//! | item | `pk` | `sk` |
+//! |---|---|---|
+//! | destination | `SPACE#{space}` | `DEST#{id}` |
+//! | queued call | `OUT#{space}#{id}` | 20-digit sequence number |
+//! | dead letter | `DEAD#{space}#{id}` | its sequence number |
+//!
+//! A destination is replaced only at the version read (optimistic, retried
+//! with jitter); calls are numbered by an atomic counter on the
+//! destination item, so a destination's queue is one partition read in
+//! order; moving a call to or from the dead letters is one transaction.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, DeleteRequest, Put, PutRequest, ReturnConsumedCapacity, ReturnValue,
+    Select, TransactWriteItem, WriteRequest,
+};
+use kindred_domain::sync::Settings;
+use kindred_store::secret::Sealer;
+use kindred_store::{
+    now_millis, Attempt, DeadLetter, DeliveryError, DestinationRecord, DestinationStatus,
+    Destinations, Outbox, PendingCall, Result, StoreError, Target,
+};
+use serde_json::Value;
+
+use super::{get_n, get_s, key, n, opt_s, s, service, space_key, DynamoStore, Item, PK, SK};
+
+const DEST_PREFIX: &str = "DEST#";
+/// DynamoDB's limits: items per `BatchWriteItem`, actions per transaction.
+const MAX_BATCH_WRITE: usize = 25;
+const MAX_TRANSACT: usize = 100;
+/// Attempts at a destination write that lost a race.
+const PUT_ATTEMPTS: u32 = 32;
+
+fn dest_sort(id: &str) -> String {
+    format!("{DEST_PREFIX}{id}")
+}
+
+fn out_key(space_id: &str, id: &str) -> String {
+    format!("OUT#{space_id}#{id}")
+}
+
+fn dead_key(space_id: &str, id: &str) -> String {
+    format!("DEAD#{space_id}#{id}")
+}
+
+fn seq_sort(seq: i64) -> String {
+    format!("{seq:020}")
+}
+
+fn context(space_id: &str, destination_id: &str) -> String {
+    format!("{space_id}/{destination_id}")
+}
+
+/// Whether a request failed only because its condition did not hold.
+fn conditional_failed<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    e.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+fn opt_n(item: &Item, name: &str) -> Option<i64> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn boolean(item: &Item, name: &str) -> bool {
+    matches!(item.get(name), Some(AttributeValue::Bool(true)))
+}
+
+fn record_of(item: &Item) -> Result<DestinationRecord> {
+    let settings: Value = serde_json::from_str(get_s(item, "settings")?)?;
+    Ok(DestinationRecord {
+        destination_id: get_s(item, "destination_id")?.to_string(),
+        name: opt_s(item, "name").map(str::to_string),
+        settings: Settings::parse(&settings)
+            .map_err(|e| StoreError::Undecodable(format!("stored destination settings: {e}")))?
+            .0,
+        has_secret: item.contains_key("secret"),
+        version: get_n(item, "version")? as u64,
+        initial_sync_pending: boolean(item, "initial_pending"),
+        created_at: get_n(item, "created_at")?,
+        updated_at: get_n(item, "updated_at")?,
+    })
+}
+
+impl DynamoStore {
+    /// Seals destination secrets with this key (required to write or
+    /// deliver to destinations with secrets).
+    pub fn with_sealer(mut self, sealer: Sealer) -> Self {
+        self.sealer = Some(std::sync::Arc::new(sealer));
+        self
+    }
+
+    fn sealer(&self) -> Result<&Sealer> {
+        self.sealer.as_deref().ok_or_else(|| {
+            StoreError::Invalid("destination secrets are not configured in this deployment".into())
+        })
+    }
+
+    async fn destination_item(&self, space_id: &str, id: &str) -> Result<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(id))))
+            .consistent_read(true)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(service)?;
+        self.usage.read(out.consumed_capacity());
+        Ok(out.item().cloned())
+    }
+
+    /// Every item of a partition (keys and attributes), in key order.
+    async fn partition(&self, pk: String, limit: Option<usize>) -> Result<Vec<Item>> {
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(pk))
+            .consistent_read(true);
+        if let Some(l) = limit {
+            query = query.limit(l.clamp(1, 1_000) as i32);
+        }
+        let mut out = Vec::new();
+        self.query_pages(query, |item| {
+            out.push(item.clone());
+            Ok(limit.is_none_or(|l| out.len() < l))
+        })
+        .await?;
+        Ok(out)
+    }
+
+    async fn count(&self, pk: String, filter: Option<&str>) -> Result<u64> {
+        let mut total = 0u64;
+        let mut start = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .select(Select::Count)
+                .set_exclusive_start_key(start)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total);
+            if let Some(f) = filter {
+                q = q
+                    .filter_expression(f)
+                    .expression_attribute_values(":zero", n(0));
+            }
+            let out = q.send().await.map_err(service)?;
+            self.usage.read(out.consumed_capacity());
+            total += out.count() as u64;
+            match out.last_evaluated_key() {
+                Some(k) => start = Some(k.clone()),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    async fn batch_write(&self, mut requests: Vec<WriteRequest>) -> Result<()> {
+        while !requests.is_empty() {
+            let chunk: Vec<WriteRequest> = requests
+                .drain(..requests.len().min(MAX_BATCH_WRITE))
+                .collect();
+            let mut pending = chunk;
+            let mut attempt = 0u32;
+            while !pending.is_empty() {
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, pending)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                    .send()
+                    .await
+                    .map_err(service)?;
+                self.usage.write(out.consumed_capacity());
+                pending = out
+                    .unprocessed_items()
+                    .and_then(|u| u.get(&self.table))
+                    .cloned()
+                    .unwrap_or_default();
+                if !pending.is_empty() {
+                    attempt += 1;
+                    let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the actions in transactions of at most 100.
+    async fn transact_chunks(&self, actions: Vec<TransactWriteItem>) -> Result<()> {
+        for chunk in actions.chunks(MAX_TRANSACT) {
+            let out = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(chunk.to_vec()))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(service)?;
+            self.usage.write(out.consumed_capacity());
+        }
+        Ok(())
+    }
+
+    /// The destination with its secret opened, if it exists and is enabled.
+    pub async fn target(&self, space_id: &str, destination_id: &str) -> Result<Option<Target>> {
+        let Some(item) = self.destination_item(space_id, destination_id).await? else {
+            return Ok(None);
+        };
+        let record = record_of(&item)?;
+        if !record.settings.enabled {
+            return Ok(None);
+        }
+        let secret = match item.get("secret") {
+            Some(AttributeValue::B(sealed)) => Some(
+                self.sealer()?
+                    .open(sealed.as_ref(), &context(space_id, destination_id))?,
+            ),
+            _ => None,
+        };
+        Ok(Some(Target {
+            space_id: space_id.to_string(),
+            destination_id: destination_id.to_string(),
+            version: record.version,
+            settings: record.settings,
+            secret,
+        }))
+    }
+
+    /// Marks a destination's initial sync done, with the change-log
+    /// position it covers, if it is still at `version`.
+    pub async fn finish_initial_sync(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        version: u64,
+        horizon: i64,
+    ) -> Result<bool> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+            .update_expression("SET initial_pending = :f, since_change = :h")
+            .condition_expression("version = :v")
+            .expression_attribute_values(":f", AttributeValue::Bool(false))
+            .expression_attribute_values(":h", n(horizon))
+            .expression_attribute_values(":v", n(version))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(true)
+            }
+            Err(e) if conditional_failed(&e) => Ok(false),
+            Err(e) => Err(service(e)),
+        }
+    }
+
+    /// The space's destinations as stored (settings, horizons).
+    pub async fn destination_items(&self, space_id: &str) -> Result<Vec<(DestinationRecord, i64)>> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", s(space_key(space_id)))
+            .expression_attribute_values(":prefix", s(DEST_PREFIX))
+            .consistent_read(true);
+        let mut out = Vec::new();
+        self.query_pages(query, |item| {
+            out.push((record_of(item)?, opt_n(item, "since_change").unwrap_or(0)));
+            Ok(true)
+        })
+        .await?;
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Destinations for DynamoStore {
+    async fn put_destination(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        name: Option<String>,
+        settings: Settings,
+        secret: Option<String>,
+    ) -> Result<(DestinationRecord, bool)> {
+        let sealed = match &secret {
+            Some(sec) => Some(self.sealer()?.seal(sec, &context(space_id, destination_id))),
+            None => None,
+        };
+        let settings_json = settings.to_json().to_string();
+        for attempt in 0..PUT_ATTEMPTS {
+            let now = now_millis();
+            let old = self.destination_item(space_id, destination_id).await?;
+            let result = match &old {
+                None => {
+                    let Some(sealed) = &sealed else {
+                        return Err(StoreError::Invalid(format!(
+                            "{}: is required for a new {} destination",
+                            kindred_domain::sync::secret_field(settings.kind),
+                            settings.kind.as_str()
+                        )));
+                    };
+                    let mut item = key(space_key(space_id), &dest_sort(destination_id));
+                    item.insert("destination_id".into(), s(destination_id));
+                    if let Some(name) = &name {
+                        item.insert("name".into(), s(name));
+                    }
+                    item.insert("settings".into(), s(&settings_json));
+                    item.insert("secret".into(), AttributeValue::B(sealed.clone().into()));
+                    item.insert("version".into(), n(1));
+                    item.insert("created_at".into(), n(now));
+                    item.insert("updated_at".into(), n(now));
+                    item.insert("initial_pending".into(), AttributeValue::Bool(true));
+                    item.insert("since_change".into(), n(0));
+                    item.insert("next_seq".into(), n(0));
+                    item.insert("delivered".into(), n(0));
+                    self.client
+                        .put_item()
+                        .table_name(&self.table)
+                        .set_item(Some(item.clone()))
+                        .condition_expression("attribute_not_exists(pk)")
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                        .await
+                        .map(|out| {
+                            self.usage.write(out.consumed_capacity());
+                            (item, true)
+                        })
+                        .map_err(|e| (conditional_failed(&e), service(e)))
+                }
+                Some(old) => {
+                    let before = record_of(old)?;
+                    let resync = before.initial_sync_pending
+                        || match (&before.settings.keys, &settings.keys) {
+                            (None, _) => false,
+                            (Some(_), None) => true,
+                            (Some(o), Some(k)) => !k.is_subset(o),
+                        }
+                        || (!before.settings.enabled && settings.enabled);
+                    let mut update =
+                        "SET settings = :s, version = version + :one, updated_at = :now, \
+                                      initial_pending = :ip"
+                            .to_string();
+                    let mut request = self
+                        .client
+                        .update_item()
+                        .table_name(&self.table)
+                        .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+                        .condition_expression("version = :v")
+                        .expression_attribute_values(":s", s(&settings_json))
+                        .expression_attribute_values(":one", n(1))
+                        .expression_attribute_values(":now", n(now))
+                        .expression_attribute_values(":ip", AttributeValue::Bool(resync))
+                        .expression_attribute_values(":v", n(before.version));
+                    match &name {
+                        Some(name) => {
+                            update.push_str(", #name = :name");
+                            request = request
+                                .expression_attribute_names("#name", "name")
+                                .expression_attribute_values(":name", s(name));
+                        }
+                        None => {
+                            update.push_str(" REMOVE #name");
+                            request = request.expression_attribute_names("#name", "name");
+                        }
+                    }
+                    if let Some(sealed) = &sealed {
+                        update = update.replacen(
+                            "SET settings = :s",
+                            "SET settings = :s, secret = :secret",
+                            1,
+                        );
+                        request = request.expression_attribute_values(
+                            ":secret",
+                            AttributeValue::B(sealed.clone().into()),
+                        );
+                    }
+                    request
+                        .update_expression(update)
+                        .return_values(ReturnValue::AllNew)
+                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                        .send()
+                        .await
+                        .map(|out| {
+                            self.usage.write(out.consumed_capacity());
+                            (out.attributes().cloned().unwrap_or_default(), false)
+                        })
+                        .map_err(|e| (conditional_failed(&e), service(e)))
+                }
+            };
+            match result {
+                Ok((item, created)) => return Ok((record_of(&item)?, created)),
+                Err((true, _)) => {
+                    // Another write won: read again and retry.
+                    let ms = rand::random_range(0..=(5u64 << attempt.min(6)));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err((false, e)) => return Err(e),
+            }
+        }
+        Err(StoreError::Service(
+            "a destination write kept losing races".into(),
+        ))
+    }
+
+    async fn destination(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+    ) -> Result<Option<DestinationRecord>> {
+        self.destination_item(space_id, destination_id)
+            .await?
+            .map(|i| record_of(&i))
+            .transpose()
+    }
+
+    async fn destinations(&self, space_id: &str) -> Result<Vec<DestinationRecord>> {
+        Ok(self
+            .destination_items(space_id)
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    async fn delete_destination(&self, space_id: &str, destination_id: &str) -> Result<bool> {
+        let out = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+            .return_values(ReturnValue::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(service)?;
+        self.usage.write(out.consumed_capacity());
+        let existed = out.attributes().is_some();
+        for pk in [
+            out_key(space_id, destination_id),
+            dead_key(space_id, destination_id),
+        ] {
+            let deletes = self
+                .partition(pk, None)
+                .await?
+                .into_iter()
+                .map(|item| {
+                    let k = key(get_s(&item, PK)?.to_string(), get_s(&item, SK)?);
+                    Ok(WriteRequest::builder()
+                        .delete_request(
+                            DeleteRequest::builder()
+                                .set_key(Some(k))
+                                .build()
+                                .map_err(service)?,
+                        )
+                        .build())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.batch_write(deletes).await?;
+        }
+        Ok(existed)
+    }
+
+    async fn destination_status(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+    ) -> Result<Option<DestinationStatus>> {
+        let Some(item) = self.destination_item(space_id, destination_id).await? else {
+            return Ok(None);
+        };
+        let queue = out_key(space_id, destination_id);
+        Ok(Some(DestinationStatus {
+            delivered: opt_n(&item, "delivered").unwrap_or(0) as u64,
+            pending: self.count(queue.clone(), Some("attempts = :zero")).await?,
+            retrying: self.count(queue, Some("attempts > :zero")).await?,
+            dead: self.count(dead_key(space_id, destination_id), None).await?,
+            last_success_at: opt_n(&item, "last_success_at"),
+            last_error: opt_n(&item, "last_error_at").map(|at| DeliveryError {
+                status: opt_n(&item, "last_error_status").map(|s| s as u16),
+                message: opt_s(&item, "last_error_message")
+                    .unwrap_or_default()
+                    .to_string(),
+                at,
+            }),
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.partition(dead_key(space_id, destination_id), Some(limit))
+            .await?
+            .iter()
+            .map(|item| {
+                Ok(DeadLetter {
+                    seq: get_s(item, SK)?
+                        .parse()
+                        .map_err(|_| StoreError::Undecodable("a dead letter's key".into()))?,
+                    profile_id: get_s(item, "profile_id")?.to_string(),
+                    call: serde_json::from_str(get_s(item, "call")?)?,
+                    attempts: opt_n(item, "attempts").unwrap_or(0) as u32,
+                    error: opt_s(item, "error").unwrap_or_default().to_string(),
+                })
+            })
+            .collect()
+    }
+
+    async fn replay(&self, space_id: &str, destination_id: &str) -> Result<u64> {
+        let dead = self
+            .partition(dead_key(space_id, destination_id), None)
+            .await?;
+        let mut actions = Vec::new();
+        for item in &dead {
+            let sk = get_s(item, SK)?;
+            let mut back = key(out_key(space_id, destination_id), sk);
+            for attr in ["call", "profile_id"] {
+                if let Some(v) = item.get(attr) {
+                    back.insert(attr.into(), v.clone());
+                }
+            }
+            back.insert("attempts".into(), n(0));
+            actions.push(
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(&self.table)
+                            .set_item(Some(back))
+                            .build()
+                            .map_err(service)?,
+                    )
+                    .build(),
+            );
+            actions.push(
+                TransactWriteItem::builder()
+                    .delete(
+                        Delete::builder()
+                            .table_name(&self.table)
+                            .set_key(Some(key(dead_key(space_id, destination_id), sk)))
+                            .build()
+                            .map_err(service)?,
+                    )
+                    .build(),
+            );
+        }
+        self.transact_chunks(actions).await?;
+        Ok(dead.len() as u64)
+    }
+}
+
+#[async_trait]
+impl Outbox for DynamoStore {
+    async fn enqueue(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        calls: Vec<(String, Value)>,
+    ) -> Result<()> {
+        if calls.is_empty() {
+            return Ok(());
+        }
+        // Reserve the sequence numbers: the destination's counter.
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+            .update_expression("ADD next_seq :n")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":n", n(calls.len()))
+            .return_values(ReturnValue::UpdatedNew)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) if conditional_failed(&e) => return Err(StoreError::NotFound),
+            Err(e) => return Err(service(e)),
+        };
+        self.usage.write(out.consumed_capacity());
+        let last = out
+            .attributes()
+            .and_then(|a| opt_n(a, "next_seq"))
+            .ok_or_else(|| StoreError::Service("no sequence number reserved".into()))?;
+        let first = last - calls.len() as i64 + 1;
+        let mut puts = Vec::with_capacity(calls.len());
+        for (i, (profile_id, call)) in calls.into_iter().enumerate() {
+            let mut item = key(
+                out_key(space_id, destination_id),
+                &seq_sort(first + i as i64),
+            );
+            item.insert("profile_id".into(), s(profile_id));
+            item.insert("call".into(), s(call.to_string()));
+            item.insert("attempts".into(), n(0));
+            puts.push(
+                WriteRequest::builder()
+                    .put_request(
+                        PutRequest::builder()
+                            .set_item(Some(item))
+                            .build()
+                            .map_err(service)?,
+                    )
+                    .build(),
+            );
+        }
+        self.batch_write(puts).await
+    }
+
+    async fn next_calls(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        limit: usize,
+    ) -> Result<Vec<PendingCall>> {
+        self.partition(out_key(space_id, destination_id), Some(limit))
+            .await?
+            .iter()
+            .map(|item| {
+                Ok(PendingCall {
+                    seq: get_s(item, SK)?
+                        .parse()
+                        .map_err(|_| StoreError::Undecodable("a queued call's key".into()))?,
+                    call: get_s(item, "call")?.to_string(),
+                    attempts: opt_n(item, "attempts").unwrap_or(0) as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn record(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        seqs: &[i64],
+        attempt: Attempt,
+    ) -> Result<()> {
+        let queue = out_key(space_id, destination_id);
+        let dest = key(space_key(space_id), &dest_sort(destination_id));
+        let stats = match &attempt {
+            Attempt::Delivered { at } => {
+                let deletes = seqs
+                    .iter()
+                    .map(|seq| {
+                        Ok(WriteRequest::builder()
+                            .delete_request(
+                                DeleteRequest::builder()
+                                    .set_key(Some(key(queue.clone(), &seq_sort(*seq))))
+                                    .build()
+                                    .map_err(service)?,
+                            )
+                            .build())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.batch_write(deletes).await?;
+                self.client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(dest))
+                    .update_expression("ADD delivered :n SET last_success_at = :at")
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":n", n(seqs.len()))
+                    .expression_attribute_values(":at", n(at))
+            }
+            Attempt::Failed { error, dead } => {
+                let text = match error.status {
+                    Some(code) => format!("{code}: {}", error.message),
+                    None => error.message.clone(),
+                };
+                if *dead {
+                    let mut actions = Vec::new();
+                    let keys: Vec<Item> = seqs
+                        .iter()
+                        .map(|q| key(queue.clone(), &seq_sort(*q)))
+                        .collect();
+                    for item in self.batch_get(keys, true).await? {
+                        let sk = get_s(&item, SK)?.to_string();
+                        let mut letter = item.clone();
+                        letter.insert(PK.into(), s(dead_key(space_id, destination_id)));
+                        letter.insert(
+                            "attempts".into(),
+                            n(opt_n(&item, "attempts").unwrap_or(0) + 1),
+                        );
+                        letter.insert("error".into(), s(&text));
+                        actions.push(
+                            TransactWriteItem::builder()
+                                .put(
+                                    Put::builder()
+                                        .table_name(&self.table)
+                                        .set_item(Some(letter))
+                                        .build()
+                                        .map_err(service)?,
+                                )
+                                .build(),
+                        );
+                        actions.push(
+                            TransactWriteItem::builder()
+                                .delete(
+                                    Delete::builder()
+                                        .table_name(&self.table)
+                                        .set_key(Some(key(queue.clone(), &sk)))
+                                        .build()
+                                        .map_err(service)?,
+                                )
+                                .build(),
+                        );
+                    }
+                    self.transact_chunks(actions).await?;
+                } else {
+                    for seq in seqs {
+                        let out = self
+                            .client
+                            .update_item()
+                            .table_name(&self.table)
+                            .set_key(Some(key(queue.clone(), &seq_sort(*seq))))
+                            .update_expression("ADD attempts :one SET #e = :e")
+                            .condition_expression("attribute_exists(pk)")
+                            .expression_attribute_names("#e", "error")
+                            .expression_attribute_values(":one", n(1))
+                            .expression_attribute_values(":e", s(&text))
+                            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                            .send()
+                            .await;
+                        match out {
+                            Ok(out) => self.usage.write(out.consumed_capacity()),
+                            Err(e) if conditional_failed(&e) => {}
+                            Err(e) => return Err(service(e)),
+                        }
+                    }
+                }
+                let mut update = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(dest))
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":at", n(error.at))
+                    .expression_attribute_values(":m", s(&error.message));
+                update = match error.status {
+                    Some(code) => update
+                        .update_expression(
+                            "SET last_error_at = :at, last_error_message = :m, last_error_status = :st",
+                        )
+                        .expression_attribute_values(":st", n(code)),
+                    None => update.update_expression(
+                        "SET last_error_at = :at, last_error_message = :m REMOVE last_error_status",
+                    ),
+                };
+                update
+            }
+        };
+        match stats
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(())
+            }
+            // The destination was deleted meanwhile: nothing to count.
+            Err(e) if conditional_failed(&e) => Ok(()),
+            Err(e) => Err(service(e)),
+        }
+    }
+}
