@@ -160,16 +160,16 @@ async fn compute_requests_and_capacity_units_per_event() {
     };
     identify(&store, &event("e1", "Event 1")).await.unwrap();
     let before = store.usage();
-    assert!(handle(&store, &queue, fold("e1")).await.is_empty());
+    assert!(handle(&store, &queue, None, fold("e1")).await.is_empty());
     let first = store.usage().since(before);
 
     identify(&store, &event("e2", "Event 2")).await.unwrap();
     let before = store.usage();
-    assert!(handle(&store, &queue, fold("e2")).await.is_empty());
+    assert!(handle(&store, &queue, None, fold("e2")).await.is_empty());
     let known = store.usage().since(before);
 
     let before = store.usage();
-    assert!(handle(&store, &queue, fold("e2")).await.is_empty());
+    assert!(handle(&store, &queue, None, fold("e2")).await.is_empty());
     let repeat = store.usage().since(before);
 
     println!();

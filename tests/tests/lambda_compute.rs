@@ -64,6 +64,10 @@ struct Deployment {
     ingest: kindred_http::Router,
     profile_api: kindred_http::Router,
     space: kindred_store::NewSpace,
+    /// The sync queue and step, in deployments with destinations.
+    sync_queue: String,
+    sync: SqsQueue,
+    sync_step: kindred_aws::sync::SyncStep,
 }
 
 impl Deployment {
@@ -77,7 +81,25 @@ impl Deployment {
         let space = setup.create_space(name).await.unwrap();
         let (sqs, events_queue, _) = fresh_queue(3).await;
         let (_, compute_queue, _) = fresh_queue(3).await;
+        let (_, sync_queue, _) = fresh_queue(3).await;
         let sdk = aws_config().await;
+        let lambda_config = kindred_profile_api::Config {
+            table: setup.table().to_string(),
+            compute_queue_url: compute_queue.clone(),
+            sync_queue_url: Some(sync_queue.clone()),
+            secrets_key: Some("test-secrets-key".into()),
+        };
+        let sync_step = kindred_sync_function::step(
+            &lambda_config,
+            &sdk,
+            kindred_sync::RetryPolicy {
+                base: Duration::from_millis(200),
+                max: Duration::from_secs(2),
+                max_attempts: 8,
+                timeout: Duration::from_secs(5),
+            },
+        )
+        .unwrap();
         let ingest = kindred_ingest::app(
             &kindred_ingest::Config {
                 table: setup.table().to_string(),
@@ -86,16 +108,14 @@ impl Deployment {
             },
             &sdk,
         );
-        let profile_api = kindred_profile_api::app(
-            &kindred_profile_api::Config {
-                table: setup.table().to_string(),
-                compute_queue_url: compute_queue.clone(),
-            },
-            &sdk,
-        );
+        let profile_api = kindred_profile_api::app(&lambda_config, &sdk);
         let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), setup.table());
         let compute = SqsQueue::new(sqs.clone(), &compute_queue);
+        let sync = SqsQueue::new(sqs.clone(), &sync_queue);
         Self {
+            sync_queue,
+            sync,
+            sync_step,
             store,
             sqs,
             events_queue,
@@ -198,7 +218,7 @@ impl Deployment {
     /// Runs the identity step, then the compute step, until both queues drain.
     async fn settle(&self) {
         self.pump(&self.events_queue, |e| {
-            kindred_identity::handle(&self.store, &self.compute, e)
+            kindred_identity::handle(&self.store, &self.compute, Some(&self.sync), e)
         })
         .await;
         self.pump_compute().await;
@@ -206,9 +226,49 @@ impl Deployment {
 
     async fn pump_compute(&self) -> usize {
         self.pump(&self.compute_queue, |e| {
-            kindred_compute::handle(&self.store, &self.compute, e)
+            kindred_compute::handle(&self.store, &self.compute, Some(&self.sync), e)
         })
         .await
+    }
+
+    /// Runs the sync step on what arrives in the sync queue (delayed
+    /// messages included) until `done` holds.
+    async fn pump_sync_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not after 60 s");
+            let messages = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.sync_queue)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap()
+                .messages()
+                .to_vec();
+            if messages.is_empty() {
+                continue;
+            }
+            let response =
+                kindred_sync_function::handle(&self.sync_step, sqs_event(&messages)).await;
+            let failed: Vec<String> = response
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.clone())
+                .collect();
+            assert!(failed.is_empty(), "sync messages failed: {failed:?}");
+            for m in &messages {
+                self.sqs
+                    .delete_message()
+                    .queue_url(&self.sync_queue)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     async fn changes(&self, since: i64) -> Vec<Value> {
@@ -410,7 +470,7 @@ async fn racing_folds_of_one_profile_fold_each_event_exactly_once() {
     d.batch(events).await;
     // The identity step only: the compute messages stay queued.
     d.pump(&d.events_queue, |e| {
-        kindred_identity::handle(&d.store, &d.compute, e)
+        kindred_identity::handle(&d.store, &d.compute, None, e)
     })
     .await;
     let mut messages = Vec::new();
@@ -453,7 +513,7 @@ async fn racing_folds_of_one_profile_fold_each_event_exactly_once() {
     let results = futures::future::join_all(
         halves
             .into_iter()
-            .map(|h| kindred_aws::compute::handle(&d.store, &d.compute, h)),
+            .map(|h| kindred_aws::compute::handle(&d.store, &d.compute, None, h)),
     )
     .await;
     assert!(results.iter().all(Vec::is_empty), "{results:?}");
@@ -534,4 +594,132 @@ async fn racing_definition_writes_never_make_a_cycle_on_dynamodb() {
             "exactly one of two writes that would close a cycle wins: {one:?} {two:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_get_changes_aliases_and_retries_through_the_sync_function() {
+    if !emulators("destinations_get_changes_aliases_and_retries_through_the_sync_function") {
+        return;
+    }
+    use crate::common::receiver::{Mode, Receiver};
+    let d = Deployment::start("sync").await;
+    let r = Receiver::start().await;
+    d.define(
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    let (status, created) = d
+        .admin(
+            "PUT",
+            "/destinations/ads",
+            Some(
+                &json!({"kind": "webhook", "url": r.url("/ads"), "secret": "ads-secret",
+                         "calls": ["track"], "alias_on_merge": true}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created.get("secret").is_none());
+    let now = kindred_store::now_millis();
+    d.batch(vec![
+        json!({"type": "track", "anonymousId": "a1", "event": "Order Completed", "timestamp": format_millis(now)}),
+        json!({"type": "track", "userId": "u9", "event": "Order Completed", "timestamp": format_millis(now)}),
+    ])
+    .await;
+    d.settle().await;
+    let entered = |c: &[Value]| {
+        c.iter()
+            .filter(|c| c["event"] == "Audience Entered")
+            .count()
+    };
+    d.pump_sync_until("both profiles enter", || entered(&r.accepted()) == 2)
+        .await;
+    for req in r.requests() {
+        let sig = req
+            .headers
+            .get("x-kindred-signature")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(sig, kindred_domain::sync::sign("ads-secret", &req.body));
+    }
+    let calls = r.accepted();
+    assert!(calls.iter().any(|c| c["userId"] == "u9"));
+    assert!(calls.iter().any(|c| c["anonymousId"] == "a1"));
+    assert_eq!(calls[0]["context"]["personas"]["computation_key"], "buyers");
+
+    // The receiver fails for a while; the merge's alias is retried until it lands.
+    r.set(Mode::Status(503));
+    d.batch(vec![
+        json!({"type": "identify", "userId": "u9", "anonymousId": "a1"}),
+    ])
+    .await;
+    d.settle().await;
+    d.pump_sync_until("a failed attempt", || {
+        r.requests().iter().any(|q| q.status == 503)
+    })
+    .await;
+    let (_, st) = d.admin("GET", "/destinations/ads/status", None).await;
+    assert_eq!(st["last_error"]["status"], json!(503), "{st}");
+    assert_eq!(st["retrying"], json!(1), "{st}");
+    r.set(Mode::Ok);
+    d.pump_sync_until("the alias", || {
+        r.accepted().iter().any(|c| c["type"] == "alias")
+    })
+    .await;
+    let calls = r.accepted();
+    let aliases: Vec<&Value> = calls.iter().filter(|c| c["type"] == "alias").collect();
+    assert_eq!(aliases.len(), 1, "{calls:#?}");
+    assert_eq!(
+        (
+            aliases[0]["previousId"].as_str(),
+            aliases[0]["userId"].as_str()
+        ),
+        (Some("a1"), Some("u9"))
+    );
+    assert_eq!(
+        entered(&calls),
+        2,
+        "no second Audience Entered after the merge"
+    );
+    let (_, st) = d.admin("GET", "/destinations/ads/status", None).await;
+    assert_eq!(
+        (
+            st["delivered"].as_u64(),
+            st["retrying"].as_u64(),
+            st["dead"].as_u64()
+        ),
+        (Some(3), Some(0), Some(0)),
+        "{st}"
+    );
+
+    // A destination added now gets the current values first (initial sync).
+    let late = Receiver::start().await;
+    let (status, _) = d
+        .admin(
+            "PUT",
+            "/destinations/late",
+            Some(&json!({"kind": "segment", "host": late.url(""), "write_key": "wk_late"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    d.pump_sync_until("the initial sync", || late.accepted().len() >= 2)
+        .await;
+    let req = &late.requests()[0];
+    assert_eq!(req.path, "/v1/batch");
+    let auth = req.headers.get("authorization").unwrap().to_str().unwrap();
+    assert_eq!(auth, format!("Basic {}", basic("wk_late")));
+    let accepted = late.accepted();
+    let members: Vec<&Value> = accepted
+        .iter()
+        .filter(|c| c["type"] == "identify")
+        .map(|c| &c["traits"]["buyers"])
+        .collect();
+    assert_eq!(
+        members,
+        vec![&json!(true)],
+        "one member after the merge: {accepted:#?}"
+    );
 }

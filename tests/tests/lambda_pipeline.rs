@@ -98,7 +98,7 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
         let messages = receive(&sqs, &queue).await;
         if !messages.is_empty() {
             let response =
-                kindred_identity::handle(&identity, &compute, sqs_event(&messages)).await;
+                kindred_identity::handle(&identity, &compute, None, sqs_event(&messages)).await;
             let failed: Vec<&str> = response
                 .batch_item_failures
                 .iter()
@@ -134,6 +134,8 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
         &kindred_profile_api::Config {
             table: setup.table().to_string(),
             compute_queue_url: compute_queue.clone(),
+            sync_queue_url: None,
+            secrets_key: None,
         },
         &sdk,
     );

@@ -10,13 +10,18 @@ use kindred_aws::{DynamoStore, SqsQueue};
 pub use kindred_aws::lambda::Config;
 
 /// Handles one SQS batch; the messages of one profile are folded together.
-pub async fn handle(store: &DynamoStore, queue: &SqsQueue, event: SqsEvent) -> SqsBatchResponse {
+pub async fn handle(
+    store: &DynamoStore,
+    queue: &SqsQueue,
+    sync: Option<&SqsQueue>,
+    event: SqsEvent,
+) -> SqsBatchResponse {
     let messages = event
         .records
         .into_iter()
         .map(|r| (r.message_id.unwrap_or_default(), r.body.unwrap_or_default()))
         .collect();
-    let failed = kindred_aws::compute::handle(store, queue, messages).await;
+    let failed = kindred_aws::compute::handle(store, queue, sync, messages).await;
     let mut response = SqsBatchResponse::default();
     for id in failed {
         let mut failure = BatchItemFailure::default();
@@ -54,7 +59,7 @@ mod tests {
         );
         let fixture = include_str!("../fixtures/sqs-event.json");
         let event: SqsEvent = serde_json::from_str(fixture).unwrap();
-        let response = handle(&store, &queue, event).await;
+        let response = handle(&store, &queue, None, event).await;
         let failed: Vec<&str> = response
             .batch_item_failures
             .iter()

@@ -12,9 +12,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let sdk = kindred_aws::lambda::sdk_config().await;
     let store = &DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), &config.table);
     let queue = &SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), &config.compute_queue_url);
+    let sync = config
+        .sync_queue_url
+        .as_ref()
+        .map(|url| SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), url));
+    let sync = &sync;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
-            Ok::<_, lambda_runtime::Error>(handle(store, queue, event.payload).await)
+            Ok::<_, lambda_runtime::Error>(handle(store, queue, sync.as_ref(), event.payload).await)
         },
     ))
     .await

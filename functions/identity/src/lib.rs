@@ -10,6 +10,7 @@
 
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use kindred_aws::dynamo::compute::ComputeMessage;
+use kindred_aws::sync::SyncMessage;
 use kindred_aws::{identify, DynamoStore, SqsQueue};
 use kindred_store::identity::Outcome;
 use kindred_store::ports::QueuedEvent;
@@ -20,9 +21,18 @@ pub use kindred_aws::lambda::Config;
 
 /// Handles one SQS batch. Messages are independent: each is applied or
 /// reported failed on its own.
-pub async fn handle(store: &DynamoStore, compute: &SqsQueue, event: SqsEvent) -> SqsBatchResponse {
+///
+/// `sync`: where a merging event is announced (for `alias` calls), if
+/// destinations are deployed.
+pub async fn handle(
+    store: &DynamoStore,
+    compute: &SqsQueue,
+    sync: Option<&SqsQueue>,
+    event: SqsEvent,
+) -> SqsBatchResponse {
     let mut response = SqsBatchResponse::default();
     let mut recorded: Vec<(String, ComputeMessage)> = Vec::new();
+    let mut merges: Vec<(String, SyncMessage)> = Vec::new();
     for record in event.records {
         let sqs_id = record.message_id.clone().unwrap_or_default();
         let span = info_span!("identity", sqs_message_id = %sqs_id);
@@ -58,6 +68,16 @@ pub async fn handle(store: &DynamoStore, compute: &SqsQueue, event: SqsEvent) ->
                 dynamodb_write_units = usage.write_units,
                 "event applied"
             );
+            if merged > 0 && !message_id.is_empty() {
+                merges.push((
+                    sqs_id.clone(),
+                    SyncMessage::Merge {
+                        space_id: queued.space_id.clone(),
+                        profile_id: profile_id.to_string(),
+                        message_id: message_id.clone(),
+                    },
+                ));
+            }
             if outcome != Outcome::Unresolved && !message_id.is_empty() {
                 recorded.push((
                     sqs_id.clone(),
@@ -76,6 +96,17 @@ pub async fn handle(store: &DynamoStore, compute: &SqsQueue, event: SqsEvent) ->
             let mut failure = BatchItemFailure::default();
             failure.item_identifier = sqs_id;
             response.batch_item_failures.push(failure);
+        }
+    }
+    if let Some(sync) = sync {
+        let messages: Vec<&SyncMessage> = merges.iter().map(|(_, m)| m).collect();
+        if let Err(e) = sync.send_json(&messages).await {
+            warn!(error = %e, "merge messages not sent; SQS will redeliver their events");
+            for (sqs_id, _) in &merges {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = sqs_id.clone();
+                response.batch_item_failures.push(failure);
+            }
         }
     }
     let messages: Vec<&ComputeMessage> = recorded.iter().map(|(_, m)| m).collect();
@@ -113,7 +144,7 @@ mod tests {
                 .build(),
         );
         let compute = SqsQueue::new(sqs, "unused");
-        let response = handle(&store, &compute, sqs_event("this is not JSON")).await;
+        let response = handle(&store, &compute, None, sqs_event("this is not JSON")).await;
         let failed: Vec<&str> = response
             .batch_item_failures
             .iter()

@@ -12,9 +12,16 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let store = &store;
     let compute =
         &kindred_aws::SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), &config.compute_queue_url);
+    let sync = config
+        .sync_queue_url
+        .as_ref()
+        .map(|url| kindred_aws::SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), url));
+    let sync = &sync;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
-            Ok::<_, lambda_runtime::Error>(handle(store, compute, event.payload).await)
+            Ok::<_, lambda_runtime::Error>(
+                handle(store, compute, sync.as_ref(), event.payload).await,
+            )
         },
     ))
     .await

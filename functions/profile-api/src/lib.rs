@@ -6,6 +6,7 @@ use std::sync::Arc;
 use aws_config::SdkConfig;
 use kindred_aws::compute::DynamoComputations;
 use kindred_aws::lambda::request_cost;
+use kindred_aws::sync::DynamoDestinations;
 use kindred_aws::{DynamoStore, SqsQueue};
 use kindred_http::{profile_api_app, with_request_costs, ReadState, Router};
 
@@ -13,10 +14,21 @@ pub use kindred_aws::lambda::Config;
 
 /// The router the function serves.
 pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
-    let store = Arc::new(DynamoStore::new(
-        aws_sdk_dynamodb::Client::new(sdk),
-        &config.table,
-    ));
+    let mut store = DynamoStore::new(aws_sdk_dynamodb::Client::new(sdk), &config.table);
+    if let Some(sealer) = config.sealer() {
+        store = store.with_sealer(sealer);
+    }
+    let store = Arc::new(store);
+    // Destinations need the sync queue and the secrets key; without them
+    // their routes answer 501.
+    let destinations: Option<Arc<dyn kindred_store::Destinations>> =
+        match (&config.sync_queue_url, &config.secrets_key) {
+            (Some(url), Some(_)) => Some(Arc::new(DynamoDestinations {
+                store: store.clone(),
+                queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)),
+            })),
+            _ => None,
+        };
     let app = profile_api_app(ReadState {
         spaces: store.clone(),
         profiles: store.clone(),
@@ -27,8 +39,7 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
                 &config.compute_queue_url,
             )),
         })),
-        // Destinations on AWS are not built yet: their routes answer 501.
-        destinations: None,
+        destinations,
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

@@ -184,9 +184,15 @@ struct Work {
 /// Handles one batch of compute-queue messages (`(sqs message id,
 /// body)`); returns the SQS ids of the messages to retry. Messages of
 /// one profile are folded together; each profile succeeds or fails alone.
+///
+/// `sync`: the sync queue, told (delayed past the change log's settle
+/// window) about every space whose log may have grown: where a profile
+/// changed, and where an event had been folded before (a retry of a batch
+/// whose first run may have stopped before telling it).
 pub async fn handle(
     store: &DynamoStore,
     queue: &SqsQueue,
+    sync: Option<&SqsQueue>,
     messages: Vec<(String, String)>,
 ) -> Vec<String> {
     let mut failed = Vec::new();
@@ -208,7 +214,7 @@ pub async fn handle(
         }
     }
     for (space_id, messages) in by_space {
-        failed.extend(handle_space(store, queue, &space_id, messages).await);
+        failed.extend(handle_space(store, queue, sync, &space_id, messages).await);
     }
     failed
 }
@@ -216,6 +222,7 @@ pub async fn handle(
 async fn handle_space(
     store: &DynamoStore,
     queue: &SqsQueue,
+    sync: Option<&SqsQueue>,
     space_id: &str,
     messages: Vec<(String, ComputeMessage)>,
 ) -> Vec<String> {
@@ -239,6 +246,8 @@ async fn handle_space(
             return all_ids();
         }
     };
+    let all = all_ids();
+    let mut log_may_have_grown = false;
     let mut failed = Vec::new();
     let mut work: BTreeMap<String, Work> = BTreeMap::new();
     let mut events: Vec<(String, String)> = Vec::new();
@@ -282,6 +291,7 @@ async fn handle_space(
                     (opt_s(item, "profile_id"), item.contains_key("cmp"))
                 else {
                     // Attached to no profile, or folded already.
+                    log_may_have_grown |= item.contains_key("cmp");
                     continue;
                 };
                 let Ok(body) = get_s(item, "body") else {
@@ -333,6 +343,7 @@ async fn handle_space(
                     changes = folded.changes,
                     "profile recomputed"
                 );
+                log_may_have_grown |= folded.changes > 0;
                 for (pass, defs) in &w.backfill {
                     if let Err(e) = store
                         .backfill_progress(space_id, *pass, defs, 1, None)
@@ -346,6 +357,18 @@ async fn handle_space(
                 warn!(space_id, profile_id = %root, error = %e, "profile not recomputed; it will be retried");
                 failed.extend(w.sqs_ids);
             }
+        }
+    }
+    if let (Some(sync), true) = (sync, log_may_have_grown) {
+        let tick = crate::sync::SyncMessage::Changes {
+            space_id: space_id.to_string(),
+        };
+        if let Err(e) = sync
+            .send_delayed(&tick, crate::sync::CHANGES_DELAY_SECS)
+            .await
+        {
+            warn!(space_id, error = %e, "the sync step was not told; the batch will be retried");
+            return all;
         }
     }
     failed

@@ -36,6 +36,12 @@ pub struct Config {
     pub table: String,
     /// The compute queue: recorded events, recomputes and backfill passes.
     pub compute_queue_url: String,
+    /// The sync queue (`changes`, `merge`, `deliver`), where destinations
+    /// are deployed.
+    pub sync_queue_url: Option<String>,
+    /// The secret destination secrets are sealed under (the key is its
+    /// SHA-256), where destinations are deployed.
+    pub secrets_key: Option<String>,
 }
 
 impl Config {
@@ -43,6 +49,17 @@ impl Config {
         Ok(Self {
             table: env("KINDRED_TABLE")?,
             compute_queue_url: env("KINDRED_COMPUTE_QUEUE_URL")?,
+            sync_queue_url: std::env::var("KINDRED_SYNC_QUEUE_URL").ok(),
+            secrets_key: std::env::var("KINDRED_SECRETS_KEY").ok(),
+        })
+    }
+
+    /// The sealer of destination secrets, if a key is configured.
+    pub fn sealer(&self) -> Option<kindred_store::secret::Sealer> {
+        use sha2::{Digest, Sha256};
+        self.secrets_key.as_ref().map(|k| {
+            let key: [u8; 32] = Sha256::digest(k.as_bytes()).into();
+            kindred_store::secret::Sealer::from_key(&key)
         })
     }
 }

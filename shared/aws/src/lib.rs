@@ -7,6 +7,7 @@ pub mod compute;
 pub mod dynamo;
 pub mod lambda;
 pub mod sqs;
+pub mod sync;
 
 use kindred_domain::Event;
 use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};

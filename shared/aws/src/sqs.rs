@@ -118,6 +118,22 @@ impl SqsQueue {
     }
 }
 
+impl SqsQueue {
+    /// Sends one JSON message that becomes visible after `delay_secs`
+    /// (at most 900, SQS's limit).
+    pub async fn send_delayed<T: serde::Serialize>(&self, item: &T, delay_secs: u32) -> Result<()> {
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(serde_json::to_string(item)?)
+            .delay_seconds(delay_secs.min(900) as i32)
+            .send()
+            .await
+            .map_err(service)?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl EventQueue for SqsQueue {
     async fn enqueue(&self, events: Vec<QueuedEvent>) -> Result<()> {

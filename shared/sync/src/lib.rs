@@ -50,6 +50,17 @@ impl Default for RetryPolicy {
 const IDLE_POLL: Duration = Duration::from_millis(10);
 const TARGETS_POLL: Duration = Duration::from_millis(250);
 
+/// What one delivery step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The queue is empty.
+    Idle,
+    /// A request was made and recorded (delivered, or refused and dead).
+    Sent,
+    /// A request failed; the next may be made after this wait.
+    Retry(Duration),
+}
+
 /// Counters for benchmarks and tests.
 #[derive(Debug, Default)]
 pub struct DeliveryStats {
@@ -144,8 +155,9 @@ impl Deliverer {
                 return;
             };
             match self.deliver_next(&target).await {
-                Ok(Some(wait)) => tokio::time::sleep(wait).await,
-                Ok(None) => {}
+                Ok(Step::Idle) => tokio::time::sleep(IDLE_POLL).await,
+                Ok(Step::Retry(wait)) => tokio::time::sleep(wait).await,
+                Ok(Step::Sent) => {}
                 Err(e) => {
                     warn!(space_id = %key.0, destination_id = %key.1, error = %e,
                           "the outbox failed; retrying");
@@ -156,14 +168,14 @@ impl Deliverer {
     }
 
     /// Sends the destination's next request, if any, and records how it
-    /// went. Returns how long to wait before the next one (`None`: go on).
-    pub async fn deliver_next(&self, t: &Target) -> kindred_store::Result<Option<Duration>> {
+    /// went.
+    pub async fn deliver_next(&self, t: &Target) -> kindred_store::Result<Step> {
         let calls = self
             .outbox
             .next_calls(&t.space_id, &t.destination_id, t.settings.batch_size)
             .await?;
         if calls.is_empty() {
-            return Ok(Some(IDLE_POLL));
+            return Ok(Step::Idle);
         }
         let seqs: Vec<i64> = calls.iter().map(|c| c.seq).collect();
         let attempts = calls.iter().map(|c| c.attempts).max().unwrap_or(0) + 1;
@@ -191,7 +203,7 @@ impl Deliverer {
                 self.stats
                     .delivered
                     .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                Ok(None)
+                Ok(Step::Sent)
             }
             Outcome::Retry { retry_after } => {
                 self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
@@ -214,7 +226,7 @@ impl Deliverer {
                     )
                     .await?;
                 if dead {
-                    return Ok(None);
+                    return Ok(Step::Sent);
                 }
                 let wait = retry_delay(
                     attempts,
@@ -223,7 +235,7 @@ impl Deliverer {
                     rand::random::<f64>(),
                     retry_after,
                 );
-                Ok(Some(Duration::from_millis(wait)))
+                Ok(Step::Retry(Duration::from_millis(wait)))
             }
             Outcome::Rejected => {
                 self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +256,7 @@ impl Deliverer {
                         },
                     )
                     .await?;
-                Ok(None)
+                Ok(Step::Sent)
             }
         }
     }

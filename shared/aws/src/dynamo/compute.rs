@@ -494,7 +494,7 @@ impl DynamoStore {
 
     /// Changes after `since`, oldest first, at most `limit`; only those
     /// older than [`CHANGES_SETTLE_MS`].
-    pub(crate) async fn read_changes(
+    pub async fn read_changes(
         &self,
         space_id: &str,
         since: i64,

@@ -384,7 +384,7 @@ pub(crate) fn event_order(timestamp: i64, seq: i64) -> String {
 }
 
 /// A stable per-event tie-breaker (DynamoDB has no insertion sequence).
-pub(crate) fn event_seq(message_id: &str) -> i64 {
+pub fn event_seq(message_id: &str) -> i64 {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(message_id.as_bytes());
     let bytes: [u8; 8] = digest[..8].try_into().expect("8 bytes");

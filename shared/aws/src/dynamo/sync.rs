@@ -781,3 +781,222 @@ impl Outbox for DynamoStore {
         }
     }
 }
+
+/// The sort key of a space's sync item (fan-out cursor and lease).
+const SYNC: &str = "SYNC";
+
+impl DynamoStore {
+    /// Takes the space's fan-out lease until `until` if it is free (or
+    /// expired); returns the change-log cursor, or `None` if another
+    /// holder has it.
+    pub async fn take_sync_lease(
+        &self,
+        space_id: &str,
+        owner: &str,
+        until: i64,
+    ) -> Result<Option<i64>> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), SYNC)))
+            .update_expression("SET lease_owner = :me, lease_until = :until")
+            .condition_expression("attribute_not_exists(lease_until) OR lease_until < :now")
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":until", n(until))
+            .expression_attribute_values(":now", n(now_millis()))
+            .return_values(ReturnValue::AllNew)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(Some(
+                    out.attributes()
+                        .and_then(|a| opt_n(a, "cursor"))
+                        .unwrap_or(0),
+                ))
+            }
+            Err(e) if conditional_failed(&e) => Ok(None),
+            Err(e) => Err(service(e)),
+        }
+    }
+
+    /// Moves the cursor and frees the lease, if `owner` still holds it.
+    pub async fn release_sync_lease(
+        &self,
+        space_id: &str,
+        owner: &str,
+        cursor: i64,
+    ) -> Result<bool> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), SYNC)))
+            .update_expression("SET #c = :c REMOVE lease_owner, lease_until")
+            .condition_expression("lease_owner = :me")
+            .expression_attribute_names("#c", "cursor")
+            .expression_attribute_values(":c", n(cursor))
+            .expression_attribute_values(":me", s(owner))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(true)
+            }
+            Err(e) if conditional_failed(&e) => Ok(false),
+            Err(e) => Err(service(e)),
+        }
+    }
+
+    /// Takes a destination's delivery lease (one deliverer at a time keeps
+    /// its calls in order); `false` if another holder has it.
+    pub async fn take_delivery_lease(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        owner: &str,
+        until: i64,
+    ) -> Result<bool> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+            .update_expression("SET deliver_owner = :me, deliver_until = :until")
+            .condition_expression(
+                "attribute_exists(pk) AND (attribute_not_exists(deliver_until) OR deliver_until < :now)",
+            )
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":until", n(until))
+            .expression_attribute_values(":now", n(now_millis()))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(true)
+            }
+            Err(e) if conditional_failed(&e) => Ok(false),
+            Err(e) => Err(service(e)),
+        }
+    }
+
+    pub async fn release_delivery_lease(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        owner: &str,
+    ) -> Result<()> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+            .update_expression("REMOVE deliver_owner, deliver_until")
+            .condition_expression("deliver_owner = :me")
+            .expression_attribute_values(":me", s(owner))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(())
+            }
+            Err(e) if conditional_failed(&e) => Ok(()),
+            Err(e) => Err(service(e)),
+        }
+    }
+
+    /// The profiles merged into `parent` by the event `message_id`.
+    pub async fn merged_by(
+        &self,
+        space_id: &str,
+        parent: &str,
+        message_id: &str,
+    ) -> Result<Vec<(String, i64)>> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :m)")
+            .expression_attribute_values(":pk", s(super::profile_key(space_id, parent)))
+            .expression_attribute_values(":m", s("MERGE#"))
+            .consistent_read(true);
+        let mut out = Vec::new();
+        self.query_pages(query, |item| {
+            if opt_s(item, "message_id") == Some(message_id) {
+                out.push((
+                    get_s(item, "child_id")?.to_string(),
+                    opt_n(item, "merged_at").unwrap_or(0),
+                ));
+            }
+            Ok(true)
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// A profile's own identifiers (for a merged-away profile: those it
+    /// had when it merged), with when each was added.
+    pub async fn own_identifiers(
+        &self,
+        space_id: &str,
+        profile_id: &str,
+    ) -> Result<Vec<kindred_domain::resolve::IdentifierEntry>> {
+        match self
+            .get(super::profile_key(space_id, profile_id), true)
+            .await?
+        {
+            Some(item) => Ok(serde_json::from_str(get_s(&item, "identifiers")?)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Every stored profile state of the space with its computed values
+    /// (a filtered `Scan`, like a backfill pass: an initial sync reads the
+    /// whole space once).
+    pub async fn computed_states(
+        &self,
+        space_id: &str,
+    ) -> Result<Vec<(String, kindred_store::ComputedValues)>> {
+        let prefix = super::compute::state_key(space_id, "");
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("begins_with(pk, :prefix)")
+                .expression_attribute_values(":prefix", s(&prefix))
+                .projection_expression("pk, computed")
+                .set_exclusive_start_key(start)
+                .consistent_read(true)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await
+                .map_err(service)?;
+            self.usage.read(page.consumed_capacity());
+            for item in page.items() {
+                let profile_id = get_s(item, PK)?
+                    .strip_prefix(&prefix)
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(computed) = opt_s(item, "computed") {
+                    out.push((profile_id, serde_json::from_str(computed)?));
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(k) => start = Some(k.clone()),
+                None => return Ok(out),
+            }
+        }
+    }
+}

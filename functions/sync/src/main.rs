@@ -1,0 +1,17 @@
+use kindred_sync::RetryPolicy;
+use kindred_sync_function::{handle, step, Config};
+use lambda_runtime::{service_fn, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    kindred_aws::lambda::init_logging();
+    let config = Config::load()?;
+    let sdk = kindred_aws::lambda::sdk_config().await;
+    let step = &step(&config, &sdk, RetryPolicy::default())?;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
+            Ok::<_, lambda_runtime::Error>(handle(step, event.payload).await)
+        },
+    ))
+    .await
+}

@@ -1,0 +1,463 @@
+//! The sync step on AWS: the `sync` function's handling of the sync
+//! queue, and the Destinations port the `profile-api` function serves
+//! ([`DynamoDestinations`], which wakes the sync step on every write).
+//!
+//! - `changes`: the compute function sends one per space it changed,
+//!   delayed past the change log's settle window. The handler takes the
+//!   space's fan-out lease, runs pending initial syncs, turns the changes
+//!   after the space's cursor into calls in each destination's outbox,
+//!   moves the cursor and wakes the destinations that got calls.
+//! - `merge`: the identity function sends one per merging event;
+//!   destinations with `alias_on_merge` get an `alias`.
+//! - `deliver`: drains one destination's outbox under its delivery lease
+//!   (so its calls stay in order), with the same worker as `kindred
+//!   serve`. A failed request re-sends `deliver` delayed by the backoff:
+//!   a failing destination waits alone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kindred_domain::event::format_millis;
+use kindred_domain::resolve::IdentifierEntry;
+use kindred_domain::sync::{alias_call, change_calls, worth_initial_sync, ChangeEntry, Settings};
+use kindred_store::ports::{ProfileLookup, ProfileParts, Profiles};
+use kindred_store::token::random_base62;
+use kindred_store::{
+    now_millis, DeadLetter, DestinationRecord, DestinationStatus, Destinations, Outbox, Result,
+};
+use kindred_sync::{Deliverer, Step};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::{DynamoStore, SqsQueue};
+
+/// How long a fan-out or a delivery run may hold its lease.
+const LEASE_MS: i64 = 120_000;
+/// How long one `deliver` message drains before handing over to the next.
+const DELIVER_BUDGET: Duration = Duration::from_secs(20);
+/// Changes fanned out per `changes` message.
+const CHANGES_PER_MESSAGE: usize = 1_000;
+/// How long the compute function delays its `changes` message: past the
+/// change log's settle window, so that the changes are readable.
+pub const CHANGES_DELAY_SECS: u32 = 6;
+
+/// A message on the sync queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMessage {
+    Changes {
+        space_id: String,
+    },
+    Merge {
+        space_id: String,
+        profile_id: String,
+        message_id: String,
+    },
+    Deliver {
+        space_id: String,
+        destination_id: String,
+    },
+}
+
+/// What the sync step works with.
+pub struct SyncStep {
+    pub store: Arc<DynamoStore>,
+    pub queue: Arc<SqsQueue>,
+    pub deliverer: Arc<Deliverer>,
+}
+
+/// A profile's root and the root's identifiers (its whole tree's).
+async fn root_ids(
+    store: &DynamoStore,
+    space_id: &str,
+    profile_id: &str,
+) -> Result<Option<(String, Vec<IdentifierEntry>)>> {
+    let parts = ProfileParts {
+        external_ids: true,
+        ..ProfileParts::default()
+    };
+    let doc = store
+        .profile(
+            space_id,
+            &ProfileLookup::ProfileId(profile_id.to_string()),
+            parts,
+        )
+        .await?;
+    Ok(doc.map(|d| {
+        let ids = d
+            .external_ids
+            .into_iter()
+            .map(|e| IdentifierEntry {
+                id: e.id,
+                added_at: e.created_at,
+            })
+            .collect();
+        (d.profile_id, ids)
+    }))
+}
+
+impl SyncStep {
+    /// Handles one batch (`(sqs message id, body)`); returns the ids of the
+    /// messages to retry.
+    pub async fn handle(&self, messages: Vec<(String, String)>) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (sqs_id, body) in messages {
+            let result = match serde_json::from_str::<SyncMessage>(&body) {
+                Ok(SyncMessage::Changes { space_id }) => self.fan_out(&space_id).await,
+                Ok(SyncMessage::Merge {
+                    space_id,
+                    profile_id,
+                    message_id,
+                }) => self.merge(&space_id, &profile_id, &message_id).await,
+                Ok(SyncMessage::Deliver {
+                    space_id,
+                    destination_id,
+                }) => self.deliver(&space_id, &destination_id).await,
+                Err(e) => {
+                    warn!(sqs_message_id = %sqs_id, error = %e, "not a sync message");
+                    failed.push(sqs_id);
+                    continue;
+                }
+            };
+            if let Err(e) = result {
+                warn!(sqs_message_id = %sqs_id, error = %e, "sync step failed; SQS will redeliver it");
+                failed.push(sqs_id);
+            }
+        }
+        failed
+    }
+
+    async fn wake(&self, space_id: &str, destination_id: &str, delay_secs: u32) -> Result<()> {
+        self.queue
+            .send_delayed(
+                &SyncMessage::Deliver {
+                    space_id: space_id.to_string(),
+                    destination_id: destination_id.to_string(),
+                },
+                delay_secs,
+            )
+            .await
+    }
+
+    /// Initial syncs, then the changes after the space's cursor.
+    async fn fan_out(&self, space_id: &str) -> Result<()> {
+        let me = random_base62(16);
+        let Some(cursor) = self
+            .store
+            .take_sync_lease(space_id, &me, now_millis() + LEASE_MS)
+            .await?
+        else {
+            // Another run has the space; look again after it.
+            return self
+                .queue
+                .send_delayed(
+                    &SyncMessage::Changes {
+                        space_id: space_id.to_string(),
+                    },
+                    2,
+                )
+                .await;
+        };
+        let mut dests = self.store.destination_items(space_id).await?;
+        let mut woken: Vec<String> = Vec::new();
+        for (d, since) in dests.iter_mut() {
+            if d.initial_sync_pending && d.settings.enabled {
+                *since = self.initial_sync(space_id, d).await?;
+                d.initial_sync_pending = false;
+                woken.push(d.destination_id.clone());
+            }
+        }
+        let changes = self
+            .store
+            .read_changes(space_id, cursor, CHANGES_PER_MESSAGE)
+            .await?;
+        let mut queued: BTreeMap<String, Vec<(String, Value)>> = BTreeMap::new();
+        let mut ids: BTreeMap<String, Option<(String, Vec<IdentifierEntry>)>> = BTreeMap::new();
+        for c in &changes {
+            let at = format_millis(c.at);
+            let change = ChangeEntry {
+                seq: Some(c.seq),
+                key: &c.key,
+                class: c.class,
+                new: &c.new,
+                at: &at,
+            };
+            for (d, since) in &dests {
+                if !d.settings.enabled
+                    || d.initial_sync_pending
+                    || c.seq <= *since
+                    || !d.settings.selects(&c.key)
+                {
+                    continue;
+                }
+                if !ids.contains_key(&c.profile_id) {
+                    let found = root_ids(&self.store, space_id, &c.profile_id).await?;
+                    ids.insert(c.profile_id.clone(), found);
+                }
+                let Some(Some((root, root_ids))) = ids.get(&c.profile_id) else {
+                    continue;
+                };
+                let calls = change_calls(
+                    space_id,
+                    &d.destination_id,
+                    &d.settings,
+                    root,
+                    root_ids,
+                    &change,
+                );
+                queued
+                    .entry(d.destination_id.clone())
+                    .or_default()
+                    .extend(calls.into_iter().map(|call| (root.clone(), call)));
+            }
+        }
+        for (destination_id, calls) in queued {
+            if !calls.is_empty() {
+                self.store.enqueue(space_id, &destination_id, calls).await?;
+                woken.push(destination_id);
+            }
+        }
+        let next = changes.last().map_or(cursor, |c| c.seq);
+        if !self.store.release_sync_lease(space_id, &me, next).await? {
+            warn!(space_id, "the fan-out lease expired before the run ended");
+        }
+        woken.sort();
+        woken.dedup();
+        for d in &woken {
+            self.wake(space_id, d, 0).await?;
+        }
+        if changes.len() >= CHANGES_PER_MESSAGE {
+            self.queue
+                .send_json(&[SyncMessage::Changes {
+                    space_id: space_id.to_string(),
+                }])
+                .await?;
+        }
+        info!(
+            space_id,
+            changes = changes.len(),
+            destinations = woken.len(),
+            "fanned out"
+        );
+        Ok(())
+    }
+
+    /// Queues every current value for a new destination; returns the
+    /// change-log position it covers (changes after it are sent as
+    /// changes). A change written while the states are read may reach the
+    /// destination both as a current value and as a change.
+    async fn initial_sync(&self, space_id: &str, d: &DestinationRecord) -> Result<i64> {
+        let horizon = now_millis() * 1_000_000 - 1;
+        let now = format_millis(now_millis());
+        let mut calls: Vec<(String, Value)> = Vec::new();
+        let mut sent = std::collections::HashSet::new();
+        for (profile_id, values) in self.store.computed_states(space_id).await? {
+            let Some((root, ids)) = root_ids(&self.store, space_id, &profile_id).await? else {
+                continue;
+            };
+            for (key, v) in &values {
+                if !worth_initial_sync(v.class, &v.value) {
+                    continue;
+                }
+                let change = ChangeEntry {
+                    seq: None,
+                    key,
+                    class: v.class,
+                    new: &v.value,
+                    at: &now,
+                };
+                for call in change_calls(
+                    space_id,
+                    &d.destination_id,
+                    &d.settings,
+                    &root,
+                    &ids,
+                    &change,
+                ) {
+                    // A merged-away profile's state not folded into its
+                    // root yet names the root too: one call each.
+                    if sent.insert(call["messageId"].to_string()) {
+                        calls.push((root.clone(), call));
+                    }
+                }
+            }
+        }
+        let n = calls.len();
+        self.store
+            .enqueue(space_id, &d.destination_id, calls)
+            .await?;
+        self.store
+            .finish_initial_sync(space_id, &d.destination_id, d.version, horizon)
+            .await?;
+        info!(space_id, destination_id = %d.destination_id, calls = n, "initial sync queued");
+        Ok(horizon)
+    }
+
+    async fn merge(&self, space_id: &str, parent: &str, message_id: &str) -> Result<()> {
+        let dests: Vec<DestinationRecord> = self
+            .store
+            .destination_items(space_id)
+            .await?
+            .into_iter()
+            .map(|(d, _)| d)
+            .filter(|d| d.settings.enabled && d.settings.alias_on_merge)
+            .collect();
+        if dests.is_empty() {
+            return Ok(());
+        }
+        let Some((_, parent_ids)) = root_ids(&self.store, space_id, parent).await? else {
+            return Ok(());
+        };
+        for (child, at) in self.store.merged_by(space_id, parent, message_id).await? {
+            let child_ids = self.store.own_identifiers(space_id, &child).await?;
+            // A stable number per merge, for the alias's messageId.
+            let seq = crate::dynamo::event_seq(&format!("{message_id}#{child}"));
+            for d in &dests {
+                if let Some(call) = alias_call(
+                    space_id,
+                    &d.destination_id,
+                    seq,
+                    &child_ids,
+                    &parent_ids,
+                    &format_millis(at),
+                ) {
+                    self.store
+                        .enqueue(
+                            space_id,
+                            &d.destination_id,
+                            vec![(parent.to_string(), call)],
+                        )
+                        .await?;
+                    self.wake(space_id, &d.destination_id, 0).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&self, space_id: &str, destination_id: &str) -> Result<()> {
+        let me = random_base62(16);
+        if !self
+            .store
+            .take_delivery_lease(space_id, destination_id, &me, now_millis() + LEASE_MS)
+            .await?
+        {
+            // Another run is draining it; make sure someone looks again
+            // after it (it may have seen an empty queue just before).
+            return self.wake(space_id, destination_id, 2).await;
+        }
+        let outcome = self.drain(space_id, destination_id).await;
+        self.store
+            .release_delivery_lease(space_id, destination_id, &me)
+            .await?;
+        match outcome? {
+            None => Ok(()),
+            Some(delay) => self.wake(space_id, destination_id, delay).await,
+        }
+    }
+
+    /// Delivers until the queue is empty (`None`), or returns after how
+    /// many seconds to go on.
+    async fn drain(&self, space_id: &str, destination_id: &str) -> Result<Option<u32>> {
+        let Some(target) = self.store.target(space_id, destination_id).await? else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        loop {
+            match self.deliverer.deliver_next(&target).await? {
+                Step::Idle => return Ok(None),
+                Step::Sent if started.elapsed() > DELIVER_BUDGET => return Ok(Some(0)),
+                Step::Sent => {}
+                Step::Retry(wait) => return Ok(Some(wait.as_secs_f64().ceil() as u32)),
+            }
+        }
+    }
+}
+
+/// Destinations on DynamoDB for the `profile-api` function: every write
+/// wakes the sync step (initial sync of a new destination, delivery of
+/// replayed calls).
+pub struct DynamoDestinations {
+    pub store: Arc<DynamoStore>,
+    pub queue: Arc<SqsQueue>,
+}
+
+#[async_trait]
+impl Destinations for DynamoDestinations {
+    async fn put_destination(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        name: Option<String>,
+        settings: Settings,
+        secret: Option<String>,
+    ) -> Result<(DestinationRecord, bool)> {
+        let out = self
+            .store
+            .put_destination(space_id, destination_id, name, settings, secret)
+            .await?;
+        if out.0.initial_sync_pending {
+            self.queue
+                .send_json(&[SyncMessage::Changes {
+                    space_id: space_id.to_string(),
+                }])
+                .await?;
+        }
+        Ok(out)
+    }
+
+    async fn destination(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+    ) -> Result<Option<DestinationRecord>> {
+        self.store.destination(space_id, destination_id).await
+    }
+
+    async fn destinations(&self, space_id: &str) -> Result<Vec<DestinationRecord>> {
+        self.store.destinations(space_id).await
+    }
+
+    async fn delete_destination(&self, space_id: &str, destination_id: &str) -> Result<bool> {
+        self.store
+            .delete_destination(space_id, destination_id)
+            .await
+    }
+
+    async fn destination_status(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+    ) -> Result<Option<DestinationStatus>> {
+        self.store
+            .destination_status(space_id, destination_id)
+            .await
+    }
+
+    async fn dead_letters(
+        &self,
+        space_id: &str,
+        destination_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.store
+            .dead_letters(space_id, destination_id, limit)
+            .await
+    }
+
+    async fn replay(&self, space_id: &str, destination_id: &str) -> Result<u64> {
+        let n = self.store.replay(space_id, destination_id).await?;
+        if n > 0 {
+            self.queue
+                .send_json(&[SyncMessage::Deliver {
+                    space_id: space_id.to_string(),
+                    destination_id: destination_id.to_string(),
+                }])
+                .await?;
+        }
+        Ok(n)
+    }
+}
