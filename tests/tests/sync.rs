@@ -729,3 +729,86 @@ async fn an_initial_sync_larger_than_one_chunk_sends_every_value_once_then_chang
         (Some("bulk7"), Some(2))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audience_exit_arrives_and_a_new_email_sends_no_second_entry() {
+    let s = Server::start().await;
+    let r = Receiver::start().await;
+    define(
+        &s,
+        "audiences",
+        "recent_buyers",
+        json!({"condition": {"performed": {
+        "event": "Order Completed", "within": {"days": 1}}}}),
+    )
+    .await;
+    destination(
+        &s,
+        "crm",
+        json!({"kind": "webhook", "url": r.url("/c"), "secret": "x",
+        "id_sync": {"strategy": "all", "types": ["email"]}}),
+    )
+    .await;
+    send(
+        &s,
+        vec![
+            json!({"type": "identify", "userId": "u1", "traits": {"email": "first@example.com"}}),
+            order("u1"),
+        ],
+    )
+    .await;
+    r.wait_for(WAIT, "the entry", |c| {
+        count_event(c, "Audience Entered") == 1
+    })
+    .await;
+    // A second email for the member: no second Audience Entered.
+    send(
+        &s,
+        vec![
+            json!({"type": "identify", "userId": "u1", "traits": {"email": "second@example.com"}}),
+        ],
+    )
+    .await;
+    s.running.wait_fanned_out().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        count_event(&r.accepted(), "Audience Entered"),
+        1,
+        "{:#?}",
+        r.accepted()
+    );
+    // A day later the order has aged out: the exit reaches both emails.
+    let later = format_millis(kindred_store::now_millis() + 25 * 3_600_000);
+    let run = s
+        .admin("POST", "/lookback/run", Some(&json!({"as_of": later})))
+        .await;
+    assert_eq!(run.status, StatusCode::OK, "{}", run.body);
+    s.settle().await;
+    r.wait_for(WAIT, "the exits", |c| {
+        count_event(c, "Audience Exited") == 2
+    })
+    .await;
+    let calls = r.accepted();
+    let exits: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c["event"] == "Audience Exited")
+        .collect();
+    let emails: BTreeSet<&str> = exits
+        .iter()
+        .map(|c| c["context"]["traits"]["email"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        emails,
+        BTreeSet::from(["first@example.com", "second@example.com"])
+    );
+    assert_eq!(
+        exits[0]["properties"],
+        json!({"audience_key": "recent_buyers", "recent_buyers": false})
+    );
+    assert_eq!(exits[0]["userId"], "u1");
+    let identifies: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c["type"] == "identify" && c["traits"]["recent_buyers"] == json!(false))
+        .collect();
+    assert_eq!(identifies.len(), 2);
+}
