@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use kindred_domain::event::format_millis;
 use kindred_domain::resolve::IdentifierEntry;
-use kindred_domain::sync::{alias_call, change_calls, worth_initial_sync, ChangeEntry, Settings};
+use kindred_domain::sync::{alias_call, change_calls, ChangeEntry, Settings};
 use kindred_store::ports::{ProfileLookup, ProfileParts, Profiles};
 use kindred_store::token::random_base62;
 use kindred_store::{
-    now_millis, DeadLetter, DestinationRecord, DestinationStatus, Destinations, Outbox, Result,
+    current_calls, now_millis, DeadLetter, DestinationRecord, DestinationStatus, Destinations,
+    Outbox, Result,
 };
 use kindred_sync::{Deliverer, Step};
 use serde::{Deserialize, Serialize};
@@ -258,30 +259,20 @@ impl SyncStep {
             let Some((root, ids)) = root_ids(&self.store, space_id, &profile_id).await? else {
                 continue;
             };
-            for (key, v) in &values {
-                if !worth_initial_sync(v.class, &v.value) {
-                    continue;
-                }
-                let change = ChangeEntry {
-                    seq: None,
-                    key,
-                    class: v.class,
-                    new: &v.value,
-                    at: &now,
-                };
-                for call in change_calls(
-                    space_id,
-                    &d.destination_id,
-                    &d.settings,
-                    &root,
-                    &ids,
-                    &change,
-                ) {
-                    // A merged-away profile's state not folded into its
-                    // root yet names the root too: one call each.
-                    if sent.insert(call["messageId"].to_string()) {
-                        calls.push((root.clone(), call));
-                    }
+            let current = current_calls(
+                space_id,
+                &d.destination_id,
+                &d.settings,
+                &root,
+                &ids,
+                &values,
+                &now,
+            );
+            for call in current {
+                // A merged-away profile's state not folded into its root
+                // yet names the root too: one call each.
+                if sent.insert(call["messageId"].to_string()) {
+                    calls.push((root.clone(), call));
                 }
             }
         }

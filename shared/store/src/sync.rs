@@ -5,11 +5,47 @@
 //! destination, in log order.
 
 use async_trait::async_trait;
-use kindred_domain::sync::Settings;
+use kindred_domain::resolve::IdentifierEntry;
+use kindred_domain::sync::{change_calls, worth_initial_sync, ChangeEntry, Settings};
 use kindred_domain::Millis;
 use serde_json::Value;
 
-use crate::Result;
+use crate::{ComputedValues, Result};
+
+/// The calls that bring a destination up to a profile's current values
+/// (its initial sync): audience memberships and traits that have a value.
+pub fn current_calls(
+    space_id: &str,
+    destination_id: &str,
+    settings: &Settings,
+    root: &str,
+    ids: &[IdentifierEntry],
+    values: &ComputedValues,
+    at: &str,
+) -> Vec<Value> {
+    let mut calls = Vec::new();
+    for (key, v) in values {
+        if !worth_initial_sync(v.class, &v.value) {
+            continue;
+        }
+        let change = ChangeEntry {
+            seq: None,
+            key,
+            class: v.class,
+            new: &v.value,
+            at,
+        };
+        calls.extend(change_calls(
+            space_id,
+            destination_id,
+            settings,
+            root,
+            ids,
+            &change,
+        ));
+    }
+    calls
+}
 
 /// A configured destination, as the API shows it (never its secret).
 #[derive(Clone, Debug, PartialEq)]

@@ -18,7 +18,7 @@ use kindred_domain::sync::{
     outcome, parse_retry_after, retry_delay, Kind, Outcome, SIGNATURE_HEADER,
 };
 use kindred_store::{now_millis, Attempt, DeliveryError, Outbox, PendingCall, Target, Targets};
-use tracing::{info, warn};
+use tracing::warn;
 
 /// How hard to try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,11 +205,17 @@ impl Deliverer {
                     .fetch_add(seqs.len() as u64, Ordering::Relaxed);
                 Ok(Step::Sent)
             }
-            Outcome::Retry { retry_after } => {
+            Outcome::Retry { .. } | Outcome::Rejected => {
                 self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
-                let dead = attempts >= self.policy.max_attempts;
+                // A refusal (4xx) cannot be helped by retrying.
+                let (dead, retry_after) = match verdict {
+                    Outcome::Retry { retry_after } => {
+                        (attempts >= self.policy.max_attempts, retry_after)
+                    }
+                    _ => (true, None),
+                };
                 warn!(space_id = %t.space_id, destination_id = %t.destination_id,
-                      status = ?status, attempts, dead, "delivery failed");
+                      status = ?status, attempts, calls = seqs.len(), dead, "delivery failed");
                 self.outbox
                     .record(
                         &t.space_id,
@@ -236,27 +242,6 @@ impl Deliverer {
                     retry_after,
                 );
                 Ok(Step::Retry(Duration::from_millis(wait)))
-            }
-            Outcome::Rejected => {
-                self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
-                info!(space_id = %t.space_id, destination_id = %t.destination_id,
-                      status = ?status, calls = seqs.len(), "calls refused; moved to the dead letters");
-                self.outbox
-                    .record(
-                        &t.space_id,
-                        &t.destination_id,
-                        &seqs,
-                        Attempt::Failed {
-                            error: DeliveryError {
-                                status,
-                                message,
-                                at,
-                            },
-                            dead: true,
-                        },
-                    )
-                    .await?;
-                Ok(Step::Sent)
             }
         }
     }

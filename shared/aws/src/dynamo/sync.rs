@@ -85,7 +85,26 @@ fn record_of(item: &Item) -> Result<DestinationRecord> {
     })
 }
 
+type Update = aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
+type Updated = aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
+
 impl DynamoStore {
+    /// Sends a conditional update: `None` if its condition did not hold.
+    async fn conditional_update(&self, request: Update) -> Result<Option<Updated>> {
+        match request
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok(Some(out))
+            }
+            Err(e) if conditional_failed(&e) => Ok(None),
+            Err(e) => Err(service(e)),
+        }
+    }
+
     /// Seals destination secrets with this key (required to write or
     /// deliver to destinations with secrets).
     pub fn with_sealer(mut self, sealer: Sealer) -> Self {
@@ -195,6 +214,31 @@ impl DynamoStore {
         Ok(())
     }
 
+    /// The two actions that move an item: put it in its new place, delete
+    /// the old one (a pair never splits across transactions).
+    fn moved(&self, to: Item, from: Item) -> Result<[TransactWriteItem; 2]> {
+        Ok([
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(to))
+                        .build()
+                        .map_err(service)?,
+                )
+                .build(),
+            TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(from))
+                        .build()
+                        .map_err(service)?,
+                )
+                .build(),
+        ])
+    }
+
     /// Runs the actions in transactions of at most 100.
     async fn transact_chunks(&self, actions: Vec<TransactWriteItem>) -> Result<()> {
         for chunk in actions.chunks(MAX_TRANSACT) {
@@ -245,7 +289,7 @@ impl DynamoStore {
         version: u64,
         horizon: i64,
     ) -> Result<bool> {
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
@@ -254,18 +298,8 @@ impl DynamoStore {
             .condition_expression("version = :v")
             .expression_attribute_values(":f", AttributeValue::Bool(false))
             .expression_attribute_values(":h", n(horizon))
-            .expression_attribute_values(":v", n(version))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(service(e)),
-        }
+            .expression_attribute_values(":v", n(version));
+        Ok(self.conditional_update(request).await?.is_some())
     }
 
     /// The space's destinations as stored (settings, horizons).
@@ -538,28 +572,7 @@ impl Destinations for DynamoStore {
                 }
             }
             back.insert("attempts".into(), n(0));
-            actions.push(
-                TransactWriteItem::builder()
-                    .put(
-                        Put::builder()
-                            .table_name(&self.table)
-                            .set_item(Some(back))
-                            .build()
-                            .map_err(service)?,
-                    )
-                    .build(),
-            );
-            actions.push(
-                TransactWriteItem::builder()
-                    .delete(
-                        Delete::builder()
-                            .table_name(&self.table)
-                            .set_key(Some(key(dead_key(space_id, destination_id), sk)))
-                            .build()
-                            .map_err(service)?,
-                    )
-                    .build(),
-            );
+            actions.extend(self.moved(back, key(dead_key(space_id, destination_id), sk))?);
         }
         self.transact_chunks(actions).await?;
         Ok(dead.len() as u64)
@@ -578,7 +591,7 @@ impl Outbox for DynamoStore {
             return Ok(());
         }
         // Reserve the sequence numbers: the destination's counter.
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
@@ -586,16 +599,11 @@ impl Outbox for DynamoStore {
             .update_expression("ADD next_seq :n")
             .condition_expression("attribute_exists(pk)")
             .expression_attribute_values(":n", n(calls.len()))
-            .return_values(ReturnValue::UpdatedNew)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        let out = match out {
-            Ok(out) => out,
-            Err(e) if conditional_failed(&e) => return Err(StoreError::NotFound),
-            Err(e) => return Err(service(e)),
-        };
-        self.usage.write(out.consumed_capacity());
+            .return_values(ReturnValue::UpdatedNew);
+        let out = self
+            .conditional_update(request)
+            .await?
+            .ok_or(StoreError::NotFound)?;
         let last = out
             .attributes()
             .and_then(|a| opt_n(a, "next_seq"))
@@ -699,33 +707,12 @@ impl Outbox for DynamoStore {
                             n(opt_n(&item, "attempts").unwrap_or(0) + 1),
                         );
                         letter.insert("error".into(), s(&text));
-                        actions.push(
-                            TransactWriteItem::builder()
-                                .put(
-                                    Put::builder()
-                                        .table_name(&self.table)
-                                        .set_item(Some(letter))
-                                        .build()
-                                        .map_err(service)?,
-                                )
-                                .build(),
-                        );
-                        actions.push(
-                            TransactWriteItem::builder()
-                                .delete(
-                                    Delete::builder()
-                                        .table_name(&self.table)
-                                        .set_key(Some(key(queue.clone(), &sk)))
-                                        .build()
-                                        .map_err(service)?,
-                                )
-                                .build(),
-                        );
+                        actions.extend(self.moved(letter, key(queue.clone(), &sk))?);
                     }
                     self.transact_chunks(actions).await?;
                 } else {
                     for seq in seqs {
-                        let out = self
+                        let request = self
                             .client
                             .update_item()
                             .table_name(&self.table)
@@ -734,15 +721,9 @@ impl Outbox for DynamoStore {
                             .condition_expression("attribute_exists(pk)")
                             .expression_attribute_names("#e", "error")
                             .expression_attribute_values(":one", n(1))
-                            .expression_attribute_values(":e", s(&text))
-                            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                            .send()
-                            .await;
-                        match out {
-                            Ok(out) => self.usage.write(out.consumed_capacity()),
-                            Err(e) if conditional_failed(&e) => {}
-                            Err(e) => return Err(service(e)),
-                        }
+                            .expression_attribute_values(":e", s(&text));
+                        // Gone already (delivered by a run before): nothing to count.
+                        self.conditional_update(request).await?;
                     }
                 }
                 let mut update = self
@@ -766,19 +747,9 @@ impl Outbox for DynamoStore {
                 update
             }
         };
-        match stats
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-        {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(())
-            }
-            // The destination was deleted meanwhile: nothing to count.
-            Err(e) if conditional_failed(&e) => Ok(()),
-            Err(e) => Err(service(e)),
-        }
+        // The destination was deleted meanwhile: nothing to count.
+        self.conditional_update(stats).await?;
+        Ok(())
     }
 }
 
@@ -795,7 +766,7 @@ impl DynamoStore {
         owner: &str,
         until: i64,
     ) -> Result<Option<i64>> {
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
@@ -805,22 +776,12 @@ impl DynamoStore {
             .expression_attribute_values(":me", s(owner))
             .expression_attribute_values(":until", n(until))
             .expression_attribute_values(":now", n(now_millis()))
-            .return_values(ReturnValue::AllNew)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(Some(
-                    out.attributes()
-                        .and_then(|a| opt_n(a, "cursor"))
-                        .unwrap_or(0),
-                ))
-            }
-            Err(e) if conditional_failed(&e) => Ok(None),
-            Err(e) => Err(service(e)),
-        }
+            .return_values(ReturnValue::AllNew);
+        Ok(self.conditional_update(request).await?.map(|out| {
+            out.attributes()
+                .and_then(|a| opt_n(a, "cursor"))
+                .unwrap_or(0)
+        }))
     }
 
     /// Moves the cursor and frees the lease, if `owner` still holds it.
@@ -830,7 +791,7 @@ impl DynamoStore {
         owner: &str,
         cursor: i64,
     ) -> Result<bool> {
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
@@ -839,18 +800,8 @@ impl DynamoStore {
             .condition_expression("lease_owner = :me")
             .expression_attribute_names("#c", "cursor")
             .expression_attribute_values(":c", n(cursor))
-            .expression_attribute_values(":me", s(owner))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(service(e)),
-        }
+            .expression_attribute_values(":me", s(owner));
+        Ok(self.conditional_update(request).await?.is_some())
     }
 
     /// Takes a destination's delivery lease (one deliverer at a time keeps
@@ -862,7 +813,7 @@ impl DynamoStore {
         owner: &str,
         until: i64,
     ) -> Result<bool> {
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
@@ -874,17 +825,8 @@ impl DynamoStore {
             .expression_attribute_values(":me", s(owner))
             .expression_attribute_values(":until", n(until))
             .expression_attribute_values(":now", n(now_millis()))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(service(e)),
-        }
+            ;
+        Ok(self.conditional_update(request).await?.is_some())
     }
 
     pub async fn release_delivery_lease(
@@ -893,25 +835,16 @@ impl DynamoStore {
         destination_id: &str,
         owner: &str,
     ) -> Result<()> {
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
             .update_expression("REMOVE deliver_owner, deliver_until")
             .condition_expression("deliver_owner = :me")
-            .expression_attribute_values(":me", s(owner))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(())
-            }
-            Err(e) if conditional_failed(&e) => Ok(()),
-            Err(e) => Err(service(e)),
-        }
+            .expression_attribute_values(":me", s(owner));
+        self.conditional_update(request).await?;
+        Ok(())
     }
 
     /// The profiles merged into `parent` by the event `message_id`.

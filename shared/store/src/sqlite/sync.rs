@@ -11,7 +11,7 @@
 //! delivery worker (`kindred-sync`) drains each destination's queue in
 //! order through [`Outbox`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,17 +20,15 @@ use async_trait::async_trait;
 use kindred_domain::compute::Class;
 use kindred_domain::event::format_millis;
 use kindred_domain::resolve::IdentifierEntry;
-use kindred_domain::sync::{
-    alias_call, change_calls, secret_field, worth_initial_sync, ChangeEntry, Settings,
-};
+use kindred_domain::sync::{alias_call, change_calls, secret_field, ChangeEntry, Settings};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::{error, info_span};
 
 use super::SqliteStore;
 use crate::sync::{
-    Attempt, DeadLetter, DeliveryError, DestinationRecord, DestinationStatus, Destinations, Outbox,
-    PendingCall, Target, Targets,
+    current_calls, Attempt, DeadLetter, DeliveryError, DestinationRecord, DestinationStatus,
+    Destinations, Outbox, PendingCall, Target, Targets,
 };
 use crate::{now_millis, Result, StoreError};
 
@@ -364,30 +362,18 @@ impl SqliteStore {
         while let Some(row) = states.next()? {
             let profile_id: String = row.get(0)?;
             let computed: String = row.get(1)?;
-            let computed: BTreeMap<String, crate::ComputedValue> = serde_json::from_str(&computed)?;
+            let computed: crate::ComputedValues = serde_json::from_str(&computed)?;
             let (root, root_ids) = ids.root(&snapshot, &d.space_id, &profile_id)?;
-            for (key, v) in &computed {
-                if !worth_initial_sync(v.class, &v.value) {
-                    continue;
-                }
-                let change = ChangeEntry {
-                    seq: None,
-                    key,
-                    class: v.class,
-                    new: &v.value,
-                    at: &now,
-                };
-                for call in change_calls(
-                    &d.space_id,
-                    &d.destination_id,
-                    &d.settings,
-                    &root,
-                    &root_ids,
-                    &change,
-                ) {
-                    buffer.push((root.clone(), call));
-                }
-            }
+            let calls = current_calls(
+                &d.space_id,
+                &d.destination_id,
+                &d.settings,
+                &root,
+                &root_ids,
+                &computed,
+                &now,
+            );
+            buffer.extend(calls.into_iter().map(|call| (root.clone(), call)));
             if buffer.len() >= CHUNK {
                 queued += buffer.len() as u64;
                 if !flush(&mut buffer, false)? {
