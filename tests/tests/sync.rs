@@ -812,3 +812,70 @@ async fn an_audience_exit_arrives_and_a_new_email_sends_no_second_entry() {
         .collect();
     assert_eq!(identifies.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_key_sends_its_values_and_keeps_the_others_flowing() {
+    let s = Server::start().await;
+    let r = Receiver::start().await;
+    define(
+        &s,
+        "audiences",
+        "recent",
+        json!({"condition": {"performed": {
+        "event": "Order Completed", "within": {"days": 1}}}}),
+    )
+    .await;
+    define(
+        &s,
+        "audiences",
+        "ever",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    destination(
+        &s,
+        "crm",
+        json!({"kind": "webhook", "url": r.url("/c"), "secret": "x",
+        "keys": ["recent"], "calls": ["identify"]}),
+    )
+    .await;
+    send(&s, vec![order("u1")]).await;
+    r.wait_for(WAIT, "recent entered", |c| c.len() == 1).await;
+    // A kind change must bring its own secret: the stored one stays put.
+    let moved = s
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(&json!({"kind": "segment", "host": r.url("")})),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::BAD_REQUEST, "{}", moved.body);
+    assert!(moved.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("write_key"));
+    // Adding `ever`: its current value is sent; `recent` is not sent again.
+    destination(
+        &s,
+        "crm",
+        json!({"kind": "webhook", "url": r.url("/c"),
+        "keys": ["recent", "ever"], "calls": ["identify"]}),
+    )
+    .await;
+    r.wait_for(WAIT, "ever's current value", |c| c.len() == 2)
+        .await;
+    s.running.wait_fanned_out().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = r.accepted();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    assert_eq!(calls[1]["traits"]["ever"], json!(true));
+    // The old key keeps flowing: the exit of `recent` arrives.
+    let later = format_millis(kindred_store::now_millis() + 25 * 3_600_000);
+    let run = s
+        .admin("POST", "/lookback/run", Some(&json!({"as_of": later})))
+        .await;
+    assert_eq!(run.status, StatusCode::OK);
+    s.settle().await;
+    r.wait_for(WAIT, "recent exited", |c| c.len() == 3).await;
+    assert_eq!(r.accepted()[2]["traits"]["recent"], json!(false));
+}

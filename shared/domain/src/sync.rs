@@ -340,6 +340,40 @@ impl Settings {
         out
     }
 
+    /// Why a replace from `old` to these settings must carry the secret
+    /// again: the stored one was given for another kind, or (a Segment
+    /// write key, sent as-is) for another host. `None` if it may be kept.
+    pub fn secret_needed_after(&self, old: &Settings) -> Option<SettingsError> {
+        let moved =
+            self.kind != old.kind || (self.kind == Kind::Segment && self.endpoint != old.endpoint);
+        moved.then(|| {
+            bad(
+                secret_field(self.kind),
+                format!(
+                    "is required when the kind or the {} changes (the stored one is not sent elsewhere)",
+                    if self.kind == Kind::Segment { "host" } else { "url" }
+                ),
+            )
+        })
+    }
+
+    /// The keys whose current values a replace from `old` must send first
+    /// (`Some(None)`: every key), or `None` if none: the keys newly
+    /// selected, or every key when the destination is enabled again.
+    pub fn resync_keys(&self, old: &Settings) -> Option<Option<BTreeSet<String>>> {
+        if self.enabled && !old.enabled {
+            return Some(None);
+        }
+        match (&old.keys, &self.keys) {
+            (None, _) => None,
+            (Some(_), None) => Some(None),
+            (Some(o), Some(n)) => {
+                let added: BTreeSet<String> = n.difference(o).cloned().collect();
+                (!added.is_empty()).then_some(Some(added))
+            }
+        }
+    }
+
     /// Whether changes of `key` are sent.
     pub fn selects(&self, key: &str) -> bool {
         self.keys.as_ref().is_none_or(|k| k.contains(key))
@@ -946,6 +980,37 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_secret_does_not_follow_a_new_kind_or_segment_host() {
+        let hook = settings(json!({"kind": "webhook", "url": "http://a"}));
+        let seg = settings(json!({"kind": "segment", "host": "http://a", "write_key": "k"}));
+        let other_host =
+            settings(json!({"kind": "segment", "host": "http://evil", "write_key": "k"}));
+        let other_url = settings(json!({"kind": "webhook", "url": "http://b"}));
+        assert_eq!(seg.secret_needed_after(&hook).unwrap().field, "write_key");
+        assert_eq!(hook.secret_needed_after(&seg).unwrap().field, "secret");
+        assert!(other_host.secret_needed_after(&seg).is_some());
+        assert!(seg.secret_needed_after(&seg).is_none());
+        // A webhook secret only signs: a new URL may keep it.
+        assert!(other_url.secret_needed_after(&hook).is_none());
+    }
+
+    #[test]
+    fn a_replace_resyncs_only_what_it_adds() {
+        let some =
+            |keys: &[&str]| settings(json!({"kind": "webhook", "url": "http://a", "keys": keys}));
+        let all = settings(json!({"kind": "webhook", "url": "http://a"}));
+        assert_eq!(
+            some(&["a", "b"]).resync_keys(&some(&["a"])),
+            Some(Some(BTreeSet::from(["b".to_string()])))
+        );
+        assert_eq!(some(&["a"]).resync_keys(&some(&["a", "b"])), None);
+        assert_eq!(all.resync_keys(&some(&["a"])), Some(None));
+        assert_eq!(some(&["a"]).resync_keys(&all), None);
+        let off = settings(json!({"kind": "webhook", "url": "http://a", "enabled": false}));
+        assert_eq!(all.resync_keys(&off), Some(None));
+    }
+
+    #[test]
     fn signatures_are_hmac_sha256_of_the_body() {
         // RFC 4231 test case 2.
         assert_eq!(
@@ -965,6 +1030,11 @@ mod tests {
         );
         assert_eq!(outcome(503, None), Outcome::Retry { retry_after: None });
         assert_eq!(outcome(400, None), Outcome::Rejected);
+        assert_eq!(
+            outcome(301, None),
+            Outcome::Rejected,
+            "a redirect is not a delivery"
+        );
         assert_eq!(retry_delay(1, 100, 10_000, 0.0, None), 50);
         assert_eq!(retry_delay(1, 100, 10_000, 0.999_999, None), 99);
         assert_eq!(retry_delay(4, 100, 10_000, 0.0, None), 400);

@@ -82,6 +82,9 @@ impl Deliverer {
     pub fn new(outbox: Arc<dyn Outbox>, policy: RetryPolicy) -> Arc<Self> {
         let client = reqwest::Client::builder()
             .timeout(policy.timeout)
+            // A redirected POST would be re-sent as a GET without its
+            // body and look delivered: a 3xx is an error to see instead.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("kindred/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("an HTTP client with default TLS settings");

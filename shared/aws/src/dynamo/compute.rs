@@ -262,7 +262,7 @@ pub struct Folded {
 }
 
 impl DynamoStore {
-    async fn transact(&self, items: Vec<TransactWriteItem>) -> Result<()> {
+    pub(crate) async fn transact(&self, items: Vec<TransactWriteItem>) -> Result<()> {
         let out = self
             .client
             .transact_write_items()

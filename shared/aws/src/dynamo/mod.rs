@@ -29,6 +29,7 @@ use kindred_domain::{Identifier, IdentityRules, ProfileFacts};
 use kindred_store::{Result, SpaceAuth, StoreError};
 
 pub use graph::DynamoGraph;
+pub use sync::{DeliveryLease, DestinationState};
 
 pub type Item = HashMap<String, AttributeValue>;
 

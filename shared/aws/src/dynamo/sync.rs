@@ -11,11 +11,13 @@
 //! destination item, so a destination's queue is one partition read in
 //! order; moving a call to or from the dead letters is one transaction.
 
+use std::collections::BTreeSet;
+
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeValue, Delete, DeleteRequest, Put, PutRequest, ReturnConsumedCapacity, ReturnValue,
-    Select, TransactWriteItem, WriteRequest,
+    AttributeValue, Delete, DeleteRequest, Put, ReturnConsumedCapacity, ReturnValue, Select,
+    TransactWriteItem, WriteRequest,
 };
 use kindred_domain::sync::Settings;
 use kindred_store::secret::Sealer;
@@ -67,6 +69,25 @@ fn opt_n(item: &Item, name: &str) -> Option<i64> {
 
 fn boolean(item: &Item, name: &str) -> bool {
     matches!(item.get(name), Some(AttributeValue::Bool(true)))
+}
+
+/// The keys a pending initial sync sends (`None`: every key).
+fn initial_keys(item: &Item) -> Result<Option<BTreeSet<String>>> {
+    Ok(opt_s(item, "initial_keys")
+        .map(serde_json::from_str)
+        .transpose()?)
+}
+
+/// A destination with where its sync stands.
+#[derive(Clone, Debug)]
+pub struct DestinationState {
+    pub record: DestinationRecord,
+    /// Changes up to here were covered by the first initial sync.
+    pub since_change: i64,
+    /// The keys a pending initial sync sends (`None`: every key).
+    pub initial_keys: Option<BTreeSet<String>>,
+    /// Whether a first initial sync is done.
+    pub synced: bool,
 }
 
 fn record_of(item: &Item) -> Result<DestinationRecord> {
@@ -288,22 +309,33 @@ impl DynamoStore {
         destination_id: &str,
         version: u64,
         horizon: i64,
+        first: bool,
     ) -> Result<bool> {
         let request = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
-            .update_expression("SET initial_pending = :f, since_change = :h")
             .condition_expression("version = :v")
             .expression_attribute_values(":f", AttributeValue::Bool(false))
-            .expression_attribute_values(":h", n(horizon))
+            .expression_attribute_values(":t", AttributeValue::Bool(true))
             .expression_attribute_values(":v", n(version));
+        // A first pass moves the change horizon; a later one (changes kept
+        // flowing meanwhile) does not.
+        let request = match first {
+            true => request
+                .update_expression(
+                    "SET initial_pending = :f, synced = :t, since_change = :h REMOVE initial_keys",
+                )
+                .expression_attribute_values(":h", n(horizon)),
+            false => request
+                .update_expression("SET initial_pending = :f, synced = :t REMOVE initial_keys"),
+        };
         Ok(self.conditional_update(request).await?.is_some())
     }
 
-    /// The space's destinations as stored (settings, horizons).
-    pub async fn destination_items(&self, space_id: &str) -> Result<Vec<(DestinationRecord, i64)>> {
+    /// The space's destinations as stored, with their sync state.
+    pub async fn destination_items(&self, space_id: &str) -> Result<Vec<DestinationState>> {
         let query = self
             .client
             .query()
@@ -314,7 +346,12 @@ impl DynamoStore {
             .consistent_read(true);
         let mut out = Vec::new();
         self.query_pages(query, |item| {
-            out.push((record_of(item)?, opt_n(item, "since_change").unwrap_or(0)));
+            out.push(DestinationState {
+                record: record_of(item)?,
+                since_change: opt_n(item, "since_change").unwrap_or(0),
+                initial_keys: initial_keys(item)?,
+                synced: boolean(item, "synced"),
+            });
             Ok(true)
         })
         .await?;
@@ -361,7 +398,10 @@ impl Destinations for DynamoStore {
                     item.insert("updated_at".into(), n(now));
                     item.insert("initial_pending".into(), AttributeValue::Bool(true));
                     item.insert("since_change".into(), n(0));
-                    item.insert("next_seq".into(), n(0));
+                    // Numbers of a re-created destination start past any
+                    // of an earlier one's (a run still draining the old
+                    // queue can never remove a new call).
+                    item.insert("next_seq".into(), n(now * 1_000));
                     item.insert("delivered".into(), n(0));
                     self.client
                         .put_item()
@@ -379,17 +419,34 @@ impl Destinations for DynamoStore {
                 }
                 Some(old) => {
                     let before = record_of(old)?;
-                    let resync = before.initial_sync_pending
-                        || match (&before.settings.keys, &settings.keys) {
-                            (None, _) => false,
-                            (Some(_), None) => true,
-                            (Some(o), Some(k)) => !k.is_subset(o),
+                    if sealed.is_none() {
+                        if let Some(e) = settings.secret_needed_after(&before.settings) {
+                            return Err(StoreError::Invalid(e.to_string()));
                         }
-                        || (!before.settings.enabled && settings.enabled);
+                    }
+                    // What must be sent first: the keys this replace adds,
+                    // with those of a pass still pending.
+                    let old_keys = initial_keys(old)?;
+                    let (resync, keys) = match (
+                        before.initial_sync_pending,
+                        settings.resync_keys(&before.settings),
+                    ) {
+                        (false, None) => (false, None),
+                        (true, None) => (true, old_keys),
+                        (false, Some(k)) => (true, k),
+                        (true, Some(k)) => (
+                            true,
+                            old_keys.zip(k).map(|(mut a, b)| {
+                                a.extend(b);
+                                a
+                            }),
+                        ),
+                    };
                     let mut update =
                         "SET settings = :s, version = version + :one, updated_at = :now, \
                                       initial_pending = :ip"
                             .to_string();
+                    let mut remove = Vec::new();
                     let mut request = self
                         .client
                         .update_item()
@@ -409,9 +466,23 @@ impl Destinations for DynamoStore {
                                 .expression_attribute_values(":name", s(name));
                         }
                         None => {
-                            update.push_str(" REMOVE #name");
+                            remove.push("#name");
                             request = request.expression_attribute_names("#name", "name");
                         }
+                    }
+                    match keys {
+                        Some(keys) => {
+                            update.push_str(", initial_keys = :keys");
+                            request = request.expression_attribute_values(
+                                ":keys",
+                                s(serde_json::to_string(&keys)?),
+                            );
+                        }
+                        None => remove.push("initial_keys"),
+                    }
+                    if !remove.is_empty() {
+                        update.push_str(" REMOVE ");
+                        update.push_str(&remove.join(", "));
                     }
                     if let Some(sealed) = &sealed {
                         update = update.replacen(
@@ -468,7 +539,7 @@ impl Destinations for DynamoStore {
             .destination_items(space_id)
             .await?
             .into_iter()
-            .map(|(r, _)| r)
+            .map(|d| d.record)
             .collect())
     }
 
@@ -590,46 +661,62 @@ impl Outbox for DynamoStore {
         if calls.is_empty() {
             return Ok(());
         }
-        // Reserve the sequence numbers: the destination's counter.
-        let request = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
-            .update_expression("ADD next_seq :n")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":n", n(calls.len()))
-            .return_values(ReturnValue::UpdatedNew);
-        let out = self
-            .conditional_update(request)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        let last = out
-            .attributes()
-            .and_then(|a| opt_n(a, "next_seq"))
-            .ok_or_else(|| StoreError::Service("no sequence number reserved".into()))?;
-        let first = last - calls.len() as i64 + 1;
-        let mut puts = Vec::with_capacity(calls.len());
-        for (i, (profile_id, call)) in calls.into_iter().enumerate() {
-            let mut item = key(
-                out_key(space_id, destination_id),
-                &seq_sort(first + i as i64),
-            );
-            item.insert("profile_id".into(), s(profile_id));
-            item.insert("call".into(), s(call.to_string()));
-            item.insert("attempts".into(), n(0));
-            puts.push(
-                WriteRequest::builder()
-                    .put_request(
-                        PutRequest::builder()
-                            .set_item(Some(item))
+        // Each chunk is one transaction with the counter's move, so calls
+        // become visible in the order of their numbers.
+        for chunk in calls.chunks(MAX_TRANSACT - 1) {
+            let mut attempt = 0u32;
+            loop {
+                let item = self
+                    .destination_item(space_id, destination_id)
+                    .await?
+                    .ok_or(StoreError::NotFound)?;
+                let read = opt_n(&item, "next_seq").unwrap_or(0);
+                let mut actions = vec![TransactWriteItem::builder()
+                    .update(
+                        aws_sdk_dynamodb::types::Update::builder()
+                            .table_name(&self.table)
+                            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+                            .update_expression("SET next_seq = :new")
+                            .condition_expression("next_seq = :read")
+                            .expression_attribute_values(":new", n(read + chunk.len() as i64))
+                            .expression_attribute_values(":read", n(read))
                             .build()
                             .map_err(service)?,
                     )
-                    .build(),
-            );
+                    .build()];
+                for (i, (profile_id, call)) in chunk.iter().enumerate() {
+                    let mut item = key(
+                        out_key(space_id, destination_id),
+                        &seq_sort(read + 1 + i as i64),
+                    );
+                    item.insert("profile_id".into(), s(profile_id));
+                    item.insert("call".into(), s(call.to_string()));
+                    item.insert("attempts".into(), n(0));
+                    actions.push(
+                        TransactWriteItem::builder()
+                            .put(
+                                Put::builder()
+                                    .table_name(&self.table)
+                                    .set_item(Some(item))
+                                    .build()
+                                    .map_err(service)?,
+                            )
+                            .build(),
+                    );
+                }
+                match self.transact(actions).await {
+                    Ok(()) => break,
+                    // Another writer moved the counter first: read again.
+                    Err(StoreError::Conflict) if attempt < PUT_ATTEMPTS => {
+                        attempt += 1;
+                        let ms = rand::random_range(0..=(5u64 << attempt.min(6)));
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        self.batch_write(puts).await
+        Ok(())
     }
 
     async fn next_calls(
@@ -753,6 +840,17 @@ impl Outbox for DynamoStore {
     }
 }
 
+/// How taking a destination's delivery lease went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryLease {
+    /// Taken; the destination's next attempt is not due before `retry_at`.
+    Taken { retry_at: i64 },
+    /// Another run is draining it.
+    Busy,
+    /// The destination no longer exists.
+    Gone,
+}
+
 /// The sort key of a space's sync item (fan-out cursor and lease).
 const SYNC: &str = "SYNC";
 
@@ -805,14 +903,14 @@ impl DynamoStore {
     }
 
     /// Takes a destination's delivery lease (one deliverer at a time keeps
-    /// its calls in order); `false` if another holder has it.
+    /// its calls in order).
     pub async fn take_delivery_lease(
         &self,
         space_id: &str,
         destination_id: &str,
         owner: &str,
         until: i64,
-    ) -> Result<bool> {
+    ) -> Result<DeliveryLease> {
         let request = self
             .client
             .update_item()
@@ -825,8 +923,38 @@ impl DynamoStore {
             .expression_attribute_values(":me", s(owner))
             .expression_attribute_values(":until", n(until))
             .expression_attribute_values(":now", n(now_millis()))
-            ;
-        Ok(self.conditional_update(request).await?.is_some())
+            .return_values(ReturnValue::AllNew);
+        match self.conditional_update(request).await? {
+            Some(out) => Ok(DeliveryLease::Taken {
+                retry_at: out
+                    .attributes()
+                    .and_then(|a| opt_n(a, "retry_at"))
+                    .unwrap_or(0),
+            }),
+            None if self
+                .destination_item(space_id, destination_id)
+                .await?
+                .is_none() =>
+            {
+                Ok(DeliveryLease::Gone)
+            }
+            None => Ok(DeliveryLease::Busy),
+        }
+    }
+
+    /// Records when the destination's next attempt is due (after a failed
+    /// one): an earlier wake-up leaves it alone.
+    pub async fn set_retry_at(&self, space_id: &str, destination_id: &str, at: i64) -> Result<()> {
+        let request = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
+            .update_expression("SET retry_at = :at")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":at", n(at));
+        self.conditional_update(request).await?;
+        Ok(())
     }
 
     pub async fn release_delivery_lease(

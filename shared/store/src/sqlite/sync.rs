@@ -46,8 +46,13 @@ CREATE TABLE IF NOT EXISTS destinations (
     -- here happened before the destination existed.
     since_change INTEGER NOT NULL,
     since_merge INTEGER NOT NULL,
-    -- 1 while the current values are still to be queued.
+    -- 1 while the current values are still to be queued: of the keys in
+    -- `initial_keys` (JSON list; NULL: every key).
     initial_pending INTEGER NOT NULL,
+    initial_keys TEXT,
+    -- 1 once a first initial sync is done: from then on changes keep
+    -- flowing during a later one (for the keys it had before).
+    synced INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (space_id, destination_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -117,10 +122,12 @@ struct Row {
     since_change: i64,
     since_merge: i64,
     initial_pending: bool,
+    initial_keys: Option<std::collections::BTreeSet<String>>,
+    synced: bool,
 }
 
 const ROW_COLUMNS: &str = "space_id, destination_id, name, settings, secret, version, created_at,
-     updated_at, since_change, since_merge, initial_pending";
+     updated_at, since_change, since_merge, initial_pending, initial_keys, synced";
 
 fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Row>> {
     let mut stmt =
@@ -142,11 +149,14 @@ fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Resul
                 r.get::<_, i64>(9)?,
                 r.get::<_, bool>(10)?,
             ),
+            (r.get::<_, Option<String>>(11)?, r.get::<_, bool>(12)?),
         ))
     })?;
     let mut out = Vec::new();
     for r in found {
-        let (settings, (space_id, destination_id, name, secret), numbers) = r?;
+        let (settings, (space_id, destination_id, name, secret), numbers, (initial_keys, synced)) =
+            r?;
+        let initial_keys = initial_keys.map(|k| serde_json::from_str(&k)).transpose()?;
         let (version, created_at, updated_at, since_change, since_merge, initial_pending) = numbers;
         let stored: Value = serde_json::from_str(&settings)?;
         let settings = Settings::parse(&stored)
@@ -164,6 +174,8 @@ fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Resul
             since_change,
             since_merge,
             initial_pending,
+            initial_keys,
+            synced,
         });
     }
     Ok(out)
@@ -181,15 +193,6 @@ impl Row {
             created_at: self.created_at,
             updated_at: self.updated_at,
         }
-    }
-}
-
-/// The keys of `new` that `old` did not send.
-fn selection_grew(old: &Settings, new: &Settings) -> bool {
-    match (&old.keys, &new.keys) {
-        (None, _) => false,
-        (Some(_), None) => true,
-        (Some(o), Some(n)) => !n.is_subset(o),
     }
 }
 
@@ -249,12 +252,27 @@ impl SqliteStore {
                     .execute(params![space_id, destination_id])?;
                 }
                 Some(old) => {
-                    let resync = selection_grew(&old.settings, &settings)
-                        || (!old.settings.enabled && settings.enabled);
+                    if sealed.is_none() {
+                        if let Some(e) = settings.secret_needed_after(&old.settings) {
+                            return Err(StoreError::Invalid(e.to_string()));
+                        }
+                    }
+                    // What must be sent first: the keys this replace adds,
+                    // with those of a pass still pending.
+                    let (pending, keys) = match (old.initial_pending, settings.resync_keys(&old.settings)) {
+                        (false, None) => (false, None),
+                        (true, None) => (true, old.initial_keys.clone()),
+                        (false, Some(k)) => (true, k),
+                        (true, Some(k)) => (true, old.initial_keys.clone().zip(k).map(|(mut a, b)| {
+                            a.extend(b);
+                            a
+                        })),
+                    };
+                    let keys = keys.map(|k| serde_json::to_string(&k)).transpose()?;
                     tx.prepare_cached(
                         "UPDATE destinations SET name = ?3, settings = ?4,
                              secret = coalesce(?5, secret), version = version + 1,
-                             updated_at = ?6, initial_pending = max(initial_pending, ?7)
+                             updated_at = ?6, initial_pending = ?7, initial_keys = ?8
                          WHERE space_id = ?1 AND destination_id = ?2",
                     )?
                     .execute(params![
@@ -264,7 +282,8 @@ impl SqliteStore {
                         settings_json,
                         sealed,
                         now,
-                        resync
+                        pending,
+                        keys
                     ])?;
                 }
             }
@@ -337,9 +356,13 @@ impl SqliteStore {
                     insert.call(d, profile_id, call)?;
                 }
                 if last {
+                    // A first pass moves the change horizon; a later one
+                    // (changes kept flowing meanwhile) does not.
                     tx.prepare_cached(
-                        "UPDATE destinations SET initial_pending = 0,
-                             since_change = max(since_change, ?3)
+                        "UPDATE destinations SET initial_pending = 0, initial_keys = NULL,
+                             since_change = CASE WHEN synced = 0 THEN max(since_change, ?3)
+                                                 ELSE since_change END,
+                             synced = 1
                          WHERE space_id = ?1 AND destination_id = ?2",
                     )?
                     .execute(params![
@@ -362,7 +385,10 @@ impl SqliteStore {
         while let Some(row) = states.next()? {
             let profile_id: String = row.get(0)?;
             let computed: String = row.get(1)?;
-            let computed: crate::ComputedValues = serde_json::from_str(&computed)?;
+            let mut computed: crate::ComputedValues = serde_json::from_str(&computed)?;
+            if let Some(keys) = &d.initial_keys {
+                computed.retain(|k, _| keys.contains(k));
+            }
             let (root, root_ids) = ids.root(&snapshot, &d.space_id, &profile_id)?;
             let calls = current_calls(
                 &d.space_id,
@@ -413,11 +439,12 @@ impl SqliteStore {
             let mut ids = IdCache::default();
             let mut insert = Inserter::new(tx)?;
             let mut by_space: HashMap<&str, Vec<&Row>> = HashMap::new();
-            // A destination still being initially synced gets changes once
-            // that is done (from its horizon on).
+            // A new destination gets changes once its first initial sync
+            // is done (from its horizon on); one synced before keeps
+            // getting them during a later pass.
             for d in dests
                 .iter()
-                .filter(|d| d.settings.enabled && !d.initial_pending)
+                .filter(|d| d.settings.enabled && (d.synced || !d.initial_pending))
             {
                 by_space.entry(d.space_id.as_str()).or_default().push(d);
             }
