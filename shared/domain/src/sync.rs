@@ -374,6 +374,30 @@ impl Settings {
         }
     }
 
+    /// Whether an initial sync is pending after a replace from `old`, and
+    /// of which keys (`None`: every key): the keys this replace adds,
+    /// together with those of a pass still pending (`old_pending`, of
+    /// `old_keys`).
+    pub fn pending_after(
+        &self,
+        old: &Settings,
+        old_pending: bool,
+        old_keys: Option<BTreeSet<String>>,
+    ) -> (bool, Option<BTreeSet<String>>) {
+        match (old_pending, self.resync_keys(old)) {
+            (false, None) => (false, None),
+            (true, None) => (true, old_keys),
+            (false, Some(k)) => (true, k),
+            (true, Some(k)) => (
+                true,
+                old_keys.zip(k).map(|(mut a, b)| {
+                    a.extend(b);
+                    a
+                }),
+            ),
+        }
+    }
+
     /// Whether changes of `key` are sent.
     pub fn selects(&self, key: &str) -> bool {
         self.keys.as_ref().is_none_or(|k| k.contains(key))
@@ -1008,6 +1032,28 @@ mod tests {
         assert_eq!(some(&["a"]).resync_keys(&all), None);
         let off = settings(json!({"kind": "webhook", "url": "http://a", "enabled": false}));
         assert_eq!(all.resync_keys(&off), Some(None));
+        // A pass still pending keeps its keys and gains the added ones.
+        let b = BTreeSet::from(["b".to_string()]);
+        let c = BTreeSet::from(["c".to_string()]);
+        let bc = BTreeSet::from(["b".to_string(), "c".to_string()]);
+        let abc = some(&["a", "b", "c"]);
+        assert_eq!(
+            abc.pending_after(&some(&["a", "b"]), true, Some(b.clone())),
+            (true, Some(bc))
+        );
+        assert_eq!(
+            abc.pending_after(&some(&["a", "b"]), false, None),
+            (true, Some(c))
+        );
+        assert_eq!(
+            abc.pending_after(&abc, true, Some(b.clone())),
+            (true, Some(b))
+        );
+        assert_eq!(abc.pending_after(&abc, false, None), (false, None));
+        assert_eq!(
+            abc.pending_after(&some(&["a", "b"]), true, None),
+            (true, None)
+        );
     }
 
     #[test]

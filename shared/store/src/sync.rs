@@ -12,6 +12,12 @@ use serde_json::Value;
 
 use crate::{ComputedValues, Result};
 
+/// What a destination's sealed secret is bound to: a secret sealed for one
+/// destination does not open as another's.
+pub fn secret_context(space_id: &str, destination_id: &str) -> String {
+    format!("{space_id}/{destination_id}")
+}
+
 /// The calls that bring a destination up to a profile's current values
 /// (its initial sync): audience memberships and traits that have a value.
 pub fn current_calls(

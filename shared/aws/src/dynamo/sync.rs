@@ -21,6 +21,7 @@ use aws_sdk_dynamodb::types::{
 };
 use kindred_domain::sync::Settings;
 use kindred_store::secret::Sealer;
+use kindred_store::sync::secret_context;
 use kindred_store::{
     now_millis, Attempt, DeadLetter, DeliveryError, DestinationRecord, DestinationStatus,
     Destinations, Outbox, PendingCall, Result, StoreError, Target,
@@ -50,10 +51,6 @@ fn dead_key(space_id: &str, id: &str) -> String {
 
 fn seq_sort(seq: i64) -> String {
     format!("{seq:020}")
-}
-
-fn context(space_id: &str, destination_id: &str) -> String {
-    format!("{space_id}/{destination_id}")
 }
 
 /// Whether a request failed only because its condition did not hold.
@@ -288,7 +285,7 @@ impl DynamoStore {
         let secret = match item.get("secret") {
             Some(AttributeValue::B(sealed)) => Some(
                 self.sealer()?
-                    .open(sealed.as_ref(), &context(space_id, destination_id))?,
+                    .open(sealed.as_ref(), &secret_context(space_id, destination_id))?,
             ),
             _ => None,
         };
@@ -370,7 +367,10 @@ impl Destinations for DynamoStore {
         secret: Option<String>,
     ) -> Result<(DestinationRecord, bool)> {
         let sealed = match &secret {
-            Some(sec) => Some(self.sealer()?.seal(sec, &context(space_id, destination_id))),
+            Some(sec) => Some(
+                self.sealer()?
+                    .seal(sec, &secret_context(space_id, destination_id)),
+            ),
             None => None,
         };
         let settings_json = settings.to_json().to_string();
@@ -427,21 +427,11 @@ impl Destinations for DynamoStore {
                     // What must be sent first: the keys this replace adds,
                     // with those of a pass still pending.
                     let old_keys = initial_keys(old)?;
-                    let (resync, keys) = match (
+                    let (resync, keys) = settings.pending_after(
+                        &before.settings,
                         before.initial_sync_pending,
-                        settings.resync_keys(&before.settings),
-                    ) {
-                        (false, None) => (false, None),
-                        (true, None) => (true, old_keys),
-                        (false, Some(k)) => (true, k),
-                        (true, Some(k)) => (
-                            true,
-                            old_keys.zip(k).map(|(mut a, b)| {
-                                a.extend(b);
-                                a
-                            }),
-                        ),
-                    };
+                        old_keys,
+                    );
                     let mut update =
                         "SET settings = :s, version = version + :one, updated_at = :now, \
                                       initial_pending = :ip"

@@ -27,8 +27,8 @@ use tracing::{error, info_span};
 
 use super::SqliteStore;
 use crate::sync::{
-    current_calls, Attempt, DeadLetter, DeliveryError, DestinationRecord, DestinationStatus,
-    Destinations, Outbox, PendingCall, Target, Targets,
+    current_calls, secret_context, Attempt, DeadLetter, DeliveryError, DestinationRecord,
+    DestinationStatus, Destinations, Outbox, PendingCall, Target, Targets,
 };
 use crate::{now_millis, Result, StoreError};
 
@@ -87,10 +87,6 @@ const CHANGES_PER_STEP: usize = 2048;
 const MERGES_PER_STEP: usize = 512;
 const CHANGES_CURSOR: &str = "changes";
 const MERGES_CURSOR: &str = "merges";
-
-fn context(space_id: &str, destination_id: &str) -> String {
-    format!("{space_id}/{destination_id}")
-}
 
 fn cursor(conn: &Connection, name: &str) -> Result<i64> {
     Ok(conn
@@ -219,7 +215,10 @@ impl SqliteStore {
         secret: Option<String>,
     ) -> Result<(DestinationRecord, bool)> {
         let now = now_millis();
-        let sealed = secret.map(|s| self.sealer.seal(&s, &context(space_id, destination_id)));
+        let sealed = secret.map(|s| {
+            self.sealer
+                .seal(&s, &secret_context(space_id, destination_id))
+        });
         self.sync_tx(|tx| {
             let old = rows(
                 tx,
@@ -259,15 +258,11 @@ impl SqliteStore {
                     }
                     // What must be sent first: the keys this replace adds,
                     // with those of a pass still pending.
-                    let (pending, keys) = match (old.initial_pending, settings.resync_keys(&old.settings)) {
-                        (false, None) => (false, None),
-                        (true, None) => (true, old.initial_keys.clone()),
-                        (false, Some(k)) => (true, k),
-                        (true, Some(k)) => (true, old.initial_keys.clone().zip(k).map(|(mut a, b)| {
-                            a.extend(b);
-                            a
-                        })),
-                    };
+                    let (pending, keys) = settings.pending_after(
+                        &old.settings,
+                        old.initial_pending,
+                        old.initial_keys.clone(),
+                    );
                     let keys = keys.map(|k| serde_json::to_string(&k)).transpose()?;
                     tx.prepare_cached(
                         "UPDATE destinations SET name = ?3, settings = ?4,
@@ -922,7 +917,7 @@ impl Targets for SqliteStore {
                     None => None,
                     Some(sealed) => Some(
                         s.sealer
-                            .open(sealed, &context(&r.space_id, &r.destination_id))?,
+                            .open(sealed, &secret_context(&r.space_id, &r.destination_id))?,
                     ),
                 };
                 out.push(Target {
