@@ -41,4 +41,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins
 # DynamoDB Local and ministack (SQS), on free ports, stopped on exit.
 source tests/emulators.sh
+./fuzz/run.sh 20
 cargo nextest run --workspace --locked --no-fail-fast

@@ -61,6 +61,7 @@ pub fn assert_serializable(audit: &GraphAudit, rules: &IdentityRules, sent: &BTr
             identifiers: &ids,
             traits: event.profile_traits(),
             timestamp: event.timestamp,
+            received_at: event.received_at,
             source_id: "src",
         };
         model.process(&incoming, rules, &e.message_id);

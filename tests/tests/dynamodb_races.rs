@@ -65,6 +65,7 @@ fn parse(value: serde_json::Value) -> Event {
             received_at: 1_767_225_600_000,
             batch_sent_at: None,
             generated_message_id: "unused",
+            future_tolerance: kindred_domain::event::DEFAULT_FUTURE_TOLERANCE,
         },
     )
     .expect("the workload only makes valid events")

@@ -10,6 +10,7 @@ mod computed;
 mod crash_safety;
 mod dynamodb_costs;
 mod dynamodb_races;
+mod hardening;
 mod http_api;
 mod identity_races;
 mod lambda_compute;

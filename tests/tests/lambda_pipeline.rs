@@ -136,6 +136,7 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
             compute_queue_url: compute_queue.clone(),
             sync_queue_url: None,
             secrets_key: None,
+            allow_private_destinations: false,
         },
         &sdk,
     );

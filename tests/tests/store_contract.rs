@@ -37,14 +37,16 @@ impl Adapter for DynamoStore {
     }
 }
 
+/// Received on 2026-06-01, after every event time of these tests.
 fn parse(value: Value) -> Event {
     Event::parse(
         value,
         Envelope {
             kind: None,
-            received_at: 1_767_225_600_000,
+            received_at: 1_780_272_000_000,
             batch_sent_at: None,
             generated_message_id: "unused",
+            future_tolerance: kindred_domain::event::DEFAULT_FUTURE_TOLERANCE,
         },
     )
     .expect("a valid test event")
@@ -387,6 +389,7 @@ async fn a_plan_from_stale_facts_is_refused_whole<A: Adapter>(a: &A, space: &str
         identifiers: &wanted,
         traits: event.profile_traits(),
         timestamp: event.timestamp,
+        received_at: event.received_at,
         source_id: "src",
     };
     let plan = kindred_domain::resolve(&incoming, &stale, &rules, "prf_stale").plan;

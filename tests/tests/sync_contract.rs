@@ -185,12 +185,73 @@ async fn racing_puts<A: Destinations + 'static>(a: Arc<A>) {
     );
 }
 
+/// 60 creates race for the 50 places of a space: exactly 50 win, the rest
+/// are refused with the limit, and a delete frees a place.
+async fn racing_creates_keep_the_destination_limit<A: Destinations + 'static>(a: Arc<A>) {
+    let max = kindred_domain::sync::MAX_DESTINATIONS;
+    let creates = (0..max + 10).map(|i| {
+        let a = Arc::clone(&a);
+        tokio::spawn(async move {
+            a.put_destination(
+                "limit",
+                &format!("d{i}"),
+                None,
+                webhook("http://h/x"),
+                Some("s".into()),
+            )
+            .await
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let created = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(created, max);
+    for r in results.iter().filter(|r| r.is_err()) {
+        match r {
+            Err(StoreError::Invalid(m)) => assert!(m.contains("at most 50 destinations"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(a.destinations("limit").await.unwrap().len(), max);
+    let (winner, _) = results.iter().find_map(|r| r.as_ref().ok()).unwrap();
+    assert!(a
+        .delete_destination("limit", &winner.destination_id)
+        .await
+        .unwrap());
+    a.put_destination(
+        "limit",
+        "again",
+        None,
+        webhook("http://h/x"),
+        Some("s".into()),
+    )
+    .await
+    .unwrap();
+    let refused = a
+        .put_destination(
+            "limit",
+            "one_more",
+            None,
+            webhook("http://h/x"),
+            Some("s".into()),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "{refused:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_destinations_and_outboxes() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
     contract(&*store).await;
-    racing_puts(store).await;
+    racing_puts(Arc::clone(&store)).await;
+    racing_creates_keep_the_destination_limit(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -234,4 +295,5 @@ async fn dynamodb_destinations_and_outboxes() {
     );
     let store = Arc::new(store);
     racing_puts(Arc::clone(&store)).await;
+    racing_creates_keep_the_destination_limit(store).await;
 }

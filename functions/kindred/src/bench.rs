@@ -96,6 +96,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         ingest_rate: u32::MAX,
         sync: kindred_sync::RetryPolicy::default(),
+        // The sync bench's receiver is on 127.0.0.1.
+        allow_private_destinations: true,
     };
     let (running, created) = start(&config).await?;
     let space = match created {

@@ -26,6 +26,12 @@ pub struct ServeArgs {
     /// (20: about an hour of failures with the default backoff).
     #[arg(long, env = "KINDRED_SYNC_MAX_ATTEMPTS", default_value_t = 20)]
     pub sync_max_attempts: u32,
+    /// Lets destinations point at loopback, private, link-local and other
+    /// internal addresses, and Segment-compatible hosts use plain http.
+    /// Off by default: an admin token must not become a way to reach the
+    /// services inside your network.
+    #[arg(long, env = "KINDRED_ALLOW_PRIVATE_DESTINATIONS")]
+    pub allow_private_destinations: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +41,8 @@ pub struct Config {
     pub ingest_rate: u32,
     /// How deliveries to destinations are retried.
     pub sync: kindred_sync::RetryPolicy,
+    /// Destinations may be at internal addresses.
+    pub allow_private_destinations: bool,
 }
 
 impl Config {
@@ -63,6 +71,7 @@ impl Config {
                 max_attempts: args.sync_max_attempts,
                 ..kindred_sync::RetryPolicy::default()
             },
+            allow_private_destinations: args.allow_private_destinations,
         })
     }
 }

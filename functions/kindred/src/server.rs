@@ -35,7 +35,11 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
     let worker = IdentityWorker::new(Arc::clone(&store), Arc::clone(&queue));
     let compute = ComputeWorker::new(Arc::clone(&store));
     let sync = SyncWorker::new(Arc::clone(&store));
-    let deliverer = Deliverer::new(store.clone(), config.sync);
+    let deliverer = Deliverer::new(
+        store.clone(),
+        config.sync,
+        config.allow_private_destinations,
+    );
     let state = AppState {
         spaces: store.clone(),
         profiles: store.clone(),
@@ -43,6 +47,7 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         rate_limiter: Arc::new(RateLimiter::new(config.ingest_rate)),
         computations: Some(store.clone()),
         destinations: Some(store.clone()),
+        allow_private_destinations: config.allow_private_destinations,
     };
     Ok(Local {
         store,

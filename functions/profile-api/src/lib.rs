@@ -40,6 +40,7 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
             )),
         })),
         destinations,
+        allow_private_destinations: config.allow_private_destinations,
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

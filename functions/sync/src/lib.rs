@@ -31,7 +31,7 @@ pub fn step(config: &Config, sdk: &SdkConfig, policy: RetryPolicy) -> Result<Syn
         DynamoStore::new(aws_sdk_dynamodb::Client::new(sdk), &config.table).with_sealer(sealer),
     );
     Ok(SyncStep {
-        deliverer: Deliverer::new(store.clone(), policy),
+        deliverer: Deliverer::new(store.clone(), policy, config.allow_private_destinations),
         queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)),
         store,
     })
@@ -69,6 +69,7 @@ mod tests {
             compute_queue_url: "unused".into(),
             sync_queue_url: Some("http://localhost:1/queue".into()),
             secrets_key: Some("k".into()),
+            allow_private_destinations: false,
         };
         let sync = step(&config, &sdk, RetryPolicy::default()).unwrap();
         let event: SqsEvent =

@@ -42,6 +42,10 @@ pub struct Config {
     /// The secret destination secrets are sealed under (the key is its
     /// SHA-256), where destinations are deployed.
     pub secrets_key: Option<String>,
+    /// Destinations may be at internal addresses, and Segment-compatible
+    /// hosts may be `http` (`KINDRED_ALLOW_PRIVATE_DESTINATIONS=true`; the
+    /// template's `AllowPrivateDestinations`, off by default).
+    pub allow_private_destinations: bool,
 }
 
 impl Config {
@@ -51,6 +55,8 @@ impl Config {
             compute_queue_url: env("KINDRED_COMPUTE_QUEUE_URL")?,
             sync_queue_url: std::env::var("KINDRED_SYNC_QUEUE_URL").ok(),
             secrets_key: std::env::var("KINDRED_SECRETS_KEY").ok(),
+            allow_private_destinations: std::env::var("KINDRED_ALLOW_PRIVATE_DESTINATIONS")
+                .is_ok_and(|v| v == "true"),
         })
     }
 

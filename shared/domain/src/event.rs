@@ -4,7 +4,7 @@
 use chrono::DateTime;
 use serde_json::{Map, Value};
 
-use crate::identifier::extract_identifiers;
+use crate::identifier::{check_identifier_sizes, extract_identifiers, MAX_IDENTIFIER_BYTES};
 use crate::Millis;
 
 /// Largest accepted event, serialized (SPEC 2).
@@ -13,6 +13,11 @@ pub const MAX_EVENT_BYTES: usize = 32 * 1024;
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
 /// Longest accepted `messageId` (SPEC 2).
 pub const MAX_MESSAGE_ID_CHARS: usize = 100;
+/// The earliest event time accepted: 2000-01-01T00:00:00Z (SPEC 2).
+pub const EARLIEST_EVENT_TIME: Millis = 946_684_800_000;
+/// How far past `receivedAt` an event time may be before it is clamped to
+/// `receivedAt`, unless the space sets its own (SPEC 2).
+pub const DEFAULT_FUTURE_TOLERANCE: Millis = 5 * 60 * 1000;
 
 /// The six Segment calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,11 +98,38 @@ pub struct Envelope<'a> {
     pub batch_sent_at: Option<Millis>,
     /// Used when the event has no `messageId`.
     pub generated_message_id: &'a str,
+    /// How far past `received_at` an event time may be; later is clamped
+    /// to `received_at` (the space's setting).
+    pub future_tolerance: Millis,
+}
+
+impl<'a> Envelope<'a> {
+    /// An event received now, with the default clock tolerance.
+    pub fn received(received_at: Millis, generated_message_id: &'a str) -> Self {
+        Self {
+            kind: None,
+            received_at,
+            batch_sent_at: None,
+            generated_message_id,
+            future_tolerance: DEFAULT_FUTURE_TOLERANCE,
+        }
+    }
 }
 
 impl Event {
-    /// Validates one payload and resolves its time and message id.
+    /// Validates one payload from a client and resolves its time (SPEC 2:
+    /// clock skew corrected, the future clamped, before 2000 refused) and
+    /// message id. `receivedAt` is always the envelope's: a client cannot
+    /// say when Kindred received its event.
     pub fn parse(value: Value, envelope: Envelope<'_>) -> Result<Event, Rejection> {
+        Self::parse_with(value, envelope, TimeSource::Client)
+    }
+
+    fn parse_with(
+        value: Value,
+        envelope: Envelope<'_>,
+        time: TimeSource,
+    ) -> Result<Event, Rejection> {
         let Value::Object(mut body) = value else {
             return Err(Rejection::new(
                 "invalid_event",
@@ -193,17 +225,38 @@ impl Event {
             }
         }
 
-        let timestamp = event_time(&body, &envelope)?;
-        body.insert("timestamp".into(), Value::String(format_millis(timestamp)));
-        if !body.contains_key("receivedAt") {
-            body.insert(
-                "receivedAt".into(),
-                Value::String(format_millis(envelope.received_at)),
-            );
-        }
-        let received_at = match body.get("receivedAt") {
-            Some(Value::String(s)) => parse_time(s).unwrap_or(envelope.received_at),
-            _ => envelope.received_at,
+        let (timestamp, received_at) = match time {
+            TimeSource::Client => {
+                let timestamp = event_time(&body, &envelope)?;
+                // The client's own fields stay as sent; only what Kindred
+                // decides is written over, and a replaced client
+                // `timestamp` is kept beside it.
+                let resolved = format_millis(timestamp);
+                if let Some(Value::String(sent)) = body.get("timestamp") {
+                    if parse_time(sent) != Some(timestamp) {
+                        body.insert("clientTimestamp".into(), Value::String(sent.clone()));
+                    }
+                }
+                body.insert("timestamp".into(), Value::String(resolved));
+                if let (false, Some(sent_at)) =
+                    (body.contains_key("sentAt"), envelope.batch_sent_at)
+                {
+                    body.insert("sentAt".into(), Value::String(format_millis(sent_at)));
+                }
+                body.insert(
+                    "receivedAt".into(),
+                    Value::String(format_millis(envelope.received_at)),
+                );
+                (timestamp, envelope.received_at)
+            }
+            TimeSource::Stored => {
+                let stored = |field| match body.get(field) {
+                    Some(Value::String(s)) => parse_time(s),
+                    _ => None,
+                };
+                let received_at = stored("receivedAt").unwrap_or(envelope.received_at);
+                (stored("timestamp").unwrap_or(received_at), received_at)
+            }
         };
 
         let event = Event {
@@ -216,6 +269,9 @@ impl Event {
             name,
             body,
         };
+        if time == TimeSource::Client {
+            check_identifier_sizes(&event)?;
+        }
         if event.user_id.is_none()
             && event.anonymous_id.is_none()
             && extract_identifiers(&event).is_empty()
@@ -228,20 +284,14 @@ impl Event {
         Ok(event)
     }
 
-    /// Parses a body that `parse` produced earlier (from a queue or the store).
+    /// Parses a body that `parse` produced earlier (from a queue or the
+    /// store): its `timestamp` and `receivedAt` are the ones decided then,
+    /// taken as they are.
     pub fn from_stored(body: Map<String, Value>) -> Result<Event, Rejection> {
-        let received_at = match body.get("receivedAt") {
-            Some(Value::String(s)) => parse_time(s).unwrap_or(0),
-            _ => 0,
-        };
-        Event::parse(
+        Event::parse_with(
             Value::Object(body),
-            Envelope {
-                kind: None,
-                received_at,
-                batch_sent_at: None,
-                generated_message_id: "",
-            },
+            Envelope::received(0, ""),
+            TimeSource::Stored,
         )
     }
 
@@ -262,6 +312,15 @@ impl Event {
     }
 }
 
+/// Where an event's times come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TimeSource {
+    /// A client's fields, resolved by the SPEC 2 rules.
+    Client,
+    /// A stored body's resolved `timestamp` and `receivedAt`.
+    Stored,
+}
+
 /// Reads an id field (`userId`, `anonymousId`, `groupId`, `previousId`):
 /// strings are kept, numbers become strings (as the Segment libraries do),
 /// empty values count as absent.
@@ -280,10 +339,10 @@ fn id_field(body: &mut Map<String, Value>, field: &str) -> Result<Option<String>
     };
     match &id {
         Some(id) => {
-            if id.chars().count() > 1024 {
+            if id.len() > MAX_IDENTIFIER_BYTES {
                 return Err(Rejection::new(
                     "invalid_id",
-                    format!("{field} must be at most 1024 characters"),
+                    format!("{field} must be at most {MAX_IDENTIFIER_BYTES} bytes"),
                 ));
             }
             body.insert(field.into(), Value::String(id.clone()));
@@ -311,18 +370,32 @@ fn time_field(body: &Map<String, Value>, field: &str) -> Result<Option<Millis>, 
     }
 }
 
-/// SPEC 2: `timestamp`; else `receivedAt - (sentAt - originalTimestamp)`;
-/// else `originalTimestamp`; else `receivedAt`.
+/// SPEC 2: `timestamp` or else `originalTimestamp`, corrected for the
+/// client's clock skew (`+ (receivedAt - sentAt)`) when `sentAt` is given;
+/// else `receivedAt`. Every field is the client's and may be hostile: a
+/// time past `receivedAt` plus the tolerance is clamped to `receivedAt`
+/// (a wrong or forged clock cannot pin a trait or a window in the
+/// future), and one before 2000 is refused.
 fn event_time(body: &Map<String, Value>, envelope: &Envelope<'_>) -> Result<Millis, Rejection> {
     let timestamp = time_field(body, "timestamp")?;
     let original = time_field(body, "originalTimestamp")?;
     let sent_at = time_field(body, "sentAt")?.or(envelope.batch_sent_at);
-    Ok(match (timestamp, original, sent_at) {
-        (Some(t), _, _) => t,
-        (None, Some(o), Some(s)) => envelope.received_at - (s - o),
-        (None, Some(o), None) => o,
-        (None, None, _) => envelope.received_at,
-    })
+    let received = envelope.received_at;
+    let time = match (timestamp.or(original), sent_at) {
+        (Some(t), Some(s)) => t.saturating_add(received.saturating_sub(s)),
+        (Some(t), None) => t,
+        (None, _) => received,
+    };
+    if time < EARLIEST_EVENT_TIME {
+        return Err(Rejection::new(
+            "invalid_timestamp",
+            "the event time is before 2000-01-01T00:00:00Z",
+        ));
+    }
+    if time > received.saturating_add(envelope.future_tolerance.max(0)) {
+        return Ok(received);
+    }
+    Ok(time)
 }
 
 /// Parses an RFC 3339 date-time into epoch milliseconds.
@@ -347,21 +420,41 @@ mod tests {
     fn env(kind: Option<EventKind>) -> Envelope<'static> {
         Envelope {
             kind,
-            received_at: parse_time("2026-05-01T12:00:00Z").unwrap(),
-            batch_sent_at: None,
-            generated_message_id: "gen-1",
+            ..Envelope::received(parse_time("2026-05-01T12:00:00Z").unwrap(), "gen-1")
         }
     }
 
+    fn at(s: &str) -> Millis {
+        parse_time(s).unwrap()
+    }
+
     #[test]
-    fn timestamp_wins_over_everything() {
+    fn timestamp_is_taken_when_no_sent_at() {
         let e = Event::parse(
             json!({"type": "track", "event": "A", "userId": "u", "timestamp": "2026-01-01T00:00:00Z",
-                   "originalTimestamp": "2025-01-01T00:00:00Z", "sentAt": "2025-01-01T00:00:05Z"}),
+                   "originalTimestamp": "2025-01-01T00:00:00Z"}),
             env(None),
         )
         .unwrap();
-        assert_eq!(e.timestamp, parse_time("2026-01-01T00:00:00Z").unwrap());
+        assert_eq!(e.timestamp, at("2026-01-01T00:00:00Z"));
+        assert_eq!(e.body.get("clientTimestamp"), None);
+    }
+
+    #[test]
+    fn timestamp_is_corrected_for_clock_skew_with_sent_at() {
+        // The device clock is an hour ahead: it stamped the event at 13:00
+        // and sent it at 13:00:05; Kindred received it at 12:00:00.
+        let e = Event::parse(
+            json!({"type": "track", "event": "A", "userId": "u",
+                   "timestamp": "2026-05-01T13:00:00Z", "sentAt": "2026-05-01T13:00:05Z"}),
+            env(None),
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, at("2026-05-01T11:59:55Z"));
+        assert_eq!(e.str_field("timestamp"), Some("2026-05-01T11:59:55.000Z"));
+        // Nothing the client sent is lost.
+        assert_eq!(e.str_field("clientTimestamp"), Some("2026-05-01T13:00:00Z"));
+        assert_eq!(e.str_field("sentAt"), Some("2026-05-01T13:00:05Z"));
     }
 
     #[test]
@@ -374,9 +467,11 @@ mod tests {
             envelope,
         )
         .unwrap();
-        assert_eq!(e.timestamp, parse_time("2026-05-01T11:59:55Z").unwrap());
+        assert_eq!(e.timestamp, at("2026-05-01T11:59:55Z"));
         assert_eq!(e.message_id, "gen-1");
         assert_eq!(e.str_field("timestamp"), Some("2026-05-01T11:59:55.000Z"));
+        // The batch's sentAt is recorded on the event.
+        assert_eq!(e.str_field("sentAt"), Some("2025-05-01T12:00:05.000Z"));
     }
 
     #[test]
@@ -386,9 +481,88 @@ mod tests {
             env(None),
         )
         .unwrap();
-        assert_eq!(e.timestamp, parse_time("2025-05-01T12:00:00Z").unwrap());
+        assert_eq!(e.timestamp, at("2025-05-01T12:00:00Z"));
         let e = Event::parse(json!({"type": "page", "anonymousId": "a"}), env(None)).unwrap();
         assert_eq!(e.timestamp, e.received_at);
+    }
+
+    #[test]
+    fn the_future_is_clamped_to_received_at() {
+        let received = at("2026-05-01T12:00:00Z");
+        let e = Event::parse(
+            json!({"type": "identify", "userId": "u", "timestamp": "3000-01-01T00:00:00Z"}),
+            env(None),
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, received);
+        assert_eq!(e.str_field("clientTimestamp"), Some("3000-01-01T00:00:00Z"));
+        // Within the tolerance (5 minutes by default) the time is kept.
+        let e = Event::parse(
+            json!({"type": "identify", "userId": "u", "timestamp": "2026-05-01T12:04:59Z"}),
+            env(None),
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, at("2026-05-01T12:04:59Z"));
+        // A space may set its own tolerance.
+        let mut strict = env(None);
+        strict.future_tolerance = 0;
+        let e = Event::parse(
+            json!({"type": "identify", "userId": "u", "timestamp": "2026-05-01T12:00:01Z"}),
+            strict,
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, received);
+        // A forged sentAt far in the past cannot push the time forward either.
+        let e = Event::parse(
+            json!({"type": "identify", "userId": "u", "timestamp": "2026-05-01T11:00:00Z",
+                   "sentAt": "2001-01-01T00:00:00Z"}),
+            env(None),
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, received);
+    }
+
+    #[test]
+    fn before_2000_is_refused_and_history_is_kept() {
+        for payload in [
+            json!({"type": "identify", "userId": "u", "timestamp": "1999-12-31T23:59:59Z"}),
+            json!({"type": "identify", "userId": "u", "originalTimestamp": "1970-01-01T00:00:00Z"}),
+            // A sentAt far in the future drags the corrected time before 2000.
+            json!({"type": "identify", "userId": "u", "timestamp": "2026-05-01T11:00:00Z",
+                   "sentAt": "9999-01-01T00:00:00Z"}),
+        ] {
+            let err = Event::parse(payload.clone(), env(None)).unwrap_err();
+            assert_eq!(err.code, "invalid_timestamp", "{payload}");
+        }
+        let e = Event::parse(
+            json!({"type": "identify", "userId": "u", "timestamp": "2000-01-01T00:00:00Z"}),
+            env(None),
+        )
+        .unwrap();
+        assert_eq!(e.timestamp, EARLIEST_EVENT_TIME);
+    }
+
+    #[test]
+    fn received_at_is_never_the_clients() {
+        let e = Event::parse(
+            json!({"type": "identify", "userId": "u", "receivedAt": "2001-01-01T00:00:00Z"}),
+            env(None),
+        )
+        .unwrap();
+        assert_eq!(e.received_at, at("2026-05-01T12:00:00Z"));
+        assert_eq!(e.str_field("receivedAt"), Some("2026-05-01T12:00:00.000Z"));
+    }
+
+    #[test]
+    fn a_stored_body_keeps_its_resolved_times() {
+        let e = Event::parse(
+            json!({"type": "track", "event": "A", "userId": "u",
+                   "timestamp": "2026-05-01T13:00:00Z", "sentAt": "2026-05-01T13:00:05Z"}),
+            env(None),
+        )
+        .unwrap();
+        let again = Event::from_stored(e.body.clone()).unwrap();
+        assert_eq!(again, e);
     }
 
     #[test]

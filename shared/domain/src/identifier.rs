@@ -3,8 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use unicode_normalization::UnicodeNormalization;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Rejection};
+
+/// Longest identifier value, in bytes of UTF-8 (every type).
+pub const MAX_IDENTIFIER_BYTES: usize = 1024;
+/// Longest identifier type name, in bytes.
+pub const MAX_TYPE_BYTES: usize = 128;
 
 /// One identifier. Values are normalized on extraction (emails trimmed and
 /// lowercased) so that equal identities compare equal.
@@ -32,12 +38,13 @@ pub struct ExternalId {
     pub encoding: String,
 }
 
-/// Normalizes a value for storage and for every lookup: emails are trimmed
-/// and lowercased; other types keep their exact value (user ids are
-/// case-sensitive in Segment).
+/// Normalizes a value for storage and for every lookup: emails are trimmed,
+/// put in Unicode normal form C (so that `é` typed as one code point or as
+/// `e` and a combining accent is one address) and lowercased; other types
+/// keep their exact value (user ids are case-sensitive in Segment).
 pub fn normalize_lookup(kind: &str, value: &str) -> String {
     if kind == "email" {
-        value.trim().to_lowercase()
+        value.trim().nfc().collect::<String>().to_lowercase()
     } else {
         value.to_string()
     }
@@ -48,42 +55,80 @@ pub fn normalize_lookup(kind: &str, value: &str) -> String {
 /// settings). `group_id` is not an identity identifier: it links the
 /// profile to an account (see [`group_link`]).
 pub fn extract_identifiers(event: &Event) -> Vec<ExternalId> {
-    fn add(out: &mut Vec<ExternalId>, kind: &str, value: &str, encoding: &str) {
-        let id = Identifier::new(kind, value);
-        if id.value.trim().is_empty() || out.iter().any(|e| e.id == id) {
-            return;
-        }
-        out.push(ExternalId {
-            id,
-            collection: "users".into(),
-            encoding: encoding.into(),
-        });
-    }
     let mut out: Vec<ExternalId> = Vec::new();
+    let _ = visit_identifiers(event, &mut |kind, value, encoding, _field| {
+        let id = Identifier::new(kind, value);
+        if !id.value.trim().is_empty() && !out.iter().any(|e| e.id == id) {
+            out.push(ExternalId {
+                id,
+                collection: "users".into(),
+                encoding: encoding.into(),
+            });
+        }
+        Ok(())
+    });
+    out
+}
+
+/// Refuses an event one of whose identifiers is over the size limits
+/// (values of at most 1,024 bytes, types of at most 128), naming the field.
+pub fn check_identifier_sizes(event: &Event) -> Result<(), Rejection> {
+    visit_identifiers(event, &mut |kind, value, _, field| {
+        if value.len() > MAX_IDENTIFIER_BYTES {
+            return Err(Rejection::new(
+                "invalid_id",
+                format!("{field} must be at most {MAX_IDENTIFIER_BYTES} bytes"),
+            ));
+        }
+        if kind.len() > MAX_TYPE_BYTES {
+            return Err(Rejection::new(
+                "invalid_id",
+                format!("{field}: a type must be at most {MAX_TYPE_BYTES} bytes"),
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// `(type, value, encoding, field the value came from)` of one identifier.
+type Visit<'a> = dyn FnMut(&str, &str, &str, &dyn std::fmt::Display) -> Result<(), Rejection> + 'a;
+
+/// Calls `f(type, value, encoding, field)` for every identifier source
+/// of SPEC 3 that the event fills, in a stable order.
+fn visit_identifiers(event: &Event, f: &mut Visit<'_>) -> Result<(), Rejection> {
+    let mut add = |kind: &str, value: &str, encoding: &str, field: &dyn std::fmt::Display| {
+        f(kind, value, encoding, field)
+    };
     if let Some(u) = &event.user_id {
-        add(&mut out, "user_id", u, "none");
+        add("user_id", u, "none", &"userId")?;
     }
     if let Some(a) = &event.anonymous_id {
-        add(&mut out, "anonymous_id", a, "none");
+        add("anonymous_id", a, "none", &"anonymousId")?;
     }
     if event.kind == EventKind::Alias {
         // SPEC 5: an alias is matched like an event carrying both ids. The
         // previous id of an alias is the identity used before the user id
         // was known, i.e. an anonymous id.
         if let Some(prev) = event.str_field("previousId") {
-            add(&mut out, "anonymous_id", prev, "none");
+            add("anonymous_id", prev, "none", &"previousId")?;
         }
     }
     let context = event.object("context");
     let email_sources = [
-        event.object("traits").and_then(|t| t.get("email")),
-        context
-            .and_then(|c| c.get("traits"))
-            .and_then(|t| t.get("email")),
+        (
+            event.object("traits").and_then(|t| t.get("email")),
+            "traits.email",
+        ),
+        (
+            context
+                .and_then(|c| c.get("traits"))
+                .and_then(|t| t.get("email")),
+            "context.traits.email",
+        ),
     ];
-    for email in email_sources.into_iter().flatten() {
-        if let Value::String(e) = email {
-            add(&mut out, "email", e, "none");
+    for (email, field) in email_sources {
+        if let Some(Value::String(e)) = email {
+            add("email", e, "none", &field)?;
         }
     }
     if let Some(device) = context
@@ -96,15 +141,17 @@ pub fn extract_identifiers(event: &Event) -> Vec<ExternalId> {
             .map(str::to_ascii_lowercase);
         if let Some(platform @ ("ios" | "android")) = platform.as_deref() {
             if let Some(id) = device.get("id").and_then(Value::as_str) {
-                add(&mut out, &format!("{platform}.id"), id, "none");
+                add(&format!("{platform}.id"), id, "none", &"context.device.id")?;
             }
             if device.get("adTrackingEnabled") == Some(&Value::Bool(true)) {
                 if let Some(ad) = device.get("advertisingId").and_then(Value::as_str) {
-                    add(&mut out, &format!("{platform}.idfa"), ad, "none");
+                    let field = "context.device.advertisingId";
+                    add(&format!("{platform}.idfa"), ad, "none", &field)?;
                 }
             }
             if let Some(token) = device.get("token").and_then(Value::as_str) {
-                add(&mut out, &format!("{platform}.push_token"), token, "none");
+                let field = "context.device.token";
+                add(&format!("{platform}.push_token"), token, "none", &field)?;
             }
         }
     }
@@ -115,10 +162,15 @@ pub fn extract_identifiers(event: &Event) -> Vec<ExternalId> {
         .and_then(|g| g.get("clientId"))
         .and_then(Value::as_str)
     {
-        add(&mut out, "ga_client_id", ga, "none");
+        add(
+            "ga_client_id",
+            ga,
+            "none",
+            &"integrations.Google Analytics.clientId",
+        )?;
     }
     if let Some(Value::Array(external)) = context.and_then(|c| c.get("externalIds")) {
-        for entry in external {
+        for (i, entry) in external.iter().enumerate() {
             let field = |name: &str| entry.get(name).and_then(Value::as_str);
             if let (Some(id), Some(kind), Some(collection), Some(encoding)) = (
                 field("id"),
@@ -130,11 +182,12 @@ pub fn extract_identifiers(event: &Event) -> Vec<ExternalId> {
                 if kind.is_empty() || collection != "users" || kind == "group_id" {
                     continue;
                 }
-                add(&mut out, &kind, id, encoding);
+                let field = format!("context.externalIds[{i}].id");
+                add(&kind, id, encoding, &field)?;
             }
         }
     }
-    out
+    Ok(())
 }
 
 /// The account a `group` call links the profile to.
@@ -159,6 +212,7 @@ mod tests {
                 received_at: parse_time("2026-05-01T00:00:00Z").unwrap(),
                 batch_sent_at: None,
                 generated_message_id: "m",
+                future_tolerance: crate::event::DEFAULT_FUTURE_TOLERANCE,
             },
         )
         .unwrap();

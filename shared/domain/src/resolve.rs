@@ -13,10 +13,12 @@ use serde_json::{Map, Value};
 
 use crate::identifier::Identifier;
 use crate::settings::{IdentityRules, MAX_IDENTIFIERS, MAX_MERGES};
-use crate::traits::{apply_updates, merge_traits, Traits};
+use crate::traits::{apply_updates, fit, merge_traits, Traits};
 use crate::Millis;
 
-/// An identifier as recorded on its profile, with when it was added (event time).
+/// An identifier as recorded on its profile, with when it was added: the
+/// moment Kindred received the event that added it, never the client's
+/// clock, so that a forged time cannot move a frequency window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdentifierEntry {
     #[serde(flatten)]
@@ -54,7 +56,11 @@ pub struct Incoming<'a> {
     pub identifiers: &'a [Identifier],
     /// Traits the event sets (identify), if any.
     pub traits: Option<&'a Map<String, Value>>,
+    /// The event time: orders trait updates and profile creation.
     pub timestamp: Millis,
+    /// When Kindred received the event: merge-protection frequency windows
+    /// count on it (SPEC 2), so a client's clock cannot move them.
+    pub received_at: Millis,
     pub source_id: &'a str,
 }
 
@@ -121,6 +127,9 @@ pub struct Resolution {
     pub dropped: Vec<Identifier>,
     /// Identifiers ignored because their value is blocked.
     pub blocked: Vec<Identifier>,
+    /// Trait keys dropped to keep the profile's traits within 64 KiB
+    /// (the oldest values go first).
+    pub dropped_traits: Vec<String>,
 }
 
 /// Resolves one event (SPEC 5, steps 1-4). `new_profile_id` is used if a
@@ -131,7 +140,7 @@ pub fn resolve(
     rules: &IdentityRules,
     new_profile_id: &str,
 ) -> Resolution {
-    let now = incoming.timestamp;
+    let now = incoming.received_at;
     let mut ids: Vec<Identifier> = Vec::new();
     let mut blocked = Vec::new();
     for id in incoming.identifiers {
@@ -148,6 +157,7 @@ pub fn resolve(
                 plan: Plan::Unresolved,
                 dropped,
                 blocked,
+                dropped_traits: Vec::new(),
             };
         }
         // Step 1: the profiles owning any identifier, oldest first.
@@ -168,11 +178,12 @@ pub fn resolve(
         // Step 3: merge protection over the union.
         let unchanged = found.len() == 1 && new_ids.is_empty();
         if unchanged || within_limits(&found, &new_ids, rules, now) {
-            let plan = build_plan(incoming, &found, &new_ids, new_profile_id);
+            let (plan, dropped_traits) = build_plan(incoming, &found, &new_ids, new_profile_id);
             return Resolution {
                 plan,
                 dropped,
                 blocked,
+                dropped_traits,
             };
         }
         // Drop the incoming identifier of lowest priority and run again.
@@ -249,13 +260,13 @@ fn build_plan(
     found: &[&ProfileFacts],
     new_ids: &[&Identifier],
     new_profile_id: &str,
-) -> Plan {
+) -> (Plan, Vec<String>) {
     let now = incoming.timestamp;
     let claims: Vec<IdentifierEntry> = new_ids
         .iter()
         .map(|id| IdentifierEntry {
             id: (*id).clone(),
-            added_at: now,
+            added_at: incoming.received_at,
         })
         .collect();
     let Some((parent, children)) = found.split_first() else {
@@ -263,12 +274,14 @@ fn build_plan(
         if let Some(updates) = incoming.traits {
             apply_updates(&mut traits, updates, now, incoming.source_id);
         }
-        return Plan::Create(Create {
+        let dropped = fit(&mut traits);
+        let plan = Plan::Create(Create {
             profile_id: new_profile_id.to_string(),
             created_at: now,
             identifiers: claims,
             traits,
         });
+        return (plan, dropped);
     };
     let mut traits_changed = !children.is_empty();
     let mut traits = parent.traits.clone();
@@ -278,6 +291,11 @@ fn build_plan(
     if let Some(updates) = incoming.traits {
         traits_changed |= apply_updates(&mut traits, updates, now, incoming.source_id);
     }
+    let dropped = if traits_changed {
+        fit(&mut traits)
+    } else {
+        Vec::new()
+    };
     let identifiers = (!children.is_empty() || !claims.is_empty()).then(|| {
         let mut all = parent.identifiers.clone();
         for child in children {
@@ -286,7 +304,7 @@ fn build_plan(
         all.extend(claims.iter().cloned());
         all
     });
-    Plan::Attach(Attach {
+    let plan = Plan::Attach(Attach {
         profile_id: parent.id.clone(),
         expected_version: parent.version,
         children: children.iter().map(|c| (c.id.clone(), c.version)).collect(),
@@ -294,5 +312,6 @@ fn build_plan(
         identifiers,
         merges: parent.merges + children.iter().map(|c| c.merges + 1).sum::<u32>(),
         traits: traits_changed.then_some(traits),
-    })
+    });
+    (plan, dropped)
 }

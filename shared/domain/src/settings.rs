@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::identifier::Identifier;
@@ -68,6 +68,39 @@ pub struct BlockedValue {
 pub struct IdentitySettings {
     pub types: BTreeMap<String, TypeRule>,
     pub blocked: Vec<BlockedValue>,
+    /// How far past the moment Kindred received an event its time may be
+    /// before it is clamped to that moment (SPEC 2), in seconds.
+    #[serde(default = "default_future_tolerance_seconds")]
+    pub future_tolerance_seconds: u32,
+}
+
+fn default_future_tolerance_seconds() -> u32 {
+    (crate::event::DEFAULT_FUTURE_TOLERANCE / 1000) as u32
+}
+
+/// Most blocked values a space may set.
+pub const MAX_BLOCKED: usize = 100;
+/// Longest blocked value or pattern, in bytes.
+pub const MAX_BLOCKED_BYTES: usize = 1024;
+/// Most identifier types a settings document may configure.
+pub const MAX_TYPES: usize = 200;
+/// The lowest priority a type may have (priorities are 1..=this).
+pub const MAX_PRIORITY: u32 = 10_000;
+/// Memory a blocked pattern may compile to (the regex crate's size limit):
+/// a pattern is matched against every identifier of every event.
+const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
+/// The largest clock tolerance a space may set: a day.
+pub const MAX_FUTURE_TOLERANCE_SECONDS: u32 = 86_400;
+
+impl IdentitySettings {
+    /// The clock tolerance in milliseconds.
+    pub fn future_tolerance(&self) -> Millis {
+        Millis::from(
+            self.future_tolerance_seconds
+                .min(MAX_FUTURE_TOLERANCE_SECONDS),
+        ) * 1000
+    }
 }
 
 /// The identifier types Kindred extracts itself (SPEC 3), besides user_id and email.
@@ -127,7 +160,11 @@ impl Default for IdentitySettings {
                 types: vec![],
             });
         }
-        Self { types, blocked }
+        Self {
+            types,
+            blocked,
+            future_tolerance_seconds: default_future_tolerance_seconds(),
+        }
     }
 }
 
@@ -172,14 +209,20 @@ impl IdentityRules {
             field,
             message: message.to_string(),
         };
+        if settings.types.len() > MAX_TYPES {
+            return Err(bad("types".into(), "at most 200 identifier types"));
+        }
         for (kind, rule) in &settings.types {
+            if kind.len() > crate::identifier::MAX_TYPE_BYTES {
+                return Err(bad("types".into(), "a type name is at most 128 bytes"));
+            }
             if kind.is_empty() || kind != &kind.to_ascii_lowercase() {
                 return Err(bad(format!("types.{kind}"), "types must be lowercase"));
             }
-            if rule.priority == 0 {
+            if rule.priority == 0 || rule.priority > MAX_PRIORITY {
                 return Err(bad(
                     format!("types.{kind}.priority"),
-                    "priority starts at 1",
+                    "priority is 1 (highest) to 10000",
                 ));
             }
             if rule.limit.count == 0 {
@@ -189,15 +232,45 @@ impl IdentityRules {
                 ));
             }
         }
+        if settings.future_tolerance_seconds > MAX_FUTURE_TOLERANCE_SECONDS {
+            return Err(bad(
+                "future_tolerance_seconds".into(),
+                "at most 86400 (a day)",
+            ));
+        }
+        if settings.blocked.len() > MAX_BLOCKED {
+            return Err(bad("blocked".into(), "at most 100 blocked values"));
+        }
         let mut blocked = Vec::with_capacity(settings.blocked.len());
         for (i, b) in settings.blocked.iter().enumerate() {
+            if b.value.len() > MAX_BLOCKED_BYTES {
+                return Err(bad(format!("blocked[{i}].value"), "at most 1024 bytes"));
+            }
+            if b.types.len() > MAX_TYPES
+                || b.types
+                    .iter()
+                    .any(|t| t.len() > crate::identifier::MAX_TYPE_BYTES)
+            {
+                return Err(bad(
+                    format!("blocked[{i}].types"),
+                    "at most 200 types of at most 128 bytes",
+                ));
+            }
             let matcher = if b.regex {
-                Matcher::Pattern(Regex::new(&b.value).map_err(|_| {
-                    bad(
-                        format!("blocked[{i}].value"),
-                        "not a valid regular expression",
-                    )
-                })?)
+                let compiled = RegexBuilder::new(&b.value)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .dfa_size_limit(REGEX_SIZE_LIMIT)
+                    .build()
+                    .map_err(|e| {
+                        let why = match e {
+                            regex::Error::CompiledTooBig(_) => {
+                                "the regular expression is too complex"
+                            }
+                            _ => "not a valid regular expression",
+                        };
+                        bad(format!("blocked[{i}].value"), why)
+                    })?;
+                Matcher::Pattern(compiled)
             } else {
                 Matcher::Exact(b.value.to_lowercase())
             };
@@ -209,7 +282,7 @@ impl IdentityRules {
             .map(|r| r.priority)
             .max()
             .unwrap_or(0)
-            + 1;
+            .saturating_add(1);
         Ok(Self {
             settings,
             blocked,

@@ -6,6 +6,7 @@
 //! number).
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
 
 use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
@@ -95,6 +96,17 @@ fn bad(field: &str, message: impl Into<String>) -> SettingsError {
 /// Most calls a webhook or Segment request carries (Segment's batch limit
 /// is 500 KB; 100 calls of computed values stay well inside it).
 pub const MAX_BATCH: usize = 100;
+/// Most destinations one space may have.
+pub const MAX_DESTINATIONS: usize = 50;
+
+/// The refusal of one more destination than [`MAX_DESTINATIONS`].
+pub fn too_many_destinations() -> SettingsError {
+    bad(
+        "id",
+        format!("a space has at most {MAX_DESTINATIONS} destinations; delete one first"),
+    )
+}
+
 /// Identifier types sent when a destination names none.
 pub const DEFAULT_ID_TYPES: [&str; 3] = ["user_id", "anonymous_id", "email"];
 
@@ -420,16 +432,120 @@ impl Settings {
     }
 }
 
-/// `s` if it is an http(s) URL with a host, without spaces.
+/// `s` if it is an http(s) URL with a host, without spaces or
+/// credentials, as the HTTP client will read it.
 fn http_url(s: &str) -> Option<String> {
+    if s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
     let rest = s
         .strip_prefix("https://")
         .or_else(|| s.strip_prefix("http://"))?;
-    let host = rest.split(['/', '?', '#']).next()?;
-    if host.is_empty() || s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.is_empty() || authority.contains('@') {
         return None;
     }
+    let url = url::Url::parse(s).ok()?;
+    url.host()?;
     Some(s.to_string())
+}
+
+/// Whether an address is inside a network rather than on the internet:
+/// loopback, private (RFC 1918), link-local (169.254/16, fe80::/10, where
+/// cloud metadata services answer), CGNAT (100.64/10), unique-local
+/// (fc00::/7), multicast, unspecified, broadcast, documentation and
+/// benchmarking ranges, and IPv6 forms that embed such an IPv4 address.
+/// A destination may reach one only where the operator opted in.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (18..20).contains(&b))
+                || a >= 240
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) embed an IPv4 address.
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = seg[6].to_be_bytes();
+                let [c, d] = seg[7].to_be_bytes();
+                return is_internal(IpAddr::V4(Ipv4Addr::new(a, b, c, d)));
+            }
+            if seg[0] == 0x2002 {
+                let [a, b] = seg[1].to_be_bytes();
+                let [c, d] = seg[2].to_be_bytes();
+                return is_internal(IpAddr::V4(Ipv4Addr::new(a, b, c, d)));
+            }
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                // IPv4-compatible (::a.b.c.d, deprecated) and other ::/96.
+                || seg[..6] == [0; 6]
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xffc0) == 0xfec0
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8)
+        }
+    }
+}
+
+/// Why a destination may not be called from here.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+/// What `--allow-private-destinations` (or the AWS template's parameter)
+/// turns on: destinations at internal addresses, and `http` to a
+/// Segment-compatible host (the write key would travel in clear).
+pub const OPT_IN: &str = "--allow-private-destinations";
+
+impl Settings {
+    /// Whether the endpoint may be called, by what its URL says alone: an
+    /// IP literal must not be internal, a `localhost` name neither, and a
+    /// Segment-compatible host must be `https`. A host name is checked
+    /// again, address by address, when it is resolved at send time.
+    pub fn check_reach(&self, allow_private: bool) -> Result<(), Unreachable> {
+        if allow_private {
+            return Ok(());
+        }
+        let url = url::Url::parse(&self.endpoint)
+            .map_err(|_| Unreachable("the destination's URL cannot be parsed".into()))?;
+        let internal = match url.host() {
+            Some(url::Host::Ipv4(ip)) => is_internal(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => is_internal(IpAddr::V6(ip)),
+            Some(url::Host::Domain(name)) => {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                name == "localhost" || name.ends_with(".localhost")
+            }
+            None => true,
+        };
+        if internal {
+            return Err(Unreachable(format!(
+                "the destination's host is a loopback, private or otherwise internal address; \
+                 Kindred calls internal addresses only when started with {OPT_IN}"
+            )));
+        }
+        if self.kind == Kind::Segment && url.scheme() == "http" {
+            return Err(Unreachable(format!(
+                "a Segment-compatible host must use https: over http the write key travels \
+                 in clear (allowed only with {OPT_IN})"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A change of the outbound change log, as the sync step reads it.
@@ -696,19 +812,68 @@ pub fn alias_call(
     }))
 }
 
-/// The webhook signature header's value: `sha256=` and the hex HMAC-SHA256
-/// of the exact request body under the destination's secret.
-pub fn sign(secret: &str, body: &[u8]) -> String {
+/// The webhook signature header's value: `sha256=` and the hex HMAC-SHA256,
+/// under the destination's secret, of the timestamp header's value, a `.`
+/// and the exact request body. The timestamp is signed so that a captured
+/// request cannot be replayed later: receivers check it is recent
+/// ([`verify_signature`]).
+pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let hex: String = mac(secret, timestamp, body)
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
-    let out = mac.finalize().into_bytes();
-    let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
+    mac
 }
 
 /// The name of the webhook signature header.
 pub const SIGNATURE_HEADER: &str = "X-Kindred-Signature";
+/// The name of the header with the signing time, in Unix seconds.
+pub const TIMESTAMP_HEADER: &str = "X-Kindred-Timestamp";
+/// How old a signed request a receiver should accept, at most (seconds).
+pub const SIGNATURE_TOLERANCE_SECS: i64 = 300;
+
+/// The check a receiver makes: the signature matches (compared in
+/// constant time) and the timestamp is within `tolerance_secs` of `now_secs`.
+pub fn verify_signature(
+    secret: &str,
+    timestamp_header: &str,
+    signature_header: &str,
+    body: &[u8],
+    now_secs: i64,
+    tolerance_secs: i64,
+) -> bool {
+    let Ok(timestamp) = timestamp_header.trim().parse::<i64>() else {
+        return false;
+    };
+    if now_secs.abs_diff(timestamp) > tolerance_secs.unsigned_abs() {
+        return false;
+    }
+    let Some(hex) = signature_header.trim().strip_prefix("sha256=") else {
+        return false;
+    };
+    let Some(given) = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    mac(secret, timestamp, body).verify_slice(&given).is_ok()
+}
 
 /// How a delivery attempt ended, as the retry schedule sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1057,12 +1222,111 @@ mod tests {
     }
 
     #[test]
-    fn signatures_are_hmac_sha256_of_the_body() {
-        // RFC 4231 test case 2.
+    fn signatures_are_hmac_sha256_of_the_timestamp_and_body() {
+        // HMAC-SHA256 of "1700000000." + the body, as Python's hmac computes it.
+        let sig = sign("Jefe", 1_700_000_000, b"what do ya want for nothing?");
         assert_eq!(
-            sign("Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            sig,
+            "sha256=1cdd0650c8be1cb0974b1788d458b1e781206cfef59b85faafc582d2e182c57e"
         );
+        let body = b"what do ya want for nothing?";
+        let ok = |ts: &str, sig: &str, body: &[u8], now: i64| {
+            verify_signature("Jefe", ts, sig, body, now, SIGNATURE_TOLERANCE_SECS)
+        };
+        assert!(ok("1700000000", &sig, body, 1_700_000_100));
+        // Replayed ten minutes later: refused.
+        assert!(!ok("1700000000", &sig, body, 1_700_000_600));
+        // A fresh timestamp on an old signature: refused.
+        assert!(!ok("1700000500", &sig, body, 1_700_000_500));
+        assert!(!ok(
+            "1700000000",
+            &sig,
+            b"what do ya want for something?",
+            1_700_000_000
+        ));
+        assert!(!ok("1700000000", "sha256=zz", body, 1_700_000_000));
+        assert!(!ok("soon", &sig, body, 1_700_000_000));
+        assert!(!verify_signature(
+            "other",
+            "1700000000",
+            &sig,
+            body,
+            1_700_000_000,
+            300
+        ));
+    }
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.255",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::",
+            "::127.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "100.128.0.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn reach_refuses_internal_literals_localhost_and_clear_segment_keys() {
+        let refused = [
+            json!({"kind": "webhook", "url": "http://127.0.0.1:9000/hook"}),
+            json!({"kind": "webhook", "url": "http://169.254.169.254/latest/meta-data"}),
+            json!({"kind": "webhook", "url": "http://10.0.0.1/"}),
+            json!({"kind": "webhook", "url": "http://[::1]:8080/"}),
+            // Other spellings of 127.0.0.1 that URL parsers accept.
+            json!({"kind": "webhook", "url": "http://2130706433/"}),
+            json!({"kind": "webhook", "url": "http://0x7f.1/"}),
+            json!({"kind": "webhook", "url": "http://localhost:3000/"}),
+            json!({"kind": "webhook", "url": "http://api.LOCALHOST./"}),
+            json!({"kind": "segment", "host": "http://api.example.com", "write_key": "k"}),
+        ];
+        for body in refused {
+            let s = settings(body.clone());
+            assert!(s.check_reach(false).is_err(), "{body}");
+            assert!(s.check_reach(true).is_ok(), "{body}");
+        }
+        for body in [
+            json!({"kind": "webhook", "url": "http://hooks.example.com/x"}),
+            json!({"kind": "webhook", "url": "https://8.8.8.8/x"}),
+            json!({"kind": "segment", "host": "https://api.segment.io", "write_key": "k"}),
+        ] {
+            assert!(settings(body.clone()).check_reach(false).is_ok(), "{body}");
+        }
+        // Credentials in the URL are refused outright (they hide the host).
+        let err =
+            Settings::parse(&json!({"kind": "webhook", "url": "http://x@127.0.0.1/"})).unwrap_err();
+        assert_eq!(err.field, "url");
     }
 
     #[test]

@@ -22,6 +22,41 @@ pub struct TraitValue {
 
 pub type Traits = BTreeMap<String, TraitValue>;
 
+/// Most a profile's traits may take, encoded as stored (JSON).
+pub const MAX_TRAITS_BYTES: usize = 64 * 1024;
+
+/// Keeps a profile's traits within [`MAX_TRAITS_BYTES`]: when they are
+/// larger, the newest values that fit are kept and the rest dropped.
+/// Returns the dropped keys (sorted), to be recorded.
+pub fn fit(traits: &mut Traits) -> Vec<String> {
+    let entry_len = |k: &String, v: &TraitValue| {
+        serde_json::to_string(k).map_or(0, |s| s.len())
+            + serde_json::to_string(v).map_or(0, |s| s.len())
+            + 2 // the ':' and a ','
+    };
+    let total: usize = 2 + traits.iter().map(|(k, v)| entry_len(k, v)).sum::<usize>();
+    if total <= MAX_TRAITS_BYTES {
+        return Vec::new();
+    }
+    let mut newest_first: Vec<(&String, &TraitValue)> = traits.iter().collect();
+    newest_first.sort_by(|a, b| b.1.updated_at.cmp(&a.1.updated_at).then(a.0.cmp(b.0)));
+    let mut used = 2;
+    let mut dropped = Vec::new();
+    for (k, v) in newest_first {
+        let len = entry_len(k, v);
+        if used + len <= MAX_TRAITS_BYTES {
+            used += len;
+        } else {
+            dropped.push(k.clone());
+        }
+    }
+    for k in &dropped {
+        traits.remove(k);
+    }
+    dropped.sort();
+    dropped
+}
+
 /// Applies an identify call's traits; returns whether anything changed.
 /// A value at the same timestamp replaces the stored one (the later
 /// arrival wins a tie).

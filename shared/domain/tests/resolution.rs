@@ -26,6 +26,7 @@ fn send(
         identifiers: ids,
         traits,
         timestamp: at,
+        received_at: at,
         source_id: "src",
     };
     graph.process(&incoming, rules, message_id)

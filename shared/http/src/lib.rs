@@ -38,6 +38,8 @@ pub struct AppState {
     pub computations: Option<Arc<dyn Computations>>,
     /// `None` where destinations are not available (answered 501).
     pub destinations: Option<Arc<dyn Destinations>>,
+    /// Destinations may be at internal addresses (the operator opted in).
+    pub allow_private_destinations: bool,
 }
 
 /// What the Tracking API needs (the `ingest` function has only this).
@@ -55,6 +57,7 @@ pub struct ReadState {
     pub profiles: Arc<dyn Profiles>,
     pub computations: Option<Arc<dyn Computations>>,
     pub destinations: Option<Arc<dyn Destinations>>,
+    pub allow_private_destinations: bool,
 }
 
 impl AppState {
@@ -72,6 +75,7 @@ impl AppState {
             profiles: Arc::clone(&self.profiles),
             computations: self.computations.clone(),
             destinations: self.destinations.clone(),
+            allow_private_destinations: self.allow_private_destinations,
         }
     }
 }

@@ -103,12 +103,21 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     }
 }
 
-async fn authenticate(
+/// The space of a write key given as HTTP Basic auth: checked before the
+/// body is read or decompressed, so an unknown key costs no more than a
+/// lookup. `None` when the request has no Basic auth (the key may then be
+/// the body's `writeKey`).
+async fn authenticate_header(
     state: &TrackingState,
     headers: &HeaderMap,
-    body_key: Option<&str>,
-) -> Result<SpaceAuth, ApiError> {
-    let key = basic_user(headers).or_else(|| body_key.map(str::to_string));
+) -> Result<Option<SpaceAuth>, ApiError> {
+    match basic_user(headers) {
+        Some(key) => Ok(Some(authenticate(state, Some(&key)).await?)),
+        None => Ok(None),
+    }
+}
+
+async fn authenticate(state: &TrackingState, key: Option<&str>) -> Result<SpaceAuth, ApiError> {
     let Some(key) = key else {
         return Err(ApiError::unauthorized(
             "a write key is required: HTTP Basic auth with the write key as user name, or writeKey in the body",
@@ -116,7 +125,7 @@ async fn authenticate(
     };
     state
         .spaces
-        .authenticate(&key, TokenKind::WriteKey)
+        .authenticate(key, TokenKind::WriteKey)
         .await?
         .ok_or_else(|| ApiError::unauthorized("unknown write key"))
 }
@@ -139,6 +148,7 @@ async fn single(
     };
     let (parts, body) = request.into_parts();
     let result = async {
+        let header_auth = authenticate_header(&state, &parts.headers).await?;
         let bytes = read_body(&parts.headers, body).await?;
         if bytes.len() > MAX_EVENT_BYTES {
             return Err(ApiError::bad_request(format!(
@@ -147,12 +157,10 @@ async fn single(
             )));
         }
         let value: Value = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
-        let auth = authenticate(
-            &state,
-            &parts.headers,
-            value.get("writeKey").and_then(Value::as_str),
-        )
-        .await?;
+        let auth = match header_auth {
+            Some(auth) => auth,
+            None => authenticate(&state, value.get("writeKey").and_then(Value::as_str)).await?,
+        };
         check_rate(&state, &auth, 1)?;
         let generated = generated_message_id();
         let envelope = Envelope {
@@ -160,6 +168,7 @@ async fn single(
             received_at: now_millis(),
             batch_sent_at: None,
             generated_message_id: &generated,
+            future_tolerance: auth.future_tolerance,
         };
         let event = Event::parse(strip_write_key(value), envelope).map_err(|r| {
             ApiError::new(
@@ -193,9 +202,13 @@ struct BatchBody<'a> {
 async fn batch(State(state): State<TrackingState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
+        let header_auth = authenticate_header(&state, &parts.headers).await?;
         let bytes = read_body(&parts.headers, body).await?;
         let parsed: BatchBody<'_> = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
-        let auth = authenticate(&state, &parts.headers, parsed.write_key.as_deref()).await?;
+        let auth = match header_auth {
+            Some(auth) => auth,
+            None => authenticate(&state, parsed.write_key.as_deref()).await?,
+        };
         let items = parsed
             .batch
             .ok_or_else(|| ApiError::bad_request("batch must be an array of events"))?;
@@ -212,8 +225,11 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
                 raw,
                 &parsed.context,
                 &parsed.integrations,
-                received_at,
-                batch_sent_at,
+                Envelope {
+                    batch_sent_at,
+                    future_tolerance: auth.future_tolerance,
+                    ..Envelope::received(received_at, "")
+                },
             );
             match outcome {
                 Ok(event) => accepted.push(event),
@@ -243,8 +259,7 @@ fn parse_item(
     raw: &RawValue,
     context: &Option<Value>,
     integrations: &Option<Value>,
-    received_at: i64,
-    batch_sent_at: Option<i64>,
+    envelope: Envelope<'_>,
 ) -> Result<Event, Rejection> {
     if raw.get().len() > MAX_EVENT_BYTES {
         return Err(Rejection::new(
@@ -266,10 +281,8 @@ fn parse_item(
     Event::parse(
         strip_write_key(value),
         Envelope {
-            kind: None,
-            received_at,
-            batch_sent_at,
             generated_message_id: &generated,
+            ..envelope
         },
     )
 }

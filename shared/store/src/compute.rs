@@ -6,6 +6,7 @@
 
 use kindred_domain::compute::{
     settle, Change, Class, Definition, DefinitionError, ProfileState, Ruleset, Values,
+    MAX_DEFINITIONS,
 };
 use kindred_domain::{Millis, Traits};
 use serde_json::Value;
@@ -29,6 +30,15 @@ pub fn check_put(
     }
     let mut defs: Vec<Definition> = others.into_iter().filter(|d| d.key != parsed.key).collect();
     defs.push(parsed);
+    if defs.len() > MAX_DEFINITIONS {
+        return Err(DefinitionError {
+            field: "key".into(),
+            message: format!(
+                "a space has at most {MAX_DEFINITIONS} computed traits and audiences together"
+            ),
+        }
+        .into());
+    }
     Ruleset::new(defs)?;
     Ok(())
 }

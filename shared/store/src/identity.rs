@@ -4,7 +4,7 @@
 
 use kindred_domain::identifier::group_link;
 use kindred_domain::{extract_identifiers, resolve, Event, IdentityRules, Incoming, Plan};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::ports::{Applied, EventRecord, IdentityGraph};
 use crate::{Result, StoreError};
@@ -79,12 +79,20 @@ pub async fn process_event<G: IdentityGraph>(
             identifiers: &ids,
             traits: event.profile_traits(),
             timestamp: event.timestamp,
+            received_at: event.received_at,
             source_id,
         };
         let resolution = resolve(&incoming, &facts, &rules.rules, &candidate);
         match graph.apply(space_id, &resolution.plan, &record).await {
             Ok(Applied::Duplicate) => return Ok(Outcome::Duplicate),
             Ok(Applied::Recorded) => {
+                if !resolution.dropped_traits.is_empty() {
+                    // Trait keys are the customer's schema, not their values.
+                    warn!(space_id, message_id = %event.message_id,
+                  profile_id = resolution.plan.profile_id().unwrap_or_default(),
+                  dropped = ?resolution.dropped_traits,
+                  "a profile's traits are over 64 KiB: the oldest values were dropped");
+                }
                 return Ok(match &resolution.plan {
                     Plan::Unresolved => Outcome::Unresolved,
                     Plan::Create(c) => Outcome::Recorded {
@@ -97,7 +105,7 @@ pub async fn process_event<G: IdentityGraph>(
                         created: false,
                         merged: a.children.len(),
                     },
-                })
+                });
             }
             Err(StoreError::Conflict) => {
                 debug!(space_id, attempt, "identity plan conflicted; re-planning");

@@ -22,6 +22,8 @@ pub struct SpaceAuth {
     /// The event source of the space's write key; recorded on identifiers and traits.
     pub source_id: String,
     pub kind: TokenKind,
+    /// The space's clock tolerance for event times (SPEC 2), in milliseconds.
+    pub future_tolerance: Millis,
 }
 
 /// A space's credentials, shown once on creation.

@@ -13,9 +13,10 @@ fn event(body: serde_json::Value) -> Event {
         body,
         Envelope {
             kind: None,
-            received_at: 1_000,
+            received_at: 1_767_225_600_000,
             batch_sent_at: None,
             generated_message_id: "gen",
+            future_tolerance: kindred_domain::event::DEFAULT_FUTURE_TOLERANCE,
         },
     )
     .unwrap()
@@ -94,6 +95,7 @@ fn a_plan_from_stale_facts_conflicts_and_writes_nothing() {
         identifiers: &wanted,
         traits: None,
         timestamp: 2_000,
+        received_at: 2_000,
         source_id: "src",
     };
     let plan = resolve(&incoming, &stale, &rules, "prf_new").plan;
@@ -134,6 +136,7 @@ fn claiming_an_owned_identifier_conflicts() {
         identifiers: &wanted,
         traits: None,
         timestamp: 2_000,
+        received_at: 2_000,
         source_id: "src",
     };
     let plan = resolve(&incoming, &empty, &rules, "prf_other").plan;

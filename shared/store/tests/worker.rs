@@ -10,9 +10,10 @@ fn queued(space: &str, body: serde_json::Value) -> QueuedEvent {
         body,
         kindred_domain::Envelope {
             kind: None,
-            received_at: 1_000,
+            received_at: 1_767_225_600_000,
             batch_sent_at: None,
             generated_message_id: "unused",
+            future_tolerance: kindred_domain::event::DEFAULT_FUTURE_TOLERANCE,
         },
     )
     .unwrap();

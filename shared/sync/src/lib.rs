@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kindred_domain::sync::{
-    outcome, parse_retry_after, retry_delay, Kind, Outcome, SIGNATURE_HEADER,
+    is_internal, outcome, parse_retry_after, retry_delay, Kind, Outcome, Unreachable,
+    SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use kindred_store::{now_millis, Attempt, DeliveryError, Outbox, PendingCall, Target, Targets};
 use tracing::warn;
@@ -73,18 +74,79 @@ pub struct Deliverer {
     outbox: Arc<dyn Outbox>,
     client: reqwest::Client,
     policy: RetryPolicy,
+    /// Whether destinations may be at internal addresses (the operator's
+    /// `--allow-private-destinations`).
+    allow_private: bool,
     pub stats: Arc<DeliveryStats>,
+}
+
+/// Most of a response body that is read (the rest is never downloaded).
+pub const MAX_RESPONSE_BYTES: usize = 4096;
+/// Most of a refusal's body kept with the error (shown to the admin).
+const MAX_ERROR_CHARS: usize = 200;
+
+/// Resolves destination host names and keeps only the addresses that may
+/// be called. The client connects to exactly the addresses returned here
+/// (there is no second lookup), so a name that resolves to a public
+/// address when checked and to 127.0.0.1 a moment later (DNS rebinding)
+/// is still never connected to 127.0.0.1.
+struct CheckedResolver {
+    allow_private: bool,
+}
+
+/// A host name that resolved only to internal addresses.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(Unreachable);
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let found: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let allowed: Vec<std::net::SocketAddr> = found
+                .iter()
+                .copied()
+                .filter(|a| allow_private || !is_internal(a.ip()))
+                .collect();
+            if allowed.is_empty() && !found.is_empty() {
+                return Err(Box::new(Refused(Unreachable(format!(
+                    "the destination's host name resolves to a loopback, private or otherwise \
+                     internal address; Kindred calls internal addresses only when started with {}",
+                    kindred_domain::sync::OPT_IN
+                ))))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Why a request got no answer.
+enum NoAnswer {
+    /// Worth trying again (timeout, connection refused).
+    Transient(String),
+    /// The destination may not be called from here: dead letters.
+    Refused(String),
 }
 
 type Key = (String, String);
 
 impl Deliverer {
-    pub fn new(outbox: Arc<dyn Outbox>, policy: RetryPolicy) -> Arc<Self> {
+    /// `allow_private`: destinations may be at internal addresses and
+    /// Segment-compatible hosts may be `http` (off unless the operator
+    /// opts in).
+    pub fn new(outbox: Arc<dyn Outbox>, policy: RetryPolicy, allow_private: bool) -> Arc<Self> {
         let client = reqwest::Client::builder()
             .timeout(policy.timeout)
             // A redirected POST would be re-sent as a GET without its
             // body and look delivered: a 3xx is an error to see instead.
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(CheckedResolver { allow_private }))
+            // A proxy would make the connection, not us, to an address
+            // that was never checked.
+            .no_proxy()
             .user_agent(concat!("kindred/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("an HTTP client with default TLS settings");
@@ -92,6 +154,7 @@ impl Deliverer {
             outbox,
             client,
             policy,
+            allow_private,
             stats: Arc::default(),
         })
     }
@@ -184,13 +247,16 @@ impl Deliverer {
         let attempts = calls.iter().map(|c| c.attempts).max().unwrap_or(0) + 1;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.send(t, &calls).await;
-        let (status, retry_after, message) = match result {
-            Ok((status, retry_after, message)) => (Some(status), retry_after, message),
-            Err(message) => (None, None, message),
-        };
-        let verdict = match status {
-            Some(code) => outcome(code, retry_after),
-            None => Outcome::Retry { retry_after: None },
+        let (status, message, verdict) = match result {
+            Ok((status, retry_after, message)) => {
+                (Some(status), message, outcome(status, retry_after))
+            }
+            Err(NoAnswer::Transient(message)) => {
+                (None, message, Outcome::Retry { retry_after: None })
+            }
+            // The destination may not be called from here: retrying
+            // cannot help until its settings change.
+            Err(NoAnswer::Refused(message)) => (None, message, Outcome::Rejected),
         };
         let at = now_millis();
         match verdict {
@@ -255,7 +321,12 @@ impl Deliverer {
         &self,
         t: &Target,
         calls: &[PendingCall],
-    ) -> Result<(u16, Option<u64>, String), String> {
+    ) -> Result<(u16, Option<u64>, String), NoAnswer> {
+        // Host names are checked as they resolve; what the URL says alone
+        // (an IP literal, `localhost`, http to a Segment host) is checked here.
+        t.settings
+            .check_reach(self.allow_private)
+            .map_err(|e| NoAnswer::Refused(e.0))?;
         // The calls are stored as JSON text: the body is assembled, not
         // re-serialized.
         let body = if t.settings.kind == Kind::Webhook && t.settings.batch_size == 1 {
@@ -280,9 +351,10 @@ impl Deliverer {
         match t.settings.kind {
             Kind::Webhook => {
                 if let Some(secret) = &t.secret {
-                    req = req.header(
+                    let timestamp = now_millis() / 1000;
+                    req = req.header(TIMESTAMP_HEADER, timestamp.to_string()).header(
                         SIGNATURE_HEADER,
-                        kindred_domain::sync::sign(secret, body.as_bytes()),
+                        kindred_domain::sync::sign(secret, timestamp, body.as_bytes()),
                     );
                 }
             }
@@ -290,14 +362,21 @@ impl Deliverer {
                 req = req.basic_auth(t.secret.as_deref().unwrap_or_default(), Some(""));
             }
         }
-        let response = req.body(body).send().await.map_err(|e| {
-            if e.is_timeout() {
+        let mut response = req.body(body).send().await.map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if let Some(refused) = err.downcast_ref::<Refused>() {
+                    return NoAnswer::Refused(refused.0 .0.clone());
+                }
+                source = err.source();
+            }
+            NoAnswer::Transient(if e.is_timeout() {
                 "the request timed out".to_string()
             } else if e.is_connect() {
                 "could not connect".to_string()
             } else {
                 "the request failed".to_string()
-            }
+            })
         })?;
         let status = response.status();
         let retry_after = response
@@ -308,11 +387,22 @@ impl Deliverer {
         let text = if status.is_success() {
             String::new()
         } else {
-            let body = response.text().await.unwrap_or_default();
+            // At most 4 KiB of the answer is read, whatever it claims.
+            let mut body = Vec::new();
+            while body.len() < MAX_RESPONSE_BYTES {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => {
+                        let room = MAX_RESPONSE_BYTES - body.len();
+                        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    _ => break,
+                }
+            }
+            let body = String::from_utf8_lossy(&body);
             let reason = status.canonical_reason().unwrap_or("");
             let mut m = format!("{reason}: {}", body.trim());
-            if m.len() > 200 {
-                let mut cut = 200;
+            if m.len() > MAX_ERROR_CHARS {
+                let mut cut = MAX_ERROR_CHARS;
                 while !m.is_char_boundary(cut) {
                     cut -= 1;
                 }

@@ -26,10 +26,16 @@ pub struct Reply {
 
 impl Server {
     pub async fn start() -> Self {
-        Self::start_with_rate(1_000_000).await
+        Self::start_with(1_000_000, true).await
     }
 
     pub async fn start_with_rate(ingest_rate: u32) -> Self {
+        Self::start_with(ingest_rate, true).await
+    }
+
+    /// `allow_private_destinations`: the local receivers of the tests are
+    /// on 127.0.0.1, so most tests opt in, as an operator would.
+    pub async fn start_with(ingest_rate: u32, allow_private_destinations: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
@@ -41,6 +47,7 @@ impl Server {
                 max_attempts: 12,
                 timeout: std::time::Duration::from_secs(5),
             },
+            allow_private_destinations,
         };
         let (running, created) = start(&config).await.unwrap();
         let base = format!("http://{}", running.addr);

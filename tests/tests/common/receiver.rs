@@ -47,6 +47,26 @@ impl Request {
             _ => vec![v],
         }
     }
+
+    /// The check a webhook receiver makes (README, "Webhook signatures"):
+    /// the HMAC of the timestamp header and the body under `secret`, and a
+    /// timestamp within five minutes of when the request arrived.
+    pub fn signed_by(&self, secret: &str) -> bool {
+        let header = |name: &str| {
+            self.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        kindred_domain::sync::verify_signature(
+            secret,
+            header("x-kindred-timestamp"),
+            header("x-kindred-signature"),
+            &self.body,
+            self.at_ms / 1000,
+            kindred_domain::sync::SIGNATURE_TOLERANCE_SECS,
+        )
+    }
 }
 
 #[derive(Default)]

@@ -139,10 +139,12 @@ impl Spaces for DynamoStore {
         let Some(space) = self.get(space_key(&space_id), true).await? else {
             return Ok(None);
         };
+        let settings: IdentitySettings = serde_json::from_str(get_s(&space, "settings")?)?;
         let auth = SpaceAuth {
             space_id,
             source_id: get_s(&space, "source_id")?.to_string(),
             kind,
+            future_tolerance: settings.future_tolerance(),
         };
         let mut caches = lock(&self.caches);
         if caches.auth.len() >= MAX_CACHED {

@@ -6,7 +6,12 @@
 //! | queued call | `OUT#{space}#{id}` | 20-digit sequence number |
 //! | dead letter | `DEAD#{space}#{id}` | its sequence number |
 //!
-//! A destination is replaced only at the version read (optimistic, retried
+//! | a space's destination count | `SPACE#{space}` | `DESTCOUNT` |
+//!
+//! A destination is created in one transaction with the increment of its
+//! space's count (conditioned on the limit) and deleted with its
+//! decrement, so racing creates cannot pass the limit together. It is
+//! replaced only at the version read (optimistic, retried
 //! with jitter); calls are numbered by an atomic counter on the
 //! destination item, so a destination's queue is one partition read in
 //! order; moving a call to or from the dead letters is one transaction.
@@ -15,9 +20,10 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, DeleteRequest, Put, ReturnConsumedCapacity, ReturnValue, Select,
-    TransactWriteItem, WriteRequest,
+    TransactWriteItem, Update as TxUpdate, WriteRequest,
 };
 use kindred_domain::sync::Settings;
 use kindred_store::secret::Sealer;
@@ -31,6 +37,7 @@ use serde_json::Value;
 use super::{get_n, get_s, key, n, opt_s, s, service, space_key, DynamoStore, Item, PK, SK};
 
 const DEST_PREFIX: &str = "DEST#";
+const DEST_COUNT: &str = "DESTCOUNT";
 /// DynamoDB's limits: items per `BatchWriteItem`, actions per transaction.
 const MAX_BATCH_WRITE: usize = 25;
 const MAX_TRANSACT: usize = 100;
@@ -51,6 +58,73 @@ fn dead_key(space_id: &str, id: &str) -> String {
 
 fn seq_sort(seq: i64) -> String {
     format!("{seq:020}")
+}
+
+/// The cancellation reason codes of a cancelled transaction, in order.
+fn cancelled_by<R>(e: &SdkError<TransactWriteItemsError, R>) -> Vec<Option<&str>> {
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
+            c.cancellation_reasons().iter().map(|r| r.code()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+impl DynamoStore {
+    /// Puts a new destination item and counts it in its space, in one
+    /// transaction; `Err((true, _))` if another write won the id.
+    async fn create_destination(
+        &self,
+        space_id: &str,
+        item: Item,
+    ) -> std::result::Result<(Item, bool), (bool, StoreError)> {
+        let max = kindred_domain::sync::MAX_DESTINATIONS as i64;
+        let built = (|| {
+            let put = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(item.clone()))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()?;
+            let count = TxUpdate::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(space_key(space_id), DEST_COUNT)))
+                .update_expression("ADD destinations :one")
+                .condition_expression("attribute_not_exists(destinations) OR destinations < :max")
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":max", n(max))
+                .build()?;
+            Ok::<_, aws_sdk_dynamodb::error::BuildError>((put, count))
+        })();
+        let (put, count) = built.map_err(|e| (false, service(e)))?;
+        let out = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .transact_items(TransactWriteItem::builder().update(count).build())
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                Ok((item, true))
+            }
+            Err(e) => {
+                let reasons = cancelled_by(&e);
+                match reasons.as_slice() {
+                    [Some("ConditionalCheckFailed"), ..] => Err((true, service(e))),
+                    [_, Some("ConditionalCheckFailed")] => Err((
+                        false,
+                        StoreError::Invalid(
+                            kindred_domain::sync::too_many_destinations().to_string(),
+                        ),
+                    )),
+                    _ if reasons.contains(&Some("TransactionConflict")) => Err((true, service(e))),
+                    _ => Err((false, service(e))),
+                }
+            }
+        }
+    }
 }
 
 /// Whether a request failed only because its condition did not hold.
@@ -403,19 +477,7 @@ impl Destinations for DynamoStore {
                     // queue can never remove a new call).
                     item.insert("next_seq".into(), n(now * 1_000));
                     item.insert("delivered".into(), n(0));
-                    self.client
-                        .put_item()
-                        .table_name(&self.table)
-                        .set_item(Some(item.clone()))
-                        .condition_expression("attribute_not_exists(pk)")
-                        .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                        .send()
-                        .await
-                        .map(|out| {
-                            self.usage.write(out.consumed_capacity());
-                            (item, true)
-                        })
-                        .map_err(|e| (conditional_failed(&e), service(e)))
+                    self.create_destination(space_id, item).await
                 }
                 Some(old) => {
                     let before = record_of(old)?;
@@ -534,18 +596,35 @@ impl Destinations for DynamoStore {
     }
 
     async fn delete_destination(&self, space_id: &str, destination_id: &str) -> Result<bool> {
-        let out = self
-            .client
-            .delete_item()
+        let delete = Delete::builder()
             .table_name(&self.table)
             .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
-            .return_values(ReturnValue::AllOld)
+            .condition_expression("attribute_exists(pk)")
+            .build()
+            .map_err(service)?;
+        let count = TxUpdate::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), DEST_COUNT)))
+            .update_expression("ADD destinations :minus_one")
+            .expression_attribute_values(":minus_one", n(-1))
+            .build()
+            .map_err(service)?;
+        let out = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().delete(delete).build())
+            .transact_items(TransactWriteItem::builder().update(count).build())
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
-            .await
-            .map_err(service)?;
-        self.usage.write(out.consumed_capacity());
-        let existed = out.attributes().is_some();
+            .await;
+        let existed = match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                true
+            }
+            Err(e) if cancelled_by(&e).first() == Some(&Some("ConditionalCheckFailed")) => false,
+            Err(e) => return Err(service(e)),
+        };
         for pk in [
             out_key(space_id, destination_id),
             dead_key(space_id, destination_id),

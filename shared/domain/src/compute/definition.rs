@@ -11,6 +11,10 @@ use crate::Millis;
 pub const HOUR_MS: Millis = 3_600_000;
 /// Most expressions (conditions, counting every nested one) in an audience.
 pub const MAX_EXPRESSIONS: usize = 50;
+/// Most `where` filters on one event.
+pub const MAX_WHERE_FILTERS: usize = 20;
+/// Most computed traits and audiences (together) in one space.
+pub const MAX_DEFINITIONS: usize = 200;
 /// Longest lookback accepted: ten years.
 const MAX_WINDOW_HOURS: i64 = 10 * 366 * 24;
 
@@ -413,6 +417,12 @@ fn parse_match(obj: &Map<String, Value>, path: &str) -> Result<EventMatch, Defin
     match obj.get("where") {
         None => {}
         Some(Value::Array(items)) => {
+            if items.len() > MAX_WHERE_FILTERS {
+                return err(
+                    &join(path, "where"),
+                    format!("has more than {MAX_WHERE_FILTERS} filters"),
+                );
+            }
             for (i, item) in items.iter().enumerate() {
                 let p = format!("{}[{i}]", join(path, "where"));
                 let Value::Object(f) = item else {

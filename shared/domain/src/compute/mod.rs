@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 pub use definition::{
     evaluation_order, valid_key, Aggregate, Body, Class, ComputedTrait, Condition, Count,
     Definition, DefinitionError, EventMatch, Filter, Funnel, Op, Span, Test, TraitKind, Window,
-    HOUR_MS, MAX_EXPRESSIONS,
+    HOUR_MS, MAX_DEFINITIONS, MAX_EXPRESSIONS, MAX_WHERE_FILTERS,
 };
 pub use state::{hour, Acc, DefState, EventFacts};
 

@@ -84,7 +84,7 @@ impl SqliteStore {
         let row = self
             .reader()?
             .prepare_cached(
-                "SELECT t.hash, t.space_id, t.kind, s.source_id FROM tokens t
+                "SELECT t.hash, t.space_id, t.kind, s.source_id, s.settings FROM tokens t
                  JOIN spaces s ON s.space_id = t.space_id
                  WHERE t.token_id = ?1 AND t.revoked_at IS NULL",
             )?
@@ -94,17 +94,23 @@ impl SqliteStore {
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             })
             .optional()?;
-        let auth = row.and_then(|(hash, space_id, stored_kind, source_id)| {
-            // Verify the secret before looking at anything else it unlocks.
-            let genuine = verify(secret, &hash);
-            (genuine && TokenKind::parse(&stored_kind) == Some(kind)).then_some(SpaceAuth {
-                space_id,
-                source_id,
-                kind,
-            })
+        let Some((hash, space_id, stored_kind, source_id, settings)) = row else {
+            return Ok(None);
+        };
+        // Verify the secret before looking at anything else it unlocks.
+        if !verify(secret, &hash) || TokenKind::parse(&stored_kind) != Some(kind) {
+            return Ok(None);
+        }
+        let settings: IdentitySettings = serde_json::from_str(&settings)?;
+        let auth = Some(SpaceAuth {
+            space_id,
+            source_id,
+            kind,
+            future_tolerance: settings.future_tolerance(),
         });
         if let Some(auth) = &auth {
             let mut cache = lock(&self.auth_cache);
@@ -160,6 +166,8 @@ impl Spaces for SqliteStore {
             if changed == 0 {
                 return Err(StoreError::NotFound);
             }
+            // Verified tokens carry the space's clock tolerance.
+            lock(&s.auth_cache).clear();
             Ok(())
         })
         .await

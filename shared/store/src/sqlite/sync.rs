@@ -235,6 +235,19 @@ impl SqliteStore {
             }
             let settings_json = settings.to_json().to_string();
             let created = old.is_none();
+            if created {
+                // Counted in the same write transaction as the insert.
+                let count: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM destinations WHERE space_id = ?1",
+                    [&space_id],
+                    |r| r.get(0),
+                )?;
+                if count as usize >= kindred_domain::sync::MAX_DESTINATIONS {
+                    return Err(StoreError::Invalid(
+                        kindred_domain::sync::too_many_destinations().to_string(),
+                    ));
+                }
+            }
             match old {
                 None => {
                     tx.prepare_cached(
