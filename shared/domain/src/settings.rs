@@ -347,6 +347,19 @@ mod tests {
     }
 
     #[test]
+    fn priorities_cannot_overflow() {
+        // Found by fuzzing (fuzz/regressions/identity_settings): the
+        // fallback priority of unseen types was the highest priority + 1.
+        let mut s = IdentitySettings::default();
+        s.types.get_mut("user_id").unwrap().priority = u32::MAX;
+        let err = IdentityRules::new(s.clone()).unwrap_err();
+        assert_eq!(err.field, "types.user_id.priority");
+        s.types.get_mut("user_id").unwrap().priority = MAX_PRIORITY;
+        let rules = IdentityRules::new(s).unwrap();
+        assert_eq!(rules.rule("crm_id").priority, MAX_PRIORITY + 1);
+    }
+
+    #[test]
     fn default_blocked_values() {
         let rules = IdentityRules::default();
         for v in [

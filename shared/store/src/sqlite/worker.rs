@@ -177,7 +177,20 @@ impl IdentityWorker {
         let Some(last) = entries.last().map(|e| e.seq) else {
             return Ok(0);
         };
+        // The queue rows a batch applied are deleted only once store.db
+        // has them on disk. store.db commits with synchronous=NORMAL (its
+        // WAL is fsync'd at checkpoints), so the commit after which the
+        // queue is truncated is made with FULL: that fsyncs the WAL, and
+        // with it every earlier commit, before any queue row goes.
+        let truncate = state
+            .last_truncate
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(5));
         let mut conn = self.store.writer();
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if truncate { "FULL" } else { "NORMAL" },
+        )?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut stats = state.stats.clone();
         {
@@ -227,10 +240,7 @@ impl IdentityWorker {
         drop(conn);
         state.cursor = Some(last);
         state.stats = stats;
-        if state
-            .last_truncate
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
-        {
+        if truncate {
             state.last_truncate = Some(Instant::now());
             self.queue.truncate_through(last);
         }
