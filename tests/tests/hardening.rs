@@ -592,3 +592,61 @@ async fn basic_auth_is_checked_before_the_body_is_read() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
 }
+
+async fn healthz(s: &Server) -> (StatusCode, Value) {
+    let r = s.get_as("/healthz", None).await;
+    (r.status, r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_fault_shows_in_healthz_and_loses_nothing() {
+    let s = Server::start().await;
+    let (status, body) = healthz(&s).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for stage in ["queue", "compute", "sync"] {
+        assert_eq!(body[format!("{stage}_lag_events")], 0, "{body}");
+        assert_eq!(body[format!("{stage}_lag_seconds")], 0.0, "{body}");
+    }
+
+    // store.db refuses writes; the queue still accepts (and fsyncs) events.
+    s.running.local.store.set_read_only(true).unwrap();
+    for i in 0..20 {
+        let r = s
+            .track("/v1/identify", &json!({"userId": format!("u{i}")}))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    let start = std::time::Instant::now();
+    let down = loop {
+        let (status, body) = healthz(&s).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE && body["queue_lag_events"] == 20 {
+            break body;
+        }
+        assert!(start.elapsed().as_secs() < 30, "{status} {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(down["status"], "unavailable");
+    assert_eq!(down["down"][0]["worker"], "identity", "{down}");
+    let reason = down["down"][0]["reason"].as_str().unwrap();
+    assert_eq!(reason, "storage error: the database is read-only");
+    assert!(down["queue_lag_seconds"].as_f64().unwrap() >= 0.0);
+
+    // Writable again: the worker recovers by itself and applies everything.
+    s.running.local.store.set_read_only(false).unwrap();
+    s.settle().await;
+    let start = std::time::Instant::now();
+    loop {
+        let (status, body) = healthz(&s).await;
+        if status == StatusCode::OK {
+            assert_eq!(body["queue_lag_events"], 0, "{body}");
+            assert_eq!(body["down"], json!([]), "{body}");
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "{status} {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for i in 0..20 {
+        let r = s.profile(&format!("user_id:u{i}"), "metadata").await;
+        assert_eq!(r.status, StatusCode::OK, "u{i}: {}", r.body);
+    }
+}

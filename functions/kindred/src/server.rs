@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kindred_http::{AppState, RateLimiter};
-use kindred_store::sqlite::{ComputeWorker, IdentityWorker, SqliteQueue, SqliteStore, SyncWorker};
+use kindred_store::sqlite::{
+    ComputeWorker, IdentityWorker, Lag, SqliteQueue, SqliteStore, SyncWorker, WorkerHealth,
+};
+use kindred_store::{HealthCheck, HealthReport};
 use kindred_sync::Deliverer;
 use tokio::sync::oneshot;
 use tracing::info;
@@ -25,7 +28,61 @@ pub struct Local {
     pub sync: Arc<SyncWorker>,
     /// Drains the outboxes.
     pub deliverer: Arc<Deliverer>,
+    /// The health of the identity, compute and sync threads.
+    pub health: Arc<LocalHealth>,
     pub state: AppState,
+}
+
+/// What `/healthz` reports locally: who is down, and each stage's lag.
+pub struct LocalHealth {
+    pub identity: Arc<WorkerHealth>,
+    pub compute: Arc<WorkerHealth>,
+    pub sync: Arc<WorkerHealth>,
+    worker: Arc<IdentityWorker>,
+    compute_worker: Arc<ComputeWorker>,
+    sync_worker: Arc<SyncWorker>,
+}
+
+#[async_trait::async_trait]
+impl HealthCheck for LocalHealth {
+    async fn health(&self) -> HealthReport {
+        let (worker, compute, sync) = (
+            Arc::clone(&self.worker),
+            Arc::clone(&self.compute_worker),
+            Arc::clone(&self.sync_worker),
+        );
+        let lags = tokio::task::spawn_blocking(move || {
+            [
+                ("queue", worker.lag()),
+                ("compute", compute.lag()),
+                ("sync", sync.lag()),
+            ]
+        })
+        .await;
+        let mut report = HealthReport::default();
+        for h in [&self.identity, &self.compute, &self.sync] {
+            if let Some(reason) = h.state().down {
+                report.down.push((h.name.to_string(), reason));
+            }
+        }
+        match lags {
+            Ok(lags) => {
+                for (stage, lag) in lags {
+                    let lag = lag.unwrap_or_else(|e| {
+                        report
+                            .down
+                            .push((format!("{stage} lag"), format!("storage error: {e}")));
+                        Lag::default()
+                    });
+                    report.lags.push((stage, lag.events, lag.seconds));
+                }
+            }
+            Err(_) => report
+                .down
+                .push(("health".into(), "the lag could not be read".into())),
+        }
+        report
+    }
 }
 
 pub fn open(config: &Config) -> anyhow::Result<Local> {
@@ -35,6 +92,14 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
     let worker = IdentityWorker::new(Arc::clone(&store), Arc::clone(&queue));
     let compute = ComputeWorker::new(Arc::clone(&store));
     let sync = SyncWorker::new(Arc::clone(&store));
+    let health = Arc::new(LocalHealth {
+        identity: WorkerHealth::new("identity"),
+        compute: WorkerHealth::new("compute"),
+        sync: WorkerHealth::new("sync"),
+        worker: Arc::clone(&worker),
+        compute_worker: Arc::clone(&compute),
+        sync_worker: Arc::clone(&sync),
+    });
     let deliverer = Deliverer::new(
         store.clone(),
         config.sync,
@@ -48,6 +113,7 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         computations: Some(store.clone()),
         destinations: Some(store.clone()),
         allow_private_destinations: config.allow_private_destinations,
+        health: Some(health.clone()),
     };
     Ok(Local {
         store,
@@ -56,6 +122,7 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         compute,
         sync,
         deliverer,
+        health,
         state,
     })
 }
@@ -84,9 +151,16 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
         None
     };
     let stop_worker = Arc::new(AtomicBool::new(false));
-    let worker = local.worker.spawn(Arc::clone(&stop_worker));
-    let compute = local.compute.spawn(Arc::clone(&stop_worker));
-    let sync = local.sync.spawn(Arc::clone(&stop_worker));
+    let health = &local.health;
+    let worker = local
+        .worker
+        .spawn(Arc::clone(&stop_worker), Arc::clone(&health.identity));
+    let compute = local
+        .compute
+        .spawn(Arc::clone(&stop_worker), Arc::clone(&health.compute));
+    let sync = local
+        .sync
+        .spawn(Arc::clone(&stop_worker), Arc::clone(&health.sync));
     let deliverer = tokio::spawn(
         Arc::clone(&local.deliverer).run(local.store.clone(), Arc::clone(&stop_worker)),
     );

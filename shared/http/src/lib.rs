@@ -19,7 +19,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Json;
 use kindred_store::token::random_base62;
-use kindred_store::{Computations, Destinations, EventQueue, Profiles, Spaces};
+use kindred_store::{Computations, Destinations, EventQueue, HealthCheck, Profiles, Spaces};
 use serde_json::json;
 
 pub use axum::body::Body;
@@ -40,6 +40,8 @@ pub struct AppState {
     pub destinations: Option<Arc<dyn Destinations>>,
     /// Destinations may be at internal addresses (the operator opted in).
     pub allow_private_destinations: bool,
+    /// The background workers' health and lag, where there are any.
+    pub health: Option<Arc<dyn HealthCheck>>,
 }
 
 /// What the Tracking API needs (the `ingest` function has only this).
@@ -114,19 +116,50 @@ async fn request_id(request: Request, next: Next) -> Response {
     response
 }
 
-fn health() -> Router {
+fn health(check: Option<Arc<dyn HealthCheck>>) -> Router {
     Router::new()
         .route(
             "/",
             get(|| async { Json(json!({"service": "kindred", "status": "ok"})) }),
         )
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(move || {
+                let check = check.clone();
+                async move { healthz(check.as_deref()).await }
+            }),
+        )
+}
+
+/// `200` while every worker runs, `503` with the reasons while one is
+/// down; always with each stage's lag (`queue_lag_events`,
+/// `queue_lag_seconds`, `compute_…`, `sync_…`; 0 when idle).
+async fn healthz(check: Option<&dyn HealthCheck>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(check) = check else {
+        return Json(json!({"status": "ok"})).into_response();
+    };
+    let report = check.health().await;
+    let mut body = json!({
+        "status": if report.down.is_empty() { "ok" } else { "unavailable" },
+        "down": report.down.iter().map(|(worker, reason)| json!({"worker": worker, "reason": reason})).collect::<Vec<_>>(),
+    });
+    for (stage, events, seconds) in &report.lags {
+        body[format!("{stage}_lag_events")] = json!(events);
+        body[format!("{stage}_lag_seconds")] = json!(seconds);
+    }
+    let status = if report.down.is_empty() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Everything one local process serves on one port.
 pub fn app(state: AppState) -> Router {
     finish(
-        health()
+        health(state.health.clone())
             .merge(tracking::router(state.tracking()))
             .merge(profile::router(state.read()))
             .merge(admin::router(state.read()))
@@ -137,13 +170,13 @@ pub fn app(state: AppState) -> Router {
 
 /// The `ingest` function's routes: the Tracking API.
 pub fn ingest_app(state: TrackingState) -> Router {
-    finish(health().merge(tracking::router(state)))
+    finish(health(None).merge(tracking::router(state)))
 }
 
 /// The `profile-api` function's routes: the Profile API and admin API.
 pub fn profile_api_app(state: ReadState) -> Router {
     finish(
-        health()
+        health(None)
             .merge(profile::router(state.clone()))
             .merge(admin::router(state.clone()))
             .merge(compute::router(state.clone()))

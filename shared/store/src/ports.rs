@@ -48,6 +48,22 @@ pub trait Spaces: Send + Sync {
     ) -> Result<()>;
 }
 
+/// How the background stages of a deployment are doing (`/healthz`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HealthReport {
+    /// Workers that are down: `(worker, why)`.
+    pub down: Vec<(String, String)>,
+    /// Per stage (`queue`: accepted, not yet applied by identity
+    /// resolution; `compute`; `sync`): entries pending and the age of the
+    /// oldest in seconds.
+    pub lags: Vec<(&'static str, u64, f64)>,
+}
+
+#[async_trait]
+pub trait HealthCheck: Send + Sync {
+    async fn health(&self) -> HealthReport;
+}
+
 /// An accepted event on its way to the identity pipeline (also the SQS
 /// message body, as JSON).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -18,7 +18,7 @@
 //! even across crashes.
 
 use std::collections::{btree_map, BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -907,6 +907,38 @@ impl ComputeWorker {
     }
 
     /// Whether every event and request so far is folded in and no backfill runs.
+    /// Recorded events not folded in yet, and the age of the oldest (by
+    /// its `receivedAt`); pending recompute requests count as entries.
+    pub fn lag(&self) -> Result<super::Lag> {
+        let conn = self.store.reader()?;
+        let folded = cursor(&conn, EVENTS_CURSOR)?;
+        let events: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
+        let requests: i64 = conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM compute_requests",
+            [],
+            |r| r.get(0),
+        )?;
+        let served = cursor(&conn, REQUESTS_CURSOR)?;
+        let oldest: Option<String> = if events > folded {
+            conn.prepare_cached(
+                "SELECT json_extract(body, '$.receivedAt') FROM events WHERE seq > ?1
+                 ORDER BY seq LIMIT 1",
+            )?
+            .query_row([folded], |r| r.get(0))
+            .optional()?
+            .flatten()
+        } else {
+            None
+        };
+        let pending = (events - folded).max(0) + (requests - served).max(0);
+        Ok(super::Lag::of(
+            pending,
+            oldest.and_then(|o| kindred_domain::event::parse_time(&o)),
+            now_millis(),
+        ))
+    }
+
     pub fn is_idle(&self) -> Result<bool> {
         let conn = self.store.reader()?;
         let events: i64 =
@@ -1272,14 +1304,19 @@ impl ComputeWorker {
 
     /// Runs on a thread of its own until `stop` is set, with the hourly
     /// lookback sweep of every space.
-    pub fn spawn(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    /// Runs the worker on its own thread under [`super::supervise`].
+    pub fn spawn(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+        health: Arc<super::WorkerHealth>,
+    ) -> std::thread::JoinHandle<()> {
         let worker = Arc::clone(self);
         std::thread::Builder::new()
             .name("kindred-compute".into())
             .spawn(move || {
                 give_way_to_identity();
                 let mut last_sweep = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
+                super::supervise(&health, &stop, || {
                     if last_sweep.elapsed() >= Duration::from_secs(3600) {
                         last_sweep = Instant::now();
                         match worker.store.sweep_all(now_millis()) {
@@ -1287,18 +1324,14 @@ impl ComputeWorker {
                             Err(e) => error!(error = %e, "hourly lookback sweep failed"),
                         }
                     }
-                    match worker.run_once() {
-                        // A short batch: let more events gather first, so
-                        // that each profile's state is read and written
-                        // once for several events (at most 20 ms of lag).
-                        Ok(n) if n < SMALL_BATCH => std::thread::sleep(Duration::from_millis(20)),
-                        Ok(_) => {}
-                        Err(e) => {
-                            error!(error = %e, "compute batch failed; retrying");
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
+                    // A short batch: let more events gather first, so
+                    // that each profile's state is read and written once
+                    // for several events (at most 20 ms of lag).
+                    if worker.run_once()? < SMALL_BATCH {
+                        std::thread::sleep(Duration::from_millis(20));
                     }
-                }
+                    Ok(())
+                })
             })
             .expect("spawning the compute worker thread")
     }

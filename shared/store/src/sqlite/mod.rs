@@ -11,6 +11,7 @@
 mod audit;
 mod compute;
 mod graph;
+mod health;
 mod parallel;
 mod profiles;
 mod queue;
@@ -28,6 +29,7 @@ use rusqlite::Connection;
 pub use audit::{AuditEvent, GraphAudit};
 pub use compute::{ComputeStats, ComputeWorker};
 pub use graph::{OptimisticGraph, TxGraph};
+pub use health::{supervise, Lag, WorkerHealth, WorkerState};
 pub use queue::{QueueEntry, SqliteQueue};
 pub use sync::{FanOut, SyncWorker};
 pub use worker::{IdentityWorker, WorkerStats};
@@ -303,6 +305,14 @@ impl SqliteStore {
 
     pub(crate) fn writer(&self) -> MutexGuard<'_, Connection> {
         lock(&self.writer)
+    }
+
+    /// Makes `store.db`'s writer refuse every write (`query_only`), or
+    /// accept them again: a storage fault on demand, for failure drills
+    /// and the tests that check nothing acknowledged is lost through one.
+    pub fn set_read_only(&self, read_only: bool) -> Result<()> {
+        self.writer().pragma_update(None, "query_only", read_only)?;
+        Ok(())
     }
 
     pub(crate) fn compute_writer(&self) -> MutexGuard<'_, Connection> {

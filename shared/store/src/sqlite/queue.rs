@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::error;
 
@@ -111,6 +111,21 @@ impl SqliteQueue {
     /// The highest committed sequence number.
     pub fn last_seq(&self) -> i64 {
         *lock(&self.last_seq.seq)
+    }
+
+    /// When Kindred received the oldest entry after `after` (its body's
+    /// `receivedAt`), if there is one.
+    pub fn oldest_after(&self, after: i64) -> Result<Option<i64>> {
+        let conn = lock(&self.reader);
+        let received: Option<String> = conn
+            .prepare_cached(
+                "SELECT json_extract(body, '$.receivedAt') FROM queue WHERE seq > ?1
+                 ORDER BY seq LIMIT 1",
+            )?
+            .query_row([after], |r| r.get(0))
+            .optional()?
+            .flatten();
+        Ok(received.and_then(|r| kindred_domain::event::parse_time(&r)))
     }
 
     /// Blocks until an entry after `after` is committed or `timeout` passes;

@@ -12,7 +12,7 @@
 //! order through [`Outbox`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use kindred_domain::resolve::IdentifierEntry;
 use kindred_domain::sync::{alias_call, change_calls, secret_field, ChangeEntry, Settings};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
-use tracing::{error, info_span};
+use tracing::info_span;
 
 use super::SqliteStore;
 use crate::sync::{
@@ -685,23 +685,51 @@ impl SyncWorker {
     }
 
     /// Fans out until `stop` is set, pausing briefly when caught up.
-    pub fn spawn(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    /// Runs the fan-out on its own thread under [`super::supervise`].
+    pub fn spawn(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+        health: Arc<super::WorkerHealth>,
+    ) -> std::thread::JoinHandle<()> {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("kindred-sync".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match me.store.fan_out() {
-                        Ok(step) if step.more => {}
-                        Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-                        Err(e) => {
-                            error!(error = %e, "sync fan-out failed; retrying");
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
+                super::supervise(&health, &stop, || {
+                    if !me.store.fan_out()?.more {
+                        std::thread::sleep(Duration::from_millis(10));
                     }
-                }
+                    Ok(())
+                })
             })
             .expect("spawning the sync thread")
+    }
+
+    /// Changes and merges logged but not yet fanned out to the
+    /// destinations' outboxes, and the age of the oldest change.
+    pub fn lag(&self) -> Result<super::Lag> {
+        let (changes_done, merges_done) = {
+            let conn = self.store.sync_reader()?;
+            (
+                cursor(&conn, CHANGES_CURSOR)?,
+                cursor(&conn, MERGES_CURSOR)?,
+            )
+        };
+        let conn = self.store.reader()?;
+        let changes: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+                r.get(0)
+            })?;
+        let merges: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM merge_log", [], |r| {
+                r.get(0)
+            })?;
+        let oldest: Option<i64> = conn
+            .prepare_cached("SELECT at FROM c.changes WHERE seq > ?1 ORDER BY seq LIMIT 1")?
+            .query_row([changes_done], |r| r.get(0))
+            .optional()?;
+        let pending = (changes - changes_done).max(0) + (merges - merges_done).max(0);
+        Ok(super::Lag::of(pending, oldest, crate::now_millis()))
     }
 
     /// Whether everything logged so far has been fanned out.

@@ -4,7 +4,7 @@
 //! applied exactly once even across crashes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,27 @@ impl IdentityWorker {
     pub fn cursor(&self) -> Result<i64> {
         let mut state = lock(&self.state);
         self.load_cursor(&mut state)
+    }
+
+    /// Accepted events the worker has not applied yet, and the age of the
+    /// oldest. Reads the stored cursor, never the worker's lock, so it
+    /// answers while a batch runs or the worker is failing.
+    pub fn lag(&self) -> Result<super::Lag> {
+        let applied: i64 = self
+            .store
+            .reader()?
+            .query_row("SELECT seq FROM cursors WHERE name = ?1", [CURSOR], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        let pending = self.queue.last_seq() - applied;
+        let oldest = if pending > 0 {
+            self.queue.oldest_after(applied)?
+        } else {
+            None
+        };
+        Ok(super::Lag::of(pending, oldest, now_millis()))
     }
 
     fn load_cursor(&self, state: &mut State) -> Result<i64> {
@@ -270,24 +291,25 @@ impl IdentityWorker {
     }
 
     /// Runs on a thread of its own until `stop` is set.
-    pub fn spawn(self: &Arc<Self>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    /// Runs the worker on its own thread under [`super::supervise`]: a
+    /// failing or panicking batch is logged, reported in `health` and
+    /// retried with backoff.
+    pub fn spawn(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+        health: Arc<super::WorkerHealth>,
+    ) -> std::thread::JoinHandle<()> {
         let worker = Arc::clone(self);
         std::thread::Builder::new()
             .name("kindred-identity".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match worker.run_once() {
-                        Ok(0) => {
-                            let cursor = worker.cursor().unwrap_or(0);
-                            worker.queue.wait_after(cursor, Duration::from_millis(200));
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            error!(error = %e, "identity batch failed; retrying");
-                            std::thread::sleep(Duration::from_millis(500));
-                        }
+                super::supervise(&health, &stop, || {
+                    if worker.run_once()? == 0 {
+                        let cursor = worker.cursor()?;
+                        worker.queue.wait_after(cursor, Duration::from_millis(200));
                     }
-                }
+                    Ok(())
+                })
             })
             .expect("spawning the identity worker thread")
     }
