@@ -650,3 +650,96 @@ async fn a_storage_fault_shows_in_healthz_and_loses_nothing() {
         assert_eq!(r.status, StatusCode::OK, "u{i}: {}", r.body);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_entry_is_set_aside_and_the_rest_go_on() {
+    use crate::common::receiver::{Mode, Receiver};
+    let s = Server::start().await;
+    let receiver = Receiver::start().await;
+    receiver.set(Mode::Ok);
+    let r = s
+        .admin(
+            "PUT",
+            "/computed_traits/orders",
+            Some(&json!({"type": "event_counter", "event": "Order Completed"})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(&json!({"kind": "webhook", "url": receiver.url("/hook"), "calls": ["identify"]})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    s.running.wait_fanned_out().await.unwrap();
+    s.track("/v1/identify", &json!({"userId": "u1"})).await;
+    s.settle().await;
+    let profile = s.profile("user_id:u1", "metadata").await.body["metadata"]["profile_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A damaged recorded event (compute's input) and a damaged change-log
+    // entry (the fan-out's input), written behind Kindred's back.
+    let open = |name: &str| {
+        let c = rusqlite::Connection::open(s.dir.path().join(name)).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        c
+    };
+    let store = open("store.db");
+    store
+        .execute(
+            "INSERT INTO events (space_id, profile_id, ts, message_id, name, body)
+             VALUES ('default', ?1, 0, 'broken-1', 'Order Completed', '{not json')",
+            [&profile],
+        )
+        .unwrap();
+    let bad_event = store.last_insert_rowid();
+    let compute = open("compute.db");
+    compute
+        .execute(
+            "INSERT INTO changes (space_id, profile_id, key, class, old, new, at)
+             VALUES ('default', ?1, 'orders', 'computed_trait', NULL, '{not json', 0)",
+            [&profile],
+        )
+        .unwrap();
+    let bad_change = compute.last_insert_rowid();
+
+    // The entries behind them go on.
+    s.track(
+        "/v1/track",
+        &json!({"userId": "u1", "event": "Order Completed"}),
+    )
+    .await;
+    s.settle().await;
+    assert_eq!(traits(&s, "user_id:u1").await["orders"], 1);
+    receiver
+        .wait_for(
+            std::time::Duration::from_secs(30),
+            "the good change is delivered",
+            |calls| calls.iter().any(|c| c["traits"]["orders"] == 1),
+        )
+        .await;
+
+    let (queue, seq, reason): (String, i64, String) = compute
+        .query_row(
+            "SELECT queue, seq, reason FROM compute_set_aside",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((queue.as_str(), seq), ("events", bad_event));
+    assert!(reason.contains("decoded"), "{reason}");
+    let sync = open("sync.db");
+    let (log, seq, reason): (String, i64, String) = sync
+        .query_row("SELECT log, seq, reason FROM fan_out_set_aside", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((log.as_str(), seq), ("changes", bad_change));
+    assert!(reason.contains("decoded"), "{reason}");
+    let (status, body) = healthz(&s).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -41,6 +41,15 @@ use crate::ports::{
 use crate::{now_millis, Result, StoreError};
 
 pub(crate) const SCHEMA: &str = "
+-- Entries of `events` or `compute_requests` the compute step could not
+-- process (say, an undecodable body) and stepped over, with why.
+CREATE TABLE IF NOT EXISTS compute_set_aside (
+    queue TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (queue, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS definitions (
     space_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -1288,6 +1297,11 @@ impl ComputeWorker {
         )?;
         if let Some(seq) = next {
             set_cursor(&tx, name, seq)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO compute_set_aside (queue, seq, reason, at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![table, seq, last.to_string(), now_millis()],
+            )?;
             tx.commit()?;
             drop(conn);
             error!(seq, queue = table, error = %last, "the compute step skipped an entry it cannot process");

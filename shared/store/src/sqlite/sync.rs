@@ -33,6 +33,16 @@ use crate::sync::{
 use crate::{now_millis, Result, StoreError};
 
 pub(crate) const SCHEMA: &str = "
+-- Change-log and merge-log entries the fan-out could not decode and
+-- stepped over, with why (the rest of the log goes on).
+CREATE TABLE IF NOT EXISTS fan_out_set_aside (
+    log TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    space_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (log, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS destinations (
     space_id TEXT NOT NULL,
     destination_id TEXT NOT NULL,
@@ -481,24 +491,28 @@ impl SqliteStore {
                     let Some(dests) = by_space.get(space_id.as_str()) else {
                         continue;
                     };
-                    for d in dests
-                        .iter()
-                        .filter(|d| d.settings.alias_on_merge && seq > d.since_merge)
-                    {
-                        let child_ids = ids.own(tx, &space_id, &child)?;
-                        let parent_ids = ids.own(tx, &space_id, &parent)?;
-                        if let Some(call) = alias_call(
-                            &space_id,
-                            &d.destination_id,
-                            seq,
-                            &child_ids,
-                            &parent_ids,
-                            &format_millis(at),
-                        ) {
-                            insert.call(d, &parent, &call)?;
-                            out.calls += 1;
+                    let mut one = || -> Result<()> {
+                        for d in dests
+                            .iter()
+                            .filter(|d| d.settings.alias_on_merge && seq > d.since_merge)
+                        {
+                            let child_ids = ids.own(tx, &space_id, &child)?;
+                            let parent_ids = ids.own(tx, &space_id, &parent)?;
+                            if let Some(call) = alias_call(
+                                &space_id,
+                                &d.destination_id,
+                                seq,
+                                &child_ids,
+                                &parent_ids,
+                                &format_millis(at),
+                            ) {
+                                insert.call(d, &parent, &call)?;
+                                out.calls += 1;
+                            }
                         }
-                    }
+                        Ok(())
+                    };
+                    set_aside_if_undecodable(tx, "merges", seq, &space_id, one())?;
                     out.merges += 1;
                 }
             }
@@ -531,34 +545,39 @@ impl SqliteStore {
                     let Some(dests) = by_space.get(space_id.as_str()) else {
                         continue;
                     };
-                    let class = Class::parse(&class)
-                        .ok_or_else(|| StoreError::Invalid(format!("unknown class {class}")))?;
-                    let new: Value = serde_json::from_str(&new)?;
-                    let at = format_millis(at);
-                    let change = ChangeEntry {
-                        seq: Some(seq),
-                        key: &key,
-                        class,
-                        new: &new,
-                        at: &at,
-                    };
-                    for d in dests
-                        .iter()
-                        .filter(|d| seq > d.since_change && d.settings.selects(&key))
-                    {
-                        let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
-                        for call in change_calls(
-                            &space_id,
-                            &d.destination_id,
-                            &d.settings,
-                            &root,
-                            &root_ids,
-                            &change,
-                        ) {
-                            insert.call(d, &root, &call)?;
-                            out.calls += 1;
+                    let mut one = || -> Result<()> {
+                        let class = Class::parse(&class).ok_or_else(|| {
+                            StoreError::Undecodable(format!("unknown class {class:?}"))
+                        })?;
+                        let new: Value = serde_json::from_str(&new)?;
+                        let at = format_millis(at);
+                        let change = ChangeEntry {
+                            seq: Some(seq),
+                            key: &key,
+                            class,
+                            new: &new,
+                            at: &at,
+                        };
+                        for d in dests
+                            .iter()
+                            .filter(|d| seq > d.since_change && d.settings.selects(&key))
+                        {
+                            let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
+                            for call in change_calls(
+                                &space_id,
+                                &d.destination_id,
+                                &d.settings,
+                                &root,
+                                &root_ids,
+                                &change,
+                            ) {
+                                insert.call(d, &root, &call)?;
+                                out.calls += 1;
+                            }
                         }
-                    }
+                        Ok(())
+                    };
+                    set_aside_if_undecodable(tx, "changes", seq, &space_id, one())?;
                 }
             }
             if last > after {
@@ -568,6 +587,39 @@ impl SqliteStore {
                 out.changes >= CHANGES_PER_STEP as u64 || out.merges >= MERGES_PER_STEP as u64;
             Ok(out)
         })
+    }
+}
+
+/// Passes a storage error on (the step is retried); records any other
+/// failure of one log entry (an undecodable value, a damaged identifier
+/// list) in `fan_out_set_aside` and logs it, so that the entries behind it
+/// go on.
+fn set_aside_if_undecodable(
+    tx: &Connection,
+    log: &str,
+    seq: i64,
+    space_id: &str,
+    outcome: Result<()>,
+) -> Result<()> {
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(e @ (StoreError::Sqlite(_) | StoreError::Closed)) => Err(e),
+        Err(e) => {
+            tracing::error!(space_id, log, seq, error = %e,
+                            "a log entry the fan-out cannot decode was set aside");
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO fan_out_set_aside (log, seq, space_id, reason, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                log,
+                seq,
+                space_id,
+                e.to_string(),
+                crate::now_millis()
+            ])?;
+            Ok(())
+        }
     }
 }
 
