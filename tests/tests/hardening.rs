@@ -743,3 +743,113 @@ async fn an_undecodable_entry_is_set_aside_and_the_rest_go_on() {
     let (status, body) = healthz(&s).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_keys_rotate_and_a_revoked_one_gets_401_at_once() {
+    let s = Server::start().await;
+    let r = s
+        .admin(
+            "POST",
+            "/tokens",
+            Some(&json!({"kind": "write_key", "label": "ios app"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let new_key = r.body["token"].as_str().unwrap().to_string();
+    assert!(new_key.starts_with(r.body["prefix"].as_str().unwrap()));
+    let old_key = s.space.write_key.clone();
+    // Both work.
+    for key in [&old_key, &new_key] {
+        let r = s
+            .track_as(
+                "/v1/track",
+                &json!({"userId": "u1", "event": "E"}),
+                Some(key),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    // The list shows prefixes and times, never a secret.
+    let list = s.admin("GET", "/tokens", None).await;
+    assert_eq!(list.status, StatusCode::OK);
+    let text = list.body.to_string();
+    assert!(
+        !text.contains(&old_key) && !text.contains(&new_key),
+        "{text}"
+    );
+    let old = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| old_key.starts_with(t["prefix"].as_str().unwrap()))
+        .unwrap()
+        .clone();
+    assert_eq!(old["kind"], "write_key");
+    // Revoked: 401 at once; the new key goes on.
+    let r = s
+        .admin(
+            "DELETE",
+            &format!("/tokens/{}", old["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    let r = s
+        .track_as(
+            "/v1/track",
+            &json!({"userId": "u1", "event": "E"}),
+            Some(&old_key),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "authentication_error");
+    let r = s
+        .track_as(
+            "/v1/track",
+            &json!({"userId": "u1", "event": "E"}),
+            Some(&new_key),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // The last admin token cannot be revoked.
+    let admins: Vec<Value> = s.admin("GET", "/tokens", None).await.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "admin_token")
+        .cloned()
+        .collect();
+    let r = s
+        .admin(
+            "DELETE",
+            &format!("/tokens/{}", admins[0]["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    // Another space's admin token can neither list nor revoke this space's.
+    let other = s.running.local.store.create_space("other").unwrap();
+    let r = s
+        .get_as("/v1/spaces/default/tokens", Some(&other.admin_token))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let r = s
+        .delete_as(
+            &format!(
+                "/v1/spaces/other/tokens/{}",
+                admins[0]["id"].as_str().unwrap()
+            ),
+            &other.admin_token,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // Bad requests name the field.
+    let r = s
+        .admin("POST", "/tokens", Some(&json!({"kind": "root"})))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("kind:"));
+}

@@ -8,7 +8,8 @@ use kindred_domain::event::Envelope;
 use kindred_domain::{Event, Identifier, IdentityRules, IdentitySettings, Incoming};
 use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
 use kindred_store::ports::{
-    Applied, EventQuery, EventRecord, IdentityGraph, ProfileLookup, ProfileParts, Profiles, Spaces,
+    Applied, EventQuery, EventRecord, IdentityGraph, ProfileLookup, ProfileParts, Profiles,
+    Revoked, Spaces,
 };
 use kindred_store::sqlite::{OptimisticGraph, SqliteStore};
 use kindred_store::token::{new_profile_id, TokenKind};
@@ -528,6 +529,101 @@ async fn settings_round_trip_and_tokens_stay_in_their_space<A: Adapter>(a: &A, s
         .is_none());
 }
 
+async fn keys_and_tokens_rotate<A: Adapter>(a: &A, space: &str) {
+    // A space starts with one of each kind.
+    let start = a.tokens(space).await.unwrap();
+    let kinds: Vec<TokenKind> = start.iter().map(|t| t.kind).collect();
+    assert_eq!(kinds.len(), 3, "{start:?}");
+    for kind in [TokenKind::WriteKey, TokenKind::Access, TokenKind::Admin] {
+        assert!(kinds.contains(&kind));
+    }
+    // Two write keys live at once, each working.
+    let (old, old_secret) = a
+        .create_token(space, TokenKind::WriteKey, Some("web".into()))
+        .await
+        .unwrap();
+    let (new, new_secret) = a
+        .create_token(space, TokenKind::WriteKey, Some("ios app".into()))
+        .await
+        .unwrap();
+    assert!(new_secret.starts_with(&new.prefix()));
+    for secret in [&old_secret, &new_secret] {
+        let auth = a.authenticate(secret, TokenKind::WriteKey).await.unwrap();
+        assert_eq!(auth.map(|a| a.space_id), Some(space.to_string()));
+    }
+    let listed = a.tokens(space).await.unwrap();
+    assert_eq!(listed.len(), 5);
+    let ios = listed.iter().find(|t| t.token_id == new.token_id).unwrap();
+    assert_eq!(ios.label.as_deref(), Some("ios app"));
+    assert_eq!(ios.revoked_at, None);
+    // Revoked: stops working at once (this process), the other goes on.
+    assert_eq!(
+        a.revoke_token(space, &old.token_id).await.unwrap(),
+        Revoked::Revoked
+    );
+    assert!(a
+        .authenticate(&old_secret, TokenKind::WriteKey)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(a
+        .authenticate(&new_secret, TokenKind::WriteKey)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        a.revoke_token(space, &old.token_id).await.unwrap(),
+        Revoked::NotFound
+    );
+    let listed = a.tokens(space).await.unwrap();
+    assert!(listed
+        .iter()
+        .find(|t| t.token_id == old.token_id)
+        .unwrap()
+        .revoked_at
+        .is_some());
+    // Another space can neither see nor revoke it.
+    assert_eq!(
+        a.revoke_token("other", &new.token_id).await.unwrap(),
+        Revoked::NotFound
+    );
+    assert!(a.tokens("other").await.unwrap().is_empty());
+    assert!(matches!(
+        a.create_token("no-such-space", TokenKind::Access, None)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        a.create_token(space, TokenKind::Access, Some("x".repeat(201)))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    // The last admin token stays; with a second one either may go, but
+    // two racing revocations cannot remove both.
+    let admin = listed.iter().find(|t| t.kind == TokenKind::Admin).unwrap();
+    assert_eq!(
+        a.revoke_token(space, &admin.token_id).await.unwrap(),
+        Revoked::LastAdmin
+    );
+    let (second, _) = a.create_token(space, TokenKind::Admin, None).await.unwrap();
+    let (r1, r2) = futures::future::join(
+        a.revoke_token(space, &admin.token_id),
+        a.revoke_token(space, &second.token_id),
+    )
+    .await;
+    let mut outcomes = vec![r1.unwrap(), r2.unwrap()];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(outcomes, vec![Revoked::LastAdmin, Revoked::Revoked]);
+    let live_admins = a
+        .tokens(space)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.kind == TokenKind::Admin && t.revoked_at.is_none())
+        .count();
+    assert_eq!(live_admins, 1);
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -572,4 +668,5 @@ contract!(
     a_plan_from_stale_facts_is_refused_whole,
     events_page_in_both_directions,
     settings_round_trip_and_tokens_stay_in_their_space,
+    keys_and_tokens_rotate,
 );

@@ -20,7 +20,7 @@ pub struct DestinationsArgs {
     pub token: String,
 }
 
-fn text(v: &Value) -> String {
+pub(crate) fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -72,7 +72,13 @@ pub fn table(rows: &[(Value, Value)]) -> String {
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    render(&cells)
+}
+
+/// Left-aligned columns, two spaces apart; the first row is the header.
+pub(crate) fn render(cells: &[Vec<String>]) -> String {
+    let columns = cells.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|i| {
             cells
                 .iter()
@@ -82,7 +88,7 @@ pub fn table(rows: &[(Value, Value)]) -> String {
         })
         .collect();
     let mut out = String::new();
-    for row in &cells {
+    for row in cells {
         let line: Vec<String> = row
             .iter()
             .zip(&widths)

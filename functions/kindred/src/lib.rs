@@ -8,4 +8,5 @@ pub mod config;
 pub mod destinations;
 pub mod server;
 pub mod sync_bench;
+pub mod tokens;
 pub mod workload;

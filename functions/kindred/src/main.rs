@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kindred::{backfill, bench, config, destinations, server};
+use kindred::{backfill, bench, config, destinations, server, tokens};
 
 /// mimalloc: the compute worker decodes and drops many small maps per
 /// profile, where it is markedly faster than the system allocator.
@@ -42,6 +42,9 @@ enum Command {
     /// List a space's destinations with delivered / pending / retrying /
     /// dead counts, the last success and the last error.
     Destinations(destinations::DestinationsArgs),
+    /// List, create and revoke a space's write keys, access tokens and
+    /// admin tokens on a running Kindred.
+    Tokens(tokens::TokensArgs),
 }
 
 #[derive(Subcommand)]
@@ -113,6 +116,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(destinations::run(args)),
+        Command::Tokens(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tokens::run(args)),
         Command::Bench(args) => {
             config::init_logging();
             tokio::runtime::Builder::new_multi_thread()

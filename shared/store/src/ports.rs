@@ -35,6 +35,53 @@ pub struct NewSpace {
     pub admin_token: String,
 }
 
+/// A write key or token as listed: never the secret nor its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The public id (12 characters), also the token's visible prefix.
+    pub token_id: String,
+    pub kind: TokenKind,
+    pub label: Option<String>,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+impl TokenRecord {
+    /// What the secret starts with (`wk_` + the public id): enough to
+    /// tell tokens apart, not to use one.
+    pub fn prefix(&self) -> String {
+        format!("{}_{}", self.kind.prefix(), self.token_id)
+    }
+}
+
+/// How a revocation went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    Revoked,
+    /// No live token with that id in the space.
+    NotFound,
+    /// It is the space's last live admin token: revoking it would lock
+    /// the space's administration out.
+    LastAdmin,
+}
+
+/// Longest token label, in bytes.
+pub const MAX_TOKEN_LABEL_BYTES: usize = 200;
+/// Most live tokens (all kinds together) in one space.
+pub const MAX_LIVE_TOKENS: usize = 100;
+
+/// A token label: optional, at most 200 bytes, no control characters.
+pub fn check_label(label: Option<&str>) -> Result<()> {
+    match label {
+        Some(l) if l.len() > MAX_TOKEN_LABEL_BYTES || l.chars().any(char::is_control) => {
+            Err(crate::StoreError::Invalid(
+                "label: at most 200 bytes, without control characters".into(),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[async_trait]
 pub trait Spaces: Send + Sync {
     /// The space a token of the given kind belongs to; `None` if unknown or revoked.
@@ -46,6 +93,19 @@ pub trait Spaces: Send + Sync {
         space_id: &str,
         settings: &IdentitySettings,
     ) -> Result<()>;
+    /// Mints a write key or token for the space; the secret is returned
+    /// once and stored hashed.
+    async fn create_token(
+        &self,
+        space_id: &str,
+        kind: TokenKind,
+        label: Option<String>,
+    ) -> Result<(TokenRecord, String)>;
+    /// The space's tokens, live and revoked, oldest first.
+    async fn tokens(&self, space_id: &str) -> Result<Vec<TokenRecord>>;
+    /// Revokes a token of the space (never another space's), unless it is
+    /// the space's last live admin token.
+    async fn revoke_token(&self, space_id: &str, token_id: &str) -> Result<Revoked>;
 }
 
 /// How the background stages of a deployment are doing (`/healthz`).

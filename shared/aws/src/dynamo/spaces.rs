@@ -4,13 +4,25 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, ReturnConsumedCapacity, TransactWriteItem};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
+};
 use kindred_domain::{IdentityRules, IdentitySettings};
-use kindred_store::ports::{NewSpace, SpaceAuth, Spaces};
+use kindred_store::ports::{
+    check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
+};
 use kindred_store::token::{hash_secret, mint, random_base62, token_id, verify, TokenKind};
 use kindred_store::{now_millis, valid_space_id, Result, StoreError};
 
-use super::{get_s, key, lock, n, s, service, space_key, token_key, DynamoStore, Item, META};
+use super::{
+    get_n, get_s, key, lock, n, opt_s, s, service, space_key, token_key, DynamoStore, Item, META,
+};
+
+/// A space's list entry of one of its tokens (the token item itself is
+/// keyed by its public id, for authentication).
+fn token_ref_sort(token_id: &str) -> String {
+    format!("TOKEN#{token_id}")
+}
 
 /// How long a verified token or a space's rules are used without a read
 /// (a revocation or settings change takes effect within this time).
@@ -36,6 +48,9 @@ impl DynamoStore {
         );
         space.insert("settings_version".into(), n(1));
         space.insert("created_at".into(), n(now));
+        // Live tokens, and live admin tokens (the last one cannot be revoked).
+        space.insert("live_tokens".into(), n(3));
+        space.insert("admin_tokens".into(), n(1));
         let put = |item: Item| -> Result<TransactWriteItem> {
             let put = Put::builder()
                 .table_name(&self.table)
@@ -55,6 +70,7 @@ impl DynamoStore {
             item.insert("kind".into(), s(kind.as_str()));
             item.insert("created_at".into(), n(now));
             items.push(put(item)?);
+            items.push(put(token_ref(space_id, &token.token_id, kind, None, now))?);
             secrets.push(token.secret);
         }
         let out = self
@@ -110,8 +126,164 @@ impl DynamoStore {
     }
 }
 
+fn token_ref(
+    space_id: &str,
+    token_id: &str,
+    kind: TokenKind,
+    label: Option<&str>,
+    now: i64,
+) -> Item {
+    let mut item = key(space_key(space_id), &token_ref_sort(token_id));
+    item.insert("token_id".into(), s(token_id));
+    item.insert("kind".into(), s(kind.as_str()));
+    item.insert("created_at".into(), n(now));
+    if let Some(label) = label {
+        item.insert("label".into(), s(label));
+    }
+    item
+}
+
+/// The cancellation reason codes of a cancelled transaction, in order.
+fn reasons<R>(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, R>) -> Vec<String> {
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+            .cancellation_reasons()
+            .iter()
+            .map(|r| r.code().unwrap_or("None").to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[async_trait]
 impl Spaces for DynamoStore {
+    /// One transaction: the token item (for authentication), the space's
+    /// list entry, and the space's live-token counts, conditioned on the
+    /// space existing and on the limit.
+    async fn create_token(
+        &self,
+        space_id: &str,
+        kind: TokenKind,
+        label: Option<String>,
+    ) -> Result<(TokenRecord, String)> {
+        check_label(label.as_deref())?;
+        let now = now_millis();
+        let token = mint(kind);
+        let mut item = key(token_key(&token.token_id), META);
+        item.insert("hash".into(), AttributeValue::B(token.hash.to_vec().into()));
+        item.insert("space_id".into(), s(space_id));
+        item.insert("kind".into(), s(kind.as_str()));
+        item.insert("created_at".into(), n(now));
+        let put = |item: Item| {
+            Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(service)
+        };
+        let count = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), META)))
+            .update_expression(if kind == TokenKind::Admin {
+                "ADD live_tokens :one, admin_tokens :one"
+            } else {
+                "ADD live_tokens :one"
+            })
+            .condition_expression(
+                "attribute_exists(pk) AND (attribute_not_exists(live_tokens) OR live_tokens < :max)",
+            )
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":max", n(MAX_LIVE_TOKENS))
+            .build()
+            .map_err(service)?;
+        let out = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(put(item)?).build())
+            .transact_items(
+                TransactWriteItem::builder()
+                    .put(put(token_ref(
+                        space_id,
+                        &token.token_id,
+                        kind,
+                        label.as_deref(),
+                        now,
+                    ))?)
+                    .build(),
+            )
+            .transact_items(TransactWriteItem::builder().update(count).build())
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => self.usage.write(out.consumed_capacity()),
+            Err(e) => {
+                if reasons(&e).get(2).map(String::as_str) == Some("ConditionalCheckFailed") {
+                    return Err(match self.get(space_key(space_id), true).await? {
+                        None => StoreError::NotFound,
+                        Some(_) => StoreError::Invalid(format!(
+                            "a space has at most {MAX_LIVE_TOKENS} live keys and tokens; revoke one first"
+                        )),
+                    });
+                }
+                return Err(service(e));
+            }
+        }
+        Ok((
+            TokenRecord {
+                token_id: token.token_id,
+                kind,
+                label,
+                created_at: now,
+                revoked_at: None,
+            },
+            token.secret,
+        ))
+    }
+
+    async fn tokens(&self, space_id: &str) -> Result<Vec<TokenRecord>> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", s(space_key(space_id)))
+            .expression_attribute_values(":prefix", s("TOKEN#"))
+            .consistent_read(true);
+        let mut out = Vec::new();
+        self.query_pages(query, |item| {
+            let kind = get_s(item, "kind")?;
+            out.push(TokenRecord {
+                token_id: get_s(item, "token_id")?.to_string(),
+                kind: TokenKind::parse(kind)
+                    .ok_or_else(|| StoreError::Undecodable(format!("token kind {kind:?}")))?,
+                label: opt_s(item, "label").map(str::to_string),
+                created_at: get_n(item, "created_at")?,
+                revoked_at: get_n(item, "revoked_at").ok(),
+            });
+            Ok(true)
+        })
+        .await?;
+        out.sort_by(|a, b| (a.created_at, &a.token_id).cmp(&(b.created_at, &b.token_id)));
+        Ok(out)
+    }
+
+    /// One transaction: the token item and the list entry marked revoked
+    /// (only if still live and of this space) and the space's counts
+    /// lowered; revoking an admin token is conditioned on another live
+    /// one, so two racing revocations cannot remove the last two.
+    async fn revoke_token(&self, space_id: &str, token_id: &str) -> Result<Revoked> {
+        for attempt in 0..16u32 {
+            if let Some(done) = self.revoke_once(space_id, token_id).await? {
+                return Ok(done);
+            }
+            // Lost a race on the space item: wait a little and try again.
+            let ms = rand::random_range(0..=(5u64 << attempt.min(5)));
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        Err(StoreError::Service("a revocation kept losing races".into()))
+    }
     async fn authenticate(&self, secret: &str, kind: TokenKind) -> Result<Option<SpaceAuth>> {
         let Some(id) = token_id(secret) else {
             return Ok(None);
@@ -194,6 +366,92 @@ impl Spaces for DynamoStore {
                 Err(StoreError::NotFound)
             }
             Err(e) => Err(service(e)),
+        }
+    }
+}
+
+impl DynamoStore {
+    /// One revocation attempt; `None` when it lost a transaction race.
+    async fn revoke_once(&self, space_id: &str, token_id: &str) -> Result<Option<Revoked>> {
+        let Some(token) = self.get(token_key(token_id), true).await? else {
+            return Ok(Some(Revoked::NotFound));
+        };
+        if opt_s(&token, "space_id") != Some(space_id) || token.contains_key("revoked_at") {
+            return Ok(Some(Revoked::NotFound));
+        }
+        let admin = TokenKind::parse(get_s(&token, "kind")?) == Some(TokenKind::Admin);
+        let now = now_millis();
+        let mark = |k: Item, condition: &str| {
+            Update::builder()
+                .table_name(&self.table)
+                .set_key(Some(k))
+                .update_expression("SET revoked_at = :now")
+                .condition_expression(condition)
+                .expression_attribute_values(":now", n(now))
+                .expression_attribute_values(":space", s(space_id))
+                .build()
+                .map_err(service)
+        };
+        let token_update = mark(
+            key(token_key(token_id), META),
+            "attribute_exists(pk) AND attribute_not_exists(revoked_at) AND space_id = :space",
+        )?;
+        let ref_update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &token_ref_sort(token_id))))
+            .update_expression("SET revoked_at = :now")
+            .expression_attribute_values(":now", n(now))
+            .build()
+            .map_err(service)?;
+        let mut count = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), META)))
+            .update_expression(if admin {
+                "ADD live_tokens :minus_one, admin_tokens :minus_one"
+            } else {
+                "ADD live_tokens :minus_one"
+            })
+            .expression_attribute_values(":minus_one", n(-1));
+        if admin {
+            count = count
+                .condition_expression("attribute_not_exists(admin_tokens) OR admin_tokens > :one")
+                .expression_attribute_values(":one", n(1));
+        }
+        let out = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(token_update).build())
+            .transact_items(TransactWriteItem::builder().update(ref_update).build())
+            .transact_items(
+                TransactWriteItem::builder()
+                    .update(count.build().map_err(service)?)
+                    .build(),
+            )
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                self.usage.write(out.consumed_capacity());
+                // This instance stops accepting it now; others within
+                // their cache time (10 s).
+                lock(&self.caches).auth.clear();
+                Ok(Some(Revoked::Revoked))
+            }
+            Err(e) => {
+                let r = reasons(&e);
+                let failed =
+                    |i: usize| r.get(i).map(String::as_str) == Some("ConditionalCheckFailed");
+                if failed(0) {
+                    Ok(Some(Revoked::NotFound))
+                } else if failed(2) {
+                    Ok(Some(Revoked::LastAdmin))
+                } else if r.iter().any(|c| c == "TransactionConflict") {
+                    Ok(None)
+                } else {
+                    Err(service(e))
+                }
+            }
         }
     }
 }

@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     space_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    revoked_at INTEGER
+    revoked_at INTEGER,
+    label TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS profiles (
     space_id TEXT NOT NULL,
@@ -241,6 +242,15 @@ impl SqliteStore {
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
         writer.execute_batch(STORE_SCHEMA)?;
+        // Data directories from before token labels.
+        let has_label: bool = writer.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('tokens') WHERE name = 'label')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_label {
+            writer.execute("ALTER TABLE tokens ADD COLUMN label TEXT", [])?;
+        }
         let compute_path = dir.join("compute.db");
         let compute_writer = open(&compute_path, Durability::Normal)?;
         compute_writer.execute_batch(compute::SCHEMA)?;

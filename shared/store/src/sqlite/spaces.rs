@@ -7,7 +7,9 @@ use kindred_domain::IdentitySettings;
 use rusqlite::{params, OptionalExtension};
 
 use super::{lock, SqliteStore};
-use crate::ports::{NewSpace, SpaceAuth, Spaces};
+use crate::ports::{
+    check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
+};
 use crate::token::{hash_secret, mint, random_base62, token_id, verify, TokenKind};
 
 /// How long a verified token is trusted without a lookup (revocation
@@ -59,6 +61,95 @@ impl SqliteStore {
             access_token,
             admin_token,
         })
+    }
+
+    fn create_token_now(
+        &self,
+        space_id: &str,
+        kind: TokenKind,
+        label: Option<String>,
+    ) -> Result<(TokenRecord, String)> {
+        check_label(label.as_deref())?;
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM spaces WHERE space_id = ?1)",
+            [space_id],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Err(StoreError::NotFound);
+        }
+        let live: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM tokens WHERE space_id = ?1 AND revoked_at IS NULL",
+            [space_id],
+            |r| r.get(0),
+        )?;
+        if live as usize >= MAX_LIVE_TOKENS {
+            return Err(StoreError::Invalid(format!(
+                "a space has at most {MAX_LIVE_TOKENS} live keys and tokens; revoke one first"
+            )));
+        }
+        let token = mint(kind);
+        let now = now_millis();
+        tx.execute(
+            "INSERT INTO tokens (token_id, hash, space_id, kind, created_at, label)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                token.token_id,
+                token.hash.as_slice(),
+                space_id,
+                kind.as_str(),
+                now,
+                label
+            ],
+        )?;
+        tx.commit()?;
+        Ok((
+            TokenRecord {
+                token_id: token.token_id,
+                kind,
+                label,
+                created_at: now,
+                revoked_at: None,
+            },
+            token.secret,
+        ))
+    }
+
+    fn revoke_token_now(&self, space_id: &str, token_id: &str) -> Result<Revoked> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let kind: Option<String> = tx
+            .query_row(
+                "SELECT kind FROM tokens
+                 WHERE token_id = ?1 AND space_id = ?2 AND revoked_at IS NULL",
+                [token_id, space_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(kind) = kind else {
+            return Ok(Revoked::NotFound);
+        };
+        if TokenKind::parse(&kind) == Some(TokenKind::Admin) {
+            let admins: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM tokens
+                 WHERE space_id = ?1 AND kind = ?2 AND revoked_at IS NULL",
+                [space_id, &kind],
+                |r| r.get(0),
+            )?;
+            if admins <= 1 {
+                return Ok(Revoked::LastAdmin);
+            }
+        }
+        tx.execute(
+            "UPDATE tokens SET revoked_at = ?3 WHERE token_id = ?1 AND space_id = ?2",
+            params![token_id, space_id, now_millis()],
+        )?;
+        tx.commit()?;
+        // Locally a revoked token stops working at once.
+        lock(&self.auth_cache).clear();
+        Ok(Revoked::Revoked)
     }
 
     pub fn space_count(&self) -> Result<u64> {
@@ -148,6 +239,58 @@ impl Spaces for SqliteStore {
             Ok(serde_json::from_str(&json)?)
         })
         .await
+    }
+
+    async fn create_token(
+        &self,
+        space_id: &str,
+        kind: TokenKind,
+        label: Option<String>,
+    ) -> Result<(TokenRecord, String)> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| s.create_token_now(&space_id, kind, label))
+            .await
+    }
+
+    async fn tokens(&self, space_id: &str) -> Result<Vec<TokenRecord>> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT token_id, kind, label, created_at, revoked_at FROM tokens
+                 WHERE space_id = ?1 ORDER BY created_at, token_id",
+            )?;
+            let rows = stmt.query_map([&space_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (token_id, kind, label, created_at, revoked_at) = row?;
+                let kind = TokenKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Undecodable(format!("token kind {kind:?}")))?;
+                out.push(TokenRecord {
+                    token_id,
+                    kind,
+                    label,
+                    created_at,
+                    revoked_at,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, space_id: &str, token_id: &str) -> Result<Revoked> {
+        let (space_id, token_id) = (space_id.to_string(), token_id.to_string());
+        self.blocking(move |s| s.revoke_token_now(&space_id, &token_id))
+            .await
     }
 
     async fn put_identity_settings(
