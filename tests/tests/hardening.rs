@@ -853,3 +853,124 @@ async fn write_keys_rotate_and_a_revoked_one_gets_401_at_once() {
         .unwrap()
         .starts_with("kind:"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_profile_api_has_a_per_space_rate_limit() {
+    let s = Server::start().await;
+    s.track("/v1/identify", &json!({"userId": "u1"})).await;
+    s.settle().await;
+    let mut settings = s.admin("GET", "/identity_settings", None).await.body;
+    assert_eq!(
+        settings["profile_api_requests_per_second"], 5000,
+        "{settings}"
+    );
+    settings["profile_api_requests_per_second"] = json!(5);
+    let r = s.admin("PUT", "/identity_settings", Some(&settings)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let mut limited = None;
+    for _ in 0..20 {
+        let r = s.profile("user_id:u1", "traits").await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    let r = limited.expect("20 requests at once go over 5 per second");
+    assert_eq!(r.body["error"]["code"], "rate_limit_error", "{}", r.body);
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    // Admin calls are not counted against it, and another space is not
+    // affected.
+    assert_eq!(
+        s.admin("GET", "/identity_settings", None).await.status,
+        StatusCode::OK
+    );
+    let other = s.running.local.store.create_space("other").unwrap();
+    let r = s
+        .get_as(
+            "/v1/spaces/other/collections/users/profiles/user_id:u1/traits",
+            Some(&other.access_token),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // After the wait it answers again.
+    tokio::time::sleep(std::time::Duration::from_secs(retry)).await;
+    assert_eq!(
+        s.profile("user_id:u1", "traits").await.status,
+        StatusCode::OK
+    );
+}
+
+fn limits(max_connections: usize) -> kindred::config::ServerLimits {
+    kindred::config::ServerLimits {
+        max_connections,
+        header_read_timeout: std::time::Duration::from_secs(2),
+        request_timeout: std::time::Duration::from_secs(2),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_slow_bodies_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start_limited(1_000_000, true, limits(100)).await;
+    let addr = s.running.addr;
+    // Headers that never end: the connection is closed.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        slow.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection was not closed");
+    // A body that never arrives: 408 after the request timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Authorization: Basic {}\r\nContent-Length: 1000\r\n\r\n{{\"userId\":",
+        base64_basic(&s.space.write_key)
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .expect("an answer within the timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
+fn base64_basic(user: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_one_to_close() {
+    let s = Server::start_limited(1_000_000, true, limits(2)).await;
+    let addr = s.running.addr;
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let url = format!("{}/healthz", s.base);
+    assert!(
+        client.get(&url).send().await.is_err(),
+        "a third connection was served"
+    );
+    drop(first);
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

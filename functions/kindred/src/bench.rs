@@ -98,6 +98,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         sync: kindred_sync::RetryPolicy::default(),
         // The sync bench's receiver is on 127.0.0.1.
         allow_private_destinations: true,
+        limits: crate::config::ServerLimits::default(),
     };
     let (running, created) = start(&config).await?;
     let space = match created {

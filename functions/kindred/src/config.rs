@@ -32,6 +32,36 @@ pub struct ServeArgs {
     /// services inside your network.
     #[arg(long, env = "KINDRED_ALLOW_PRIVATE_DESTINATIONS")]
     pub allow_private_destinations: bool,
+    /// Connections served at once; past it new ones wait in the listen
+    /// backlog until one closes.
+    #[arg(long, env = "KINDRED_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, env = "KINDRED_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take from its headers to its answer, its
+    /// body included (408 past it).
+    #[arg(long, env = "KINDRED_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+}
+
+/// What the HTTP server allows a client.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    pub header_read_timeout: std::time::Duration,
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4_096,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            request_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +73,8 @@ pub struct Config {
     pub sync: kindred_sync::RetryPolicy,
     /// Destinations may be at internal addresses.
     pub allow_private_destinations: bool,
+    /// Connections, header and request timeouts.
+    pub limits: ServerLimits,
 }
 
 impl Config {
@@ -54,6 +86,14 @@ impl Config {
             )
         })?;
         anyhow::ensure!(args.ingest_rate > 0, "--ingest-rate must be at least 1");
+        anyhow::ensure!(
+            args.max_connections > 0,
+            "--max-connections must be at least 1"
+        );
+        anyhow::ensure!(
+            args.header_read_timeout_secs > 0 && args.request_timeout_secs > 0,
+            "--header-read-timeout-secs and --request-timeout-secs must be at least 1"
+        );
         anyhow::ensure!(
             args.sync_retry_base_ms > 0,
             "--sync-retry-base-ms must be at least 1"
@@ -72,6 +112,11 @@ impl Config {
                 ..kindred_sync::RetryPolicy::default()
             },
             allow_private_destinations: args.allow_private_destinations,
+            limits: ServerLimits {
+                max_connections: args.max_connections,
+                header_read_timeout: std::time::Duration::from_secs(args.header_read_timeout_secs),
+                request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
+            },
         })
     }
 }

@@ -114,6 +114,7 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         destinations: Some(store.clone()),
         allow_private_destinations: config.allow_private_destinations,
         health: Some(health.clone()),
+        profile_rate_limiter: Arc::new(RateLimiter::profile_api()),
     };
     Ok(Local {
         store,
@@ -169,14 +170,11 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let (stop_http, stopped) = oneshot::channel::<()>();
-    let app = kindred_http::app(local.state.clone());
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let app = kindred_http::with_request_timeout(
+        kindred_http::app(local.state.clone()),
+        config.limits.request_timeout,
+    );
+    let http = tokio::spawn(serve_http(listener, app, config.limits, stopped));
     Ok((
         Running {
             addr,
@@ -248,6 +246,60 @@ impl Running {
         }
         Ok(())
     }
+}
+
+/// The HTTP server: HTTP/1.1 with a header-read timeout, at most
+/// `limits.max_connections` connections at once (past that, new ones wait in the
+/// listen backlog), and a graceful stop that lets requests in flight end.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: kindred_http::Router,
+    limits: crate::config::ServerLimits,
+    stop: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a moment, go on.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service =
+            TowerToHyperService::new(app.clone().map_request(
+                |r: hyper::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+            ));
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = connection.await;
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {

@@ -41,6 +41,7 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         })),
         destinations,
         allow_private_destinations: config.allow_private_destinations,
+        profile_rate_limiter: Arc::new(kindred_http::RateLimiter::profile_api()),
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))
 }

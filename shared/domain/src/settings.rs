@@ -72,7 +72,21 @@ pub struct IdentitySettings {
     /// before it is clamped to that moment (SPEC 2), in seconds.
     #[serde(default = "default_future_tolerance_seconds")]
     pub future_tolerance_seconds: u32,
+    /// Profile API requests per second the space's access tokens may make
+    /// together (bursts of one second); over it, `429 rate_limit_error`.
+    #[serde(default = "default_profile_api_rate")]
+    pub profile_api_requests_per_second: u32,
 }
+
+fn default_profile_api_rate() -> u32 {
+    DEFAULT_PROFILE_API_RATE
+}
+
+/// Segment's Profile API allows 100 requests/s; Kindred's default is higher
+/// (a backend reading a profile per page view), and a space may set its own.
+pub const DEFAULT_PROFILE_API_RATE: u32 = 5_000;
+/// The highest Profile API rate a space may set.
+pub const MAX_PROFILE_API_RATE: u32 = 1_000_000;
 
 fn default_future_tolerance_seconds() -> u32 {
     (crate::event::DEFAULT_FUTURE_TOLERANCE / 1000) as u32
@@ -164,6 +178,7 @@ impl Default for IdentitySettings {
             types,
             blocked,
             future_tolerance_seconds: default_future_tolerance_seconds(),
+            profile_api_requests_per_second: DEFAULT_PROFILE_API_RATE,
         }
     }
 }
@@ -236,6 +251,12 @@ impl IdentityRules {
             return Err(bad(
                 "future_tolerance_seconds".into(),
                 "at most 86400 (a day)",
+            ));
+        }
+        if !(1..=MAX_PROFILE_API_RATE).contains(&settings.profile_api_requests_per_second) {
+            return Err(bad(
+                "profile_api_requests_per_second".into(),
+                "from 1 to 1000000",
             ));
         }
         if settings.blocked.len() > MAX_BLOCKED {

@@ -58,6 +58,18 @@ impl ApiError {
         }
     }
 
+    /// Over the space's Profile API rate (Segment's `rate_limit_error`).
+    pub fn profile_rate_limited(retry_after_secs: u64) -> Self {
+        Self {
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "the space is over its Profile API rate; retry later",
+            )
+        }
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -42,6 +42,8 @@ pub struct AppState {
     pub allow_private_destinations: bool,
     /// The background workers' health and lag, where there are any.
     pub health: Option<Arc<dyn HealthCheck>>,
+    /// Per-space Profile API buckets.
+    pub profile_rate_limiter: Arc<RateLimiter>,
 }
 
 /// What the Tracking API needs (the `ingest` function has only this).
@@ -60,6 +62,8 @@ pub struct ReadState {
     pub computations: Option<Arc<dyn Computations>>,
     pub destinations: Option<Arc<dyn Destinations>>,
     pub allow_private_destinations: bool,
+    /// Per-space Profile API buckets (each space's own rate).
+    pub profile_rate_limiter: Arc<RateLimiter>,
 }
 
 impl AppState {
@@ -78,6 +82,7 @@ impl AppState {
             computations: self.computations.clone(),
             destinations: self.destinations.clone(),
             allow_private_destinations: self.allow_private_destinations,
+            profile_rate_limiter: Arc::clone(&self.profile_rate_limiter),
         }
     }
 }
@@ -182,6 +187,27 @@ pub fn profile_api_app(state: ReadState) -> Router {
             .merge(compute::router(state.clone()))
             .merge(destinations::router(state)),
     )
+}
+
+/// Answers `408 request_timeout` to a request not done within `limit`
+/// (for servers that face clients directly; API Gateway has its own).
+pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| async move {
+            match tokio::time::timeout(limit, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => {
+                    use axum::response::IntoResponse;
+                    ApiError::new(
+                        axum::http::StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        "the request took too long (its body arrived too slowly)",
+                    )
+                    .into_response()
+                }
+            }
+        },
+    ))
 }
 
 /// A response body's bytes (for callers that hold a router but do not

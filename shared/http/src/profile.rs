@@ -49,7 +49,15 @@ pub(crate) async fn authorize(
         )));
     };
     match state.spaces.authenticate(&token, kind).await? {
-        Some(auth) if auth.space_id == space_id => Ok(()),
+        Some(auth) if auth.space_id == space_id => {
+            if kind == TokenKind::Access {
+                state
+                    .profile_rate_limiter
+                    .take_at(space_id, 1, f64::from(auth.profile_api_rate))
+                    .map_err(ApiError::profile_rate_limited)?;
+            }
+            Ok(())
+        }
         _ => Err(ApiError::unauthorized(format!(
             "the {} is not valid for this space",
             kind.as_str().replace('_', " ")

@@ -48,21 +48,32 @@ impl RateLimiter {
         }
     }
 
+    /// Buckets for the Profile API, where each space's rate is its own
+    /// setting (passed to [`RateLimiter::take_at`]).
+    pub fn profile_api() -> Self {
+        Self::new(kindred_domain::settings::DEFAULT_PROFILE_API_RATE)
+    }
+
     /// Takes `n` tokens, or says how many seconds to wait.
     fn take(&self, space_id: &str, n: usize) -> Result<(), u64> {
+        self.take_at(space_id, n, self.rate)
+    }
+
+    /// Takes `n` tokens from the space's bucket refilled at `rate` per
+    /// second (a space's own setting), or says how many seconds to wait.
+    pub fn take_at(&self, space_id: &str, n: usize, rate: f64) -> Result<(), u64> {
+        let rate = rate.max(1.0);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let (tokens, at) = buckets
-            .entry(space_id.to_string())
-            .or_insert((self.rate, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
+        let (tokens, at) = buckets.entry(space_id.to_string()).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
         *at = now;
         let n = n as f64;
-        if *tokens >= n || (n > self.rate && *tokens >= self.rate) {
+        if *tokens >= n || (n > rate && *tokens >= rate) {
             *tokens -= n;
             Ok(())
         } else {
-            Err(((n.min(self.rate) - *tokens) / self.rate).ceil().max(1.0) as u64)
+            Err(((n.min(rate) - *tokens) / rate).ceil().max(1.0) as u64)
         }
     }
 }

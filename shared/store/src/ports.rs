@@ -24,6 +24,8 @@ pub struct SpaceAuth {
     pub kind: TokenKind,
     /// The space's clock tolerance for event times (SPEC 2), in milliseconds.
     pub future_tolerance: Millis,
+    /// The space's Profile API rate (requests per second).
+    pub profile_api_rate: u32,
 }
 
 /// A space's credentials, shown once on creation.

@@ -36,6 +36,20 @@ impl Server {
     /// `allow_private_destinations`: the local receivers of the tests are
     /// on 127.0.0.1, so most tests opt in, as an operator would.
     pub async fn start_with(ingest_rate: u32, allow_private_destinations: bool) -> Self {
+        Self::start_limited(
+            ingest_rate,
+            allow_private_destinations,
+            kindred::config::ServerLimits::default(),
+        )
+        .await
+    }
+
+    /// A server with its own connection cap and timeouts.
+    pub async fn start_limited(
+        ingest_rate: u32,
+        allow_private_destinations: bool,
+        limits: kindred::config::ServerLimits,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             data_dir: dir.path().to_path_buf(),
@@ -48,6 +62,7 @@ impl Server {
                 timeout: std::time::Duration::from_secs(5),
             },
             allow_private_destinations,
+            limits,
         };
         let (running, created) = start(&config).await.unwrap();
         let base = format!("http://{}", running.addr);

@@ -317,6 +317,7 @@ impl Spaces for DynamoStore {
             source_id: get_s(&space, "source_id")?.to_string(),
             kind,
             future_tolerance: settings.future_tolerance(),
+            profile_api_rate: settings.profile_api_requests_per_second,
         };
         let mut caches = lock(&self.caches);
         if caches.auth.len() >= MAX_CACHED {

@@ -202,6 +202,7 @@ impl SqliteStore {
             source_id,
             kind,
             future_tolerance: settings.future_tolerance(),
+            profile_api_rate: settings.profile_api_requests_per_second,
         });
         if let Some(auth) = &auth {
             let mut cache = lock(&self.auth_cache);
