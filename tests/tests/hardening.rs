@@ -429,6 +429,26 @@ async fn a_profiles_traits_keep_the_newest_values_within_64_kib() {
         "oldest dropped"
     );
     assert!(traits.to_string().len() <= 64 * 1024);
+    // The event that made the profile drop them records which.
+    let events = s
+        .profile("user_id:u1", "events?sort=asc&limit=10")
+        .await
+        .body;
+    let dropped: Vec<&Value> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("droppedTraits"))
+        .collect();
+    assert!(!dropped.is_empty(), "{events}");
+    let all: Vec<&str> = dropped
+        .iter()
+        .flat_map(|d| d.as_array().unwrap().iter().map(|k| k.as_str().unwrap()))
+        .collect();
+    assert!(
+        all.contains(&"blob_0") && all.contains(&"blob_1"),
+        "{all:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

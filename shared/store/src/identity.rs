@@ -83,6 +83,18 @@ pub async fn process_event<G: IdentityGraph>(
             source_id,
         };
         let resolution = resolve(&incoming, &facts, &rules.rules, &candidate);
+        // The event that made a profile drop traits records which (in
+        // its stored body, shown by the Profile API's `events`).
+        let annotated;
+        let record = if resolution.dropped_traits.is_empty() {
+            record
+        } else {
+            annotated = with_dropped_traits(body_json, &resolution.dropped_traits)?;
+            EventRecord {
+                body_json: &annotated,
+                ..record
+            }
+        };
         match graph.apply(space_id, &resolution.plan, &record).await {
             Ok(Applied::Duplicate) => return Ok(Outcome::Duplicate),
             Ok(Applied::Recorded) => {
@@ -120,6 +132,14 @@ pub async fn process_event<G: IdentityGraph>(
         }
     }
     Err(StoreError::Conflict)
+}
+
+/// The stored body with `droppedTraits`: the trait keys the profile
+/// dropped to stay within 64 KiB when this event was applied.
+fn with_dropped_traits(body_json: &str, dropped: &[String]) -> Result<String> {
+    let mut body: serde_json::Map<String, serde_json::Value> = serde_json::from_str(body_json)?;
+    body.insert("droppedTraits".into(), serde_json::json!(dropped));
+    Ok(serde_json::Value::Object(body).to_string())
 }
 
 /// Runs a future that never waits (a pipeline over a synchronous adapter
