@@ -674,7 +674,7 @@ async fn a_storage_fault_shows_in_healthz_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_entry_is_set_aside_and_the_rest_go_on() {
     use crate::common::receiver::{Mode, Receiver};
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let receiver = Receiver::start().await;
     receiver.set(Mode::Ok);
     let r = s

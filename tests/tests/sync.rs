@@ -73,7 +73,7 @@ fn count_event(calls: &[Value], event: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_two_webhooks_signed_with_the_identifiers_of_each_strategy() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let a = Receiver::start().await;
     let b = Receiver::start().await;
     define(
@@ -260,7 +260,7 @@ async fn changes_reach_two_webhooks_signed_with_the_identifiers_of_each_strategy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_are_retried_until_every_call_arrives_once_and_the_healthy_destination_waits_for_nothing(
 ) {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let mut flaky = Receiver::start().await;
     let healthy = Receiver::start().await;
     define(
@@ -372,7 +372,7 @@ async fn faults_are_retried_until_every_call_arrives_once_and_the_healthy_destin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_sends_one_alias_and_no_second_audience_entered() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let r = Receiver::start().await;
     define(
         &s,
@@ -422,7 +422,7 @@ async fn a_merge_sends_one_alias_and_no_second_audience_entered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_calls_go_to_dead_letters_and_replay_delivers_them() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let r = Receiver::start().await;
     r.set(Mode::Status(400));
     define(
@@ -471,7 +471,7 @@ async fn refused_calls_go_to_dead_letters_and_replay_delivers_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_destinations_api_validates_and_keeps_spaces_apart() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     for (body, field) in [
         (json!({"kind": "email"}), "kind"),
         (json!({"kind": "webhook"}), "url"),
@@ -575,8 +575,8 @@ async fn the_destinations_api_validates_and_keeps_spaces_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_destination_that_is_another_kindred_shows_the_synced_traits() {
-    let s = Server::start().await;
-    let mirror = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
+    let mirror = Server::start_for_local_receivers().await;
     define(
         &s,
         "computed_traits",
@@ -633,7 +633,7 @@ async fn a_segment_destination_that_is_another_kindred_shows_the_synced_traits()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_puts_of_one_destination_create_it_once_and_count_every_replace() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let bodies: Vec<Value> = (0..16)
         .map(|i| json!({"kind": "webhook", "url": format!("http://h/{i}"), "secret": format!("s{i}")}))
         .collect();
@@ -667,7 +667,7 @@ async fn racing_puts_of_one_destination_create_it_once_and_count_every_replace()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_initial_sync_larger_than_one_chunk_sends_every_value_once_then_changes() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let r = Receiver::start().await;
     define(
         &s,
@@ -722,7 +722,7 @@ async fn an_initial_sync_larger_than_one_chunk_sends_every_value_once_then_chang
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audience_exit_arrives_and_a_new_email_sends_no_second_entry() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let r = Receiver::start().await;
     define(
         &s,
@@ -805,7 +805,7 @@ async fn an_audience_exit_arrives_and_a_new_email_sends_no_second_entry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_a_key_sends_its_values_and_keeps_the_others_flowing() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let r = Receiver::start().await;
     define(
         &s,

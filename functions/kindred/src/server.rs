@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use kindred_http::{AppState, RateLimiter};
 use kindred_store::sqlite::{
-    ComputeWorker, IdentityWorker, Lag, SqliteQueue, SqliteStore, SyncWorker, WorkerHealth,
+    describe, ComputeWorker, IdentityWorker, Lag, SqliteQueue, SqliteStore, SyncWorker,
+    WorkerHealth,
 };
 use kindred_store::{HealthCheck, HealthReport};
 use kindred_sync::Deliverer;
@@ -69,9 +70,10 @@ impl HealthCheck for LocalHealth {
             Ok(lags) => {
                 for (stage, lag) in lags {
                     let lag = lag.unwrap_or_else(|e| {
-                        report
-                            .down
-                            .push((format!("{stage} lag"), format!("storage error: {e}")));
+                        report.down.push((
+                            format!("{stage} lag"),
+                            format!("storage error: {}", describe(&e)),
+                        ));
                         Lag::default()
                     });
                     report.lags.push((stage, lag.events, lag.seconds));
@@ -298,7 +300,14 @@ async fn serve_http(
             let _ = connection.await;
         });
     }
-    graceful.shutdown().await;
+    // Requests in flight may finish; a client that never reads its
+    // answer does not hold the stop up for long.
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open 30 s after the stop; closing them");
+    }
     Ok(())
 }
 

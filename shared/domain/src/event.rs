@@ -13,6 +13,9 @@ pub const MAX_EVENT_BYTES: usize = 32 * 1024;
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
 /// Longest accepted `messageId` (SPEC 2).
 pub const MAX_MESSAGE_ID_CHARS: usize = 100;
+/// Longest `groupId`, in bytes (an account link's key must fit a
+/// DynamoDB sort key of 1,024 bytes with its prefix).
+pub const MAX_GROUP_ID_BYTES: usize = 1000;
 /// The earliest event time accepted: 2000-01-01T00:00:00Z (SPEC 2).
 pub const EARLIEST_EVENT_TIME: Millis = 946_684_800_000;
 /// How far past `receivedAt` an event time may be before it is clamped to
@@ -200,9 +203,16 @@ impl Event {
             _ => None,
         };
         let missing = match kind {
-            EventKind::Group => id_field(&mut body, "groupId")?
-                .is_none()
-                .then_some(("missing_group_id", "a group call needs a groupId")),
+            EventKind::Group => match id_field(&mut body, "groupId")? {
+                None => Some(("missing_group_id", "a group call needs a groupId")),
+                Some(g) if g.len() > MAX_GROUP_ID_BYTES => {
+                    return Err(Rejection::new(
+                        "invalid_id",
+                        format!("groupId must be at most {MAX_GROUP_ID_BYTES} bytes"),
+                    ))
+                }
+                Some(_) => None,
+            },
             EventKind::Alias => (id_field(&mut body, "previousId")?.is_none() || user_id.is_none())
                 .then_some((
                     "missing_alias_ids",
@@ -227,6 +237,10 @@ impl Event {
 
         let (timestamp, received_at) = match time {
             TimeSource::Client => {
+                // Fields only Kindred writes: a client's copies are dropped.
+                for kindred_only in ["clientTimestamp", "droppedTraits"] {
+                    body.remove(kindred_only);
+                }
                 let timestamp = event_time(&body, &envelope)?;
                 // The client's own fields stay as sent; only what Kindred
                 // decides is written over, and a replaced client

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::identifier::Identifier;
-use crate::settings::{IdentityRules, MAX_IDENTIFIERS, MAX_MERGES};
+use crate::settings::{
+    IdentityRules, MAX_IDENTIFIERS, MAX_IDENTIFIER_BYTES_PER_PROFILE, MAX_MERGES,
+};
 use crate::traits::{apply_updates, fit, merge_traits, Traits};
 use crate::Millis;
 
@@ -228,6 +230,20 @@ fn within_limits(
     let largest = found.iter().map(|p| p.identifiers.len()).max().unwrap_or(0);
     if union.len() > MAX_IDENTIFIERS && union.len() > largest {
         return false;
+    }
+    let bytes = |ids: &mut dyn Iterator<Item = &Identifier>| -> usize {
+        ids.map(|id| id.kind.len() + id.value.len()).sum()
+    };
+    let union_bytes = bytes(&mut union.keys().copied());
+    if union_bytes > MAX_IDENTIFIER_BYTES_PER_PROFILE {
+        let largest_bytes = found
+            .iter()
+            .map(|p| bytes(&mut p.identifiers.iter().map(|e| &e.id)))
+            .max()
+            .unwrap_or(0);
+        if union_bytes > largest_bytes {
+            return false;
+        }
     }
     let in_window = |kind: &str, entries: &mut dyn Iterator<Item = (&Identifier, Millis)>| {
         let rule = rules.rule(kind);

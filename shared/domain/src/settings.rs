@@ -132,6 +132,10 @@ const BUILT_IN_TYPES: [&str; 8] = [
 /// Per profile caps (SPEC 4).
 pub const MAX_MERGES: u32 = 100;
 pub const MAX_IDENTIFIERS: usize = 1000;
+/// Per profile, the identifiers' types and values together take at most
+/// this many bytes (1,000 identifiers of 1 KiB would not fit a DynamoDB
+/// item of 400 KB): past it, like past the count, no new identifiers.
+pub const MAX_IDENTIFIER_BYTES_PER_PROFILE: usize = 256 * 1024;
 
 impl Default for IdentitySettings {
     fn default() -> Self {

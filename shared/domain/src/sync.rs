@@ -26,6 +26,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The setting that holds where calls go: a webhook's `url`, a
+    /// Segment-compatible API's `host`.
+    pub fn endpoint_field(self) -> &'static str {
+        match self {
+            Self::Webhook => "url",
+            Self::Segment => "host",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Webhook => "webhook",
@@ -149,9 +158,10 @@ impl Settings {
             Some(_) => return Err(bad("kind", "is not one of webhook, segment")),
             None => return Err(bad("kind", "is required (webhook or segment)")),
         };
-        let (endpoint_field, other) = match kind {
-            Kind::Webhook => ("url", "host"),
-            Kind::Segment => ("host", "url"),
+        let endpoint_field = kind.endpoint_field();
+        let other = match kind {
+            Kind::Webhook => Kind::Segment.endpoint_field(),
+            Kind::Segment => Kind::Webhook.endpoint_field(),
         };
         if obj.contains_key(other) {
             return Err(bad(
@@ -344,11 +354,7 @@ impl Settings {
             "batch_size": self.batch_size,
             "enabled": self.enabled,
         });
-        let field = match self.kind {
-            Kind::Webhook => "url",
-            Kind::Segment => "host",
-        };
-        out[field] = json!(self.endpoint);
+        out[self.kind.endpoint_field()] = json!(self.endpoint);
         out
     }
 
@@ -363,7 +369,7 @@ impl Settings {
                 secret_field(self.kind),
                 format!(
                     "is required when the kind or the {} changes (the stored one is not sent elsewhere)",
-                    if self.kind == Kind::Segment { "host" } else { "url" }
+                    self.kind.endpoint_field()
                 ),
             )
         })

@@ -390,3 +390,47 @@ proptest! {
         prop_assert_eq!(a.partition(), before);
     }
 }
+
+#[test]
+fn a_profiles_identifiers_stay_within_256_kib() {
+    let mut settings = IdentitySettings::default();
+    settings.types.get_mut("anonymous_id").unwrap().limit = Limit {
+        count: 1000,
+        frequency: Frequency::Ever,
+    };
+    let rules = IdentityRules::new(settings).unwrap();
+    let mut g = MemoryGraph::default();
+    let root = send(&mut g, &rules, &[id("user_id", "u1")], None, 0, "root").unwrap();
+    // 400 anonymous ids of 1,000 bytes each: 400 KB, over the cap.
+    for i in 0..400 {
+        let anon = format!("{i:04}{}", "x".repeat(996));
+        let landed = send(
+            &mut g,
+            &rules,
+            &[id("user_id", "u1"), id("anonymous_id", &anon)],
+            None,
+            1 + i,
+            &format!("m{i}"),
+        );
+        assert_eq!(
+            landed.as_deref(),
+            Some(root.as_str()),
+            "events still resolve"
+        );
+    }
+    let top = g.roots().find(|p| p.id == root).unwrap();
+    let bytes: usize = top
+        .identifiers
+        .iter()
+        .map(|e| e.id.kind.len() + e.id.value.len())
+        .sum();
+    assert!(
+        bytes <= kindred_domain::settings::MAX_IDENTIFIER_BYTES_PER_PROFILE,
+        "{bytes}"
+    );
+    assert!(
+        top.identifiers.len() > 200 && top.identifiers.len() < 300,
+        "{}",
+        top.identifiers.len()
+    );
+}

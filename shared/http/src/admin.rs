@@ -101,7 +101,7 @@ async fn revoke_token(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, &headers, &space_id, TokenKind::Admin).await?;
-    if token_id.len() != 12 || !token_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if !kindred_store::token::valid_token_id(&token_id) {
         return Err(ApiError::not_found(format!("no live token {token_id:?}")));
     }
     match state.spaces.revoke_token(&space_id, &token_id).await? {

@@ -145,13 +145,7 @@ async fn put(
         Settings::parse(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     settings
         .check_reach(state.allow_private_destinations)
-        .map_err(|e| {
-            let field = match settings.kind {
-                Kind::Webhook => "url",
-                Kind::Segment => "host",
-            };
-            ApiError::bad_request(format!("{field}: {e}"))
-        })?;
+        .map_err(|e| ApiError::bad_request(format!("{}: {e}", settings.kind.endpoint_field())))?;
     let name = body.get("name").and_then(Value::as_str).map(str::to_string);
     // A new webhook without a secret gets one, shown only in this answer.
     let mut generated = None;

@@ -72,6 +72,13 @@ pub const MAX_TOKEN_LABEL_BYTES: usize = 200;
 /// Most live tokens (all kinds together) in one space.
 pub const MAX_LIVE_TOKENS: usize = 100;
 
+/// The refusal of one more live token than [`MAX_LIVE_TOKENS`].
+pub fn too_many_tokens() -> crate::StoreError {
+    crate::StoreError::Invalid(format!(
+        "a space has at most {MAX_LIVE_TOKENS} live keys and tokens; revoke one first"
+    ))
+}
+
 /// A token label: optional, at most 200 bytes, no control characters.
 pub fn check_label(label: Option<&str>) -> Result<()> {
     match label {

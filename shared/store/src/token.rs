@@ -57,7 +57,12 @@ impl TokenKind {
 }
 
 /// Length of the public id that starts every token's random part.
-const TOKEN_ID_LEN: usize = 12;
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// Whether `id` has the shape of a token's public id.
+pub fn valid_token_id(id: &str) -> bool {
+    id.len() == TOKEN_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
 
 /// A freshly minted token: the secret is shown once, only the hash is kept.
 pub struct NewToken {

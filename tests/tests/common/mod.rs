@@ -25,16 +25,24 @@ pub struct Reply {
 }
 
 impl Server {
+    /// A server as `kindred serve` starts by default: destinations may not
+    /// reach internal addresses.
     pub async fn start() -> Self {
+        Self::start_with(1_000_000, false).await
+    }
+
+    /// A server started with `--allow-private-destinations`, as an operator
+    /// whose receivers are on their own network would: for the tests whose
+    /// receivers listen on 127.0.0.1.
+    pub async fn start_for_local_receivers() -> Self {
         Self::start_with(1_000_000, true).await
     }
 
     pub async fn start_with_rate(ingest_rate: u32) -> Self {
-        Self::start_with(ingest_rate, true).await
+        Self::start_with(ingest_rate, false).await
     }
 
-    /// `allow_private_destinations`: the local receivers of the tests are
-    /// on 127.0.0.1, so most tests opt in, as an operator would.
+    /// `allow_private_destinations`: the operator's opt-in.
     pub async fn start_with(ingest_rate: u32, allow_private_destinations: bool) -> Self {
         Self::start_limited(
             ingest_rate,

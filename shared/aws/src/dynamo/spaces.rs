@@ -197,37 +197,50 @@ impl Spaces for DynamoStore {
             .expression_attribute_values(":max", n(MAX_LIVE_TOKENS))
             .build()
             .map_err(service)?;
-        let out = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(put(item)?).build())
-            .transact_items(
-                TransactWriteItem::builder()
-                    .put(put(token_ref(
-                        space_id,
-                        &token.token_id,
-                        kind,
-                        label.as_deref(),
-                        now,
-                    ))?)
-                    .build(),
-            )
-            .transact_items(TransactWriteItem::builder().update(count).build())
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => self.usage.write(out.consumed_capacity()),
-            Err(e) => {
-                if reasons(&e).get(2).map(String::as_str) == Some("ConditionalCheckFailed") {
-                    return Err(match self.get(space_key(space_id), true).await? {
-                        None => StoreError::NotFound,
-                        Some(_) => StoreError::Invalid(format!(
-                            "a space has at most {MAX_LIVE_TOKENS} live keys and tokens; revoke one first"
-                        )),
-                    });
+        let items = vec![
+            TransactWriteItem::builder().put(put(item)?).build(),
+            TransactWriteItem::builder()
+                .put(put(token_ref(
+                    space_id,
+                    &token.token_id,
+                    kind,
+                    label.as_deref(),
+                    now,
+                ))?)
+                .build(),
+            TransactWriteItem::builder().update(count).build(),
+        ];
+        let mut attempt = 0u32;
+        loop {
+            let out = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            match out {
+                Ok(out) => {
+                    self.usage.write(out.consumed_capacity());
+                    break;
                 }
-                return Err(service(e));
+                Err(e) => {
+                    let r = reasons(&e);
+                    if r.get(2).map(String::as_str) == Some("ConditionalCheckFailed") {
+                        return Err(match self.get(space_key(space_id), true).await? {
+                            None => StoreError::NotFound,
+                            Some(_) => kindred_store::ports::too_many_tokens(),
+                        });
+                    }
+                    // Another write to the space item at the same moment.
+                    if r.iter().any(|c| c == "TransactionConflict") && attempt < 16 {
+                        attempt += 1;
+                        let ms = rand::random_range(0..=(5u64 << attempt.min(5)));
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        continue;
+                    }
+                    return Err(service(e));
+                }
             }
         }
         Ok((
@@ -397,11 +410,19 @@ impl DynamoStore {
             key(token_key(token_id), META),
             "attribute_exists(pk) AND attribute_not_exists(revoked_at) AND space_id = :space",
         )?;
+        // A token from before token listing has no list entry yet: the
+        // update writes a whole one.
         let ref_update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key(space_key(space_id), &token_ref_sort(token_id))))
-            .update_expression("SET revoked_at = :now")
+            .update_expression(
+                "SET revoked_at = :now, token_id = :id, kind = :kind, \
+                 created_at = if_not_exists(created_at, :created)",
+            )
             .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":id", s(token_id))
+            .expression_attribute_values(":kind", s(get_s(&token, "kind")?))
+            .expression_attribute_values(":created", n(get_n(&token, "created_at")?))
             .build()
             .map_err(service)?;
         let mut count = Update::builder()
@@ -414,8 +435,11 @@ impl DynamoStore {
             })
             .expression_attribute_values(":minus_one", n(-1));
         if admin {
+            // A space from before token management has no count: its
+            // admin tokens cannot be revoked until new ones are counted
+            // (never a lock-out).
             count = count
-                .condition_expression("attribute_not_exists(admin_tokens) OR admin_tokens > :one")
+                .condition_expression("admin_tokens > :one")
                 .expression_attribute_values(":one", n(1));
         }
         let out = self

@@ -609,21 +609,35 @@ impl Destinations for DynamoStore {
             .expression_attribute_values(":minus_one", n(-1))
             .build()
             .map_err(service)?;
-        let out = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().delete(delete).build())
-            .transact_items(TransactWriteItem::builder().update(count).build())
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        let existed = match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                true
+        let mut attempt = 0u32;
+        let existed = loop {
+            let out = self
+                .client
+                .transact_write_items()
+                .transact_items(TransactWriteItem::builder().delete(delete.clone()).build())
+                .transact_items(TransactWriteItem::builder().update(count.clone()).build())
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            match out {
+                Ok(out) => {
+                    self.usage.write(out.consumed_capacity());
+                    break true;
+                }
+                Err(e) if cancelled_by(&e).first() == Some(&Some("ConditionalCheckFailed")) => {
+                    break false
+                }
+                // A create or delete of another destination of the space
+                // at the same moment (the count item): try again.
+                Err(e)
+                    if attempt < 16 && cancelled_by(&e).contains(&Some("TransactionConflict")) =>
+                {
+                    attempt += 1;
+                    let ms = rand::random_range(0..=(5u64 << attempt.min(5)));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(service(e)),
             }
-            Err(e) if cancelled_by(&e).first() == Some(&Some("ConditionalCheckFailed")) => false,
-            Err(e) => return Err(service(e)),
         };
         for pk in [
             out_key(space_id, destination_id),

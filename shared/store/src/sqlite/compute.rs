@@ -1252,12 +1252,11 @@ impl ComputeWorker {
 
     /// One round: events, then requests, then a backfill chunk.
     pub fn run_once(&self) -> Result<usize> {
-        let events = self
-            .run_events(EVENTS_PER_BATCH)
-            .or_else(|e| self.isolate(EVENTS_CURSOR, e, |w| w.run_events(1)))?;
-        let requests = self
-            .run_requests(EVENTS_PER_BATCH)
-            .or_else(|e| self.isolate(REQUESTS_CURSOR, e, |w| w.run_requests(1)))?;
+        use super::health::catch_panic;
+        let events = catch_panic(|| self.run_events(EVENTS_PER_BATCH))
+            .or_else(|e| self.isolate(EVENTS_CURSOR, e, |w| catch_panic(|| w.run_events(1))))?;
+        let requests = catch_panic(|| self.run_requests(EVENTS_PER_BATCH))
+            .or_else(|e| self.isolate(REQUESTS_CURSOR, e, |w| catch_panic(|| w.run_requests(1))))?;
         Ok(events + requests + self.run_backfill()?)
     }
 

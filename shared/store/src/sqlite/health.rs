@@ -111,12 +111,9 @@ pub fn supervise(health: &WorkerHealth, stop: &AtomicBool, mut step: impl FnMut(
             }
             Ok(Err(e)) => format!("storage error: {}", describe(&e)),
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
-                format!("panicked: {what}")
+                // The payload is logged, never shown: `/healthz` is public.
+                error!(worker = health.name, panic = %panic_text(&*panic), "worker step panicked");
+                "the worker panicked".to_string()
             }
         };
         let failures = health.failed(reason.clone());
@@ -132,10 +129,34 @@ pub fn supervise(health: &WorkerHealth, stop: &AtomicBool, mut step: impl FnMut(
     }
 }
 
+/// Runs one step over queue entries, turning a panic into an error about
+/// the entries (never a storage error), so that the caller's isolation
+/// (one entry at a time, then set aside) handles a panicking entry like
+/// an undecodable one instead of retrying it forever.
+pub(crate) fn catch_panic<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(step)) {
+        Ok(result) => result,
+        Err(panic) => {
+            error!(panic = %panic_text(&*panic), "a step panicked on an entry");
+            Err(crate::StoreError::Invariant(
+                "processing the entry panicked",
+            ))
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
 /// What kind of storage failure an error is, in words an operator can act
 /// on (the database's own message is logged, never shown: `/healthz` is
 /// public).
-fn describe(e: &crate::StoreError) -> String {
+pub fn describe(e: &crate::StoreError) -> String {
     use rusqlite::ErrorCode;
     match e {
         crate::StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => match f.code {
@@ -150,7 +171,13 @@ fn describe(e: &crate::StoreError) -> String {
             }
             _ => "a database failure".into(),
         },
-        other => other.to_string(),
+        crate::StoreError::Sqlite(_) => "a database failure".into(),
+        crate::StoreError::Corrupt(_) | crate::StoreError::Undecodable(_) => {
+            "stored data could not be decoded".into()
+        }
+        crate::StoreError::Closed => "the store is shutting down".into(),
+        crate::StoreError::Service(_) => "a storage service failure".into(),
+        _ => "an entry could not be processed".into(),
     }
 }
 
@@ -180,8 +207,12 @@ mod tests {
         });
         assert_eq!(calls, 4);
         assert_eq!(seen[0].down, None);
-        assert!(seen[1].down.as_deref().unwrap().contains("disk on fire"));
-        assert_eq!(seen[2].down.as_deref(), Some("panicked: worker bug"));
+        // Fixed words only: the error's own text is logged, not shown.
+        assert_eq!(
+            seen[1].down.as_deref(),
+            Some("storage error: an entry could not be processed")
+        );
+        assert_eq!(seen[2].down.as_deref(), Some("the worker panicked"));
         assert_eq!(seen[2].failures, 2);
         assert_eq!(
             seen[3],

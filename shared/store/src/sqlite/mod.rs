@@ -29,7 +29,7 @@ use rusqlite::Connection;
 pub use audit::{AuditEvent, GraphAudit};
 pub use compute::{ComputeStats, ComputeWorker};
 pub use graph::{OptimisticGraph, TxGraph};
-pub use health::{supervise, Lag, WorkerHealth, WorkerState};
+pub use health::{describe, supervise, Lag, WorkerHealth, WorkerState};
 pub use queue::{QueueEntry, SqliteQueue};
 pub use sync::{FanOut, SyncWorker};
 pub use worker::{IdentityWorker, WorkerStats};
@@ -203,6 +203,9 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     /// Recently verified tokens, keyed by the SHA-256 of the secret.
     auth_cache: Mutex<HashMap<[u8; 32], (crate::SpaceAuth, Instant)>>,
+    /// Bumped (under the cache's lock) whenever cached verdicts may have
+    /// gone stale: a lookup that started before is not cached.
+    auth_generation: std::sync::atomic::AtomicU64,
 }
 
 /// A pooled read connection, returned to its pool on drop.
@@ -274,6 +277,7 @@ impl SqliteStore {
             sync_readers: Mutex::new(Vec::new()),
             readers: Mutex::new(Vec::new()),
             auth_cache: Mutex::new(HashMap::new()),
+            auth_generation: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 

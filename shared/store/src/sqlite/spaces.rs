@@ -1,5 +1,6 @@
 //! Spaces and their credentials on the embedded store.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -86,9 +87,7 @@ impl SqliteStore {
             |r| r.get(0),
         )?;
         if live as usize >= MAX_LIVE_TOKENS {
-            return Err(StoreError::Invalid(format!(
-                "a space has at most {MAX_LIVE_TOKENS} live keys and tokens; revoke one first"
-            )));
+            return Err(crate::ports::too_many_tokens());
         }
         let token = mint(kind);
         let now = now_millis();
@@ -148,8 +147,16 @@ impl SqliteStore {
         )?;
         tx.commit()?;
         // Locally a revoked token stops working at once.
-        lock(&self.auth_cache).clear();
+        self.forget_verified_tokens();
         Ok(Revoked::Revoked)
+    }
+
+    /// Empties the authentication cache, so that every token is looked up
+    /// again; lookups already under way do not refill it.
+    fn forget_verified_tokens(&self) {
+        let mut cache = lock(&self.auth_cache);
+        self.auth_generation.fetch_add(1, Ordering::SeqCst);
+        cache.clear();
     }
 
     pub fn space_count(&self) -> Result<u64> {
@@ -167,11 +174,15 @@ impl SqliteStore {
         // The cache is keyed by the secret's hash, so finding an entry
         // reveals nothing an attacker could use to forge a token.
         let key = hash_secret(secret);
-        if let Some((auth, at)) = lock(&self.auth_cache).get(&key) {
-            if at.elapsed() < AUTH_CACHE_TTL && auth.kind == kind {
-                return Ok(Some(auth.clone()));
+        let generation = {
+            let cache = lock(&self.auth_cache);
+            if let Some((auth, at)) = cache.get(&key) {
+                if at.elapsed() < AUTH_CACHE_TTL && auth.kind == kind {
+                    return Ok(Some(auth.clone()));
+                }
             }
-        }
+            self.auth_generation.load(Ordering::SeqCst)
+        };
         let row = self
             .reader()?
             .prepare_cached(
@@ -206,6 +217,11 @@ impl SqliteStore {
         });
         if let Some(auth) = &auth {
             let mut cache = lock(&self.auth_cache);
+            // A revocation or settings change since the read above: the
+            // answer may be stale, so it is not remembered.
+            if self.auth_generation.load(Ordering::SeqCst) != generation {
+                return Ok(Some(auth.clone()));
+            }
             if cache.len() >= AUTH_CACHE_ENTRIES {
                 cache.retain(|_, (_, at)| at.elapsed() < AUTH_CACHE_TTL);
             }
@@ -310,8 +326,8 @@ impl Spaces for SqliteStore {
             if changed == 0 {
                 return Err(StoreError::NotFound);
             }
-            // Verified tokens carry the space's clock tolerance.
-            lock(&s.auth_cache).clear();
+            // Verified tokens carry the space's settings.
+            s.forget_verified_tokens();
             Ok(())
         })
         .await

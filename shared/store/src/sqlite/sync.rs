@@ -512,7 +512,13 @@ impl SqliteStore {
                         }
                         Ok(())
                     };
-                    set_aside_if_undecodable(tx, "merges", seq, &space_id, one())?;
+                    set_aside_if_undecodable(
+                        tx,
+                        "merges",
+                        seq,
+                        &space_id,
+                        super::health::catch_panic(&mut one),
+                    )?;
                     out.merges += 1;
                 }
             }
@@ -577,7 +583,13 @@ impl SqliteStore {
                         }
                         Ok(())
                     };
-                    set_aside_if_undecodable(tx, "changes", seq, &space_id, one())?;
+                    set_aside_if_undecodable(
+                        tx,
+                        "changes",
+                        seq,
+                        &space_id,
+                        super::health::catch_panic(&mut one),
+                    )?;
                 }
             }
             if last > after {

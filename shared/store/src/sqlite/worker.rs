@@ -132,7 +132,7 @@ impl IdentityWorker {
         };
         let careful = careful_until.is_some_and(|until| cursor < until);
         let limit = if careful { 1 } else { self.batch };
-        match self.run_batch(limit) {
+        match super::health::catch_panic(|| self.run_batch(limit)) {
             Ok(n) => {
                 let mut state = lock(&self.state);
                 state.failures = 0;
