@@ -7,14 +7,12 @@
 use std::sync::OnceLock;
 
 use kindred_domain::compute::{Class, Definition, Ruleset};
-use kindred_domain::event::{parse_time, MAX_BATCH_BYTES, MAX_EVENT_BYTES};
+use kindred_domain::event::{strip_write_key, BatchBody, MAX_BATCH_BYTES, MAX_EVENT_BYTES};
 use kindred_domain::sync::Settings;
 use kindred_domain::{
     extract_identifiers, Envelope, Event, EventKind, Identifier, IdentityRules, IdentitySettings,
     Millis, Rejection,
 };
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 /// When every fuzzed event is received: 2026-05-01T12:00:00Z. Fixed, so
@@ -35,20 +33,6 @@ pub fn envelope(kind: Option<EventKind>, batch_sent_at: Option<Millis>) -> Envel
     }
 }
 
-/// `/v1/batch` (and `/v1/import`) as shared/http/src/tracking.rs reads it.
-#[derive(Deserialize)]
-struct BatchBody<'a> {
-    #[serde(borrow)]
-    batch: Option<Vec<&'a RawValue>>,
-    #[serde(rename = "sentAt")]
-    sent_at: Option<Value>,
-    context: Option<Value>,
-    integrations: Option<Value>,
-    #[serde(rename = "writeKey")]
-    #[allow(dead_code)] // read only to mirror the API's parse
-    write_key: Option<String>,
-}
-
 /// The Tracking API: the body as a batch (each item parsed on its own, with
 /// the batch's `sentAt`, `context` and `integrations`), then the same body
 /// as one call to `/v1/{type}`; every accepted event goes through the queue
@@ -57,32 +41,10 @@ pub fn event_batch(body: &[u8]) {
     if body.len() > MAX_BATCH_BYTES {
         return;
     }
-    if let Ok(parsed) = serde_json::from_slice::<BatchBody<'_>>(body) {
-        let batch_sent_at = match &parsed.sent_at {
-            Some(Value::String(s)) => parse_time(s),
-            _ => None,
-        };
-        for raw in parsed.batch.unwrap_or_default() {
-            if raw.get().len() > MAX_EVENT_BYTES {
-                continue;
-            }
-            let Ok(mut value) = serde_json::from_str::<Value>(raw.get()) else {
-                continue;
-            };
-            if let Value::Object(map) = &mut value {
-                for (field, shared) in [
-                    ("context", &parsed.context),
-                    ("integrations", &parsed.integrations),
-                ] {
-                    if let Some(shared) = shared {
-                        map.entry(field).or_insert_with(|| shared.clone());
-                    }
-                }
-            }
-            accepted(Event::parse(
-                strip_write_key(value),
-                envelope(None, batch_sent_at),
-            ));
+    // The very parser the Tracking API uses (kindred_domain::event::BatchBody).
+    if let Some(parsed) = BatchBody::parse(body) {
+        for raw in parsed.batch.as_deref().unwrap_or_default() {
+            accepted(parsed.event(raw, envelope(None, None)));
         }
     }
     if body.len() <= MAX_EVENT_BYTES {
@@ -99,13 +61,6 @@ pub fn event_batch(body: &[u8]) {
             ));
         }
     }
-}
-
-fn strip_write_key(mut value: Value) -> Value {
-    if let Value::Object(map) = &mut value {
-        map.remove("writeKey");
-    }
-    value
 }
 
 /// What happens to an accepted event: queued as JSON text, read back by a
@@ -188,26 +143,19 @@ pub fn definition(body: &[u8]) {
     }
 }
 
-/// The Admin API's `PUT .../identity_settings` (`parse_settings` in
-/// shared/http/src/admin.rs), then the settings in use: the rule of a type
+/// The Admin API's `PUT .../identity_settings` (`IdentitySettings::parse`,
+/// as shared/http/src/admin.rs calls it), then the settings in use: the rule of a type
 /// and the blocked-value check of a few identifiers.
 pub fn identity_settings(body: &[u8]) {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return;
-    };
-    let settings: IdentitySettings = match serde_path_to_error::deserialize(value) {
+    let settings = match IdentitySettings::parse(body) {
         Ok(settings) => settings,
-        Err(e) => {
-            std::hint::black_box(format!("{}: {}", e.path(), e.inner()));
-            return;
-        }
-    };
-    let rules = match IdentityRules::new(settings.clone()) {
-        Ok(rules) => rules,
         Err(e) => {
             std::hint::black_box(e.to_string());
             return;
         }
+    };
+    let Ok(rules) = IdentityRules::new(settings.clone()) else {
+        panic!("settings that parse must compile");
     };
     std::hint::black_box(serde_json::to_vec(rules.settings()).ok());
     let configured = settings.types.keys().take(8).map(String::as_str);

@@ -2,6 +2,8 @@
 //! which moment it describes (SPEC 2).
 
 use chrono::DateTime;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::identifier::{check_identifier_sizes, extract_identifiers, MAX_IDENTIFIER_BYTES};
@@ -324,6 +326,76 @@ impl Event {
             _ => None,
         }
     }
+}
+
+/// A `/v1/batch` (or `/v1/import`) body: the events, each parsed on its
+/// own so that one bad event never costs the others, and what applies to
+/// all of them.
+#[derive(Deserialize)]
+pub struct BatchBody<'a> {
+    #[serde(borrow)]
+    pub batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "sentAt")]
+    pub sent_at: Option<Value>,
+    pub context: Option<Value>,
+    pub integrations: Option<Value>,
+    /// A credential, never stored.
+    #[serde(rename = "writeKey")]
+    pub write_key: Option<String>,
+}
+
+impl<'a> BatchBody<'a> {
+    /// Reads the body; `None` if it is not a JSON object of this shape.
+    pub fn parse(bytes: &'a [u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// The batch's `sentAt`, which corrects every event's clock skew.
+    pub fn sent_at(&self) -> Option<Millis> {
+        match &self.sent_at {
+            Some(Value::String(s)) => parse_time(s),
+            _ => None,
+        }
+    }
+
+    /// One item of the batch as an event: the batch's `context` and
+    /// `integrations` apply when the item has none, its `sentAt` is the
+    /// envelope's.
+    pub fn event(&self, raw: &RawValue, envelope: Envelope<'_>) -> Result<Event, Rejection> {
+        if raw.get().len() > MAX_EVENT_BYTES {
+            return Err(Rejection::new(
+                "event_too_large",
+                format!("the event is larger than {} KB", MAX_EVENT_BYTES / 1024),
+            ));
+        }
+        let mut value: Value = serde_json::from_str(raw.get())
+            .map_err(|_| Rejection::new("invalid_event", "the event is not valid JSON"))?;
+        if let Value::Object(map) = &mut value {
+            for (field, shared) in [
+                ("context", &self.context),
+                ("integrations", &self.integrations),
+            ] {
+                if let Some(shared) = shared {
+                    map.entry(field).or_insert_with(|| shared.clone());
+                }
+            }
+        }
+        Event::parse(
+            strip_write_key(value),
+            Envelope {
+                batch_sent_at: self.sent_at(),
+                ..envelope
+            },
+        )
+    }
+}
+
+/// The write key is a credential: it is never stored with the event.
+pub fn strip_write_key(mut value: Value) -> Value {
+    if let Value::Object(map) = &mut value {
+        map.remove("writeKey");
+    }
+    value
 }
 
 /// Where an event's times come from.

@@ -108,6 +108,22 @@ const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 pub const MAX_FUTURE_TOLERANCE_SECONDS: u32 = 86_400;
 
 impl IdentitySettings {
+    /// Reads and validates a settings document (the Admin API's body),
+    /// naming the bad field in the error.
+    pub fn parse(body: &[u8]) -> Result<Self, SettingsError> {
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|_| SettingsError {
+            field: "body".into(),
+            message: "not valid JSON".into(),
+        })?;
+        let settings: IdentitySettings =
+            serde_path_to_error::deserialize(value).map_err(|e| SettingsError {
+                field: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        IdentityRules::new(settings.clone())?;
+        Ok(settings)
+    }
+
     /// The clock tolerance in milliseconds.
     pub fn future_tolerance(&self) -> Millis {
         Millis::from(

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use kindred_domain::event::format_millis;
-use kindred_domain::{IdentityRules, IdentitySettings};
+use kindred_domain::IdentitySettings;
 use kindred_store::token::TokenKind;
 use kindred_store::{Revoked, TokenRecord};
 use serde_json::{json, Value};
@@ -142,12 +142,5 @@ async fn put_settings(
 
 /// Parses and validates settings, naming the bad field in the error.
 pub fn parse_settings(body: &[u8]) -> Result<IdentitySettings, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
-    let settings: IdentitySettings = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::bad_request(format!("{path}: {}", e.inner()))
-    })?;
-    IdentityRules::new(settings.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    Ok(settings)
+    IdentitySettings::parse(body).map_err(|e| ApiError::bad_request(e.to_string()))
 }

@@ -12,12 +12,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use kindred_domain::event::{Envelope, MAX_BATCH_BYTES, MAX_EVENT_BYTES};
-use kindred_domain::{Event, EventKind, Rejection};
+use kindred_domain::event::{
+    strip_write_key, BatchBody, Envelope, MAX_BATCH_BYTES, MAX_EVENT_BYTES,
+};
+use kindred_domain::{Event, EventKind};
 use kindred_store::token::{random_base62, TokenKind};
 use kindred_store::{now_millis, QueuedEvent, SpaceAuth};
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tracing::debug;
 
@@ -198,48 +198,31 @@ async fn single(
     }
 }
 
-#[derive(Deserialize)]
-struct BatchBody<'a> {
-    #[serde(borrow)]
-    batch: Option<Vec<&'a RawValue>>,
-    #[serde(rename = "sentAt")]
-    sent_at: Option<Value>,
-    context: Option<Value>,
-    integrations: Option<Value>,
-    #[serde(rename = "writeKey")]
-    write_key: Option<String>,
-}
-
 async fn batch(State(state): State<TrackingState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let result = async {
         let header_auth = authenticate_header(&state, &parts.headers).await?;
         let bytes = read_body(&parts.headers, body).await?;
-        let parsed: BatchBody<'_> = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+        let parsed = BatchBody::parse(&bytes).ok_or_else(malformed)?;
         let auth = match header_auth {
             Some(auth) => auth,
             None => authenticate(&state, parsed.write_key.as_deref()).await?,
         };
         let items = parsed
             .batch
+            .as_deref()
             .ok_or_else(|| ApiError::bad_request("batch must be an array of events"))?;
         check_rate(&state, &auth, items.len().max(1))?;
         let received_at = now_millis();
-        let batch_sent_at = match &parsed.sent_at {
-            Some(Value::String(s)) => kindred_domain::event::parse_time(s),
-            _ => None,
-        };
         let mut accepted = Vec::with_capacity(items.len());
         let mut rejected = Vec::new();
         for (index, raw) in items.iter().enumerate() {
-            let outcome = parse_item(
+            let generated = generated_message_id();
+            let outcome = parsed.event(
                 raw,
-                &parsed.context,
-                &parsed.integrations,
                 Envelope {
-                    batch_sent_at,
                     future_tolerance: auth.future_tolerance,
-                    ..Envelope::received(received_at, "")
+                    ..Envelope::received(received_at, &generated)
                 },
             );
             match outcome {
@@ -264,46 +247,6 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
         Ok(ok) => ok.into_response(),
         Err(e) => e.into_response(),
     }
-}
-
-fn parse_item(
-    raw: &RawValue,
-    context: &Option<Value>,
-    integrations: &Option<Value>,
-    envelope: Envelope<'_>,
-) -> Result<Event, Rejection> {
-    if raw.get().len() > MAX_EVENT_BYTES {
-        return Err(Rejection::new(
-            "event_too_large",
-            format!("the event is larger than {} KB", MAX_EVENT_BYTES / 1024),
-        ));
-    }
-    let mut value: Value = serde_json::from_str(raw.get())
-        .map_err(|_| Rejection::new("invalid_event", "the event is not valid JSON"))?;
-    if let Value::Object(map) = &mut value {
-        // Batch-level context and integrations apply to events without their own.
-        for (field, shared) in [("context", context), ("integrations", integrations)] {
-            if let Some(shared) = shared {
-                map.entry(field).or_insert_with(|| shared.clone());
-            }
-        }
-    }
-    let generated = generated_message_id();
-    Event::parse(
-        strip_write_key(value),
-        Envelope {
-            generated_message_id: &generated,
-            ..envelope
-        },
-    )
-}
-
-/// The write key is a credential: it is never stored with the event.
-fn strip_write_key(mut value: Value) -> Value {
-    if let Value::Object(map) = &mut value {
-        map.remove("writeKey");
-    }
-    value
 }
 
 fn check_rate(state: &TrackingState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {
