@@ -144,6 +144,13 @@ pub struct DynamoStore {
     pub(crate) sealer: Option<Arc<kindred_store::secret::Sealer>>,
 }
 
+/// Waits a random 0 to 5·2^min(attempt, cap) ms before another attempt at
+/// a write that lost a race, so that racing writers spread out.
+pub(crate) async fn backoff(attempt: u32, cap: u32) {
+    let ms = rand::random_range(0..=(5u64 << attempt.min(cap)));
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

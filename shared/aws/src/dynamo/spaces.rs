@@ -235,8 +235,7 @@ impl Spaces for DynamoStore {
                     // Another write to the space item at the same moment.
                     if r.iter().any(|c| c == "TransactionConflict") && attempt < 16 {
                         attempt += 1;
-                        let ms = rand::random_range(0..=(5u64 << attempt.min(5)));
-                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        super::backoff(attempt, 5).await;
                         continue;
                     }
                     return Err(service(e));
@@ -292,8 +291,7 @@ impl Spaces for DynamoStore {
                 return Ok(done);
             }
             // Lost a race on the space item: wait a little and try again.
-            let ms = rand::random_range(0..=(5u64 << attempt.min(5)));
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            super::backoff(attempt, 5).await;
         }
         Err(StoreError::Service("a revocation kept losing races".into()))
     }

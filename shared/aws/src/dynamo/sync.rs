@@ -564,8 +564,7 @@ impl Destinations for DynamoStore {
                 Ok((item, created)) => return Ok((record_of(&item)?, created)),
                 Err((true, _)) => {
                     // Another write won: read again and retry.
-                    let ms = rand::random_range(0..=(5u64 << attempt.min(6)));
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    super::backoff(attempt, 6).await;
                 }
                 Err((false, e)) => return Err(e),
             }
@@ -633,8 +632,7 @@ impl Destinations for DynamoStore {
                     if attempt < 16 && cancelled_by(&e).contains(&Some("TransactionConflict")) =>
                 {
                     attempt += 1;
-                    let ms = rand::random_range(0..=(5u64 << attempt.min(5)));
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    super::backoff(attempt, 5).await;
                 }
                 Err(e) => return Err(service(e)),
             }
@@ -792,8 +790,7 @@ impl Outbox for DynamoStore {
                     // Another writer moved the counter first: read again.
                     Err(StoreError::Conflict) if attempt < PUT_ATTEMPTS => {
                         attempt += 1;
-                        let ms = rand::random_range(0..=(5u64 << attempt.min(6)));
-                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        super::backoff(attempt, 6).await;
                     }
                     Err(e) => return Err(e),
                 }

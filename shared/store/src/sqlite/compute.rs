@@ -915,7 +915,6 @@ impl ComputeWorker {
         lock(&self.state).stats.clone()
     }
 
-    /// Whether every event and request so far is folded in and no backfill runs.
     /// Recorded events not folded in yet, and the age of the oldest (by
     /// its `receivedAt`); pending recompute requests count as entries.
     pub fn lag(&self) -> Result<super::Lag> {
@@ -931,7 +930,8 @@ impl ComputeWorker {
         let served = cursor(&conn, REQUESTS_CURSOR)?;
         let oldest: Option<String> = if events > folded {
             conn.prepare_cached(
-                "SELECT json_extract(body, '$.receivedAt') FROM events WHERE seq > ?1
+                "SELECT CASE WHEN json_valid(body) THEN json_extract(body, '$.receivedAt') END
+                 FROM events WHERE seq > ?1
                  ORDER BY seq LIMIT 1",
             )?
             .query_row([folded], |r| r.get(0))
@@ -948,23 +948,17 @@ impl ComputeWorker {
         ))
     }
 
+    /// Whether every event and request so far is folded in and no backfill runs.
     pub fn is_idle(&self) -> Result<bool> {
-        let conn = self.store.reader()?;
-        let events: i64 =
-            conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
-        let requests: i64 = conn.query_row(
-            "SELECT coalesce(max(seq), 0) FROM compute_requests",
-            [],
-            |r| r.get(0),
-        )?;
-        let backfilling: bool = conn.query_row(
+        if self.lag()?.events > 0 {
+            return Ok(false);
+        }
+        let backfilling: bool = self.store.reader()?.query_row(
             "SELECT EXISTS (SELECT 1 FROM definitions WHERE status = 'backfilling' AND deleted = 0)",
             [],
             |r| r.get(0),
         )?;
-        Ok(cursor(&conn, EVENTS_CURSOR)? >= events
-            && cursor(&conn, REQUESTS_CURSOR)? >= requests
-            && !backfilling)
+        Ok(!backfilling)
     }
 
     fn ruleset(

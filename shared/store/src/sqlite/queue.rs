@@ -119,7 +119,8 @@ impl SqliteQueue {
         let conn = lock(&self.reader);
         let received: Option<String> = conn
             .prepare_cached(
-                "SELECT json_extract(body, '$.receivedAt') FROM queue WHERE seq > ?1
+                "SELECT CASE WHEN json_valid(body) THEN json_extract(body, '$.receivedAt') END
+                 FROM queue WHERE seq > ?1
                  ORDER BY seq LIMIT 1",
             )?
             .query_row([after], |r| r.get(0))

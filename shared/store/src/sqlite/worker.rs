@@ -87,14 +87,7 @@ impl IdentityWorker {
     /// oldest. Reads the stored cursor, never the worker's lock, so it
     /// answers while a batch runs or the worker is failing.
     pub fn lag(&self) -> Result<super::Lag> {
-        let applied: i64 = self
-            .store
-            .reader()?
-            .query_row("SELECT seq FROM cursors WHERE name = ?1", [CURSOR], |r| {
-                r.get(0)
-            })
-            .optional()?
-            .unwrap_or(0);
+        let applied = self.stored_cursor()?;
         let pending = self.queue.last_seq() - applied;
         let oldest = if pending > 0 {
             self.queue.oldest_after(applied)?
@@ -108,16 +101,21 @@ impl IdentityWorker {
         if let Some(c) = state.cursor {
             return Ok(c);
         }
-        let c: i64 = self
+        let c = self.stored_cursor()?;
+        state.cursor = Some(c);
+        Ok(c)
+    }
+
+    /// The last applied sequence number as committed.
+    fn stored_cursor(&self) -> Result<i64> {
+        Ok(self
             .store
             .reader()?
             .query_row("SELECT seq FROM cursors WHERE name = ?1", [CURSOR], |r| {
                 r.get(0)
             })
             .optional()?
-            .unwrap_or(0);
-        state.cursor = Some(c);
-        Ok(c)
+            .unwrap_or(0))
     }
 
     /// One step of the worker: a batch of what is queued; returns how many
