@@ -498,6 +498,10 @@ pub fn is_internal(ip: IpAddr) -> bool {
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                // Local-use NAT64 (64:ff9b:1::/48) and Teredo (2001::/32),
+                // which tunnel to addresses that cannot be checked here.
+                || seg[..3] == [0x64, 0xff9b, 1]
+                || seg[..2] == [0x2001, 0]
                 // IPv4-compatible (::a.b.c.d, deprecated) and other ::/96.
                 || seg[..6] == [0; 6]
                 || (seg[0] & 0xfe00) == 0xfc00
@@ -1288,6 +1292,8 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:7f00:1::",
             "::127.0.0.1",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
