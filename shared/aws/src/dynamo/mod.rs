@@ -144,6 +144,65 @@ pub struct DynamoStore {
     pub(crate) sealer: Option<Arc<kindred_store::secret::Sealer>>,
 }
 
+/// A transaction DynamoDB cancelled because a condition failed: the
+/// reason code of each action, in order (`"None"` where it held).
+pub(crate) struct Cancelled(pub Vec<String>);
+
+impl Cancelled {
+    /// Whether the condition of action `i` failed.
+    pub(crate) fn failed(&self, i: usize) -> bool {
+        self.0.get(i).map(String::as_str) == Some("ConditionalCheckFailed")
+    }
+}
+
+impl DynamoStore {
+    /// Sends one transaction, counting its capacity. A cancellation by
+    /// `TransactionConflict` alone (another write to one of its items at
+    /// the same moment) is sent again after a jittered backoff, up to 16
+    /// times; a cancellation where a condition failed is `Ok(Err(_))`, for
+    /// the caller to read which.
+    pub(crate) async fn transact_conditional(
+        &self,
+        items: Vec<aws_sdk_dynamodb::types::TransactWriteItem>,
+    ) -> Result<std::result::Result<(), Cancelled>, StoreError> {
+        use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+        let mut attempt = 0u32;
+        loop {
+            let out = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send()
+                .await;
+            let e = match out {
+                Ok(out) => {
+                    self.usage.write(out.consumed_capacity());
+                    return Ok(Ok(()));
+                }
+                Err(e) => e,
+            };
+            let codes: Vec<String> = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().unwrap_or("None").to_string())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if codes.iter().any(|c| c == "ConditionalCheckFailed") {
+                return Ok(Err(Cancelled(codes)));
+            }
+            if attempt < 16 && codes.iter().any(|c| c == "TransactionConflict") {
+                attempt += 1;
+                backoff(attempt, 5).await;
+                continue;
+            }
+            return Err(service(e));
+        }
+    }
+}
+
 /// Waits a random 0 to 5·2^min(attempt, cap) ms before another attempt at
 /// a write that lost a race, so that racing writers spread out.
 pub(crate) async fn backoff(attempt: u32, cap: u32) {

@@ -143,18 +143,6 @@ fn token_ref(
     item
 }
 
-/// The cancellation reason codes of a cancelled transaction, in order.
-fn reasons<R>(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, R>) -> Vec<String> {
-    match e.as_service_error() {
-        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
-            .cancellation_reasons()
-            .iter()
-            .map(|r| r.code().unwrap_or("None").to_string())
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 #[async_trait]
 impl Spaces for DynamoStore {
     /// One transaction: the token item (for authentication), the space's
@@ -210,37 +198,14 @@ impl Spaces for DynamoStore {
                 .build(),
             TransactWriteItem::builder().update(count).build(),
         ];
-        let mut attempt = 0u32;
-        loop {
-            let out = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(items.clone()))
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await;
-            match out {
-                Ok(out) => {
-                    self.usage.write(out.consumed_capacity());
-                    break;
-                }
-                Err(e) => {
-                    let r = reasons(&e);
-                    if r.get(2).map(String::as_str) == Some("ConditionalCheckFailed") {
-                        return Err(match self.get(space_key(space_id), true).await? {
-                            None => StoreError::NotFound,
-                            Some(_) => kindred_store::ports::too_many_tokens(),
-                        });
-                    }
-                    // Another write to the space item at the same moment.
-                    if r.iter().any(|c| c == "TransactionConflict") && attempt < 16 {
-                        attempt += 1;
-                        super::backoff(attempt, 5).await;
-                        continue;
-                    }
-                    return Err(service(e));
-                }
-            }
+        if let Err(cancelled) = self.transact_conditional(items).await? {
+            return Err(if !cancelled.failed(2) {
+                StoreError::Service("a new token's id was taken".into())
+            } else if self.get(space_key(space_id), true).await?.is_none() {
+                StoreError::NotFound
+            } else {
+                kindred_store::ports::too_many_tokens()
+            });
         }
         Ok((
             TokenRecord {
@@ -286,15 +251,80 @@ impl Spaces for DynamoStore {
     /// lowered; revoking an admin token is conditioned on another live
     /// one, so two racing revocations cannot remove the last two.
     async fn revoke_token(&self, space_id: &str, token_id: &str) -> Result<Revoked> {
-        for attempt in 0..16u32 {
-            if let Some(done) = self.revoke_once(space_id, token_id).await? {
-                return Ok(done);
-            }
-            // Lost a race on the space item: wait a little and try again.
-            super::backoff(attempt, 5).await;
+        let Some(token) = self.get(token_key(token_id), true).await? else {
+            return Ok(Revoked::NotFound);
+        };
+        if opt_s(&token, "space_id") != Some(space_id) || token.contains_key("revoked_at") {
+            return Ok(Revoked::NotFound);
         }
-        Err(StoreError::Service("a revocation kept losing races".into()))
+        let admin = TokenKind::parse(get_s(&token, "kind")?) == Some(TokenKind::Admin);
+        let now = now_millis();
+        let token_update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(token_key(token_id), META)))
+            .update_expression("SET revoked_at = :now")
+            .condition_expression(
+                "attribute_exists(pk) AND attribute_not_exists(revoked_at) AND space_id = :space",
+            )
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":space", s(space_id))
+            .build()
+            .map_err(service)?;
+        // A token from before token listing has no list entry yet: the
+        // update writes a whole one.
+        let ref_update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), &token_ref_sort(token_id))))
+            .update_expression(
+                "SET revoked_at = :now, token_id = :id, kind = :kind, \
+                 created_at = if_not_exists(created_at, :created)",
+            )
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":id", s(token_id))
+            .expression_attribute_values(":kind", s(get_s(&token, "kind")?))
+            .expression_attribute_values(":created", n(get_n(&token, "created_at")?))
+            .build()
+            .map_err(service)?;
+        let mut count = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(space_key(space_id), META)))
+            .update_expression(if admin {
+                "ADD live_tokens :minus_one, admin_tokens :minus_one"
+            } else {
+                "ADD live_tokens :minus_one"
+            })
+            .expression_attribute_values(":minus_one", n(-1));
+        if admin {
+            // A space from before token management has no count: its
+            // admin tokens cannot be revoked until new ones are counted
+            // (never a lock-out).
+            count = count
+                .condition_expression("admin_tokens > :one")
+                .expression_attribute_values(":one", n(1));
+        }
+        let items = vec![
+            TransactWriteItem::builder().update(token_update).build(),
+            TransactWriteItem::builder().update(ref_update).build(),
+            TransactWriteItem::builder()
+                .update(count.build().map_err(service)?)
+                .build(),
+        ];
+        match self.transact_conditional(items).await? {
+            Ok(()) => {
+                // This instance stops accepting it now; others within
+                // their cache time (10 s).
+                lock(&self.caches).auth.clear();
+                Ok(Revoked::Revoked)
+            }
+            // Revoked meanwhile (or never this space's).
+            Err(c) if c.failed(0) => Ok(Revoked::NotFound),
+            Err(c) if c.failed(2) => Ok(Revoked::LastAdmin),
+            Err(_) => Err(StoreError::Invariant(
+                "a revocation failed a condition it does not have",
+            )),
+        }
     }
+
     async fn authenticate(&self, secret: &str, kind: TokenKind) -> Result<Option<SpaceAuth>> {
         let Some(id) = token_id(secret) else {
             return Ok(None);
@@ -378,103 +408,6 @@ impl Spaces for DynamoStore {
                 Err(StoreError::NotFound)
             }
             Err(e) => Err(service(e)),
-        }
-    }
-}
-
-impl DynamoStore {
-    /// One revocation attempt; `None` when it lost a transaction race.
-    async fn revoke_once(&self, space_id: &str, token_id: &str) -> Result<Option<Revoked>> {
-        let Some(token) = self.get(token_key(token_id), true).await? else {
-            return Ok(Some(Revoked::NotFound));
-        };
-        if opt_s(&token, "space_id") != Some(space_id) || token.contains_key("revoked_at") {
-            return Ok(Some(Revoked::NotFound));
-        }
-        let admin = TokenKind::parse(get_s(&token, "kind")?) == Some(TokenKind::Admin);
-        let now = now_millis();
-        let mark = |k: Item, condition: &str| {
-            Update::builder()
-                .table_name(&self.table)
-                .set_key(Some(k))
-                .update_expression("SET revoked_at = :now")
-                .condition_expression(condition)
-                .expression_attribute_values(":now", n(now))
-                .expression_attribute_values(":space", s(space_id))
-                .build()
-                .map_err(service)
-        };
-        let token_update = mark(
-            key(token_key(token_id), META),
-            "attribute_exists(pk) AND attribute_not_exists(revoked_at) AND space_id = :space",
-        )?;
-        // A token from before token listing has no list entry yet: the
-        // update writes a whole one.
-        let ref_update = Update::builder()
-            .table_name(&self.table)
-            .set_key(Some(key(space_key(space_id), &token_ref_sort(token_id))))
-            .update_expression(
-                "SET revoked_at = :now, token_id = :id, kind = :kind, \
-                 created_at = if_not_exists(created_at, :created)",
-            )
-            .expression_attribute_values(":now", n(now))
-            .expression_attribute_values(":id", s(token_id))
-            .expression_attribute_values(":kind", s(get_s(&token, "kind")?))
-            .expression_attribute_values(":created", n(get_n(&token, "created_at")?))
-            .build()
-            .map_err(service)?;
-        let mut count = Update::builder()
-            .table_name(&self.table)
-            .set_key(Some(key(space_key(space_id), META)))
-            .update_expression(if admin {
-                "ADD live_tokens :minus_one, admin_tokens :minus_one"
-            } else {
-                "ADD live_tokens :minus_one"
-            })
-            .expression_attribute_values(":minus_one", n(-1));
-        if admin {
-            // A space from before token management has no count: its
-            // admin tokens cannot be revoked until new ones are counted
-            // (never a lock-out).
-            count = count
-                .condition_expression("admin_tokens > :one")
-                .expression_attribute_values(":one", n(1));
-        }
-        let out = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().update(token_update).build())
-            .transact_items(TransactWriteItem::builder().update(ref_update).build())
-            .transact_items(
-                TransactWriteItem::builder()
-                    .update(count.build().map_err(service)?)
-                    .build(),
-            )
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                // This instance stops accepting it now; others within
-                // their cache time (10 s).
-                lock(&self.caches).auth.clear();
-                Ok(Some(Revoked::Revoked))
-            }
-            Err(e) => {
-                let r = reasons(&e);
-                let failed =
-                    |i: usize| r.get(i).map(String::as_str) == Some("ConditionalCheckFailed");
-                if failed(0) {
-                    Ok(Some(Revoked::NotFound))
-                } else if failed(2) {
-                    Ok(Some(Revoked::LastAdmin))
-                } else if r.iter().any(|c| c == "TransactionConflict") {
-                    Ok(None)
-                } else {
-                    Err(service(e))
-                }
-            }
         }
     }
 }

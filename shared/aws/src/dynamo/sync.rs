@@ -20,7 +20,6 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, DeleteRequest, Put, ReturnConsumedCapacity, ReturnValue, Select,
     TransactWriteItem, Update as TxUpdate, WriteRequest,
@@ -60,16 +59,6 @@ fn seq_sort(seq: i64) -> String {
     format!("{seq:020}")
 }
 
-/// The cancellation reason codes of a cancelled transaction, in order.
-fn cancelled_by<R>(e: &SdkError<TransactWriteItemsError, R>) -> Vec<Option<&str>> {
-    match e.as_service_error() {
-        Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
-            c.cancellation_reasons().iter().map(|r| r.code()).collect()
-        }
-        _ => Vec::new(),
-    }
-}
-
 impl DynamoStore {
     /// Puts a new destination item and counts it in its space, in one
     /// transaction; `Err((true, _))` if another write won the id.
@@ -96,33 +85,19 @@ impl DynamoStore {
             Ok::<_, aws_sdk_dynamodb::error::BuildError>((put, count))
         })();
         let (put, count) = built.map_err(|e| (false, service(e)))?;
-        let out = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .transact_items(TransactWriteItem::builder().update(count).build())
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok((item, true))
-            }
-            Err(e) => {
-                let reasons = cancelled_by(&e);
-                match reasons.as_slice() {
-                    [Some("ConditionalCheckFailed"), ..] => Err((true, service(e))),
-                    [_, Some("ConditionalCheckFailed")] => Err((
-                        false,
-                        StoreError::Invalid(
-                            kindred_domain::sync::too_many_destinations().to_string(),
-                        ),
-                    )),
-                    _ if reasons.contains(&Some("TransactionConflict")) => Err((true, service(e))),
-                    _ => Err((false, service(e))),
-                }
-            }
+        let items = vec![
+            TransactWriteItem::builder().put(put).build(),
+            TransactWriteItem::builder().update(count).build(),
+        ];
+        match self.transact_conditional(items).await {
+            Ok(Ok(())) => Ok((item, true)),
+            // Another write created the id first: read again.
+            Ok(Err(c)) if c.failed(0) => Err((true, StoreError::Conflict)),
+            Ok(Err(_)) => Err((
+                false,
+                StoreError::Invalid(kindred_domain::sync::too_many_destinations().to_string()),
+            )),
+            Err(e) => Err((false, e)),
         }
     }
 }
@@ -608,35 +583,12 @@ impl Destinations for DynamoStore {
             .expression_attribute_values(":minus_one", n(-1))
             .build()
             .map_err(service)?;
-        let mut attempt = 0u32;
-        let existed = loop {
-            let out = self
-                .client
-                .transact_write_items()
-                .transact_items(TransactWriteItem::builder().delete(delete.clone()).build())
-                .transact_items(TransactWriteItem::builder().update(count.clone()).build())
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await;
-            match out {
-                Ok(out) => {
-                    self.usage.write(out.consumed_capacity());
-                    break true;
-                }
-                Err(e) if cancelled_by(&e).first() == Some(&Some("ConditionalCheckFailed")) => {
-                    break false
-                }
-                // A create or delete of another destination of the space
-                // at the same moment (the count item): try again.
-                Err(e)
-                    if attempt < 16 && cancelled_by(&e).contains(&Some("TransactionConflict")) =>
-                {
-                    attempt += 1;
-                    super::backoff(attempt, 5).await;
-                }
-                Err(e) => return Err(service(e)),
-            }
-        };
+        let items = vec![
+            TransactWriteItem::builder().delete(delete).build(),
+            TransactWriteItem::builder().update(count).build(),
+        ];
+        // A destination already gone fails the delete's condition.
+        let existed = self.transact_conditional(items).await?.is_ok();
         for pk in [
             out_key(space_id, destination_id),
             dead_key(space_id, destination_id),
