@@ -11,7 +11,9 @@ use kindred_domain::{IdentityRules, IdentitySettings};
 use kindred_store::ports::{
     check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
 };
-use kindred_store::token::{hash_secret, mint, random_base62, token_id, verify, TokenKind};
+use kindred_store::token::{
+    hash_secret, mint, random_base62, token_id, verify, NewToken, TokenKind,
+};
 use kindred_store::{now_millis, valid_space_id, Result, StoreError};
 
 use super::{
@@ -51,26 +53,12 @@ impl DynamoStore {
         // Live tokens, and live admin tokens (the last one cannot be revoked).
         space.insert("live_tokens".into(), n(3));
         space.insert("admin_tokens".into(), n(1));
-        let put = |item: Item| -> Result<TransactWriteItem> {
-            let put = Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .condition_expression("attribute_not_exists(pk)")
-                .build()
-                .map_err(service)?;
-            Ok(TransactWriteItem::builder().put(put).build())
-        };
-        let mut items = vec![put(space)?];
+        let mut items = vec![self.put_new(space)?];
         let mut secrets = Vec::new();
         for kind in [TokenKind::WriteKey, TokenKind::Access, TokenKind::Admin] {
             let token = mint(kind);
-            let mut item = key(token_key(&token.token_id), META);
-            item.insert("hash".into(), AttributeValue::B(token.hash.to_vec().into()));
-            item.insert("space_id".into(), s(space_id));
-            item.insert("kind".into(), s(kind.as_str()));
-            item.insert("created_at".into(), n(now));
-            items.push(put(item)?);
-            items.push(put(token_ref(space_id, &token.token_id, kind, None, now))?);
+            items.push(self.put_new(token_item(space_id, &token, kind, now))?);
+            items.push(self.put_new(token_ref(space_id, &token.token_id, kind, None, now))?);
             secrets.push(token.secret);
         }
         let out = self
@@ -126,6 +114,29 @@ impl DynamoStore {
     }
 }
 
+/// A token's own item (found by its public id when it is presented).
+fn token_item(space_id: &str, token: &NewToken, kind: TokenKind, now: i64) -> Item {
+    let mut item = key(token_key(&token.token_id), META);
+    item.insert("hash".into(), AttributeValue::B(token.hash.to_vec().into()));
+    item.insert("space_id".into(), s(space_id));
+    item.insert("kind".into(), s(kind.as_str()));
+    item.insert("created_at".into(), n(now));
+    item
+}
+
+impl DynamoStore {
+    /// A transaction action that creates `item`, only if its key is free.
+    fn put_new(&self, item: Item) -> Result<TransactWriteItem> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(service)?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+}
+
 fn token_ref(
     space_id: &str,
     token_id: &str,
@@ -157,19 +168,6 @@ impl Spaces for DynamoStore {
         check_label(label.as_deref())?;
         let now = now_millis();
         let token = mint(kind);
-        let mut item = key(token_key(&token.token_id), META);
-        item.insert("hash".into(), AttributeValue::B(token.hash.to_vec().into()));
-        item.insert("space_id".into(), s(space_id));
-        item.insert("kind".into(), s(kind.as_str()));
-        item.insert("created_at".into(), n(now));
-        let put = |item: Item| {
-            Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .condition_expression("attribute_not_exists(pk)")
-                .build()
-                .map_err(service)
-        };
         let count = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key(space_key(space_id), META)))
@@ -186,16 +184,14 @@ impl Spaces for DynamoStore {
             .build()
             .map_err(service)?;
         let items = vec![
-            TransactWriteItem::builder().put(put(item)?).build(),
-            TransactWriteItem::builder()
-                .put(put(token_ref(
-                    space_id,
-                    &token.token_id,
-                    kind,
-                    label.as_deref(),
-                    now,
-                ))?)
-                .build(),
+            self.put_new(token_item(space_id, &token, kind, now))?,
+            self.put_new(token_ref(
+                space_id,
+                &token.token_id,
+                kind,
+                label.as_deref(),
+                now,
+            ))?,
             TransactWriteItem::builder().update(count).build(),
         ];
         if let Err(cancelled) = self.transact_conditional(items).await? {
@@ -220,28 +216,21 @@ impl Spaces for DynamoStore {
     }
 
     async fn tokens(&self, space_id: &str) -> Result<Vec<TokenRecord>> {
-        let query = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-            .expression_attribute_values(":pk", s(space_key(space_id)))
-            .expression_attribute_values(":prefix", s("TOKEN#"))
-            .consistent_read(true);
         let mut out = Vec::new();
-        self.query_pages(query, |item| {
-            let kind = get_s(item, "kind")?;
+        for item in self
+            .items_with_prefix(space_key(space_id), &token_ref_sort(""), true)
+            .await?
+        {
+            let kind = get_s(&item, "kind")?;
             out.push(TokenRecord {
-                token_id: get_s(item, "token_id")?.to_string(),
+                token_id: get_s(&item, "token_id")?.to_string(),
                 kind: TokenKind::parse(kind)
                     .ok_or_else(|| StoreError::Undecodable(format!("token kind {kind:?}")))?,
-                label: opt_s(item, "label").map(str::to_string),
-                created_at: get_n(item, "created_at")?,
-                revoked_at: get_n(item, "revoked_at").ok(),
+                label: opt_s(&item, "label").map(str::to_string),
+                created_at: get_n(&item, "created_at")?,
+                revoked_at: get_n(&item, "revoked_at").ok(),
             });
-            Ok(true)
-        })
-        .await?;
+        }
         out.sort_by(|a, b| (a.created_at, &a.token_id).cmp(&(b.created_at, &b.token_id)));
         Ok(out)
     }
