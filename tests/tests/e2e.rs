@@ -6,6 +6,7 @@
 
 mod common;
 
+mod browser_routes;
 mod computed;
 mod crash_safety;
 mod dynamodb_costs;

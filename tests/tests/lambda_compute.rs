@@ -107,6 +107,7 @@ impl Deployment {
                 table: setup.table().to_string(),
                 events_queue_url: events_queue.clone(),
                 ingest_rate: 10_000,
+                public_url: None,
             },
             &sdk,
         );

@@ -57,6 +57,7 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
             table: setup.table().to_string(),
             events_queue_url: queue.clone(),
             ingest_rate: 1_000,
+            public_url: None,
         },
         &sdk,
     );
@@ -163,4 +164,83 @@ async fn ingest_to_sqs_to_identity_to_profile_api_with_a_poisoned_message() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
+}
+
+/// What a web page needs from the ingest function behind API Gateway:
+/// preflights answered without a write key, and source settings that
+/// point the library at the API's own address (from API Gateway's request
+/// context, never from the client's `Host` header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingest_function_serves_browsers() {
+    if !emulators("the_ingest_function_serves_browsers") {
+        return;
+    }
+    let setup = fresh_dynamo().await;
+    let space = setup.create_space("browser").await.unwrap();
+    let (_, queue, _) = fresh_queue(2).await;
+    let sdk = aws_config().await;
+    let ingest = kindred_ingest::app(
+        &kindred_ingest::Config {
+            table: setup.table().to_string(),
+            events_queue_url: queue,
+            ingest_rate: 1_000,
+            public_url: None,
+        },
+        &sdk,
+    );
+
+    let preflight = include_str!("../../functions/ingest/fixtures/apigw-v2-preflight.json");
+    let response = ingest
+        .clone()
+        .oneshot(lambda_http::request::from_str(preflight).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let h = response.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://shop.example.com");
+    assert_eq!(h["access-control-allow-methods"], "POST, GET, OPTIONS");
+    assert!(h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("x-retry-count"));
+
+    let settings = include_str!("../../functions/ingest/fixtures/apigw-v2-settings.json")
+        .replace("{{WRITE_KEY}}", &space.write_key);
+    let response = ingest
+        .clone()
+        .oneshot(lambda_http::request::from_str(&settings).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    let body = body_json(response).await;
+    let io = &body["integrations"]["Segment.io"];
+    assert_eq!(
+        io["apiHost"], "abcdef1234.execute-api.us-east-1.amazonaws.com/v1",
+        "{body}"
+    );
+    assert_eq!(io["protocol"], "https");
+
+    // A configured public URL (a custom domain) wins.
+    let custom = kindred_ingest::app(
+        &kindred_ingest::Config {
+            table: setup.table().to_string(),
+            events_queue_url: "http://unused".into(),
+            ingest_rate: 1_000,
+            public_url: Some(kindred_http::PublicUrl::parse("https://events.example.com").unwrap()),
+        },
+        &sdk,
+    );
+    let response = custom
+        .oneshot(lambda_http::request::from_str(&settings).unwrap())
+        .await
+        .unwrap();
+    let body = body_json(response).await;
+    assert_eq!(
+        body["integrations"]["Segment.io"]["apiHost"],
+        "events.example.com/v1"
+    );
 }

@@ -99,6 +99,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         // The sync bench's receiver is on 127.0.0.1.
         allow_private_destinations: true,
         limits: crate::config::ServerLimits::default(),
+        public_url: None,
     };
     let (running, created) = start(&config).await?;
     let space = match created {

@@ -43,6 +43,12 @@ pub struct ServeArgs {
     /// body included (408 past it).
     #[arg(long, env = "KINDRED_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
+    /// Where browsers reach this server, like https://events.example.com:
+    /// the source settings that Segment's browser library fetches send
+    /// its events there. Default: http:// and the listen address
+    /// (localhost when listening on every interface).
+    #[arg(long, env = "KINDRED_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 /// What the HTTP server allows a client.
@@ -75,6 +81,8 @@ pub struct Config {
     pub allow_private_destinations: bool,
     /// Connections, header and request timeouts.
     pub limits: ServerLimits,
+    /// Where browsers reach this server; `None`: from the listen address.
+    pub public_url: Option<kindred_http::PublicUrl>,
 }
 
 impl Config {
@@ -102,8 +110,15 @@ impl Config {
             args.sync_max_attempts > 0,
             "--sync-max-attempts must be at least 1"
         );
+        let public_url = args
+            .public_url
+            .as_deref()
+            .map(kindred_http::PublicUrl::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--public-url: {e}"))?;
         Ok(Self {
             data_dir: args.data_dir,
+            public_url,
             listen,
             ingest_rate: args.ingest_rate,
             sync: kindred_sync::RetryPolicy {
@@ -118,6 +133,21 @@ impl Config {
                 request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
             },
         })
+    }
+}
+
+/// Where browsers reach a server listening on `addr` when no public URL
+/// is configured: `http://` and the address, `localhost` for every
+/// interface.
+pub fn default_public_url(addr: SocketAddr) -> kindred_http::PublicUrl {
+    let host = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    kindred_http::PublicUrl {
+        protocol: "http".into(),
+        host,
     }
 }
 

@@ -117,6 +117,8 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         allow_private_destinations: config.allow_private_destinations,
         health: Some(health.clone()),
         profile_rate_limiter: Arc::new(RateLimiter::profile_api()),
+        // Known once the listener is bound (`start`).
+        public_url: config.public_url.clone(),
     };
     Ok(Local {
         store,
@@ -171,6 +173,13 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let mut local = local;
+    local.state.public_url = Some(
+        config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| crate::config::default_public_url(addr)),
+    );
     let (stop_http, stopped) = oneshot::channel::<()>();
     let app = kindred_http::with_request_timeout(
         kindred_http::app(local.state.clone()),

@@ -8,6 +8,7 @@ pub mod compute;
 pub mod event;
 pub mod identifier;
 pub mod model;
+pub mod origin;
 pub mod resolve;
 pub mod settings;
 pub mod sync;

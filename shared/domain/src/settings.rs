@@ -76,6 +76,10 @@ pub struct IdentitySettings {
     /// together (bursts of one second); over it, `429 rate_limit_error`.
     #[serde(default = "default_profile_api_rate")]
     pub profile_api_requests_per_second: u32,
+    /// The web pages (origins) that may send events from a browser; empty
+    /// means any page, as on Segment ([`crate::origin`]).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 fn default_profile_api_rate() -> u32 {
@@ -199,6 +203,7 @@ impl Default for IdentitySettings {
             blocked,
             future_tolerance_seconds: default_future_tolerance_seconds(),
             profile_api_requests_per_second: DEFAULT_PROFILE_API_RATE,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -278,6 +283,13 @@ impl IdentityRules {
                 "profile_api_requests_per_second".into(),
                 "from 1 to 1000000",
             ));
+        }
+        if settings.allowed_origins.len() > crate::origin::MAX_ALLOWED_ORIGINS {
+            return Err(bad("allowed_origins".into(), "at most 100 origins"));
+        }
+        for (i, origin) in settings.allowed_origins.iter().enumerate() {
+            crate::origin::check_pattern(origin)
+                .map_err(|why| bad(format!("allowed_origins[{i}]"), why))?;
         }
         if settings.blocked.len() > MAX_BLOCKED {
             return Err(bad("blocked".into(), "at most 100 blocked values"));

@@ -4,7 +4,9 @@
 
 pub mod admin;
 pub mod auth;
+pub mod browser;
 pub mod compute;
+pub mod cors;
 pub mod destinations;
 pub mod error;
 pub mod profile;
@@ -12,10 +14,9 @@ pub mod tracking;
 
 use std::sync::Arc;
 
-use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
-use axum::response::Response;
+pub use axum::response::Response;
 use axum::routing::get;
 use axum::Json;
 use kindred_store::token::random_base62;
@@ -23,7 +24,10 @@ use kindred_store::{Computations, Destinations, EventQueue, HealthCheck, Profile
 use serde_json::json;
 
 pub use axum::body::Body;
+pub use axum::extract::Request;
+pub use axum::middleware;
 pub use axum::Router;
+pub use browser::PublicUrl;
 pub use error::ApiError;
 pub use tracking::RateLimiter;
 
@@ -44,6 +48,8 @@ pub struct AppState {
     pub health: Option<Arc<dyn HealthCheck>>,
     /// Per-space Profile API buckets.
     pub profile_rate_limiter: Arc<RateLimiter>,
+    /// Where browsers reach the Tracking API (the settings route's answer).
+    pub public_url: Option<PublicUrl>,
 }
 
 /// What the Tracking API needs (the `ingest` function has only this).
@@ -52,6 +58,9 @@ pub struct TrackingState {
     pub spaces: Arc<dyn Spaces>,
     pub queue: Arc<dyn EventQueue>,
     pub rate_limiter: Arc<RateLimiter>,
+    /// Where browsers reach the Tracking API; `None` where each request
+    /// carries it as a [`PublicUrl`] extension (on AWS, the API's address).
+    pub public_url: Option<PublicUrl>,
 }
 
 /// What the Profile and admin APIs need (the `profile-api` function).
@@ -72,6 +81,7 @@ impl AppState {
             spaces: Arc::clone(&self.spaces),
             queue: Arc::clone(&self.queue),
             rate_limiter: Arc::clone(&self.rate_limiter),
+            public_url: self.public_url.clone(),
         }
     }
 

@@ -1,5 +1,7 @@
 //! The Tracking API (SPEC 2), compatible with Segment's HTTP Tracking API
-//! and its client libraries: `/v1/identify|track|page|screen|group|alias|batch`.
+//! and its client libraries: `/v1/identify|track|page|screen|group|alias|batch`,
+//! and the short routes of Segment's browser library (`/v1/i|t|p|s|g|a`,
+//! `/v1/b` for a batch), all with CORS ([`crate::cors`]).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -10,7 +12,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use kindred_domain::event::{
     strip_write_key, BatchBody, Envelope, MAX_BATCH_BYTES, MAX_EVENT_BYTES,
@@ -22,16 +24,36 @@ use serde_json::{json, Value};
 use tracing::debug;
 
 use crate::auth::basic_user;
+use crate::cors::{self, check_origin, respond};
 use crate::error::ApiError;
-use crate::TrackingState;
+use crate::{browser, TrackingState};
 
 pub fn router(state: TrackingState) -> Router {
-    Router::new()
-        .route("/v1/batch", post(batch))
-        .route("/v1/import", post(batch))
-        // identify, track, page, screen, group, alias
-        .route("/v1/{call}", post(single))
-        .with_state(state)
+    cors::layer(
+        Router::new()
+            .route("/v1/batch", post(batch))
+            .route("/v1/import", post(batch))
+            .route("/v1/b", post(batch))
+            .route("/v1/m", post(browser::metrics))
+            // identify, track, page, screen, group, alias, and i, t, p, s, g, a
+            .route("/v1/{call}", post(single))
+            .route("/v1/projects/{write_key}/settings", get(browser::settings))
+            .with_state(state),
+    )
+}
+
+/// The event type of a route: Segment's names, and the browser library's
+/// one-letter ones.
+fn route_kind(call: &str) -> Option<EventKind> {
+    match call {
+        "i" => Some(EventKind::Identify),
+        "t" => Some(EventKind::Track),
+        "p" => Some(EventKind::Page),
+        "s" => Some(EventKind::Screen),
+        "g" => Some(EventKind::Group),
+        "a" => Some(EventKind::Alias),
+        _ => EventKind::parse(call),
+    }
 }
 
 /// Per-space token buckets: `rate` events per second, bursts of one second.
@@ -55,7 +77,7 @@ impl RateLimiter {
     }
 
     /// Takes `n` tokens, or says how many seconds to wait.
-    fn take(&self, space_id: &str, n: usize) -> Result<(), u64> {
+    pub(crate) fn take(&self, space_id: &str, n: usize) -> Result<(), u64> {
         self.take_at(space_id, n, self.rate)
     }
 
@@ -154,7 +176,7 @@ async fn single(
     Path(call): Path<String>,
     request: Request,
 ) -> Response {
-    let Some(kind) = EventKind::parse(&call) else {
+    let Some(kind) = route_kind(&call) else {
         return ApiError::not_found("no such route").into_response();
     };
     let (parts, body) = request.into_parts();
@@ -172,6 +194,7 @@ async fn single(
             Some(auth) => auth,
             None => authenticate(&state, value.get("writeKey").and_then(Value::as_str)).await?,
         };
+        check_origin(&auth, &parts.headers)?;
         check_rate(&state, &auth, 1)?;
         let generated = generated_message_id();
         let envelope = Envelope {
@@ -192,10 +215,7 @@ async fn single(
         Ok::<_, ApiError>(Json(json!({"success": true})))
     }
     .await;
-    match result {
-        Ok(ok) => ok.into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(result)
 }
 
 async fn batch(State(state): State<TrackingState>, request: Request) -> Response {
@@ -208,6 +228,7 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
             Some(auth) => auth,
             None => authenticate(&state, parsed.write_key.as_deref()).await?,
         };
+        check_origin(&auth, &parts.headers)?;
         let items = parsed
             .batch
             .as_deref()
@@ -243,10 +264,7 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
         ))
     }
     .await;
-    match result {
-        Ok(ok) => ok.into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(result)
 }
 
 fn check_rate(state: &TrackingState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {

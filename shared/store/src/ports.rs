@@ -26,6 +26,29 @@ pub struct SpaceAuth {
     pub future_tolerance: Millis,
     /// The space's Profile API rate (requests per second).
     pub profile_api_rate: u32,
+    /// The pages that may send the space's events from a browser (empty:
+    /// any), checked by [`kindred_domain::origin::allows`].
+    pub allowed_origins: Vec<String>,
+}
+
+impl SpaceAuth {
+    /// What a verified token unlocks, with the space's settings that the
+    /// APIs apply per request.
+    pub fn new(
+        space_id: String,
+        source_id: String,
+        kind: TokenKind,
+        settings: &IdentitySettings,
+    ) -> Self {
+        Self {
+            space_id,
+            source_id,
+            kind,
+            future_tolerance: settings.future_tolerance(),
+            profile_api_rate: settings.profile_api_requests_per_second,
+            allowed_origins: settings.allowed_origins.clone(),
+        }
+    }
 }
 
 /// A space's credentials, shown once on creation.

@@ -71,6 +71,7 @@ impl Server {
             },
             allow_private_destinations,
             limits,
+            public_url: None,
         };
         let (running, created) = start(&config).await.unwrap();
         let base = format!("http://{}", running.addr);
@@ -83,7 +84,7 @@ impl Server {
         }
     }
 
-    async fn reply(response: reqwest::Response) -> Reply {
+    pub async fn reply(response: reqwest::Response) -> Reply {
         let status = response.status();
         let headers = response.headers().clone();
         let text = response.text().await.unwrap();

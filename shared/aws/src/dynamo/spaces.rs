@@ -342,13 +342,8 @@ impl Spaces for DynamoStore {
             return Ok(None);
         };
         let settings: IdentitySettings = serde_json::from_str(get_s(&space, "settings")?)?;
-        let auth = SpaceAuth {
-            space_id,
-            source_id: get_s(&space, "source_id")?.to_string(),
-            kind,
-            future_tolerance: settings.future_tolerance(),
-            profile_api_rate: settings.profile_api_requests_per_second,
-        };
+        let source_id = get_s(&space, "source_id")?.to_string();
+        let auth = SpaceAuth::new(space_id, source_id, kind, &settings);
         let mut caches = lock(&self.caches);
         if caches.auth.len() >= MAX_CACHED {
             caches.auth.clear();

@@ -208,13 +208,7 @@ impl SqliteStore {
             return Ok(None);
         }
         let settings: IdentitySettings = serde_json::from_str(&settings)?;
-        let auth = Some(SpaceAuth {
-            space_id,
-            source_id,
-            kind,
-            future_tolerance: settings.future_tolerance(),
-            profile_api_rate: settings.profile_api_requests_per_second,
-        });
+        let auth = Some(SpaceAuth::new(space_id, source_id, kind, &settings));
         if let Some(auth) = &auth {
             let mut cache = lock(&self.auth_cache);
             // A revocation or settings change since the read above: the
