@@ -20,6 +20,25 @@ if ! "$venv/bin/python" -c "import segment.analytics" 2>/dev/null; then
 fi
 export KINDRED_PYTHON="$venv/bin/python"
 
+# Headless Chromium (Debian's) and Segment's browser library from npm
+# (versions pinned in tests/browser/package-lock.json), for the browser
+# tests in tests/tests/browser.rs.
+if ! command -v chromium >/dev/null; then
+  apt_get=(apt-get)
+  if [ "$(id -u)" != 0 ]; then apt_get=(sudo apt-get); fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${apt_get[@]}" install -y -q chromium >/dev/null \
+    || { "${apt_get[@]}" update -q >/dev/null && "${apt_get[@]}" install -y -q chromium >/dev/null; }
+fi
+if ! command -v node >/dev/null; then
+  echo "Node.js (with npm) is required for the browser tests" >&2
+  exit 1
+fi
+if [ ! -d tests/browser/node_modules/@segment/analytics-next ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+export KINDRED_BROWSER_TESTS=1
+
 # The AWS template: cfn-lint, and SAM's own validation of its resources
 # (both offline, no credentials needed).
 infra_venv="$PWD/target/infra-venv"

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod browser;
 mod browser_routes;
 mod computed;
 mod crash_safety;
