@@ -186,3 +186,117 @@ async fn sigkill_while_sending_loses_no_acknowledged_event() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A regulation whose run is killed part way resumes when Kindred starts
+/// again, and ends with every subject done once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regulation_killed_mid_run_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(kindred_bin())
+        .args(["space", "create", "regulated", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let space: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let admin = space["admin_token"].as_str().unwrap().to_string();
+    let write_key = space["write_key"].as_str().unwrap().to_string();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let regulations = format!("{base}/v1/spaces/regulated/regulations");
+
+    let mut child = serve(dir.path(), port);
+    wait_healthy(&client, &base).await;
+    // People to delete, so each subject has work to do.
+    let events: Vec<Value> = (0..500)
+        .map(|i| json!({"type": "identify", "userId": format!("p-{i}"), "traits": {"n": i}}))
+        .collect();
+    let r = client
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(&write_key, Some(""))
+        .json(&json!({ "batch": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let subjects: Vec<String> = (0..5_000).map(|i| format!("p-{i}")).collect();
+    let r = client
+        .post(&regulations)
+        .basic_auth(&admin, Some(""))
+        .json(
+            &json!({"regulation_type": "SUPPRESS_WITH_DELETE", "subject_type": "USER_ID",
+                      "subject_ids": subjects}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let show = |client: reqwest::Client, url: String, admin: String| async move {
+        client
+            .get(url)
+            .basic_auth(admin, Some(""))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    // Killed once some, not all, subjects are done.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = show(client.clone(), format!("{regulations}/{id}"), admin.clone()).await;
+        if body["subjects_by_status"]["finished"].as_u64().unwrap_or(0) > 0 {
+            assert_ne!(
+                body["status"], "finished",
+                "killed before the end: {}",
+                body["subjects_by_status"]
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no subject finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = serve(dir.path(), port);
+    wait_healthy(&client, &base).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let body = loop {
+        let body = show(client.clone(), format!("{regulations}/{id}"), admin.clone()).await;
+        if body["status"] == "finished" {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "{}", body["subjects_by_status"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        body["subjects_by_status"]["finished"], 5_000,
+        "{}",
+        body["subjects_by_status"]
+    );
+    // (A subject killed after its delete committed but before it was
+    // marked done deletes nothing when it runs again.)
+    let deleted = body["profiles_deleted"].as_u64().unwrap();
+    assert!((499..=500).contains(&deleted), "{deleted}");
+    let access = space["access_token"].as_str().unwrap();
+    for i in (0..500).step_by(10) {
+        let r = client
+            .get(format!(
+                "{base}/v1/spaces/regulated/collections/users/profiles/user_id:p-{i}/traits"
+            ))
+            .basic_auth(access, Some(""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "p-{i} was deleted");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

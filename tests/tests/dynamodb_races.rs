@@ -28,6 +28,16 @@ struct Recording<'a> {
 }
 
 impl IdentityGraph for Recording<'_> {
+    async fn drop_if_suppressed(
+        &mut self,
+        space_id: &str,
+        ids: &[Identifier],
+        received_at: kindred_domain::Millis,
+    ) -> Result<bool> {
+        self.inner
+            .drop_if_suppressed(space_id, ids, received_at)
+            .await
+    }
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
         self.inner.is_duplicate(space_id, message_id).await
     }

@@ -17,6 +17,7 @@ mod http_api;
 mod identity_races;
 mod lambda_compute;
 mod lambda_pipeline;
+mod privacy;
 mod queue_contract;
 mod segment_python_client;
 mod store_contract;

@@ -62,6 +62,7 @@ pub async fn handle(
                 created,
                 merged,
                 duplicate = outcome == Outcome::Duplicate,
+                suppressed = outcome == Outcome::Suppressed,
                 dynamodb_read_requests = usage.read_requests,
                 dynamodb_write_requests = usage.write_requests,
                 dynamodb_read_units = usage.read_units,
@@ -78,7 +79,10 @@ pub async fn handle(
                     },
                 ));
             }
-            if outcome != Outcome::Unresolved && !message_id.is_empty() {
+            // Nothing of a suppressed person's event was stored: nothing to compute.
+            if !matches!(outcome, Outcome::Unresolved | Outcome::Suppressed)
+                && !message_id.is_empty()
+            {
                 recorded.push((
                     sqs_id.clone(),
                     ComputeMessage::Event {

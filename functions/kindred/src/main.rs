@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kindred::{backfill, bench, config, destinations, server, tokens};
+use kindred::{backfill, bench, config, destinations, regulations, server, tokens};
 
 /// mimalloc: the compute worker decodes and drops many small maps per
 /// profile, where it is markedly faster than the system allocator.
@@ -45,6 +45,9 @@ enum Command {
     /// List, create and revoke a space's write keys, access tokens and
     /// admin tokens on a running Kindred.
     Tokens(tokens::TokensArgs),
+    /// Delete and suppress people (GDPR, CCPA), or lift a suppression,
+    /// on a running Kindred; list and show regulations.
+    Regulations(regulations::RegulationsArgs),
 }
 
 #[derive(Subcommand)]
@@ -120,6 +123,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(tokens::run(args)),
+        Command::Regulations(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(regulations::run(args)),
         Command::Bench(args) => {
             config::init_logging();
             tokio::runtime::Builder::new_multi_thread()

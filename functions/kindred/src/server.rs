@@ -91,6 +91,7 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
     let store = SqliteStore::open(&config.data_dir)
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let queue = SqliteQueue::open(&config.data_dir).context("opening the queue")?;
+    store.attach_queue(Arc::clone(&queue));
     let worker = IdentityWorker::new(Arc::clone(&store), Arc::clone(&queue));
     let compute = ComputeWorker::new(Arc::clone(&store));
     let sync = SyncWorker::new(Arc::clone(&store));
@@ -115,6 +116,7 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
         computations: Some(store.clone()),
         destinations: Some(store.clone()),
         allow_private_destinations: config.allow_private_destinations,
+        privacy: Some(store.clone()),
         health: Some(health.clone()),
         profile_rate_limiter: Arc::new(RateLimiter::profile_api()),
         // Known once the listener is bound (`start`).
@@ -169,6 +171,8 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
     let deliverer = tokio::spawn(
         Arc::clone(&local.deliverer).run(local.store.clone(), Arc::clone(&stop_worker)),
     );
+    // Regulations a stop interrupted carry on.
+    local.store.start_regulations();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

@@ -41,6 +41,8 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         })),
         destinations,
         allow_private_destinations: config.allow_private_destinations,
+        // Regulations do not run on DynamoDB yet (README, "Not built yet").
+        privacy: None,
         profile_rate_limiter: Arc::new(kindred_http::RateLimiter::profile_api()),
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))

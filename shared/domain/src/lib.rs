@@ -9,6 +9,7 @@ pub mod event;
 pub mod identifier;
 pub mod model;
 pub mod origin;
+pub mod privacy;
 pub mod resolve;
 pub mod settings;
 pub mod sync;

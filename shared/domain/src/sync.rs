@@ -81,6 +81,9 @@ pub struct Settings {
     /// Identifier types, in the order their values are preferred.
     pub id_types: Vec<String>,
     pub alias_on_merge: bool,
+    /// A `delete` call (Segment's shape) when a regulation deletes a
+    /// person the destination was sent.
+    pub forward_deletes: bool,
     /// Calls per HTTP request (webhook: 1 sends a bare call, more sends
     /// `{"batch": [...]}`; segment: `/v1/batch` up to this many).
     pub batch_size: usize,
@@ -135,7 +138,7 @@ impl Settings {
         let obj = body
             .as_object()
             .ok_or_else(|| bad("body", "must be a JSON object"))?;
-        const KNOWN: [&str; 12] = [
+        const KNOWN: [&str; 13] = [
             "kind",
             "url",
             "host",
@@ -145,6 +148,7 @@ impl Settings {
             "calls",
             "id_sync",
             "alias_on_merge",
+            "forward_deletes",
             "batch_size",
             "enabled",
             "name",
@@ -295,6 +299,7 @@ impl Settings {
             Some(_) => Err(bad(name, "must be true or false")),
         };
         let alias_on_merge = flag("alias_on_merge", false)?;
+        let forward_deletes = flag("forward_deletes", false)?;
         let enabled = flag("enabled", true)?;
         let batch_size = match obj.get("batch_size") {
             None | Some(Value::Null) => match kind {
@@ -326,6 +331,7 @@ impl Settings {
                 strategy,
                 id_types,
                 alias_on_merge,
+                forward_deletes,
                 batch_size,
                 enabled,
             },
@@ -351,6 +357,7 @@ impl Settings {
             "calls": calls,
             "id_sync": {"strategy": self.strategy.as_str(), "types": self.id_types},
             "alias_on_merge": self.alias_on_merge,
+            "forward_deletes": self.forward_deletes,
             "batch_size": self.batch_size,
             "enabled": self.enabled,
         });
@@ -820,6 +827,40 @@ pub fn alias_call(
         "timestamp": at,
         "context": {"personas": {"space_id": space_id}},
     }))
+}
+
+/// The `delete` calls a regulation's deletion of a profile becomes for a
+/// destination with `forward_deletes`, in Segment's shape (what its
+/// webhooks receive for a deleted user): one per user id of the profile,
+/// or per anonymous id when it has none; none when it has neither.
+pub fn delete_calls(
+    space_id: &str,
+    destination_id: &str,
+    regulation_id: &str,
+    ids: &[IdentifierEntry],
+    at: &str,
+) -> Vec<Value> {
+    let users: Vec<&IdentifierEntry> = ids.iter().filter(|e| e.id.kind == "user_id").collect();
+    let (field, chosen) = if users.is_empty() {
+        (
+            "anonymousId",
+            ids.iter().filter(|e| e.id.kind == "anonymous_id").collect(),
+        )
+    } else {
+        ("userId", users)
+    };
+    chosen
+        .into_iter()
+        .map(|e| {
+            json!({
+                "type": "delete",
+                "messageId": message_id(&[space_id, destination_id, &format!("regulation:{regulation_id}"), "delete", &e.id.value]),
+                field: e.id.value,
+                "timestamp": at,
+                "context": {"personas": {"space_id": space_id}, "regulation_id": regulation_id},
+            })
+        })
+        .collect()
 }
 
 /// The webhook signature header's value: `sha256=` and the hex HMAC-SHA256,

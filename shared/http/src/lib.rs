@@ -9,6 +9,7 @@ pub mod compute;
 pub mod cors;
 pub mod destinations;
 pub mod error;
+pub mod privacy;
 pub mod profile;
 pub mod tracking;
 
@@ -19,6 +20,7 @@ use axum::middleware::Next;
 pub use axum::response::Response;
 use axum::routing::get;
 use axum::Json;
+use kindred_store::privacy::Privacy;
 use kindred_store::token::random_base62;
 use kindred_store::{Computations, Destinations, EventQueue, HealthCheck, Profiles, Spaces};
 use serde_json::json;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub destinations: Option<Arc<dyn Destinations>>,
     /// Destinations may be at internal addresses (the operator opted in).
     pub allow_private_destinations: bool,
+    /// `None` where regulations are not available (answered 501).
+    pub privacy: Option<Arc<dyn Privacy>>,
     /// The background workers' health and lag, where there are any.
     pub health: Option<Arc<dyn HealthCheck>>,
     /// Per-space Profile API buckets.
@@ -71,6 +75,7 @@ pub struct ReadState {
     pub computations: Option<Arc<dyn Computations>>,
     pub destinations: Option<Arc<dyn Destinations>>,
     pub allow_private_destinations: bool,
+    pub privacy: Option<Arc<dyn Privacy>>,
     /// Per-space Profile API buckets (each space's own rate).
     pub profile_rate_limiter: Arc<RateLimiter>,
 }
@@ -92,6 +97,7 @@ impl AppState {
             computations: self.computations.clone(),
             destinations: self.destinations.clone(),
             allow_private_destinations: self.allow_private_destinations,
+            privacy: self.privacy.clone(),
             profile_rate_limiter: Arc::clone(&self.profile_rate_limiter),
         }
     }
@@ -179,7 +185,8 @@ pub fn app(state: AppState) -> Router {
             .merge(profile::router(state.read()))
             .merge(admin::router(state.read()))
             .merge(compute::router(state.read()))
-            .merge(destinations::router(state.read())),
+            .merge(destinations::router(state.read()))
+            .merge(privacy::router(state.read())),
     )
 }
 
@@ -195,7 +202,8 @@ pub fn profile_api_app(state: ReadState) -> Router {
             .merge(profile::router(state.clone()))
             .merge(admin::router(state.clone()))
             .merge(compute::router(state.clone()))
-            .merge(destinations::router(state)),
+            .merge(destinations::router(state.clone()))
+            .merge(privacy::router(state)),
     )
 }
 

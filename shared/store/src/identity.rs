@@ -29,6 +29,9 @@ pub enum Outcome {
     Unresolved,
     /// Seen before (same space and message id): nothing written.
     Duplicate,
+    /// It names a suppressed person (a regulation): dropped, counted,
+    /// nothing of it stored.
+    Suppressed,
 }
 
 /// How often a plan is re-made after conflicts before giving up.
@@ -61,6 +64,14 @@ pub async fn process_event<G: IdentityGraph>(
     } = *job;
     let external_ids = extract_identifiers(event);
     let ids: Vec<_> = external_ids.iter().map(|e| e.id.clone()).collect();
+    // Before anything is read or written: a suppressed person's event
+    // leaves no trace, not even its message id.
+    if graph
+        .drop_if_suppressed(space_id, &ids, event.received_at)
+        .await?
+    {
+        return Ok(Outcome::Suppressed);
+    }
     let record = EventRecord {
         event,
         body_json,

@@ -8,6 +8,7 @@
 pub mod compute;
 pub mod identity;
 pub mod ports;
+pub mod privacy;
 pub mod secret;
 pub mod sqlite;
 pub mod sync;

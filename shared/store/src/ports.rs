@@ -315,6 +315,16 @@ pub struct EventRecord<'a> {
 /// [`crate::identity::complete_now`]) run the same pipeline.
 #[allow(async_fn_in_trait)]
 pub trait IdentityGraph {
+    /// Whether the event names a suppressed person (any of its
+    /// identifiers is on the space's suppression list for an event
+    /// received at `received_at`): if so it is counted as dropped and
+    /// nothing of it is stored.
+    async fn drop_if_suppressed(
+        &mut self,
+        space_id: &str,
+        ids: &[Identifier],
+        received_at: Millis,
+    ) -> Result<bool>;
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool>;
     async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts>;
     async fn apply(

@@ -53,6 +53,17 @@ fn profile_facts(item: &Item) -> Result<ProfileFacts> {
 }
 
 impl IdentityGraph for DynamoGraph<'_> {
+    async fn drop_if_suppressed(
+        &mut self,
+        _space_id: &str,
+        _ids: &[Identifier],
+        _received_at: kindred_domain::Millis,
+    ) -> Result<bool> {
+        // Regulations do not run on DynamoDB yet (README, "Not built
+        // yet"): no space there has a suppression list.
+        Ok(false)
+    }
+
     async fn is_duplicate(&mut self, _space_id: &str, _message_id: &str) -> Result<bool> {
         // The event item is the dedup record and is written only if absent,
         // so `apply` detects a repeat; reading it first would cost every

@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS changes (
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_space ON changes (space_id, seq);
+-- A regulation blanks a deleted person's entries.
+CREATE INDEX IF NOT EXISTS changes_by_profile ON changes (space_id, profile_id);
 CREATE TABLE IF NOT EXISTS compute_cursors (
     name TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
@@ -466,7 +468,7 @@ impl Computations for SqliteStore {
             let conn = s.reader()?;
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, profile_id, key, class, old, new, at FROM changes
-                 WHERE space_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                 WHERE space_id = ?1 AND seq > ?2 AND profile_id <> '' ORDER BY seq LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![space_id, since, limit as i64], |r| {
                 Ok((

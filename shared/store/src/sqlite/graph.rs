@@ -18,6 +18,8 @@ use crate::{Result, StoreError};
 pub struct TxGraph<'a> {
     tx: &'a Transaction<'a>,
     observed: Observed,
+    /// Which spaces have a suppression list, read once per transaction.
+    suppressing: super::privacy::SuppressionCache,
 }
 
 /// What reads in this transaction established since its last write. In
@@ -57,6 +59,7 @@ impl<'a> TxGraph<'a> {
         Self {
             tx,
             observed: Observed::default(),
+            suppressing: Default::default(),
         }
     }
 }
@@ -153,6 +156,21 @@ fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<F
 }
 
 impl IdentityGraph for TxGraph<'_> {
+    async fn drop_if_suppressed(
+        &mut self,
+        space_id: &str,
+        ids: &[Identifier],
+        received_at: kindred_domain::Millis,
+    ) -> Result<bool> {
+        super::privacy::drop_if_suppressed(
+            self.tx,
+            &mut self.suppressing,
+            space_id,
+            ids,
+            received_at,
+        )
+    }
+
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
         let seen = is_duplicate(self.tx, space_id, message_id)?;
         if !seen {
@@ -435,6 +453,16 @@ impl<'a> OptimisticGraph<'a> {
 }
 
 impl IdentityGraph for OptimisticGraph<'_> {
+    async fn drop_if_suppressed(
+        &mut self,
+        space_id: &str,
+        ids: &[Identifier],
+        received_at: kindred_domain::Millis,
+    ) -> Result<bool> {
+        self.store
+            .with_graph(|g| complete_now(g.drop_if_suppressed(space_id, ids, received_at)))
+    }
+
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
         is_duplicate(&*self.store.reader()?, space_id, message_id)
     }

@@ -13,6 +13,7 @@ mod compute;
 mod graph;
 mod health;
 mod parallel;
+mod privacy;
 mod profiles;
 mod queue;
 mod spaces;
@@ -206,6 +207,11 @@ pub struct SqliteStore {
     /// Bumped (under the cache's lock) whenever cached verdicts may have
     /// gone stale: a lookup that started before is not cached.
     auth_generation: std::sync::atomic::AtomicU64,
+    /// Held while regulations run: one runner at a time.
+    regulation_runner: Mutex<()>,
+    /// The queue the identity worker applies (set by the composition):
+    /// a regulation clears the person's applied events from it.
+    queue: std::sync::OnceLock<Arc<SqliteQueue>>,
 }
 
 /// A pooled read connection, returned to its pool on drop.
@@ -245,6 +251,7 @@ impl SqliteStore {
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
         writer.execute_batch(STORE_SCHEMA)?;
+        writer.execute_batch(privacy::SCHEMA)?;
         // Data directories from before token labels.
         let has_label: bool = writer.query_row(
             "SELECT EXISTS (SELECT 1 FROM pragma_table_info('tokens') WHERE name = 'label')",
@@ -278,7 +285,14 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             auth_cache: Mutex::new(HashMap::new()),
             auth_generation: std::sync::atomic::AtomicU64::new(0),
+            regulation_runner: Mutex::new(()),
+            queue: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Tells the store which queue its identity worker applies.
+    pub fn attach_queue(&self, queue: Arc<SqliteQueue>) {
+        let _ = self.queue.set(queue);
     }
 
     pub(crate) fn reader(&self) -> Result<Reader<'_>> {

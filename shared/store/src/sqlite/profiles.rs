@@ -47,6 +47,27 @@ pub(crate) fn root_with_traits(
     }
 }
 
+/// The root and every profile merged into it, breadth first. (A plain
+/// indexed lookup per level: the planner cannot misjudge it.)
+pub(crate) fn tree(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<String>> {
+    let mut tree = vec![root.to_string()];
+    let mut children_stmt = conn.prepare_cached(
+        "SELECT profile_id FROM profiles INDEXED BY profiles_by_parent
+         WHERE space_id = ?1 AND parent_id = ?2",
+    )?;
+    let mut next = 0;
+    while next < tree.len() {
+        let parent = tree[next].clone();
+        next += 1;
+        for child in
+            children_stmt.query_map(params![space_id, parent], |r| r.get::<_, String>(0))?
+        {
+            tree.push(child?);
+        }
+    }
+    Ok(tree)
+}
+
 fn load_profile(
     conn: &Connection,
     space_id: &str,
@@ -87,23 +108,7 @@ fn load_profile(
     let identifiers: Vec<IdentifierEntry> = serde_json::from_str(&identifiers)?;
     let traits: Traits = serde_json::from_str(&traits)?;
 
-    // The root and every profile merged into it, breadth first. (A plain
-    // indexed lookup per level: the planner cannot misjudge it.)
-    let mut tree = vec![root.clone()];
-    let mut children_stmt = conn.prepare_cached(
-        "SELECT profile_id FROM profiles INDEXED BY profiles_by_parent
-         WHERE space_id = ?1 AND parent_id = ?2",
-    )?;
-    let mut next = 0;
-    while next < tree.len() {
-        let parent = tree[next].clone();
-        next += 1;
-        for child in
-            children_stmt.query_map(params![space_id, parent], |r| r.get::<_, String>(0))?
-        {
-            tree.push(child?);
-        }
-    }
+    let tree = tree(conn, space_id, &root)?;
 
     let mut external_ids = Vec::with_capacity(identifiers.len());
     let identifiers = if parts.external_ids {

@@ -109,6 +109,14 @@ impl SqliteQueue {
     }
 
     /// The highest committed sequence number.
+    /// Deletes the entries through `seq` now (all consumers must have
+    /// passed it and made that durable): a regulation clears the queue of
+    /// the events of a person it deleted.
+    pub fn truncate_now(&self, seq: i64) -> Result<()> {
+        lock(&self.reader).execute("DELETE FROM queue WHERE seq <= ?1", [seq])?;
+        Ok(())
+    }
+
     pub fn last_seq(&self) -> i64 {
         *lock(&self.last_seq.seq)
     }

@@ -135,6 +135,22 @@ struct Row {
 const ROW_COLUMNS: &str = "space_id, destination_id, name, settings, secret, version, created_at,
      updated_at, since_change, since_merge, initial_pending, initial_keys, synced";
 
+/// The space's enabled destinations and their settings.
+pub(crate) fn enabled_destinations(
+    conn: &Connection,
+    space_id: &str,
+) -> Result<Vec<(String, Settings)>> {
+    Ok(rows(
+        conn,
+        "WHERE space_id = ?1 ORDER BY destination_id",
+        &[&space_id],
+    )?
+    .into_iter()
+    .filter(|r| r.settings.enabled)
+    .map(|r| (r.destination_id, r.settings))
+    .collect())
+}
+
 fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<Row>> {
     let mut stmt =
         conn.prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM destinations {filter}"))?;
@@ -208,7 +224,7 @@ impl SqliteStore {
     /// stalling the identity and compute writers. This connection is the
     /// only writer of `sync.db`, so a deferred transaction never has to
     /// wait to upgrade.
-    fn sync_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    pub(crate) fn sync_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.sync_writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Deferred)?;
         let out = f(&tx)?;

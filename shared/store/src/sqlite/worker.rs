@@ -31,6 +31,8 @@ pub struct WorkerStats {
     pub merged: u64,
     pub unresolved: u64,
     pub duplicates: u64,
+    /// Events of suppressed people, dropped.
+    pub suppressed: u64,
     /// Entries that failed repeatedly and were moved to `dead_letters`.
     pub dead_lettered: u64,
 }
@@ -251,6 +253,7 @@ impl IdentityWorker {
                     }
                     Outcome::Unresolved => stats.unresolved += 1,
                     Outcome::Duplicate => stats.duplicates += 1,
+                    Outcome::Suppressed => stats.suppressed += 1,
                 }
             }
         }
@@ -273,6 +276,7 @@ impl IdentityWorker {
                 "DELETE FROM messages WHERE seen_at < ?1",
                 [now_millis() - DEDUP_RETENTION_MS],
             )?;
+            SqliteStore::expire_suppressions(&writer, now_millis())?;
             // Keep the query planner's statistics current as tables grow.
             writer.execute_batch("PRAGMA optimize")?;
         }

@@ -1,0 +1,784 @@
+//! Regulations on the embedded store: recorded in `store.db`, run in the
+//! background one subject at a time (and resumed after a restart), and
+//! the suppression list the identity worker checks before storing
+//! anything of an event.
+//!
+//! Deleting a person touches four files that cannot share one
+//! transaction, so the steps are ordered to be safe to repeat and to
+//! leave nothing behind whatever runs meanwhile:
+//! 1. the calls telling destinations the person is gone are queued
+//!    (`sync.db`), marked so the purge below keeps them;
+//! 2. one `store.db` transaction on the identity worker's own writer puts
+//!    the person's identifiers on the suppression list and deletes their
+//!    profiles, identifiers, events, links and merge records: an identity
+//!    batch is wholly before it (and deleted by it) or after it (and
+//!    suppressed);
+//! 3. under `compute.db`'s writer (after any compute batch in flight)
+//!    their computed state goes and their change log entries are blanked;
+//! 4. under `sync.db`'s writer (after any fan-out in flight) their queued
+//!    and dead calls go.
+//!
+//! A fan-out or compute step that starts after step 2 finds no profile
+//! and writes nothing about the person.
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use kindred_domain::event::format_millis;
+use kindred_domain::privacy::{
+    identifier_hash, RegulationRequest, RegulationType, SubjectStatus,
+    BOUNDED_SUPPRESSION_RETENTION,
+};
+use kindred_domain::{Identifier, IdentifierEntry, Millis};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transaction};
+use tracing::{error, info};
+
+use super::{lock, SqliteStore};
+use crate::privacy::{new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord};
+use crate::{now_millis, Result, StoreError};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS regulations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id TEXT NOT NULL,
+    regulation_id TEXT NOT NULL UNIQUE,
+    regulation_type TEXT NOT NULL,
+    subject_type TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS regulations_by_space ON regulations (space_id, seq);
+-- subject_id is the subject in clear, kept only until its subject is done.
+CREATE TABLE IF NOT EXISTS regulation_subjects (
+    regulation_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    subject_id TEXT,
+    subject_hash BLOB NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    profiles_deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (regulation_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS regulation_subjects_pending ON regulation_subjects (status)
+    WHERE status IN ('initialized', 'running');
+-- Hashes only (kindred_domain::privacy::identifier_hash): the list
+-- outlives the people it names.
+CREATE TABLE IF NOT EXISTS suppressions (
+    space_id TEXT NOT NULL,
+    id_hash BLOB NOT NULL,
+    subject_hash BLOB NOT NULL,
+    received_before INTEGER,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (space_id, id_hash, subject_hash)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS suppressions_by_subject ON suppressions (space_id, subject_hash);
+CREATE TABLE IF NOT EXISTS privacy_counts (
+    space_id TEXT PRIMARY KEY,
+    suppressed_events INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// The `deliveries.profile_id` of the calls a regulation queued: the
+/// purge of the person's calls keeps these.
+fn farewell_marker(regulation_id: &str) -> String {
+    format!("regulation:{regulation_id}")
+}
+
+/// Whether the space has any suppression, per space, for one write
+/// transaction (nothing else writes the list meanwhile).
+pub(crate) type SuppressionCache = HashMap<String, bool>;
+
+/// The identity step's check: drops (and counts) an event that names a
+/// suppressed person.
+pub(crate) fn drop_if_suppressed(
+    conn: &Connection,
+    cache: &mut SuppressionCache,
+    space_id: &str,
+    ids: &[Identifier],
+    received_at: Millis,
+) -> Result<bool> {
+    let any = match cache.get(space_id) {
+        Some(any) => *any,
+        None => {
+            let any = conn
+                .prepare_cached("SELECT 1 FROM suppressions WHERE space_id = ?1 LIMIT 1")?
+                .exists([space_id])?;
+            cache.insert(space_id.to_string(), any);
+            any
+        }
+    };
+    if !any {
+        return Ok(false);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT 1 FROM suppressions WHERE space_id = ?1 AND id_hash = ?2
+           AND (received_before IS NULL OR received_before > ?3) LIMIT 1",
+    )?;
+    for id in ids {
+        let hash = identifier_hash(space_id, id);
+        if stmt.exists(params![space_id, &hash[..], received_at])? {
+            conn.prepare_cached(
+                "INSERT INTO privacy_counts (space_id, suppressed_events) VALUES (?1, 1)
+                 ON CONFLICT (space_id) DO UPDATE SET suppressed_events = suppressed_events + 1",
+            )?
+            .execute([space_id])?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// One subject to run.
+struct Job {
+    space_id: String,
+    regulation_id: String,
+    regulation_type: RegulationType,
+    index: i64,
+    subject: Identifier,
+    subject_hash: Vec<u8>,
+}
+
+/// A person's merge tree as found in one read.
+struct Person {
+    root: String,
+    members: Vec<String>,
+    identifiers: Vec<IdentifierEntry>,
+}
+
+fn find_person(conn: &Connection, space_id: &str, subject: &Identifier) -> Result<Option<Person>> {
+    let owner: Option<String> = conn
+        .prepare_cached(
+            "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+        )?
+        .query_row(params![space_id, subject.kind, subject.value], |r| r.get(0))
+        .optional()?;
+    let Some(owner) = owner else { return Ok(None) };
+    let Some(root) = super::profiles::root_of(conn, space_id, &owner)? else {
+        return Ok(None);
+    };
+    let identifiers: String = conn
+        .prepare_cached("SELECT identifiers FROM profiles WHERE space_id = ?1 AND profile_id = ?2")?
+        .query_row(params![space_id, root], |r| r.get(0))?;
+    let members = super::profiles::tree(conn, space_id, &root)?;
+    Ok(Some(Person {
+        root,
+        members,
+        identifiers: serde_json::from_str(&identifiers)?,
+    }))
+}
+
+/// `IN (?, ?, …)` placeholders from `first` on, for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The values an `IN` list binds after the space id.
+fn space_and(space_id: &str, members: &[String]) -> Vec<SqlValue> {
+    std::iter::once(SqlValue::Text(space_id.to_string()))
+        .chain(members.iter().map(|m| SqlValue::Text(m.clone())))
+        .collect()
+}
+
+/// A JSON string's body as it appears inside a stored JSON document.
+fn json_fragment(value: &str) -> String {
+    let quoted = serde_json::Value::String(value.to_string()).to_string();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+impl SqliteStore {
+    /// Runs every subject of every regulation not yet done, in order.
+    /// Concurrent calls take turns; each one runs whatever is pending.
+    pub fn run_regulations(&self) -> Result<usize> {
+        let _turn = lock(&self.regulation_runner);
+        let mut done = 0;
+        while let Some(job) = self.next_subject()? {
+            self.set_subject(&job, SubjectStatus::Running, None, 0)?;
+            match self.run_subject(&job) {
+                Ok(deleted) => {
+                    self.set_subject(&job, SubjectStatus::Finished, None, deleted)?;
+                }
+                Err(e) => {
+                    let reason = super::describe(&e);
+                    error!(space_id = %job.space_id, regulation_id = %job.regulation_id,
+                           index = job.index, reason = %reason, "a regulation's subject failed");
+                    self.set_subject(&job, SubjectStatus::Failed, Some(&reason), 0)?;
+                }
+            }
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    fn next_subject(&self) -> Result<Option<Job>> {
+        let conn = self.reader()?;
+        let row = conn
+            .prepare_cached(
+                "SELECT r.space_id, r.regulation_id, r.regulation_type, r.subject_type,
+                        s.idx, s.subject_id, s.subject_hash
+                 FROM regulation_subjects s INDEXED BY regulation_subjects_pending
+                 JOIN regulations r ON r.regulation_id = s.regulation_id
+                 WHERE s.status IN ('initialized', 'running')
+                 ORDER BY r.seq, s.idx LIMIT 1",
+            )?
+            .query_row([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Vec<u8>>(6)?,
+                ))
+            })
+            .optional()?;
+        let Some((space_id, regulation_id, kind, subject_type, index, subject_id, hash)) = row
+        else {
+            return Ok(None);
+        };
+        let regulation_type = RegulationType::parse(&kind)
+            .ok_or_else(|| StoreError::Undecodable(format!("regulation type {kind:?}")))?;
+        Ok(Some(Job {
+            space_id,
+            regulation_id,
+            regulation_type,
+            index,
+            subject: Identifier::new(subject_type, subject_id.unwrap_or_default()),
+            subject_hash: hash,
+        }))
+    }
+
+    /// Records a subject's status; a subject that is done forgets its id,
+    /// and the regulation is finished with its last subject.
+    fn set_subject(
+        &self,
+        job: &Job,
+        status: SubjectStatus,
+        reason: Option<&str>,
+        deleted: u64,
+    ) -> Result<()> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let done = matches!(status, SubjectStatus::Finished | SubjectStatus::Failed);
+        tx.prepare_cached(
+            "UPDATE regulation_subjects SET status = ?3, reason = ?4, profiles_deleted = ?5,
+                 subject_id = CASE WHEN ?6 THEN NULL ELSE subject_id END
+             WHERE regulation_id = ?1 AND idx = ?2",
+        )?
+        .execute(params![
+            job.regulation_id,
+            job.index,
+            status.as_str(),
+            reason,
+            deleted as i64,
+            done
+        ])?;
+        if done {
+            tx.prepare_cached(
+                "UPDATE regulations SET finished_at = ?2 WHERE regulation_id = ?1
+                   AND NOT EXISTS (SELECT 1 FROM regulation_subjects
+                                   WHERE regulation_id = ?1 AND status IN ('initialized', 'running'))",
+            )?
+            .execute(params![job.regulation_id, now_millis()])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One subject, start to end; safe to run again after a crash at any
+    /// point. Returns how many profiles it deleted.
+    fn run_subject(&self, job: &Job) -> Result<u64> {
+        let space_id = job.space_id.as_str();
+        if job.regulation_type == RegulationType::Unsuppress {
+            self.writer()
+                .prepare_cached(
+                    "DELETE FROM suppressions WHERE space_id = ?1 AND subject_hash = ?2",
+                )?
+                .execute(params![space_id, job.subject_hash])?;
+            return Ok(0);
+        }
+        let now = now_millis();
+        // 1. Tell destinations, while the person can still be addressed.
+        if job.regulation_type.deletes() {
+            self.queue_farewells(job, now)?;
+        }
+        // 2. Suppress and delete in one store.db transaction.
+        let deleted = self.suppress_and_delete(job, now)?;
+        let queued_before = self.queue.get().map(|q| q.last_seq());
+        if job.regulation_type.deletes() {
+            // The person's raw events in the queue: those queued before the
+            // delete are dropped when applied (suppressed); once applied,
+            // they leave the queue.
+            if let Some(through) = queued_before {
+                self.clear_queue_through(through)?;
+            }
+        }
+        let Some(members) = deleted else {
+            return Ok(0);
+        };
+        if members.is_empty() {
+            return Ok(0);
+        }
+        // 3. Computed state and the change log.
+        {
+            let mut conn = self.compute_writer();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let list = placeholders(2, members.len());
+            let args = space_and(space_id, &members);
+            tx.execute(
+                &format!(
+                    "DELETE FROM compute_states WHERE space_id = ?1 AND profile_id IN ({list})"
+                ),
+                params_from_iter(&args),
+            )?;
+            // Blanked, not deleted: the log's sequence numbers must only grow.
+            tx.execute(
+                &format!(
+                    "UPDATE changes SET profile_id = '', old = NULL, new = 'null'
+                     WHERE space_id = ?1 AND profile_id IN ({list})"
+                ),
+                params_from_iter(&args),
+            )?;
+            tx.execute(
+                &format!(
+                    "UPDATE compute_requests SET profile_id = ''
+                     WHERE space_id = ?1 AND profile_id IN ({list})"
+                ),
+                params_from_iter(&args),
+            )?;
+            tx.commit()?;
+        }
+        // 4. Their calls still queued or dead at destinations.
+        self.sync_tx(|tx| {
+            tx.execute(
+                &format!(
+                    "DELETE FROM deliveries WHERE space_id = ?1 AND profile_id IN ({})",
+                    placeholders(2, members.len())
+                ),
+                params_from_iter(space_and(space_id, &members)),
+            )?;
+            Ok(())
+        })?;
+        info!(space_id, regulation_id = %job.regulation_id, profiles = members.len(),
+              "a regulation deleted a person");
+        Ok(members.len() as u64)
+    }
+
+    /// Queues the exits and deletes destinations are owed, addressed with
+    /// the person's identifiers as they are now.
+    fn queue_farewells(&self, job: &Job, now: Millis) -> Result<()> {
+        let (person, values) = {
+            let conn = self.reader()?;
+            let Some(person) = find_person(&conn, &job.space_id, &job.subject)? else {
+                return Ok(());
+            };
+            let values = super::compute::live_values(&conn, &job.space_id, &person.root)?;
+            (person, values)
+        };
+        let at = format_millis(now);
+        let farewell = Farewell {
+            space_id: &job.space_id,
+            regulation_id: &job.regulation_id,
+            root: &person.root,
+            ids: &person.identifiers,
+            values: &values,
+            at: &at,
+        };
+        let marker = farewell_marker(&job.regulation_id);
+        self.sync_tx(|tx| {
+            // Queued once, even when the subject runs again.
+            let queued = tx
+                .prepare_cached("SELECT 1 FROM deliveries WHERE space_id = ?1 AND profile_id = ?2")?
+                .exists(params![job.space_id, marker])?;
+            if queued {
+                return Ok(());
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO deliveries (space_id, destination_id, profile_id, call)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (destination_id, settings) in super::sync::enabled_destinations(tx, &job.space_id)?
+            {
+                for call in farewell.calls(&destination_id, &settings) {
+                    insert.execute(params![
+                        job.space_id,
+                        destination_id,
+                        marker,
+                        call.to_string()
+                    ])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Step 2: the person's identifiers (and the subject) onto the
+    /// suppression list, and with a delete everything of theirs in
+    /// `store.db`. Returns the deleted profiles (empty for a suppression),
+    /// `None` when the subject names nobody and nothing was to delete.
+    fn suppress_and_delete(&self, job: &Job, now: Millis) -> Result<Option<Vec<String>>> {
+        let space_id = job.space_id.as_str();
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let person = find_person(&tx, space_id, &job.subject)?;
+        let mut named: BTreeSet<Identifier> = BTreeSet::from([job.subject.clone()]);
+        if let Some(p) = &person {
+            named.extend(p.identifiers.iter().map(|e| e.id.clone()));
+        }
+        let received_before = match job.regulation_type {
+            RegulationType::DeleteInternal => Some(now),
+            _ => None,
+        };
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO suppressions (space_id, id_hash, subject_hash, received_before, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (space_id, id_hash, subject_hash) DO UPDATE SET
+                   received_before = CASE WHEN suppressions.received_before IS NULL
+                                            OR excluded.received_before IS NULL THEN NULL
+                                          ELSE max(suppressions.received_before, excluded.received_before) END",
+            )?;
+            for id in &named {
+                insert.execute(params![
+                    space_id,
+                    &identifier_hash(space_id, id)[..],
+                    job.subject_hash,
+                    received_before,
+                    now
+                ])?;
+            }
+        }
+        let deleted = match (&person, job.regulation_type.deletes()) {
+            (Some(person), true) => {
+                delete_person(&tx, space_id, person, &named)?;
+                Some(person.members.clone())
+            }
+            (Some(_), false) => Some(Vec::new()),
+            (None, true) => {
+                // Nobody to delete, but unattached events may name them.
+                delete_unattached(&tx, space_id, &named)?;
+                None
+            }
+            (None, false) => None,
+        };
+        tx.commit()?;
+        Ok(deleted)
+    }
+
+    /// Waits (up to a minute) for the identity worker to apply the queue
+    /// through `through`, makes `store.db` durable, and deletes those
+    /// entries from the queue.
+    fn clear_queue_through(&self, through: i64) -> Result<()> {
+        let Some(queue) = self.queue.get() else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let applied = loop {
+            let cursor: i64 = self
+                .reader()?
+                .prepare_cached("SELECT seq FROM cursors WHERE name = 'identity'")?
+                .query_row([], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            if cursor >= through || std::time::Instant::now() > deadline {
+                break cursor.min(through);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        {
+            // A commit with synchronous=FULL fsyncs the WAL, and with it
+            // every commit before, so no applied event depends on the queue.
+            let conn = self.writer();
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let synced = conn.execute("UPDATE cursors SET seq = seq WHERE name = 'identity'", []);
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            synced?;
+        }
+        queue.truncate_now(applied)
+    }
+
+    /// Drops DELETE_INTERNAL's bounded suppressions once no event they
+    /// guard against can still be queued.
+    pub(crate) fn expire_suppressions(conn: &Connection, now: Millis) -> Result<()> {
+        conn.prepare_cached(
+            "DELETE FROM suppressions WHERE received_before IS NOT NULL AND received_before < ?1",
+        )?
+        .execute([now - BOUNDED_SUPPRESSION_RETENTION])?;
+        Ok(())
+    }
+
+    /// Starts running pending regulations on a thread of the runtime's
+    /// blocking pool (after a `POST`, and at start-up to resume).
+    pub fn start_regulations(&self) {
+        let Some(store) = self.me.upgrade() else {
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.run_regulations() {
+                error!(error = %super::describe(&e), "running regulations failed; retried at the next request or start");
+            }
+        });
+    }
+}
+
+/// Deletes a person's rows from `store.db` (inside the caller's
+/// transaction).
+fn delete_person(
+    tx: &Transaction<'_>,
+    space_id: &str,
+    person: &Person,
+    named: &BTreeSet<Identifier>,
+) -> Result<()> {
+    let members = &person.members;
+    let list = placeholders(2, members.len());
+    let args = space_and(space_id, members);
+    let mut unclaim = tx.prepare_cached(
+        "DELETE FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+    )?;
+    for e in &person.identifiers {
+        unclaim.execute(params![space_id, e.id.kind, e.id.value])?;
+    }
+    // Events go, but the table's last row is blanked instead: its sequence
+    // number is the compute worker's cursor, which must only grow.
+    let last: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let mut with_last = args.clone();
+    with_last.push(SqlValue::Integer(last));
+    let last_param = members.len() + 2;
+    tx.execute(
+        &format!(
+            "DELETE FROM events WHERE space_id = ?1 AND profile_id IN ({list}) AND seq < ?{last_param}"
+        ),
+        params_from_iter(&with_last),
+    )?;
+    tx.execute(
+        &format!(
+            "UPDATE events SET profile_id = NULL, name = NULL, message_id = '', body = '{{}}'
+             WHERE space_id = ?1 AND profile_id IN ({list})"
+        ),
+        params_from_iter(&args),
+    )?;
+    for table in ["links", "profiles"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE space_id = ?1 AND profile_id IN ({list})"),
+            params_from_iter(&args),
+        )?;
+    }
+    tx.execute(
+        &format!("DELETE FROM merges WHERE space_id = ?1 AND parent_id IN ({list})"),
+        params_from_iter(&args),
+    )?;
+    delete_unattached(tx, space_id, named)
+}
+
+/// Events stored without a profile (all their identifiers were blocked)
+/// and dead-lettered queue entries that name the person: found by their
+/// bodies, which hold the identifier values.
+fn delete_unattached(
+    tx: &Transaction<'_>,
+    space_id: &str,
+    named: &BTreeSet<Identifier>,
+) -> Result<()> {
+    let fragments: Vec<String> = named.iter().map(|i| json_fragment(&i.value)).collect();
+    let names = |body: &str| {
+        let lower = body.to_lowercase();
+        fragments.iter().any(|f| lower.contains(&f.to_lowercase()))
+    };
+    for (table, filter) in [("events", "profile_id IS NULL AND "), ("dead_letters", "")] {
+        let found: Vec<i64> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT seq, body FROM {table} WHERE {filter}space_id = ?1"
+            ))?;
+            let rows = stmt.query_map([space_id], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut found = Vec::new();
+            for row in rows {
+                let (seq, body) = row?;
+                if names(&body) {
+                    found.push(seq);
+                }
+            }
+            found
+        };
+        let mut blank = tx.prepare(&format!("UPDATE {table} SET body = '{{}}' WHERE seq = ?1"))?;
+        for seq in found {
+            blank.execute([seq])?;
+        }
+    }
+    Ok(())
+}
+
+fn subject_records(conn: &Connection, regulation_id: &str) -> Result<Vec<SubjectRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, status, reason, profiles_deleted FROM regulation_subjects
+         WHERE regulation_id = ?1 ORDER BY idx",
+    )?;
+    let rows = stmt.query_map([regulation_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (index, status, reason, deleted) = row?;
+        out.push(SubjectRecord {
+            index: index as usize,
+            status: SubjectStatus::parse(&status)
+                .ok_or_else(|| StoreError::Undecodable(format!("subject status {status:?}")))?,
+            reason,
+            profiles_deleted: deleted as u64,
+        });
+    }
+    Ok(out)
+}
+
+type RegulationRow = (String, String, String, i64, Option<i64>);
+
+fn regulation_record(conn: &Connection, row: RegulationRow) -> Result<RegulationRecord> {
+    let (regulation_id, kind, subject_type, created_at, finished_at) = row;
+    Ok(RegulationRecord {
+        subjects: subject_records(conn, &regulation_id)?,
+        regulation_type: RegulationType::parse(&kind)
+            .ok_or_else(|| StoreError::Undecodable(format!("regulation type {kind:?}")))?,
+        regulation_id,
+        subject_type,
+        created_at,
+        finished_at,
+    })
+}
+
+#[async_trait]
+impl Privacy for SqliteStore {
+    async fn create_regulation(
+        &self,
+        space_id: &str,
+        request: &RegulationRequest,
+    ) -> Result<RegulationRecord> {
+        let space_id = space_id.to_string();
+        let request = request.clone();
+        let record = self
+            .blocking(move |s| {
+                let regulation_id = new_regulation_id();
+                let now = now_millis();
+                let mut conn = s.writer();
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                tx.prepare_cached(
+                    "INSERT INTO regulations (space_id, regulation_id, regulation_type, subject_type, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    space_id,
+                    regulation_id,
+                    request.regulation_type.as_str(),
+                    request.subject_type,
+                    now
+                ])?;
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT INTO regulation_subjects (regulation_id, idx, subject_id, subject_hash, status)
+                         VALUES (?1, ?2, ?3, ?4, 'initialized')",
+                    )?;
+                    for (i, subject) in request.subjects.iter().enumerate() {
+                        insert.execute(params![
+                            regulation_id,
+                            i as i64,
+                            subject.value,
+                            &identifier_hash(&space_id, subject)[..]
+                        ])?;
+                    }
+                }
+                let record = regulation_record(
+                    &tx,
+                    (
+                        regulation_id,
+                        request.regulation_type.as_str().to_string(),
+                        request.subject_type.clone(),
+                        now,
+                        None,
+                    ),
+                )?;
+                tx.commit()?;
+                Ok(record)
+            })
+            .await?;
+        self.start_regulations();
+        Ok(record)
+    }
+
+    async fn regulation(
+        &self,
+        space_id: &str,
+        regulation_id: &str,
+    ) -> Result<Option<RegulationRecord>> {
+        let (space_id, regulation_id) = (space_id.to_string(), regulation_id.to_string());
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let row: Option<RegulationRow> = conn
+                .prepare_cached(
+                    "SELECT regulation_id, regulation_type, subject_type, created_at, finished_at
+                     FROM regulations WHERE space_id = ?1 AND regulation_id = ?2",
+                )?
+                .query_row(params![space_id, regulation_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()?;
+            row.map(|row| regulation_record(&conn, row)).transpose()
+        })
+        .await
+    }
+
+    async fn regulations(
+        &self,
+        space_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RegulationRecord>> {
+        let (space_id, before) = (space_id.to_string(), before.map(str::to_string));
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let before_seq: i64 = match before {
+                None => i64::MAX,
+                Some(id) => conn
+                    .prepare_cached(
+                        "SELECT seq FROM regulations WHERE space_id = ?1 AND regulation_id = ?2",
+                    )?
+                    .query_row(params![space_id, id], |r| r.get(0))
+                    .optional()?
+                    .ok_or(StoreError::NotFound)?,
+            };
+            let rows: Vec<RegulationRow> = conn
+                .prepare_cached(
+                    "SELECT regulation_id, regulation_type, subject_type, created_at, finished_at
+                     FROM regulations WHERE space_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                )?
+                .query_map(params![space_id, before_seq, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter()
+                .map(|row| regulation_record(&conn, row))
+                .collect()
+        })
+        .await
+    }
+
+    async fn suppressed_events(&self, space_id: &str) -> Result<u64> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| {
+            let n: Option<i64> = s
+                .reader()?
+                .prepare_cached("SELECT suppressed_events FROM privacy_counts WHERE space_id = ?1")?
+                .query_row([space_id], |r| r.get(0))
+                .optional()?;
+            Ok(n.unwrap_or(0) as u64)
+        })
+        .await
+    }
+}

@@ -1,0 +1,478 @@
+//! Regulations on `kindred serve`, over HTTP: delete and suppress people,
+//! lift a suppression, and check after a delete that no table of any of
+//! the data directory's databases still holds the person's identifiers or
+//! trait values.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::receiver::Receiver;
+use crate::common::Server;
+use kindred_domain::event::{format_millis, parse_time};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What the deleted person is known by: identifiers and a trait value.
+const PERSON: [&str; 4] = [
+    "gdpr-user-7f3",
+    "gdpr.subject@example.com",
+    "gdpr-anon-1c9",
+    "Rue-des-Secrets-42",
+];
+
+fn events_of_the_person() -> Vec<Value> {
+    let now = format_millis(kindred_store::now_millis());
+    // Two profiles (the user's, the device's) that the identify merges.
+    vec![
+        json!({"type": "track", "userId": "gdpr-user-7f3", "event": "Order Completed",
+               "properties": {"revenue": 10, "note": "Rue-des-Secrets-42"}, "timestamp": now}),
+        json!({"type": "page", "anonymousId": "gdpr-anon-1c9", "name": "Home", "timestamp": now}),
+        json!({"type": "identify", "anonymousId": "gdpr-anon-1c9", "userId": "gdpr-user-7f3",
+               "traits": {"email": "GDPR.Subject@Example.com", "address": "Rue-des-Secrets-42"},
+               "timestamp": now}),
+        json!({"type": "group", "userId": "gdpr-user-7f3", "groupId": "acme", "timestamp": now}),
+    ]
+}
+
+fn events_of_someone_else() -> Vec<Value> {
+    vec![
+        json!({"type": "identify", "userId": "keep-user", "traits": {"email": "keep@example.com"}}),
+        json!({"type": "track", "userId": "keep-user", "event": "Order Completed"}),
+    ]
+}
+
+async fn send(s: &Server, events: Vec<Value>) {
+    let r = s.track("/v1/batch", &json!({ "batch": events })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    s.settle().await;
+}
+
+/// Starts a regulation and waits until every subject is done.
+async fn regulate(s: &Server, kind: &str, subject_type: &str, ids: &[&str]) -> Value {
+    let r = s
+        .admin(
+            "POST",
+            "/regulations",
+            Some(
+                &json!({"regulation_type": kind, "subject_type": subject_type, "subject_ids": ids}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("reg_"), "{}", r.body);
+    let start = Instant::now();
+    loop {
+        let r = s.admin("GET", &format!("/regulations/{id}"), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        if r.body["status"] == "finished" {
+            return r.body;
+        }
+        assert_ne!(r.body["status"], "failed", "{}", r.body);
+        assert!(start.elapsed() < WAIT, "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every place in the data directory's databases where one of `needles`
+/// appears (any table, any column, text or blob, case-insensitive).
+fn leftovers(dir: &Path, needles: &[&str], skip: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().to_string();
+        if !file.ends_with(".db") || skip.contains(&file.as_str()) {
+            continue;
+        }
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for table in tables {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([]).unwrap();
+            while let Some(row) = rows.next().unwrap() {
+                for c in 0..columns {
+                    let text = match row.get_ref(c).unwrap() {
+                        rusqlite::types::ValueRef::Text(t) => {
+                            String::from_utf8_lossy(t).to_lowercase()
+                        }
+                        rusqlite::types::ValueRef::Blob(b) => {
+                            String::from_utf8_lossy(b).to_lowercase()
+                        }
+                        _ => continue,
+                    };
+                    for needle in needles {
+                        if text.contains(&needle.to_lowercase()) {
+                            found.push(format!("{file} {table}: {needle}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+async fn audience(s: &Server) {
+    let r = s
+        .admin(
+            "PUT",
+            "/audiences/buyers",
+            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_person_leaves_no_trace_and_is_not_collected_again_until_unsuppressed() {
+    let s = Server::start_for_local_receivers().await;
+    let receiver = Receiver::start().await;
+    audience(&s).await;
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(
+                &json!({"kind": "webhook", "url": receiver.url("/hook"), "forward_deletes": true,
+                         "id_sync": {"strategy": "all", "types": ["user_id", "email"]}}),
+            ),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    assert_eq!(r.body["forward_deletes"], true, "{}", r.body);
+
+    send(&s, events_of_the_person()).await;
+    send(&s, events_of_someone_else()).await;
+    receiver
+        .wait_for(WAIT, "the person enters the audience", |calls| {
+            calls
+                .iter()
+                .any(|c| c["event"] == "Audience Entered" && c["userId"] == "gdpr-user-7f3")
+        })
+        .await;
+    let before = s.profile("user_id:gdpr-user-7f3", "traits").await;
+    assert_eq!(before.body["traits"]["address"], "Rue-des-Secrets-42");
+
+    let done = regulate(&s, "SUPPRESS_WITH_DELETE", "USER_ID", &["gdpr-user-7f3"]).await;
+    assert_eq!(
+        done["profiles_deleted"], 2,
+        "the anonymous profile merged in, too: {done}"
+    );
+    assert_eq!(done["subjects"][0]["status"], "finished");
+
+    // Destinations hear of it: an exit from the audience, and a delete.
+    receiver
+        .wait_for(WAIT, "an exit and a delete", |calls| {
+            calls
+                .iter()
+                .any(|c| c["event"] == "Audience Exited" && c["userId"] == "gdpr-user-7f3")
+                && calls
+                    .iter()
+                    .any(|c| c["type"] == "delete" && c["userId"] == "gdpr-user-7f3")
+        })
+        .await;
+    let start = Instant::now();
+    loop {
+        let status = s.admin("GET", "/destinations/crm/status", None).await.body;
+        if status["pending"] == 0 && status["retrying"] == 0 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for lookup in [
+        "user_id:gdpr-user-7f3",
+        "email:gdpr.subject@example.com",
+        "anonymous_id:gdpr-anon-1c9",
+    ] {
+        let r = s.profile(lookup, "traits").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{lookup}: {}", r.body);
+    }
+    let changes = s.admin("GET", "/changes?since=0", None).await;
+    assert!(
+        !changes.body.to_string().to_lowercase().contains("gdpr"),
+        "{}",
+        changes.body
+    );
+    // Nothing of the person in any table; the scan does see other people.
+    let dir = s.dir.path();
+    assert_eq!(leftovers(dir, &PERSON, &[]), Vec::<String>::new());
+    assert!(!leftovers(dir, &["keep@example.com"], &[]).is_empty());
+    assert_eq!(
+        s.profile("user_id:keep-user", "traits").await.body["traits"]["email"],
+        "keep@example.com"
+    );
+
+    // The person comes back (same user id, same device): not collected.
+    send(
+        &s,
+        vec![
+            json!({"type": "identify", "userId": "gdpr-user-7f3", "traits": {"address": "Rue-des-Secrets-42"}}),
+            json!({"type": "page", "anonymousId": "gdpr-anon-1c9"}),
+            json!({"type": "track", "userId": "gdpr-user-7f3", "anonymousId": "new-device", "event": "Order Completed"}),
+        ],
+    )
+    .await;
+    for lookup in [
+        "user_id:gdpr-user-7f3",
+        "anonymous_id:gdpr-anon-1c9",
+        "anonymous_id:new-device",
+    ] {
+        let r = s.profile(lookup, "traits").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{lookup}: {}", r.body);
+    }
+    // (The queue keeps accepted events until they are applied and the
+    // queue is truncated; the stores never see them.)
+    assert_eq!(leftovers(dir, &PERSON, &["queue.db"]), Vec::<String>::new());
+    let list = s.admin("GET", "/regulations", None).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    assert_eq!(list.body["suppressed_events"], 3, "{}", list.body);
+    assert_eq!(list.body["data"][0]["status"], "finished");
+
+    // UNSUPPRESS: collected again, as a new person.
+    regulate(&s, "UNSUPPRESS", "USER_ID", &["gdpr-user-7f3"]).await;
+    send(
+        &s,
+        vec![
+            json!({"type": "identify", "userId": "gdpr-user-7f3", "anonymousId": "gdpr-anon-1c9",
+                     "traits": {"plan": "back"}}),
+        ],
+    )
+    .await;
+    let traits = s.profile("user_id:gdpr-user-7f3", "traits").await;
+    assert_eq!(traits.status, StatusCode::OK, "{}", traits.body);
+    assert_eq!(traits.body["traits"], json!({"plan": "back"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_internal_forgets_the_person_but_collects_later_events() {
+    let s = Server::start().await;
+    send(&s, events_of_the_person()).await;
+    let done = regulate(
+        &s,
+        "DELETE_INTERNAL",
+        "email",
+        &["GDPR.Subject@example.com"],
+    )
+    .await;
+    assert_eq!(done["profiles_deleted"], 2, "{done}");
+    assert_eq!(leftovers(s.dir.path(), &PERSON, &[]), Vec::<String>::new());
+
+    send(
+        &s,
+        vec![json!({"type": "identify", "userId": "gdpr-user-7f3", "traits": {"plan": "new"}})],
+    )
+    .await;
+    let traits = s.profile("user_id:gdpr-user-7f3", "traits").await;
+    assert_eq!(traits.status, StatusCode::OK, "{}", traits.body);
+    assert_eq!(
+        traits.body["traits"],
+        json!({"plan": "new"}),
+        "nothing old comes back"
+    );
+    let list = s.admin("GET", "/regulations", None).await;
+    assert_eq!(list.body["suppressed_events"], 0, "{}", list.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppress_only_keeps_what_is_stored_and_drops_what_comes() {
+    let s = Server::start().await;
+    send(&s, events_of_the_person()).await;
+    let done = regulate(&s, "SUPPRESS_ONLY", "USER_ID", &["gdpr-user-7f3"]).await;
+    assert_eq!(done["profiles_deleted"], 0, "{done}");
+    send(
+        &s,
+        vec![
+            json!({"type": "identify", "userId": "gdpr-user-7f3", "traits": {"plan": "suppressed"}}),
+            json!({"type": "track", "anonymousId": "gdpr-anon-1c9", "event": "Viewed"}),
+        ],
+    )
+    .await;
+    let traits = s.profile("user_id:gdpr-user-7f3", "traits").await;
+    assert_eq!(traits.body["traits"]["address"], "Rue-des-Secrets-42");
+    assert!(
+        traits.body["traits"].get("plan").is_none(),
+        "{}",
+        traits.body
+    );
+    let events = s.profile("user_id:gdpr-user-7f3", "events?limit=50").await;
+    assert_eq!(
+        events.body["data"].as_array().unwrap().len(),
+        4,
+        "{}",
+        events.body
+    );
+    let list = s.admin("GET", "/regulations", None).await;
+    assert_eq!(list.body["suppressed_events"], 2, "{}", list.body);
+}
+
+/// Events of the person keep arriving while the delete runs. Afterwards
+/// (SUPPRESS_WITH_DELETE) nothing of theirs is stored; with
+/// DELETE_INTERNAL, only events received after the regulation was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_ingest_of_the_same_person() {
+    for kind in ["SUPPRESS_WITH_DELETE", "DELETE_INTERNAL"] {
+        let s = Server::start().await;
+        send(&s, events_of_the_person()).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let (client, base, key, stop) = (
+                s.client.clone(),
+                s.base.clone(),
+                s.space.write_key.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let batch: Vec<Value> = (0..10)
+                        .map(|j| {
+                            json!({"type": "identify", "userId": "gdpr-user-7f3",
+                                   "anonymousId": format!("race-{i}-{j}"),
+                                   "traits": {"address": "Rue-des-Secrets-42"}})
+                        })
+                        .collect();
+                    let r = client
+                        .post(format!("{base}/v1/batch"))
+                        .basic_auth(&key, Some(""))
+                        .json(&json!({ "batch": batch }))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    i += 1;
+                }
+                i
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let done = regulate(&s, kind, "USER_ID", &["gdpr-user-7f3"]).await;
+        let made = parse_time(done["created_at"].as_str().unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let batches = sender.await.unwrap();
+        assert!(
+            batches > 2,
+            "{kind}: the sender ran during the delete ({batches} batches)"
+        );
+        s.settle().await;
+
+        let events = s.profile("user_id:gdpr-user-7f3", "events?limit=100").await;
+        if kind == "SUPPRESS_WITH_DELETE" {
+            assert_eq!(
+                events.status,
+                StatusCode::NOT_FOUND,
+                "{kind}: {}",
+                events.body
+            );
+            assert_eq!(
+                leftovers(s.dir.path(), &PERSON, &["queue.db"]),
+                Vec::<String>::new(),
+                "{kind}"
+            );
+        } else {
+            // Whatever remains was received after the regulation was made.
+            if events.status == StatusCode::OK {
+                for e in events.body["data"].as_array().unwrap() {
+                    let received = parse_time(e["receivedAt"].as_str().unwrap()).unwrap();
+                    assert!(
+                        received >= made,
+                        "{kind}: an event received before the delete survived: {e}"
+                    );
+                }
+            }
+            assert!(
+                leftovers(
+                    s.dir.path(),
+                    &["gdpr.subject@example.com", "gdpr-anon-1c9"],
+                    &[]
+                )
+                .is_empty(),
+                "{kind}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regulations_are_validated_listed_and_admin_only() {
+    let s = Server::start().await;
+    for (body, field) in [
+        (
+            json!({"regulation_type": "FORGET", "subject_type": "USER_ID", "subject_ids": ["a"]}),
+            "regulation_type",
+        ),
+        (
+            json!({"regulation_type": "SUPPRESS_ONLY", "subject_type": "USER_ID", "subject_ids": []}),
+            "subject_ids",
+        ),
+        (
+            json!({"regulation_type": "SUPPRESS_ONLY", "subject_type": "USER_ID", "subject_ids": [""]}),
+            "subject_ids[0]",
+        ),
+    ] {
+        let r = s.admin("POST", "/regulations", Some(&body)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(field),
+            "{}",
+            r.body
+        );
+    }
+    let path = format!("/v1/spaces/{}/regulations", s.space.space_id);
+    let r = s.get_as(&path, Some(&s.space.access_token)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "an access token may not: {}",
+        r.body
+    );
+    let r = s
+        .admin("GET", "/regulations/reg_nosuchregulation00", None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let done = regulate(&s, "SUPPRESS_ONLY", "USER_ID", &[&format!("nobody-{i}")]).await;
+        ids.push(done["id"].as_str().unwrap().to_string());
+    }
+    let first = s.admin("GET", "/regulations?limit=2", None).await;
+    assert_eq!(first.body["cursor"]["has_more"], true, "{}", first.body);
+    let page: Vec<&str> = first.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, [ids[2].as_str(), ids[1].as_str()], "newest first");
+    let next = first.body["cursor"]["next"].as_str().unwrap();
+    let second = s
+        .admin("GET", &format!("/regulations?limit=2&next={next}"), None)
+        .await;
+    assert_eq!(second.body["data"][0]["id"], ids[0].as_str());
+    assert_eq!(second.body["cursor"]["has_more"], false);
+    assert_eq!(second.body["cursor"]["next"], "");
+    // A finished regulation keeps no subject id.
+    assert_eq!(
+        leftovers(s.dir.path(), &["nobody-0"], &[]),
+        Vec::<String>::new()
+    );
+}
