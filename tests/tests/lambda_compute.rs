@@ -720,3 +720,211 @@ async fn destinations_get_changes_aliases_and_retries_through_the_sync_function(
         "one member after the merge: {accepted:#?}"
     );
 }
+
+/// Every place in the whole table where one of `needles` appears (any
+/// attribute, nested ones included, case-insensitive).
+async fn table_leftovers(store: &DynamoStore, needles: &[&str]) -> Vec<String> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    fn text(v: &AttributeValue, out: &mut String) {
+        match v {
+            AttributeValue::S(s) | AttributeValue::N(s) => out.push_str(s),
+            AttributeValue::B(b) => out.push_str(&String::from_utf8_lossy(b.as_ref())),
+            AttributeValue::Ss(list) | AttributeValue::Ns(list) => {
+                list.iter().for_each(|s| out.push_str(s))
+            }
+            AttributeValue::L(list) => list.iter().for_each(|v| text(v, out)),
+            AttributeValue::M(map) => map.iter().for_each(|(k, v)| {
+                out.push_str(k);
+                text(v, out);
+            }),
+            _ => {}
+        }
+        out.push('\n');
+    }
+    let client = aws_sdk_dynamodb::Client::new(&aws_config().await);
+    let mut found = Vec::new();
+    let mut start = None;
+    loop {
+        let page = client
+            .scan()
+            .table_name(store.table())
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .unwrap();
+        for item in page.items() {
+            let mut all = String::new();
+            for (k, v) in item {
+                all.push_str(k);
+                text(v, &mut all);
+            }
+            let all = all.to_lowercase();
+            for needle in needles {
+                if all.contains(&needle.to_lowercase()) {
+                    let pk = item
+                        .get("pk")
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default();
+                    found.push(format!("{pk}: {needle}"));
+                }
+            }
+        }
+        match page.last_evaluated_key() {
+            Some(k) => start = Some(k.clone()),
+            None => return found,
+        }
+    }
+}
+
+impl Deployment {
+    async fn profile_status(&self, lookup: &str) -> u16 {
+        let path = format!(
+            "/v1/spaces/{}/collections/users/profiles/{lookup}/traits",
+            self.space.space_id
+        );
+        let request = apigw("GET", &path, "", &self.space.access_token, None);
+        call(&self.profile_api, request).await.0
+    }
+
+    /// Starts a regulation through the Admin API and runs the sync
+    /// function until it is finished.
+    async fn regulate(&self, kind: &str, ids: &[&str]) -> Value {
+        let (status, created) = self
+            .admin(
+                "POST",
+                "/regulations",
+                Some(&json!({"regulation_type": kind, "subject_type": "USER_ID", "subject_ids": ids})),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, body) = self.admin("GET", &format!("/regulations/{id}"), None).await;
+            if body["status"] == "finished" {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{body}");
+            self.pump(&self.sync_queue, |e| {
+                kindred_sync_function::handle(&self.sync_step, e)
+            })
+            .await;
+        }
+    }
+}
+
+/// A regulation through the deployed shape: the Admin API on the
+/// profile-api function records it, the sync function runs it (suppress,
+/// settle, tell destinations, delete), the identity function drops the
+/// person's new events; afterwards no item of the table holds their
+/// identifiers or trait values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regulation_deletes_a_person_from_the_whole_table_through_the_functions() {
+    if !emulators("a_regulation_deletes_a_person_from_the_whole_table_through_the_functions") {
+        return;
+    }
+    use crate::common::receiver::Receiver;
+    let mut d = Deployment::start("privacy").await;
+    d.sync_step.regulation_settle = Duration::from_secs(1);
+    let r = Receiver::start().await;
+    d.define(
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    let (status, created) = d
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(
+                &json!({"kind": "webhook", "url": r.url("/crm"), "secret": "crm-secret",
+                         "forward_deletes": true,
+                         "id_sync": {"strategy": "all", "types": ["user_id", "email"]}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let now = format_millis(kindred_store::now_millis());
+    d.batch(vec![
+        json!({"type": "track", "userId": "gdpr-user-7f3", "event": "Order Completed",
+               "properties": {"note": "Rue-des-Secrets-42"}, "timestamp": now}),
+        json!({"type": "page", "anonymousId": "gdpr-anon-1c9", "name": "Home", "timestamp": now}),
+        json!({"type": "identify", "anonymousId": "gdpr-anon-1c9", "userId": "gdpr-user-7f3",
+               "traits": {"email": "GDPR.Subject@Example.com", "address": "Rue-des-Secrets-42"},
+               "timestamp": now}),
+        json!({"type": "group", "userId": "gdpr-user-7f3", "groupId": "acme", "timestamp": now}),
+        json!({"type": "identify", "userId": "keep-user", "traits": {"email": "keep@example.com"}}),
+    ])
+    .await;
+    d.settle().await;
+    d.pump_sync_until("the person enters the audience", || {
+        r.accepted()
+            .iter()
+            .any(|c| c["event"] == "Audience Entered" && c["userId"] == "gdpr-user-7f3")
+    })
+    .await;
+
+    let done = d.regulate("SUPPRESS_WITH_DELETE", &["gdpr-user-7f3"]).await;
+    assert_eq!(done["profiles_deleted"], 2, "{done}");
+    d.pump_sync_until("an exit and a delete", || {
+        let calls = r.accepted();
+        calls
+            .iter()
+            .any(|c| c["event"] == "Audience Exited" && c["userId"] == "gdpr-user-7f3")
+            && calls
+                .iter()
+                .any(|c| c["type"] == "delete" && c["userId"] == "gdpr-user-7f3")
+    })
+    .await;
+    // The farewell calls leave the outbox once delivered.
+    d.pump(&d.sync_queue, |e| {
+        kindred_sync_function::handle(&d.sync_step, e)
+    })
+    .await;
+    for lookup in [
+        "user_id:gdpr-user-7f3",
+        "anonymous_id:gdpr-anon-1c9",
+        "email:gdpr.subject@example.com",
+    ] {
+        assert_eq!(d.profile_status(lookup).await, 404, "{lookup}");
+    }
+    let person = [
+        "gdpr-user-7f3",
+        "gdpr.subject@example.com",
+        "gdpr-anon-1c9",
+        "Rue-des-Secrets-42",
+    ];
+    assert_eq!(
+        table_leftovers(&d.store, &person).await,
+        Vec::<String>::new()
+    );
+    assert!(!table_leftovers(&d.store, &["keep@example.com"])
+        .await
+        .is_empty());
+
+    // Back with the same ids: dropped by the identity function.
+    d.batch(vec![
+        json!({"type": "identify", "userId": "gdpr-user-7f3", "traits": {"address": "Rue-des-Secrets-42"}}),
+        json!({"type": "page", "anonymousId": "gdpr-anon-1c9"}),
+    ])
+    .await;
+    d.settle().await;
+    assert_eq!(d.profile_status("user_id:gdpr-user-7f3").await, 404);
+    assert_eq!(
+        table_leftovers(&d.store, &person).await,
+        Vec::<String>::new()
+    );
+    let (_, list) = d.admin("GET", "/regulations", None).await;
+    assert_eq!(list["suppressed_events"], 2, "{list}");
+
+    d.regulate("UNSUPPRESS", &["gdpr-user-7f3"]).await;
+    d.batch(vec![
+        json!({"type": "identify", "userId": "gdpr-user-7f3", "traits": {"plan": "back"}}),
+    ])
+    .await;
+    d.settle().await;
+    let traits = d.traits("user_id:gdpr-user-7f3", "").await;
+    assert_eq!(traits["traits"], json!({"plan": "back"}));
+}

@@ -41,8 +41,13 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         })),
         destinations,
         allow_private_destinations: config.allow_private_destinations,
-        // Regulations do not run on DynamoDB yet (README, "Not built yet").
-        privacy: None,
+        // Regulations run on the sync queue.
+        privacy: config.sync_queue_url.as_ref().map(|url| {
+            Arc::new(kindred_aws::privacy::DynamoPrivacy {
+                store: store.clone(),
+                queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)),
+            }) as Arc<dyn kindred_store::privacy::Privacy>
+        }),
         profile_rate_limiter: Arc::new(kindred_http::RateLimiter::profile_api()),
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))

@@ -34,6 +34,7 @@ pub fn step(config: &Config, sdk: &SdkConfig, policy: RetryPolicy) -> Result<Syn
         deliverer: Deliverer::new(store.clone(), policy, config.allow_private_destinations),
         queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)),
         store,
+        regulation_settle: kindred_aws::privacy::SETTLE,
     })
 }
 

@@ -6,6 +6,7 @@
 pub mod compute;
 pub mod dynamo;
 pub mod lambda;
+pub mod privacy;
 pub mod sqs;
 pub mod sync;
 

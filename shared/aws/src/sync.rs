@@ -62,6 +62,11 @@ pub enum SyncMessage {
         space_id: String,
         destination_id: String,
     },
+    /// Runs (a slice of) a regulation ([`crate::privacy`]).
+    Regulation {
+        space_id: String,
+        regulation_id: String,
+    },
 }
 
 /// What the sync step works with.
@@ -69,6 +74,9 @@ pub struct SyncStep {
     pub store: Arc<DynamoStore>,
     pub queue: Arc<SqsQueue>,
     pub deliverer: Arc<Deliverer>,
+    /// How long a regulation's delete waits after its suppression
+    /// ([`crate::privacy::SETTLE`]).
+    pub regulation_settle: Duration,
 }
 
 /// A profile's root and the root's identifiers (its whole tree's).
@@ -118,6 +126,19 @@ impl SyncStep {
                     space_id,
                     destination_id,
                 }) => self.deliver(&space_id, &destination_id).await,
+                Ok(SyncMessage::Regulation {
+                    space_id,
+                    regulation_id,
+                }) => {
+                    crate::privacy::run_regulation(
+                        &self.store,
+                        &self.queue,
+                        &space_id,
+                        &regulation_id,
+                        self.regulation_settle,
+                    )
+                    .await
+                }
                 Err(e) => {
                     warn!(sqs_message_id = %sqs_id, error = %e, "not a sync message");
                     failed.push(sqs_id);

@@ -44,9 +44,10 @@ impl RegulationRecord {
     }
 }
 
-/// A new regulation's id: `reg_` and 20 random base62 characters.
-pub fn new_regulation_id() -> String {
-    format!("reg_{}", crate::token::random_base62(20))
+/// A new regulation's id: `reg_`, the time in hex (so ids sort by
+/// creation) and 12 random base62 characters.
+pub fn new_regulation_id(now: Millis) -> String {
+    format!("reg_{:011x}{}", now.max(0), crate::token::random_base62(12))
 }
 
 /// Regulations: recorded, then run in the background (and resumed after

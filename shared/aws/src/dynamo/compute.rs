@@ -62,7 +62,7 @@ pub(crate) fn state_key(space_id: &str, profile_id: &str) -> String {
     format!("CMP#{space_id}#{profile_id}")
 }
 
-fn changes_key(space_id: &str) -> String {
+pub(crate) fn changes_key(space_id: &str) -> String {
     format!("CHG#{space_id}")
 }
 

@@ -55,13 +55,13 @@ fn profile_facts(item: &Item) -> Result<ProfileFacts> {
 impl IdentityGraph for DynamoGraph<'_> {
     async fn drop_if_suppressed(
         &mut self,
-        _space_id: &str,
-        _ids: &[Identifier],
-        _received_at: kindred_domain::Millis,
+        space_id: &str,
+        ids: &[Identifier],
+        received_at: kindred_domain::Millis,
     ) -> Result<bool> {
-        // Regulations do not run on DynamoDB yet (README, "Not built
-        // yet"): no space there has a suppression list.
-        Ok(false)
+        self.store
+            .drop_if_suppressed(space_id, ids, received_at)
+            .await
     }
 
     async fn is_duplicate(&mut self, _space_id: &str, _message_id: &str) -> Result<bool> {

@@ -10,6 +10,7 @@
 mod audit;
 pub mod compute;
 mod graph;
+pub(crate) mod privacy;
 pub(crate) mod profiles;
 mod spaces;
 mod sync;
@@ -128,7 +129,8 @@ pub(crate) struct Caches {
     pub profiles: HashMap<(String, String), ProfileFacts>,
     /// Merged-away profile -> its parent (permanent once written).
     pub parents: HashMap<(String, String), String>,
-    pub rules: HashMap<String, (IdentityRules, Instant)>,
+    /// A space's identity rules and whether it has a suppression list.
+    pub rules: HashMap<String, (IdentityRules, bool, Instant)>,
     pub auth: HashMap<[u8; 32], (SpaceAuth, Instant)>,
 }
 

@@ -96,21 +96,37 @@ impl DynamoStore {
     /// The identity rules of a space, cached for a few seconds (new
     /// settings apply to events processed after that).
     pub async fn identity_rules(&self, space_id: &str) -> Result<IdentityRules> {
-        if let Some((rules, at)) = lock(&self.caches).rules.get(space_id) {
+        Ok(self.space_rules(space_id).await?.0)
+    }
+
+    /// Whether the space has a suppression list (cached with the rules:
+    /// a regulation waits out the cache before it deletes).
+    pub(crate) async fn space_suppressing(&self, space_id: &str) -> Result<bool> {
+        Ok(self.space_rules(space_id).await?.1)
+    }
+
+    async fn space_rules(&self, space_id: &str) -> Result<(IdentityRules, bool)> {
+        if let Some((rules, suppressing, at)) = lock(&self.caches).rules.get(space_id) {
             if at.elapsed() < CACHE_TTL {
-                return Ok(rules.clone());
+                return Ok((rules.clone(), *suppressing));
             }
         }
-        let settings = self.identity_settings(space_id).await?;
+        let space = self
+            .get(space_key(space_id), true)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let settings: IdentitySettings = serde_json::from_str(get_s(&space, "settings")?)?;
+        let suppressing = matches!(space.get("suppressing"), Some(AttributeValue::Bool(true)));
         let rules = IdentityRules::new(settings).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let mut caches = lock(&self.caches);
         if caches.rules.len() >= MAX_CACHED {
             caches.rules.clear();
         }
-        caches
-            .rules
-            .insert(space_id.to_string(), (rules.clone(), Instant::now()));
-        Ok(rules)
+        caches.rules.insert(
+            space_id.to_string(),
+            (rules.clone(), suppressing, Instant::now()),
+        );
+        Ok((rules, suppressing))
     }
 }
 

@@ -47,11 +47,11 @@ fn dest_sort(id: &str) -> String {
     format!("{DEST_PREFIX}{id}")
 }
 
-fn out_key(space_id: &str, id: &str) -> String {
+pub(crate) fn out_key(space_id: &str, id: &str) -> String {
     format!("OUT#{space_id}#{id}")
 }
 
-fn dead_key(space_id: &str, id: &str) -> String {
+pub(crate) fn dead_key(space_id: &str, id: &str) -> String {
     format!("DEAD#{space_id}#{id}")
 }
 
@@ -249,7 +249,7 @@ impl DynamoStore {
         }
     }
 
-    async fn batch_write(&self, mut requests: Vec<WriteRequest>) -> Result<()> {
+    pub(crate) async fn batch_write(&self, mut requests: Vec<WriteRequest>) -> Result<()> {
         while !requests.is_empty() {
             let chunk: Vec<WriteRequest> = requests
                 .drain(..requests.len().min(MAX_BATCH_WRITE))

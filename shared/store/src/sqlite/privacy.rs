@@ -665,8 +665,8 @@ impl Privacy for SqliteStore {
         let request = request.clone();
         let record = self
             .blocking(move |s| {
-                let regulation_id = new_regulation_id();
                 let now = now_millis();
+                let regulation_id = new_regulation_id(now);
                 let mut conn = s.writer();
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 tx.prepare_cached(
