@@ -33,10 +33,17 @@ impl IdentityGraph for Recording<'_> {
         space_id: &str,
         ids: &[Identifier],
         received_at: kindred_domain::Millis,
-    ) -> Result<bool> {
+    ) -> Result<Option<Identifier>> {
         self.inner
             .drop_if_suppressed(space_id, ids, received_at)
             .await
+    }
+    async fn record_violations(
+        &mut self,
+        space_id: &str,
+        violations: &[kindred_store::privacy::Violation],
+    ) -> Result<()> {
+        self.inner.record_violations(space_id, violations).await
     }
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
         self.inner.is_duplicate(space_id, message_id).await

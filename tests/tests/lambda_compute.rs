@@ -866,8 +866,15 @@ async fn a_regulation_deletes_a_person_from_the_whole_table_through_the_function
     })
     .await;
 
+    let before = d.sync_step.store.usage();
     let done = d.regulate("SUPPRESS_WITH_DELETE", &["gdpr-user-7f3"]).await;
     assert_eq!(done["profiles_deleted"], 2, "{done}");
+    // What the sync function's regulation steps cost (BENCHMARKS.md).
+    let cost = d.sync_step.store.usage().since(before);
+    println!(
+        "regulation, one person of 2 profiles and 4 events: {} reads ({:.1} RCU), {} writes ({:.1} WCU)",
+        cost.read_requests, cost.read_units, cost.write_requests, cost.write_units
+    );
     d.pump_sync_until("an exit and a delete", || {
         let calls = r.accepted();
         calls
@@ -927,4 +934,93 @@ async fn a_regulation_deletes_a_person_from_the_whole_table_through_the_function
     d.settle().await;
     let traits = d.traits("user_id:gdpr-user-7f3", "").await;
     assert_eq!(traits["traits"], json!({"plan": "back"}));
+}
+
+/// Identifier removal through the profile-api function on DynamoDB: the
+/// identifier leaves the profile and is claimed by another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identifier_taken_off_a_profile_on_dynamodb_is_free_to_claim() {
+    if !emulators("an_identifier_taken_off_a_profile_on_dynamodb_is_free_to_claim") {
+        return;
+    }
+    let d = Deployment::start("removal").await;
+    d.batch(vec![
+        json!({"type": "identify", "userId": "u1", "anonymousId": "shared-tablet",
+               "traits": {"email": "u1@x.io"}}),
+    ])
+    .await;
+    d.settle().await;
+    let (status, reply) = d
+        .admin(
+            "POST",
+            "/collections/users/profiles/email:u1@x.io/external_ids/delete",
+            Some(&json!({"external_ids": [{"type": "anonymous_id", "id": "shared-tablet"}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["removed"],
+        json!([{"type": "anonymous_id", "id": "shared-tablet"}])
+    );
+    assert_eq!(d.profile_status("anonymous_id:shared-tablet").await, 404);
+    d.batch(vec![
+        json!({"type": "identify", "userId": "u2", "anonymousId": "shared-tablet"}),
+    ])
+    .await;
+    d.settle().await;
+    let path = format!(
+        "/v1/spaces/{}/collections/users/profiles/anonymous_id:shared-tablet/external_ids",
+        d.space.space_id
+    );
+    let (status, ids) = call(
+        &d.profile_api,
+        apigw("GET", &path, "", &d.space.access_token, None),
+    )
+    .await;
+    assert_eq!(status, 200, "{ids}");
+    let users: Vec<&str> = ids["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "user_id")
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["u2"], "the tablet joined u2, not u1: {ids}");
+    let traits = d.traits("user_id:u1", "").await;
+    assert_eq!(traits["traits"]["email"], "u1@x.io");
+}
+
+/// SPEC 5's merge-protection example on DynamoDB: the refused merge is in
+/// the violations log of the profile and of the space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn violations_are_logged_on_dynamodb() {
+    if !emulators("violations_are_logged_on_dynamodb") {
+        return;
+    }
+    let d = Deployment::start("violations").await;
+    d.batch(vec![
+        json!({"type": "identify", "anonymousId": "a1", "userId": "u1", "messageId": "m-u1"}),
+    ])
+    .await;
+    d.settle().await;
+    d.batch(vec![
+        json!({"type": "identify", "anonymousId": "a1", "userId": "u2", "messageId": "m-u2"}),
+    ])
+    .await;
+    d.settle().await;
+    let path = format!(
+        "/v1/spaces/{}/collections/users/profiles/user_id:u2/violations",
+        d.space.space_id
+    );
+    let (status, body) = call(
+        &d.profile_api,
+        apigw("GET", &path, "", &d.space.access_token, None),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"][0]["message_id"], "m-u2", "{body}");
+    assert_eq!(body["data"][0]["rule"], "limit");
+    assert_eq!(body["data"][0]["identifier_type"], "anonymous_id");
+    let (_, all) = d.admin("GET", "/violations", None).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 1, "{all}");
 }

@@ -476,3 +476,213 @@ async fn regulations_are_validated_listed_and_admin_only() {
         Vec::<String>::new()
     );
 }
+
+async fn external_ids(s: &Server, lookup: &str) -> Vec<(String, String)> {
+    let r = s.profile(lookup, "external_ids?limit=100").await;
+    assert_eq!(r.status, StatusCode::OK, "{lookup}: {}", r.body);
+    let mut ids: Vec<(String, String)> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identifier_taken_off_a_profile_is_free_to_claim_and_stops_counting() {
+    let s = Server::start().await;
+    // One email per profile, ever.
+    let mut settings = s.admin("GET", "/identity_settings", None).await.body;
+    settings["types"]["email"]["limit"] = json!({"count": 1, "frequency": "ever"});
+    let r = s.admin("PUT", "/identity_settings", Some(&settings)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    send(
+        &s,
+        vec![json!({"type": "identify", "userId": "u1", "traits": {"email": "A@x.io"}})],
+    )
+    .await;
+    send(
+        &s,
+        vec![json!({"type": "identify", "userId": "u1", "traits": {"email": "b@x.io"}})],
+    )
+    .await;
+    let pair = |t: &str, v: &str| (t.to_string(), v.to_string());
+    assert_eq!(
+        external_ids(&s, "user_id:u1").await,
+        [pair("email", "a@x.io"), pair("user_id", "u1")],
+        "the second email is over the limit"
+    );
+
+    let path = "/collections/users/profiles/user_id:u1/external_ids/delete";
+    let r = s
+        .admin("POST", path, Some(&json!({"external_ids": [{"type": "email", "id": "a@X.io"},
+                                                            {"type": "email", "id": "never@x.io"}]})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["removed"],
+        json!([{"type": "email", "id": "a@x.io"}])
+    );
+    assert_eq!(
+        external_ids(&s, "user_id:u1").await,
+        [pair("user_id", "u1")]
+    );
+    assert_eq!(
+        s.profile("email:a@x.io", "traits").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // Re-claimed by another profile, by the normal rules (no merge).
+    send(
+        &s,
+        vec![json!({"type": "identify", "userId": "u2", "traits": {"email": "a@x.io"}})],
+    )
+    .await;
+    assert_eq!(
+        external_ids(&s, "email:a@x.io").await,
+        [pair("email", "a@x.io"), pair("user_id", "u2")]
+    );
+    // And u1 may have an email again: the removed one no longer counts.
+    send(
+        &s,
+        vec![json!({"type": "identify", "userId": "u1", "traits": {"email": "c@x.io"}})],
+    )
+    .await;
+    assert_eq!(
+        external_ids(&s, "user_id:u1").await,
+        [pair("email", "c@x.io"), pair("user_id", "u1")]
+    );
+
+    let r = s
+        .admin(
+            "POST",
+            "/collections/users/profiles/user_id:nobody/external_ids/delete",
+            Some(&json!({"external_ids": [{"type": "email", "id": "a@x.io"}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = s
+        .admin(
+            "POST",
+            path,
+            Some(&json!({"external_ids": [{"type": "email"}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("external_ids[0].id"));
+    let r = s
+        .post_as(
+            &format!("/v1/spaces/{}{path}", s.space.space_id),
+            &json!({"external_ids": [{"type": "user_id", "id": "u1"}]}),
+            &s.space.access_token,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "an access token may not: {}",
+        r.body
+    );
+}
+
+/// SPEC 5's example: `a1` identifies as `u1`, then as `u2`. The refused
+/// merge is in the violations log of both profiles and of the space, with
+/// the rule and the identifier's hash, never its value; a blocked value
+/// and a suppressed person's event are logged too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn violations_are_logged_for_the_merge_protection_example() {
+    let s = Server::start().await;
+    send(
+        &s,
+        vec![json!({"type": "identify", "anonymousId": "a1", "userId": "u1", "messageId": "m-u1"})],
+    )
+    .await;
+    send(
+        &s,
+        vec![json!({"type": "identify", "anonymousId": "a1", "userId": "u2", "messageId": "m-u2"})],
+    )
+    .await;
+    send(&s, vec![json!({"type": "identify", "anonymousId": "null", "userId": "u3", "messageId": "m-blocked"})]).await;
+
+    let u2 = s.profile("user_id:u2", "violations").await;
+    assert_eq!(u2.status, StatusCode::OK, "{}", u2.body);
+    let entries = u2.body["data"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{}", u2.body);
+    let v = &entries[0];
+    assert_eq!(v["message_id"], "m-u2");
+    assert_eq!(v["rule"], "limit");
+    assert_eq!(
+        v["detail"],
+        json!({"type": "user_id", "count": 1, "frequency": "ever"})
+    );
+    // The identifier left out is a1 (lower priority than user_id),
+    // owned by u1's profile.
+    assert_eq!(v["identifier_type"], "anonymous_id");
+    assert!(v["identifier_hash"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert!(
+        !u2.body.to_string().contains("\"a1\""),
+        "no value in clear: {}",
+        u2.body
+    );
+    let u1_id = s.profile("user_id:u1", "metadata").await.body["metadata"]["profile_id"].clone();
+    assert_eq!(v["other_profile_id"], u1_id);
+    // u1's profile lists the merge refused with it.
+    let u1 = s.profile("user_id:u1", "violations").await;
+    assert_eq!(u1.body["data"][0]["message_id"], "m-u2", "{}", u1.body);
+
+    let all = s.admin("GET", "/violations", None).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    let rules: Vec<&str> = all.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(rules, ["limit", "blocked_value"], "{}", all.body);
+
+    regulate(&s, "SUPPRESS_ONLY", "USER_ID", &["u3"]).await;
+    send(
+        &s,
+        vec![json!({"type": "track", "userId": "u3", "event": "E", "messageId": "m-sup"})],
+    )
+    .await;
+    let page = s.admin("GET", "/violations?limit=2", None).await;
+    assert_eq!(page.body["cursor"]["has_more"], true, "{}", page.body);
+    let next = page.body["cursor"]["next"].as_str().unwrap();
+    let rest = s
+        .admin("GET", &format!("/violations?limit=2&next={next}"), None)
+        .await;
+    assert_eq!(rest.body["data"][0]["rule"], "suppressed", "{}", rest.body);
+    assert_eq!(rest.body["data"][0]["message_id"], "m-sup");
+    assert_eq!(rest.body["cursor"]["has_more"], false);
+
+    let later = format_millis(kindred_store::now_millis() + 60_000);
+    let none = s
+        .admin("GET", &format!("/violations?since={later}"), None)
+        .await;
+    assert_eq!(none.body["data"], json!([]), "{}", none.body);
+    assert_eq!(
+        s.profile("user_id:nobody", "violations").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = s
+        .get_as(
+            &format!("/v1/spaces/{}/violations", s.space.space_id),
+            Some(&s.space.access_token),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}

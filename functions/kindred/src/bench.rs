@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// many profiles (deliveries per second, change-to-delivery latency).
     #[arg(long)]
     pub sync_profiles: Option<usize>,
+    /// Instead of the pipeline: time a SUPPRESS_WITH_DELETE regulation of
+    /// this many people (each two merged profiles and five events).
+    #[arg(long)]
+    pub regulation_subjects: Option<usize>,
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -109,6 +113,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .store
             .create_space(&format!("bench{}", std::process::id()))?,
     };
+    if let Some(n) = args.regulation_subjects {
+        let result = crate::privacy_bench::run(&running, &space, n.max(1)).await;
+        running.stop().await?;
+        if args.data_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&temp);
+        }
+        return result;
+    }
     if let Some(n) = args.sync_profiles {
         let result = crate::sync_bench::run(&running, &space, n.max(1)).await;
         running.stop().await?;

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod compute_bench;
 pub mod config;
 pub mod destinations;
+pub mod privacy_bench;
 pub mod regulations;
 pub mod server;
 pub mod sync_bench;

@@ -16,19 +16,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, ReturnConsumedCapacity, WriteRequest};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, PutRequest, ReturnConsumedCapacity, TransactWriteItem, Update,
+    WriteRequest,
+};
 use kindred_domain::event::format_millis;
-use kindred_domain::privacy::{identifier_hash, RegulationRequest, RegulationType, SubjectStatus};
+use kindred_domain::privacy::{
+    identifier_hash, without_identifiers, RegulationRequest, RegulationType, SubjectStatus,
+};
 use kindred_domain::{Identifier, IdentifierEntry};
 use kindred_store::privacy::{
-    new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord,
+    new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord, ViolationPage,
 };
-use kindred_store::{now_millis, Outbox, Result, StoreError};
+use kindred_store::{now_millis, Outbox, ProfileLookup, Result, StoreError};
 use tracing::{info, warn};
 
 use crate::dynamo::privacy::{hex, regulations_key, subjects_key};
 use crate::dynamo::{
-    get_n, get_s, identifier_key, key, n, opt_s, s, service, DynamoStore, Item, SK,
+    get_n, get_s, identifier_key, key, n, opt_s, profile_key, s, service, DynamoStore, Item, META,
+    SK,
 };
 use crate::sqs::SqsQueue;
 use crate::sync::SyncMessage;
@@ -221,6 +227,130 @@ impl Privacy for DynamoPrivacy {
 
     async fn suppressed_events(&self, space_id: &str) -> Result<u64> {
         self.store.suppressed_count(space_id).await
+    }
+
+    async fn violations(
+        &self,
+        space_id: &str,
+        profile: Option<&ProfileLookup>,
+        since: i64,
+        next: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<ViolationPage>> {
+        let members = match profile {
+            None => None,
+            Some(lookup) => {
+                let start = match lookup {
+                    ProfileLookup::ProfileId(id) => id.clone(),
+                    ProfileLookup::Identifier(id) => {
+                        match self.store.get(identifier_key(space_id, id), false).await? {
+                            Some(item) => get_s(&item, "profile_id")?.to_string(),
+                            None => return Ok(None),
+                        }
+                    }
+                };
+                match self.store.resolve(space_id, start, false).await? {
+                    Some(resolved) => Some(resolved.tree),
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(
+            self.store
+                .violation_page(space_id, members.as_deref(), since, next, limit)
+                .await?,
+        ))
+    }
+
+    async fn remove_identifiers(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        ids: &[Identifier],
+    ) -> Result<Option<Vec<Identifier>>> {
+        // One transaction, conditioned on the root's version: a
+        // concurrent merge or claim makes it fail, and it is made again
+        // from a fresh read.
+        for attempt in 0..16u32 {
+            let start = match lookup {
+                ProfileLookup::ProfileId(id) => id.clone(),
+                ProfileLookup::Identifier(id) => {
+                    match self.store.get(identifier_key(space_id, id), true).await? {
+                        Some(item) => get_s(&item, "profile_id")?.to_string(),
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let Some(resolved) = self.store.resolve(space_id, start, true).await? else {
+                return Ok(None);
+            };
+            let root = resolved.tree[0].clone();
+            let members = self
+                .store
+                .batch_get(
+                    resolved
+                        .tree
+                        .iter()
+                        .map(|m| key(profile_key(space_id, m), META))
+                        .collect(),
+                    true,
+                )
+                .await?;
+            let mut items = Vec::new();
+            let mut removed_all = Vec::new();
+            for member in &members {
+                let id = get_s(member, "profile_id")?;
+                let list: Vec<IdentifierEntry> =
+                    serde_json::from_str(get_s(member, "identifiers")?)?;
+                let (kept, removed) = without_identifiers(&list, ids);
+                if removed.is_empty() {
+                    continue;
+                }
+                let condition = if id == root {
+                    removed_all = removed;
+                    "version = :v AND attribute_not_exists(parent_id)"
+                } else {
+                    "version = :v AND attribute_exists(parent_id)"
+                };
+                let update = Update::builder()
+                    .table_name(&self.store.table)
+                    .set_key(Some(key(profile_key(space_id, id), META)))
+                    .update_expression("SET identifiers = :ids, version = version + :one")
+                    .condition_expression(condition)
+                    .expression_attribute_values(":ids", s(serde_json::to_string(&kept)?))
+                    .expression_attribute_values(":one", n(1))
+                    .expression_attribute_values(":v", n(get_n(member, "version")?))
+                    .build()
+                    .map_err(service)?;
+                items.push(TransactWriteItem::builder().update(update).build());
+            }
+            if removed_all.is_empty() {
+                return Ok(Some(Vec::new()));
+            }
+            for id in &removed_all {
+                let delete = Delete::builder()
+                    .table_name(&self.store.table)
+                    .set_key(Some(key(identifier_key(space_id, id), META)))
+                    .build()
+                    .map_err(service)?;
+                items.push(TransactWriteItem::builder().delete(delete).build());
+            }
+            if items.len() > 100 {
+                return Err(StoreError::Invalid(
+                    "too many identifiers and profiles for one removal".into(),
+                ));
+            }
+            match self.store.transact_conditional(items).await? {
+                Ok(()) => {
+                    for m in &resolved.tree {
+                        self.store.forget_profile(space_id, m);
+                    }
+                    return Ok(Some(removed_all));
+                }
+                Err(_) => crate::dynamo::backoff(attempt, 8).await,
+            }
+        }
+        Err(StoreError::Conflict)
     }
 }
 

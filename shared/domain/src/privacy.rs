@@ -211,6 +211,17 @@ pub fn identifier_hash(space_id: &str, id: &Identifier) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// [`identifier_hash`] in lowercase hex, as logs and item keys show it.
+pub fn identifier_hash_hex(space_id: &str, id: &Identifier) -> String {
+    identifier_hash(space_id, id)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// How long the violations log keeps an entry.
+pub const VIOLATION_RETENTION: Millis = 30 * 24 * 3_600_000;
+
 /// A suppression as stored: the identifier's hash, the subject whose
 /// regulation made it, and its reach.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,6 +241,62 @@ impl Suppression {
     pub fn drops(&self, received_at: Millis) -> bool {
         self.received_before.is_none_or(|t| received_at < t)
     }
+}
+
+/// A profile's identifier list without `remove`: what stays, and which
+/// of `remove` it had. Removed identifiers stop counting against merge
+/// protection's limits and are free to be claimed by any profile.
+pub fn without_identifiers(
+    list: &[crate::resolve::IdentifierEntry],
+    remove: &[Identifier],
+) -> (Vec<crate::resolve::IdentifierEntry>, Vec<Identifier>) {
+    let mut removed = Vec::new();
+    let kept = list
+        .iter()
+        .filter(|e| {
+            let gone = remove.contains(&e.id);
+            if gone && !removed.contains(&e.id) {
+                removed.push(e.id.clone());
+            }
+            !gone
+        })
+        .cloned()
+        .collect();
+    (kept, removed)
+}
+
+/// Most identifiers one removal request may name.
+pub const MAX_REMOVALS: usize = 100;
+
+/// Reads `{"external_ids": [{"type", "id"}]}` (Segment's Delete Profile
+/// Identifier shape), normalizing as the identity step does.
+pub fn parse_removal(body: &Value) -> Result<Vec<Identifier>, RequestError> {
+    let list = body
+        .get("external_ids")
+        .and_then(Value::as_array)
+        .filter(|l| !l.is_empty() && l.len() <= MAX_REMOVALS)
+        .ok_or_else(|| bad("external_ids", "is an array of 1 to 100 {\"type\", \"id\"}"))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let field = |f: &str| {
+                e.get(f)
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.len() <= MAX_SUBJECT_BYTES)
+                    .ok_or_else(|| {
+                        bad(
+                            format!("external_ids[{i}].{f}"),
+                            "is a non-empty string of at most 1024 bytes",
+                        )
+                    })
+            };
+            Ok(Identifier::new(
+                field("type")?.to_ascii_lowercase(),
+                field("id")?,
+            ))
+        })
+        .collect()
 }
 
 /// How long a DELETE_INTERNAL's bounded suppressions are kept: past the
@@ -315,6 +382,42 @@ mod tests {
             identifier_hash("s", &Identifier::new("ab", "c")),
             identifier_hash("s", &Identifier::new("a", "bc"))
         );
+    }
+
+    #[test]
+    fn removal_keeps_the_rest_in_order() {
+        use crate::resolve::IdentifierEntry;
+        let e = |k: &str, v: &str, at| IdentifierEntry {
+            id: Identifier::new(k, v),
+            added_at: at,
+        };
+        let list = vec![
+            e("user_id", "u1", 1),
+            e("email", "a@x.io", 2),
+            e("anonymous_id", "d1", 3),
+        ];
+        let (kept, removed) = without_identifiers(
+            &list,
+            &[
+                Identifier::new("email", "A@x.io"),
+                Identifier::new("email", "nope@x.io"),
+            ],
+        );
+        assert_eq!(kept, vec![list[0].clone(), list[2].clone()]);
+        assert_eq!(removed, vec![Identifier::new("email", "a@x.io")]);
+        let ok =
+            parse_removal(&json!({"external_ids": [{"type": "EMAIL", "id": "A@x.io"}]})).unwrap();
+        assert_eq!(ok, vec![Identifier::new("email", "a@x.io")]);
+        for (body, field) in [
+            (json!({}), "external_ids"),
+            (json!({"external_ids": []}), "external_ids"),
+            (
+                json!({"external_ids": [{"type": "email"}]}),
+                "external_ids[0].id",
+            ),
+        ] {
+            assert_eq!(parse_removal(&body).unwrap_err().field, field, "{body}");
+        }
     }
 
     #[test]

@@ -122,13 +122,71 @@ impl Plan {
     }
 }
 
+/// Why an identifier of an event was not used (Segment's identity
+/// "violations").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Its value is on the space's blocked list.
+    Blocked,
+    /// Merge protection: a type's limit (values per frequency window)
+    /// would have been exceeded.
+    Limit {
+        kind: String,
+        count: u32,
+        frequency: crate::settings::Frequency,
+    },
+    /// The merge would have taken a profile past 100 merges.
+    MergeCap,
+    /// The profile would have had more than 1,000 identifiers.
+    IdentifierCap,
+    /// The profile's identifiers would have taken more than 256 KiB.
+    IdentifierBytes,
+}
+
+impl Rule {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::Blocked => "blocked_value",
+            Rule::Limit { .. } => "limit",
+            Rule::MergeCap => "merge_cap",
+            Rule::IdentifierCap => "identifier_cap",
+            Rule::IdentifierBytes => "identifier_bytes",
+        }
+    }
+
+    /// What of the rule applied, for the log.
+    pub fn detail(&self) -> Value {
+        match self {
+            Rule::Limit {
+                kind,
+                count,
+                frequency,
+            } => serde_json::json!({"type": kind, "count": count, "frequency": frequency}),
+            Rule::MergeCap => serde_json::json!({"max_merges": MAX_MERGES}),
+            Rule::IdentifierCap => serde_json::json!({"max_identifiers": MAX_IDENTIFIERS}),
+            Rule::IdentifierBytes => {
+                serde_json::json!({"max_bytes": MAX_IDENTIFIER_BYTES_PER_PROFILE})
+            }
+            Rule::Blocked => Value::Null,
+        }
+    }
+}
+
+/// An identifier of an event left out, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub id: Identifier,
+    pub rule: Rule,
+    /// The profile that owns it, if any (the one a merge was refused with).
+    pub owner: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolution {
     pub plan: Plan,
-    /// Identifiers left out by merge protection.
-    pub dropped: Vec<Identifier>,
-    /// Identifiers ignored because their value is blocked.
-    pub blocked: Vec<Identifier>,
+    /// Every identifier left out, with the rule (blocked or merge
+    /// protection), in the order they were left out.
+    pub refusals: Vec<Refusal>,
     /// Trait keys dropped to keep the profile's traits within 64 KiB
     /// (the oldest values go first).
     pub dropped_traits: Vec<String>,
@@ -144,21 +202,25 @@ pub fn resolve(
 ) -> Resolution {
     let now = incoming.received_at;
     let mut ids: Vec<Identifier> = Vec::new();
-    let mut blocked = Vec::new();
+    let mut refusals: Vec<Refusal> = Vec::new();
     for id in incoming.identifiers {
         if rules.is_blocked(id) {
-            blocked.push(id.clone());
+            if !refusals.iter().any(|r| &r.id == id) {
+                refusals.push(Refusal {
+                    id: id.clone(),
+                    rule: Rule::Blocked,
+                    owner: None,
+                });
+            }
         } else if !ids.contains(id) {
             ids.push(id.clone());
         }
     }
-    let mut dropped = Vec::new();
     loop {
         if ids.is_empty() {
             return Resolution {
                 plan: Plan::Unresolved,
-                dropped,
-                blocked,
+                refusals,
                 dropped_traits: Vec::new(),
             };
         }
@@ -179,15 +241,19 @@ pub fn resolve(
 
         // Step 3: merge protection over the union.
         let unchanged = found.len() == 1 && new_ids.is_empty();
-        if unchanged || within_limits(&found, &new_ids, rules, now) {
+        let broken = if unchanged {
+            None
+        } else {
+            broken_limit(&found, &new_ids, rules, now)
+        };
+        let Some(rule) = broken else {
             let (plan, dropped_traits) = build_plan(incoming, &found, &new_ids, new_profile_id);
             return Resolution {
                 plan,
-                dropped,
-                blocked,
+                refusals,
                 dropped_traits,
             };
-        }
+        };
         // Drop the incoming identifier of lowest priority and run again.
         let weakest = ids
             .iter()
@@ -198,19 +264,24 @@ pub fn resolve(
             })
             .map(|(i, _)| i)
             .expect("ids is not empty");
-        dropped.push(ids.remove(weakest));
+        let id = ids.remove(weakest);
+        refusals.push(Refusal {
+            owner: facts.owners.get(&id).cloned(),
+            id,
+            rule,
+        });
     }
 }
 
-/// Whether the union of the found profiles and the new identifiers keeps
-/// every limit. A type already over its limit in one profile (settings
-/// lowered later) only fails if the union makes it worse.
-fn within_limits(
+/// The limit the union of the found profiles and the new identifiers
+/// would break, if any. A type already over its limit in one profile
+/// (settings lowered later) only breaks it if the union makes it worse.
+fn broken_limit(
     found: &[&ProfileFacts],
     new_ids: &[&Identifier],
     rules: &IdentityRules,
     now: Millis,
-) -> bool {
+) -> Option<Rule> {
     let mut union: BTreeMap<&Identifier, Millis> = BTreeMap::new();
     for p in found {
         for e in &p.identifiers {
@@ -224,12 +295,12 @@ fn within_limits(
     if found.len() > 1 {
         let merges: u32 = found.iter().map(|p| p.merges).sum::<u32>() + found.len() as u32 - 1;
         if merges > MAX_MERGES {
-            return false;
+            return Some(Rule::MergeCap);
         }
     }
     let largest = found.iter().map(|p| p.identifiers.len()).max().unwrap_or(0);
     if union.len() > MAX_IDENTIFIERS && union.len() > largest {
-        return false;
+        return Some(Rule::IdentifierCap);
     }
     let bytes = |ids: &mut dyn Iterator<Item = &Identifier>| -> usize {
         ids.map(|id| id.kind.len() + id.value.len()).sum()
@@ -242,7 +313,7 @@ fn within_limits(
             .max()
             .unwrap_or(0);
         if union_bytes > largest_bytes {
-            return false;
+            return Some(Rule::IdentifierBytes);
         }
     }
     let in_window = |kind: &str, entries: &mut dyn Iterator<Item = (&Identifier, Millis)>| {
@@ -265,10 +336,15 @@ fn within_limits(
             .max()
             .unwrap_or(0);
         if count > before {
-            return false;
+            let rule = rules.rule(kind);
+            return Some(Rule::Limit {
+                kind: kind.to_string(),
+                count: rule.limit.count,
+                frequency: rule.limit.frequency,
+            });
         }
     }
-    true
+    None
 }
 
 fn build_plan(

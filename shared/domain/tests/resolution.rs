@@ -434,3 +434,64 @@ fn a_profiles_identifiers_stay_within_256_kib() {
         top.identifiers.len()
     );
 }
+
+#[test]
+fn refusals_name_each_identifier_left_out_and_the_rule() {
+    use kindred_domain::{resolve, Facts, IdentifierEntry, ProfileFacts, Rule};
+    let rules = IdentityRules::default();
+    // SPEC 5's example: a1 is u1's; an event with a1 and u2 arrives.
+    let p1 = ProfileFacts {
+        id: "p1".into(),
+        version: 1,
+        created_at: 1,
+        merges: 0,
+        identifiers: vec![
+            IdentifierEntry {
+                id: id("anonymous_id", "a1"),
+                added_at: 1,
+            },
+            IdentifierEntry {
+                id: id("user_id", "u1"),
+                added_at: 1,
+            },
+        ],
+        traits: Default::default(),
+    };
+    let mut facts = Facts::default();
+    facts.owners.insert(id("anonymous_id", "a1"), "p1".into());
+    facts.owners.insert(id("user_id", "u1"), "p1".into());
+    facts.profiles.insert("p1".into(), p1);
+    let ids = [
+        id("user_id", "u2"),
+        id("anonymous_id", "a1"),
+        id("anonymous_id", "null"),
+    ];
+    let incoming = Incoming {
+        identifiers: &ids,
+        traits: None,
+        timestamp: 2,
+        received_at: 2,
+        source_id: "src",
+    };
+    let r = resolve(&incoming, &facts, &rules, "p2");
+    assert_eq!(r.plan.profile_id(), Some("p2"));
+    assert_eq!(r.refusals.len(), 2, "{:?}", r.refusals);
+    assert_eq!(r.refusals[0].rule, Rule::Blocked);
+    assert_eq!(r.refusals[0].id, id("anonymous_id", "null"));
+    assert_eq!(r.refusals[0].owner, None);
+    assert_eq!(
+        r.refusals[1].rule,
+        Rule::Limit {
+            kind: "user_id".into(),
+            count: 1,
+            frequency: Frequency::Ever
+        }
+    );
+    assert_eq!(r.refusals[1].id, id("anonymous_id", "a1"));
+    assert_eq!(r.refusals[1].owner.as_deref(), Some("p1"));
+    assert_eq!(r.refusals[1].rule.name(), "limit");
+    assert_eq!(
+        r.refusals[1].rule.detail(),
+        json!({"type": "user_id", "count": 1, "frequency": "ever"})
+    );
+}

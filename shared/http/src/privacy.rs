@@ -8,11 +8,11 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use kindred_domain::event::format_millis;
-use kindred_domain::privacy::RegulationRequest;
-use kindred_store::privacy::{Privacy, RegulationRecord};
+use kindred_domain::privacy::{parse_removal, RegulationRequest};
+use kindred_store::privacy::{Privacy, RegulationRecord, Violation};
 use kindred_store::token::TokenKind;
 use serde_json::{json, Value};
 
@@ -26,6 +26,15 @@ pub fn router(state: ReadState) -> Router {
         .route(
             "/v1/spaces/{space_id}/regulations/{regulation_id}",
             get(read),
+        )
+        .route(
+            "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/external_ids/delete",
+            post(remove_identifiers),
+        )
+        .route("/v1/spaces/{space_id}/violations", get(space_violations))
+        .route(
+            "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/violations",
+            get(profile_violations),
         )
         .with_state(state)
 }
@@ -145,4 +154,111 @@ async fn list(
         "cursor": {"has_more": has_more, "next": next.unwrap_or_default(), "limit": limit},
         "suppressed_events": privacy.suppressed_events(&space_id).await?,
     })))
+}
+
+/// `POST .../profiles/{lookup}/external_ids/delete` (Segment's Delete
+/// Profile Identifier shape): takes identifiers off a profile.
+async fn remove_identifiers(
+    State(state): State<ReadState>,
+    Path((space_id, lookup)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let privacy = admin(&state, &headers, &space_id).await?;
+    let lookup = crate::profile::parse_lookup(&lookup)?;
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("the body is not valid JSON"))?;
+    let ids = parse_removal(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let removed = privacy
+        .remove_identifiers(&space_id, &lookup, &ids)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Profile was not found."))?;
+    Ok(Json(json!({
+        "removed": removed.iter().map(|i| json!({"type": i.kind, "id": i.value})).collect::<Vec<_>>(),
+    })))
+}
+
+fn violation_json(v: &Violation) -> Value {
+    json!({
+        "message_id": v.message_id,
+        "profile_id": v.profile_id,
+        "other_profile_id": v.other_profile_id,
+        "identifier_type": v.id_type,
+        "identifier_hash": format!("sha256:{}", v.id_hash),
+        "rule": v.rule,
+        "detail": v.detail,
+        "at": format_millis(v.at),
+    })
+}
+
+/// `since` (RFC 3339, default: the whole 30 days kept), `limit` (1-100,
+/// default 20), `next`.
+async fn violations_page(
+    privacy: &dyn Privacy,
+    space_id: &str,
+    profile: Option<&kindred_store::ProfileLookup>,
+    query: &HashMap<String, String>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match query.get("limit") {
+        None => 20,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::bad_request("limit: from 1 to 100"))?,
+    };
+    let since = match query.get("since") {
+        None => 0,
+        Some(t) => kindred_domain::event::parse_time(t)
+            .ok_or_else(|| ApiError::bad_request("since: an RFC 3339 time"))?,
+    };
+    let page = privacy
+        .violations(
+            space_id,
+            profile,
+            since,
+            query.get("next").map(String::as_str),
+            limit,
+        )
+        .await
+        .map_err(|e| match e {
+            kindred_store::StoreError::Invalid(m) => ApiError::bad_request(m),
+            other => other.into(),
+        })?
+        .ok_or_else(|| ApiError::not_found("Profile was not found."))?;
+    Ok(Json(json!({
+        "data": page.entries.iter().map(violation_json).collect::<Vec<_>>(),
+        "cursor": {"has_more": page.next.is_some(), "next": page.next.unwrap_or_default(), "limit": limit},
+    })))
+}
+
+/// `GET /v1/spaces/{space}/violations` (admin token): the space's log.
+async fn space_violations(
+    State(state): State<ReadState>,
+    Path(space_id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let privacy = admin(&state, &headers, &space_id).await?;
+    violations_page(privacy.as_ref(), &space_id, None, &query).await
+}
+
+/// `GET .../profiles/{lookup}/violations` (access token): the entries of
+/// the profile's tree, the merges refused with it included.
+async fn profile_violations(
+    State(state): State<ReadState>,
+    Path((space_id, lookup)): Path<(String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &space_id, TokenKind::Access).await?;
+    let privacy = state.privacy.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "the violations log is not available in this deployment yet",
+        )
+    })?;
+    let lookup = crate::profile::parse_lookup(&lookup)?;
+    violations_page(privacy.as_ref(), &space_id, Some(&lookup), &query).await
 }

@@ -65,7 +65,7 @@ pub(crate) async fn authorize(
     }
 }
 
-fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {
+pub(crate) fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {
     let (kind, value) = raw
         .split_once(':')
         .filter(|(k, v)| !k.is_empty() && !v.is_empty())

@@ -7,6 +7,7 @@ use kindred_domain::{extract_identifiers, resolve, Event, IdentityRules, Incomin
 use tracing::{debug, warn};
 
 use crate::ports::{Applied, EventRecord, IdentityGraph};
+use crate::privacy::Violation;
 use crate::{Result, StoreError};
 
 /// The space-level inputs of resolution.
@@ -66,10 +67,12 @@ pub async fn process_event<G: IdentityGraph>(
     let ids: Vec<_> = external_ids.iter().map(|e| e.id.clone()).collect();
     // Before anything is read or written: a suppressed person's event
     // leaves no trace, not even its message id.
-    if graph
+    if let Some(id) = graph
         .drop_if_suppressed(space_id, &ids, event.received_at)
         .await?
     {
+        let violation = Violation::suppressed(space_id, &event.message_id, &id, event.received_at);
+        graph.record_violations(space_id, &[violation]).await?;
         return Ok(Outcome::Suppressed);
     }
     let record = EventRecord {
@@ -109,6 +112,23 @@ pub async fn process_event<G: IdentityGraph>(
         match graph.apply(space_id, &resolution.plan, &record).await {
             Ok(Applied::Duplicate) => return Ok(Outcome::Duplicate),
             Ok(Applied::Recorded) => {
+                if !resolution.refusals.is_empty() {
+                    let profile_id = resolution.plan.profile_id();
+                    let violations: Vec<Violation> = resolution
+                        .refusals
+                        .iter()
+                        .map(|r| {
+                            Violation::refused(
+                                space_id,
+                                &event.message_id,
+                                profile_id,
+                                r,
+                                event.received_at,
+                            )
+                        })
+                        .collect();
+                    graph.record_violations(space_id, &violations).await?;
+                }
                 if !resolution.dropped_traits.is_empty() {
                     // Trait keys are the customer's schema, not their values.
                     warn!(space_id, message_id = %event.message_id,

@@ -319,12 +319,20 @@ pub trait IdentityGraph {
     /// identifiers is on the space's suppression list for an event
     /// received at `received_at`): if so it is counted as dropped and
     /// nothing of it is stored.
+    /// Returns the suppressed identifier that dropped it.
     async fn drop_if_suppressed(
         &mut self,
         space_id: &str,
         ids: &[Identifier],
         received_at: Millis,
-    ) -> Result<bool>;
+    ) -> Result<Option<Identifier>>;
+    /// Appends to the violations log (with the event's writes where the
+    /// store can).
+    async fn record_violations(
+        &mut self,
+        space_id: &str,
+        violations: &[crate::privacy::Violation],
+    ) -> Result<()>;
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool>;
     async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts>;
     async fn apply(

@@ -8,10 +8,10 @@ use kindred_domain::compute::Class;
 use kindred_domain::privacy::{RegulationRequest, RegulationType, SubjectStatus};
 use kindred_domain::resolve::IdentifierEntry;
 use kindred_domain::sync::{change_calls, delete_calls, ChangeEntry, Settings};
-use kindred_domain::Millis;
+use kindred_domain::{Identifier, Millis};
 use serde_json::Value;
 
-use crate::{ComputedValues, Result};
+use crate::{ComputedValues, ProfileLookup, Result};
 
 /// One subject of a regulation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +44,71 @@ impl RegulationRecord {
     }
 }
 
+/// One entry of the violations log (Segment's identity Insights): an
+/// identifier of an event that was not used, and why. The identifier is
+/// kept as its type and hash, never its value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation {
+    pub message_id: String,
+    /// The profile the event landed on (`None`: unattached, or dropped).
+    pub profile_id: Option<String>,
+    /// The profile that owns the identifier (a merge refused with it).
+    pub other_profile_id: Option<String>,
+    pub id_type: String,
+    /// `kindred_domain::privacy::identifier_hash_hex`.
+    pub id_hash: String,
+    /// `blocked_value`, `limit`, `merge_cap`, `identifier_cap`,
+    /// `identifier_bytes` or `suppressed`.
+    pub rule: String,
+    pub detail: Value,
+    /// When Kindred received the event.
+    pub at: Millis,
+}
+
+impl Violation {
+    /// The log entry of an identifier resolution refused.
+    pub fn refused(
+        space_id: &str,
+        message_id: &str,
+        profile_id: Option<&str>,
+        refusal: &kindred_domain::Refusal,
+        at: Millis,
+    ) -> Self {
+        Self {
+            message_id: message_id.to_string(),
+            profile_id: profile_id.map(str::to_string),
+            other_profile_id: refusal.owner.clone(),
+            id_type: refusal.id.kind.clone(),
+            id_hash: kindred_domain::privacy::identifier_hash_hex(space_id, &refusal.id),
+            rule: refusal.rule.name().to_string(),
+            detail: refusal.rule.detail(),
+            at,
+        }
+    }
+
+    /// The log entry of an event dropped because `id` is suppressed.
+    pub fn suppressed(space_id: &str, message_id: &str, id: &Identifier, at: Millis) -> Self {
+        Self {
+            message_id: message_id.to_string(),
+            profile_id: None,
+            other_profile_id: None,
+            id_type: id.kind.clone(),
+            id_hash: kindred_domain::privacy::identifier_hash_hex(space_id, id),
+            rule: "suppressed".into(),
+            detail: Value::Null,
+            at,
+        }
+    }
+}
+
+/// A page of the violations log: entries oldest first from `since`, and
+/// where the next page starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViolationPage {
+    pub entries: Vec<Violation>,
+    pub next: Option<String>,
+}
+
 /// A new regulation's id: `reg_`, the time in hex (so ids sort by
 /// creation) and 12 random base62 characters.
 pub fn new_regulation_id(now: Millis) -> String {
@@ -74,6 +139,27 @@ pub trait Privacy: Send + Sync {
     ) -> Result<Vec<RegulationRecord>>;
     /// Events dropped because they named a suppressed person.
     async fn suppressed_events(&self, space_id: &str) -> Result<u64>;
+    /// The violations log, oldest first from `since` (or from the opaque
+    /// `next` of a previous page), of the space or of one profile's tree.
+    /// `None` when the profile does not exist.
+    async fn violations(
+        &self,
+        space_id: &str,
+        profile: Option<&ProfileLookup>,
+        since: Millis,
+        next: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<ViolationPage>>;
+    /// Takes identifiers off the profile `lookup` names (its whole merge
+    /// tree): they stop counting against its limits and are free to be
+    /// claimed again. `None` when there is no such profile; otherwise the
+    /// identifiers it had, now removed.
+    async fn remove_identifiers(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        ids: &[Identifier],
+    ) -> Result<Option<Vec<Identifier>>>;
 }
 
 /// A deleted person as destinations knew them, captured before the

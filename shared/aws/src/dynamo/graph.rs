@@ -58,10 +58,23 @@ impl IdentityGraph for DynamoGraph<'_> {
         space_id: &str,
         ids: &[Identifier],
         received_at: kindred_domain::Millis,
-    ) -> Result<bool> {
+    ) -> Result<Option<Identifier>> {
         self.store
             .drop_if_suppressed(space_id, ids, received_at)
             .await
+    }
+
+    async fn record_violations(
+        &mut self,
+        space_id: &str,
+        violations: &[kindred_store::privacy::Violation],
+    ) -> Result<()> {
+        // After the event's own transaction, which may hold 100 actions:
+        // a failure here loses log entries, never the event.
+        if let Err(e) = self.store.record_violations(space_id, violations).await {
+            tracing::warn!(space_id, error = %e, "violations not logged");
+        }
+        Ok(())
     }
 
     async fn is_duplicate(&mut self, _space_id: &str, _message_id: &str) -> Result<bool> {

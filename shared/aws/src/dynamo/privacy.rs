@@ -15,16 +15,19 @@
 //! lookup.
 
 use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, ReturnConsumedCapacity, WriteRequest,
+    AttributeValue, DeleteRequest, PutRequest, ReturnConsumedCapacity, WriteRequest,
 };
-use kindred_domain::privacy::{identifier_hash, BOUNDED_SUPPRESSION_RETENTION};
+use kindred_domain::privacy::{
+    identifier_hash, BOUNDED_SUPPRESSION_RETENTION, VIOLATION_RETENTION,
+};
 use kindred_domain::{Identifier, IdentifierEntry, Millis};
+use kindred_store::privacy::{Violation, ViolationPage};
 use kindred_store::Result;
 
 use super::compute::{changes_key, state_key};
 use super::sync::{dead_key, out_key};
 use super::{
-    get_s, identifier_key, key, n, opt_s, profile_key, service, space_key, DynamoStore, Item,
+    get_s, identifier_key, key, n, opt_s, profile_key, s, service, space_key, DynamoStore, Item,
     EXPIRES_AT, META, PK, SK,
 };
 
@@ -44,6 +47,13 @@ fn subject_list_key(space_id: &str, subject_hash: &str) -> String {
     format!("SUPSUBJ#{space_id}#{subject_hash}")
 }
 
+fn violations_key(space_id: &str, profile_id: Option<&str>) -> String {
+    match profile_id {
+        None => format!("VIOL#{space_id}"),
+        Some(p) => format!("VIOL#{space_id}#{p}"),
+    }
+}
+
 pub(crate) fn regulations_key(space_id: &str) -> String {
     format!("REG#{space_id}")
 }
@@ -61,28 +71,35 @@ impl DynamoStore {
         space_id: &str,
         ids: &[Identifier],
         received_at: Millis,
-    ) -> Result<bool> {
+    ) -> Result<Option<Identifier>> {
         if ids.is_empty() || !self.space_suppressing(space_id).await? {
-            return Ok(false);
+            return Ok(None);
         }
         let mut keys = Vec::with_capacity(ids.len() * 2);
+        let mut by_key = std::collections::HashMap::new();
         for id in ids {
             let pk = sup_key(space_id, &hex(&identifier_hash(space_id, id)));
+            by_key.insert(pk.clone(), id);
             keys.push(key(pk.clone(), FOREVER));
             keys.push(key(pk, BEFORE));
         }
         let items = self.batch_get(keys, true).await?;
-        let dropped = items.iter().any(|item| match opt_s(item, SK) {
-            Some(FOREVER) => {
-                matches!(item.get("subjects"), Some(AttributeValue::Ss(s)) if !s.is_empty())
-            }
-            Some(BEFORE) => match item.get("before") {
-                Some(AttributeValue::N(v)) => v.parse::<i64>().is_ok_and(|b| received_at < b),
+        let dropped = items
+            .iter()
+            .find(|item| match opt_s(item, SK) {
+                Some(FOREVER) => {
+                    matches!(item.get("subjects"), Some(AttributeValue::Ss(s)) if !s.is_empty())
+                }
+                Some(BEFORE) => match item.get("before") {
+                    Some(AttributeValue::N(v)) => v.parse::<i64>().is_ok_and(|b| received_at < b),
+                    _ => false,
+                },
                 _ => false,
-            },
-            _ => false,
-        });
-        if dropped {
+            })
+            .and_then(|item| opt_s(item, PK))
+            .and_then(|pk| by_key.get(pk))
+            .map(|id| (*id).clone());
+        if dropped.is_some() {
             let out = self
                 .client
                 .update_item()
@@ -266,6 +283,16 @@ impl DynamoStore {
             })
             .await?;
             keys.extend(events);
+            // The person's violations log entries, and their copies in
+            // the space's list.
+            for item in self
+                .items_with_prefix(violations_key(space_id, Some(member)), "", true)
+                .await?
+            {
+                let sort = get_s(&item, SK)?.to_string();
+                keys.push(key(violations_key(space_id, None), &sort));
+                keys.push(key(get_s(&item, PK)?.to_string(), &sort));
+            }
             let state = state_key(space_id, member);
             keys.push(key(state.clone(), META));
             keys.push(key(state, "DUE"));
@@ -287,6 +314,121 @@ impl DynamoStore {
             }
         }
         self.delete_keys(keys).await
+    }
+
+    /// Appends to the violations log: one item in the space's partition,
+    /// one in each named profile's, kept 30 days.
+    pub(crate) async fn record_violations(
+        &self,
+        space_id: &str,
+        violations: &[Violation],
+    ) -> Result<()> {
+        let mut requests = Vec::new();
+        for (i, v) in violations.iter().enumerate() {
+            let sort = format!("{:013}#{}#{i:03}", v.at.max(0), v.message_id);
+            let mut partitions = vec![violations_key(space_id, None)];
+            for p in [&v.profile_id, &v.other_profile_id].into_iter().flatten() {
+                partitions.push(violations_key(space_id, Some(p)));
+            }
+            for pk in partitions {
+                let mut item = key(pk, &sort);
+                item.insert("message_id".into(), s(&v.message_id));
+                if let Some(p) = &v.profile_id {
+                    item.insert("profile_id".into(), s(p));
+                }
+                if let Some(p) = &v.other_profile_id {
+                    item.insert("other_profile_id".into(), s(p));
+                }
+                item.insert("id_type".into(), s(&v.id_type));
+                item.insert("id_hash".into(), s(&v.id_hash));
+                item.insert("rule".into(), s(&v.rule));
+                item.insert("detail".into(), s(v.detail.to_string()));
+                item.insert("at".into(), n(v.at));
+                item.insert(EXPIRES_AT.into(), n((v.at + VIOLATION_RETENTION) / 1000));
+                requests.push(
+                    WriteRequest::builder()
+                        .put_request(
+                            PutRequest::builder()
+                                .set_item(Some(item))
+                                .build()
+                                .map_err(service)?,
+                        )
+                        .build(),
+                );
+            }
+        }
+        self.batch_write(requests).await
+    }
+
+    /// A page of the violations log, oldest first: of the space, or of
+    /// the profiles `members` (a tree) merged in order.
+    pub(crate) async fn violation_page(
+        &self,
+        space_id: &str,
+        members: Option<&[String]>,
+        since: Millis,
+        next: Option<&str>,
+        limit: usize,
+    ) -> Result<ViolationPage> {
+        let partitions: Vec<String> = match members {
+            None => vec![violations_key(space_id, None)],
+            Some(members) => members
+                .iter()
+                .map(|m| violations_key(space_id, Some(m)))
+                .collect(),
+        };
+        let from = format!("{:013}", since.max(0));
+        let mut found: std::collections::BTreeMap<String, Item> = Default::default();
+        for pk in partitions {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .expression_attribute_values(":pk", s(pk));
+            query = match next {
+                Some(after) => query
+                    .key_condition_expression("pk = :pk AND sk > :after")
+                    .expression_attribute_values(":after", s(after)),
+                None => query
+                    .key_condition_expression("pk = :pk AND sk >= :from")
+                    .expression_attribute_values(":from", s(&from)),
+            };
+            let mut taken = 0;
+            self.query_pages(query, |item| {
+                if let Some(sort) = opt_s(item, SK) {
+                    found.insert(sort.to_string(), item.clone());
+                }
+                taken += 1;
+                Ok(taken <= limit)
+            })
+            .await?;
+        }
+        let has_more = found.len() > limit;
+        let entries: Vec<(String, Item)> = found.into_iter().take(limit).collect();
+        let next = if has_more {
+            entries.last().map(|(sort, _)| sort.clone())
+        } else {
+            None
+        };
+        Ok(ViolationPage {
+            entries: entries
+                .iter()
+                .map(|(_, item)| {
+                    Ok(Violation {
+                        message_id: get_s(item, "message_id")?.to_string(),
+                        profile_id: opt_s(item, "profile_id").map(str::to_string),
+                        other_profile_id: opt_s(item, "other_profile_id").map(str::to_string),
+                        id_type: get_s(item, "id_type")?.to_string(),
+                        id_hash: get_s(item, "id_hash")?.to_string(),
+                        rule: get_s(item, "rule")?.to_string(),
+                        detail: serde_json::from_str(get_s(item, "detail")?)
+                            .unwrap_or(serde_json::Value::Null),
+                        at: super::get_n(item, "at")?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            next,
+        })
     }
 
     pub(crate) async fn delete_keys(&self, keys: Vec<Item>) -> Result<()> {

@@ -161,7 +161,7 @@ impl IdentityGraph for TxGraph<'_> {
         space_id: &str,
         ids: &[Identifier],
         received_at: kindred_domain::Millis,
-    ) -> Result<bool> {
+    ) -> Result<Option<Identifier>> {
         super::privacy::drop_if_suppressed(
             self.tx,
             &mut self.suppressing,
@@ -169,6 +169,14 @@ impl IdentityGraph for TxGraph<'_> {
             ids,
             received_at,
         )
+    }
+
+    async fn record_violations(
+        &mut self,
+        space_id: &str,
+        violations: &[crate::privacy::Violation],
+    ) -> Result<()> {
+        super::privacy::record_violations(self.tx, space_id, violations)
     }
 
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
@@ -458,9 +466,18 @@ impl IdentityGraph for OptimisticGraph<'_> {
         space_id: &str,
         ids: &[Identifier],
         received_at: kindred_domain::Millis,
-    ) -> Result<bool> {
+    ) -> Result<Option<Identifier>> {
         self.store
             .with_graph(|g| complete_now(g.drop_if_suppressed(space_id, ids, received_at)))
+    }
+
+    async fn record_violations(
+        &mut self,
+        space_id: &str,
+        violations: &[crate::privacy::Violation],
+    ) -> Result<()> {
+        self.store
+            .with_graph(|g| complete_now(g.record_violations(space_id, violations)))
     }
 
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {

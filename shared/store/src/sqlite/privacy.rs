@@ -26,8 +26,8 @@ use std::collections::{BTreeSet, HashMap};
 use async_trait::async_trait;
 use kindred_domain::event::format_millis;
 use kindred_domain::privacy::{
-    identifier_hash, RegulationRequest, RegulationType, SubjectStatus,
-    BOUNDED_SUPPRESSION_RETENTION,
+    identifier_hash, without_identifiers, RegulationRequest, RegulationType, SubjectStatus,
+    BOUNDED_SUPPRESSION_RETENTION, VIOLATION_RETENTION,
 };
 use kindred_domain::{Identifier, IdentifierEntry, Millis};
 use rusqlite::types::Value as SqlValue;
@@ -35,8 +35,10 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 use tracing::{error, info};
 
 use super::{lock, SqliteStore};
-use crate::privacy::{new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord};
-use crate::{now_millis, Result, StoreError};
+use crate::privacy::{
+    new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord, Violation, ViolationPage,
+};
+use crate::{now_millis, ProfileLookup, Result, StoreError};
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS regulations (
@@ -73,6 +75,22 @@ CREATE TABLE IF NOT EXISTS suppressions (
     PRIMARY KEY (space_id, id_hash, subject_hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS suppressions_by_subject ON suppressions (space_id, subject_hash);
+-- The violations log (identifiers left out, and why); hashes, never values.
+CREATE TABLE IF NOT EXISTS violations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id TEXT NOT NULL,
+    profile_id TEXT,
+    other_profile_id TEXT,
+    message_id TEXT NOT NULL,
+    id_type TEXT NOT NULL,
+    id_hash TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS violations_by_space ON violations (space_id, seq);
+CREATE INDEX IF NOT EXISTS violations_by_profile ON violations (space_id, profile_id) WHERE profile_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS violations_by_other ON violations (space_id, other_profile_id) WHERE other_profile_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS privacy_counts (
     space_id TEXT PRIMARY KEY,
     suppressed_events INTEGER NOT NULL
@@ -97,7 +115,7 @@ pub(crate) fn drop_if_suppressed(
     space_id: &str,
     ids: &[Identifier],
     received_at: Millis,
-) -> Result<bool> {
+) -> Result<Option<Identifier>> {
     let any = match cache.get(space_id) {
         Some(any) => *any,
         None => {
@@ -109,7 +127,7 @@ pub(crate) fn drop_if_suppressed(
         }
     };
     if !any {
-        return Ok(false);
+        return Ok(None);
     }
     let mut stmt = conn.prepare_cached(
         "SELECT 1 FROM suppressions WHERE space_id = ?1 AND id_hash = ?2
@@ -123,10 +141,37 @@ pub(crate) fn drop_if_suppressed(
                  ON CONFLICT (space_id) DO UPDATE SET suppressed_events = suppressed_events + 1",
             )?
             .execute([space_id])?;
-            return Ok(true);
+            return Ok(Some(id.clone()));
         }
     }
-    Ok(false)
+    Ok(None)
+}
+
+/// Appends to the violations log, inside the caller's transaction.
+pub(crate) fn record_violations(
+    conn: &Connection,
+    space_id: &str,
+    violations: &[Violation],
+) -> Result<()> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO violations (space_id, profile_id, other_profile_id, message_id, id_type,
+                                 id_hash, rule, detail, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for v in violations {
+        insert.execute(params![
+            space_id,
+            v.profile_id,
+            v.other_profile_id,
+            v.message_id,
+            v.id_type,
+            v.id_hash,
+            v.rule,
+            v.detail.to_string(),
+            v.at
+        ])?;
+    }
+    Ok(())
 }
 
 /// One subject to run.
@@ -508,6 +553,8 @@ impl SqliteStore {
             "DELETE FROM suppressions WHERE received_before IS NOT NULL AND received_before < ?1",
         )?
         .execute([now - BOUNDED_SUPPRESSION_RETENTION])?;
+        conn.prepare_cached("DELETE FROM violations WHERE at < ?1")?
+            .execute([now - VIOLATION_RETENTION])?;
         Ok(())
     }
 
@@ -561,7 +608,7 @@ fn delete_person(
         ),
         params_from_iter(&args),
     )?;
-    for table in ["links", "profiles"] {
+    for table in ["links", "profiles", "violations"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE space_id = ?1 AND profile_id IN ({list})"),
             params_from_iter(&args),
@@ -765,6 +812,156 @@ impl Privacy for SqliteStore {
             rows.into_iter()
                 .map(|row| regulation_record(&conn, row))
                 .collect()
+        })
+        .await
+    }
+
+    async fn violations(
+        &self,
+        space_id: &str,
+        profile: Option<&ProfileLookup>,
+        since: Millis,
+        next: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<ViolationPage>> {
+        let (space_id, profile) = (space_id.to_string(), profile.cloned());
+        let after: i64 = match next {
+            None => 0,
+            Some(n) => n
+                .parse()
+                .map_err(|_| StoreError::Invalid("next: not a cursor of this list".into()))?,
+        };
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let members = match &profile {
+                None => None,
+                Some(lookup) => {
+                    let start: Option<String> = match lookup {
+                        ProfileLookup::ProfileId(id) => Some(id.clone()),
+                        ProfileLookup::Identifier(id) => conn
+                            .prepare_cached(
+                                "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+                            )?
+                            .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+                            .optional()?,
+                    };
+                    let Some(root) = start
+                        .map(|p| super::profiles::root_of(&conn, &space_id, &p))
+                        .transpose()?
+                        .flatten()
+                    else {
+                        return Ok(None);
+                    };
+                    Some(super::profiles::tree(&conn, &space_id, &root)?)
+                }
+            };
+            let mut args = vec![
+                SqlValue::Text(space_id.clone()),
+                SqlValue::Integer(since),
+                SqlValue::Integer(after),
+                SqlValue::Integer(limit as i64 + 1),
+            ];
+            let filter = match &members {
+                None => String::new(),
+                Some(members) => {
+                    let list = placeholders(5, members.len());
+                    args.extend(members.iter().map(|m| SqlValue::Text(m.clone())));
+                    format!(" AND (profile_id IN ({list}) OR other_profile_id IN ({list}))")
+                }
+            };
+            let mut stmt = conn.prepare(&format!(
+                "SELECT seq, profile_id, other_profile_id, message_id, id_type, id_hash, rule, detail, at
+                 FROM violations WHERE space_id = ?1 AND at >= ?2 AND seq > ?3{filter}
+                 ORDER BY seq LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(params_from_iter(&args), |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    Violation {
+                        profile_id: r.get(1)?,
+                        other_profile_id: r.get(2)?,
+                        message_id: r.get(3)?,
+                        id_type: r.get(4)?,
+                        id_hash: r.get(5)?,
+                        rule: r.get(6)?,
+                        detail: serde_json::from_str(&r.get::<_, String>(7)?)
+                            .unwrap_or(serde_json::Value::Null),
+                        at: r.get(8)?,
+                    },
+                ))
+            })?;
+            let mut entries: Vec<(i64, Violation)> = rows.collect::<rusqlite::Result<_>>()?;
+            let next = (entries.len() > limit).then(|| {
+                entries.truncate(limit);
+                entries.last().map(|(seq, _)| seq.to_string()).unwrap_or_default()
+            });
+            Ok(Some(ViolationPage {
+                entries: entries.into_iter().map(|(_, v)| v).collect(),
+                next,
+            }))
+        })
+        .await
+    }
+
+    async fn remove_identifiers(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        ids: &[Identifier],
+    ) -> Result<Option<Vec<Identifier>>> {
+        let (space_id, lookup, ids) = (space_id.to_string(), lookup.clone(), ids.to_vec());
+        self.blocking(move |s| {
+            let mut conn = s.writer();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let start: Option<String> = match &lookup {
+                ProfileLookup::ProfileId(id) => Some(id.clone()),
+                ProfileLookup::Identifier(id) => tx
+                    .prepare_cached(
+                        "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+                    )?
+                    .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+                    .optional()?,
+            };
+            let Some(root) = start
+                .map(|p| super::profiles::root_of(&tx, &space_id, &p))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(None);
+            };
+            let members = super::profiles::tree(&tx, &space_id, &root)?;
+            let mut removed_all = Vec::new();
+            for member in &members {
+                let list: String = tx
+                    .prepare_cached(
+                        "SELECT identifiers FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+                    )?
+                    .query_row(params![space_id, member], |r| r.get(0))?;
+                let list: Vec<IdentifierEntry> = serde_json::from_str(&list)?;
+                let (kept, removed) = without_identifiers(&list, &ids);
+                if removed.is_empty() {
+                    continue;
+                }
+                // The root's version covers its list: a plan made on the
+                // old list fails its condition and is made again.
+                tx.prepare_cached(
+                    "UPDATE profiles SET identifiers = ?3, version = version + 1, updated_at = ?4
+                     WHERE space_id = ?1 AND profile_id = ?2",
+                )?
+                .execute(params![space_id, member, serde_json::to_string(&kept)?, now_millis()])?;
+                if *member == root {
+                    removed_all = removed;
+                }
+            }
+            let mut unclaim = tx.prepare_cached(
+                "DELETE FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+            )?;
+            for id in &removed_all {
+                unclaim.execute(params![space_id, id.kind, id.value])?;
+            }
+            drop(unclaim);
+            tx.commit()?;
+            Ok(Some(removed_all))
         })
         .await
     }
