@@ -281,12 +281,13 @@ async fn a_regulation_killed_mid_run_resumes_after_a_restart() {
         "{}",
         body["subjects_by_status"]
     );
-    // (A subject killed after its delete committed but before it was
-    // marked done deletes nothing when it runs again.)
+    // (A subject whose delete committed before the kill, but that was not
+    // yet marked done, deletes nothing when it runs again: the count
+    // covers the last run of each subject.)
     let deleted = body["profiles_deleted"].as_u64().unwrap();
-    assert!((499..=500).contains(&deleted), "{deleted}");
+    assert!(deleted <= 500, "{deleted}");
     let access = space["access_token"].as_str().unwrap();
-    for i in (0..500).step_by(10) {
+    for i in 0..500 {
         let r = client
             .get(format!(
                 "{base}/v1/spaces/regulated/collections/users/profiles/user_id:p-{i}/traits"

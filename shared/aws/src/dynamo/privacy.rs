@@ -83,7 +83,9 @@ impl DynamoStore {
             keys.push(key(pk.clone(), FOREVER));
             keys.push(key(pk, BEFORE));
         }
-        let items = self.batch_get(keys, true).await?;
+        // Eventually consistent (half the units): a regulation deletes only
+        // after the list has long settled (`crate::privacy::SETTLE`).
+        let items = self.batch_get(keys, false).await?;
         let dropped = items
             .iter()
             .find(|item| match opt_s(item, SK) {

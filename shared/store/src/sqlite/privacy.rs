@@ -97,6 +97,10 @@ CREATE TABLE IF NOT EXISTS privacy_counts (
 ) WITHOUT ROWID;
 ";
 
+/// Subjects run between two updates of their statuses (and one clearing
+/// of the queue).
+const SLICE: usize = 256;
+
 /// The `deliveries.profile_id` of the calls a regulation queued: the
 /// purge of the person's calls keeps these.
 fn farewell_marker(regulation_id: &str) -> String {
@@ -240,95 +244,124 @@ impl SqliteStore {
     pub fn run_regulations(&self) -> Result<usize> {
         let _turn = lock(&self.regulation_runner);
         let mut done = 0;
-        while let Some(job) = self.next_subject()? {
-            self.set_subject(&job, SubjectStatus::Running, None, 0)?;
-            match self.run_subject(&job) {
-                Ok(deleted) => {
-                    self.set_subject(&job, SubjectStatus::Finished, None, deleted)?;
-                }
-                Err(e) => {
-                    let reason = super::describe(&e);
-                    error!(space_id = %job.space_id, regulation_id = %job.regulation_id,
-                           index = job.index, reason = %reason, "a regulation's subject failed");
-                    self.set_subject(&job, SubjectStatus::Failed, Some(&reason), 0)?;
+        loop {
+            let jobs = self.next_subjects(SLICE)?;
+            if jobs.is_empty() {
+                return Ok(done);
+            }
+            self.set_subjects(jobs.iter().map(|j| (j, SubjectStatus::Running, None, 0)))?;
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            let mut deleted_any = false;
+            for job in &jobs {
+                let outcome = self.run_subject(job);
+                deleted_any |= outcome.is_ok() && job.regulation_type.deletes();
+                outcomes.push(outcome);
+            }
+            // The people's raw events in the queue: those queued before
+            // their delete are dropped when applied (suppressed); once
+            // applied, they leave the queue. Once per slice: it costs an
+            // fsync.
+            if deleted_any {
+                if let Some(through) = self.queue.get().map(|q| q.last_seq()) {
+                    self.clear_queue_through(through)?;
                 }
             }
-            done += 1;
+            let reasons: Vec<Option<String>> = outcomes
+                .iter()
+                .zip(&jobs)
+                .map(|(o, job)| {
+                    o.as_ref().err().map(|e| {
+                        let reason = super::describe(e);
+                        error!(space_id = %job.space_id, regulation_id = %job.regulation_id,
+                               index = job.index, reason = %reason, "a regulation's subject failed");
+                        reason
+                    })
+                })
+                .collect();
+            self.set_subjects(jobs.iter().zip(&outcomes).zip(&reasons).map(
+                |((job, outcome), reason)| match outcome {
+                    Ok(deleted) => (job, SubjectStatus::Finished, None, *deleted),
+                    Err(_) => (job, SubjectStatus::Failed, reason.as_deref(), 0),
+                },
+            ))?;
+            done += jobs.len();
         }
-        Ok(done)
     }
 
-    fn next_subject(&self) -> Result<Option<Job>> {
+    fn next_subjects(&self, limit: usize) -> Result<Vec<Job>> {
         let conn = self.reader()?;
-        let row = conn
-            .prepare_cached(
-                "SELECT r.space_id, r.regulation_id, r.regulation_type, r.subject_type,
-                        s.idx, s.subject_id, s.subject_hash
-                 FROM regulation_subjects s INDEXED BY regulation_subjects_pending
-                 JOIN regulations r ON r.regulation_id = s.regulation_id
-                 WHERE s.status IN ('initialized', 'running')
-                 ORDER BY r.seq, s.idx LIMIT 1",
-            )?
-            .query_row([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                    r.get::<_, Vec<u8>>(6)?,
-                ))
-            })
-            .optional()?;
-        let Some((space_id, regulation_id, kind, subject_type, index, subject_id, hash)) = row
-        else {
-            return Ok(None);
-        };
-        let regulation_type = RegulationType::parse(&kind)
-            .ok_or_else(|| StoreError::Undecodable(format!("regulation type {kind:?}")))?;
-        Ok(Some(Job {
-            space_id,
-            regulation_id,
-            regulation_type,
-            index,
-            subject: Identifier::new(subject_type, subject_id.unwrap_or_default()),
-            subject_hash: hash,
-        }))
+        let mut stmt = conn.prepare_cached(
+            "SELECT r.space_id, r.regulation_id, r.regulation_type, r.subject_type,
+                    s.idx, s.subject_id, s.subject_hash
+             FROM regulation_subjects s INDEXED BY regulation_subjects_pending
+             JOIN regulations r ON r.regulation_id = s.regulation_id
+             WHERE s.status IN ('initialized', 'running')
+             ORDER BY r.seq, s.idx LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Vec<u8>>(6)?,
+            ))
+        })?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let (space_id, regulation_id, kind, subject_type, index, subject_id, hash) = row?;
+            let regulation_type = RegulationType::parse(&kind)
+                .ok_or_else(|| StoreError::Undecodable(format!("regulation type {kind:?}")))?;
+            jobs.push(Job {
+                space_id,
+                regulation_id,
+                regulation_type,
+                index,
+                subject: Identifier::new(subject_type, subject_id.unwrap_or_default()),
+                subject_hash: hash,
+            });
+        }
+        Ok(jobs)
     }
 
-    /// Records a subject's status; a subject that is done forgets its id,
-    /// and the regulation is finished with its last subject.
-    fn set_subject(
+    /// Records subjects' statuses in one transaction; a subject that is
+    /// done forgets its id, and a regulation is finished with its last
+    /// subject.
+    fn set_subjects<'j>(
         &self,
-        job: &Job,
-        status: SubjectStatus,
-        reason: Option<&str>,
-        deleted: u64,
+        updates: impl Iterator<Item = (&'j Job, SubjectStatus, Option<&'j str>, u64)>,
     ) -> Result<()> {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let done = matches!(status, SubjectStatus::Finished | SubjectStatus::Failed);
-        tx.prepare_cached(
-            "UPDATE regulation_subjects SET status = ?3, reason = ?4, profiles_deleted = ?5,
-                 subject_id = CASE WHEN ?6 THEN NULL ELSE subject_id END
-             WHERE regulation_id = ?1 AND idx = ?2",
-        )?
-        .execute(params![
-            job.regulation_id,
-            job.index,
-            status.as_str(),
-            reason,
-            deleted as i64,
-            done
-        ])?;
-        if done {
+        let mut regulations = BTreeSet::new();
+        for (job, status, reason, deleted) in updates {
+            let done = matches!(status, SubjectStatus::Finished | SubjectStatus::Failed);
+            tx.prepare_cached(
+                "UPDATE regulation_subjects SET status = ?3, reason = ?4, profiles_deleted = ?5,
+                     subject_id = CASE WHEN ?6 THEN NULL ELSE subject_id END
+                 WHERE regulation_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![
+                job.regulation_id,
+                job.index,
+                status.as_str(),
+                reason,
+                deleted as i64,
+                done
+            ])?;
+            if done {
+                regulations.insert(job.regulation_id.clone());
+            }
+        }
+        for regulation_id in regulations {
             tx.prepare_cached(
                 "UPDATE regulations SET finished_at = ?2 WHERE regulation_id = ?1
                    AND NOT EXISTS (SELECT 1 FROM regulation_subjects
                                    WHERE regulation_id = ?1 AND status IN ('initialized', 'running'))",
             )?
-            .execute(params![job.regulation_id, now_millis()])?;
+            .execute(params![regulation_id, now_millis()])?;
         }
         tx.commit()?;
         Ok(())
@@ -352,17 +385,7 @@ impl SqliteStore {
             self.queue_farewells(job, now)?;
         }
         // 2. Suppress and delete in one store.db transaction.
-        let deleted = self.suppress_and_delete(job, now)?;
-        let queued_before = self.queue.get().map(|q| q.last_seq());
-        if job.regulation_type.deletes() {
-            // The person's raw events in the queue: those queued before the
-            // delete are dropped when applied (suppressed); once applied,
-            // they leave the queue.
-            if let Some(through) = queued_before {
-                self.clear_queue_through(through)?;
-            }
-        }
-        let Some(members) = deleted else {
+        let Some(members) = self.suppress_and_delete(job, now)? else {
             return Ok(0);
         };
         if members.is_empty() {
