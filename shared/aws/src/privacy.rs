@@ -240,14 +240,8 @@ impl Privacy for DynamoPrivacy {
         let members = match profile {
             None => None,
             Some(lookup) => {
-                let start = match lookup {
-                    ProfileLookup::ProfileId(id) => id.clone(),
-                    ProfileLookup::Identifier(id) => {
-                        match self.store.get(identifier_key(space_id, id), false).await? {
-                            Some(item) => get_s(&item, "profile_id")?.to_string(),
-                            None => return Ok(None),
-                        }
-                    }
+                let Some(start) = start_of(&self.store, space_id, lookup, false).await? else {
+                    return Ok(None);
                 };
                 match self.store.resolve(space_id, start, false).await? {
                     Some(resolved) => Some(resolved.tree),
@@ -272,14 +266,8 @@ impl Privacy for DynamoPrivacy {
         // concurrent merge or claim makes it fail, and it is made again
         // from a fresh read.
         for attempt in 0..16u32 {
-            let start = match lookup {
-                ProfileLookup::ProfileId(id) => id.clone(),
-                ProfileLookup::Identifier(id) => {
-                    match self.store.get(identifier_key(space_id, id), true).await? {
-                        Some(item) => get_s(&item, "profile_id")?.to_string(),
-                        None => return Ok(None),
-                    }
-                }
+            let Some(start) = start_of(&self.store, space_id, lookup, true).await? else {
+                return Ok(None);
             };
             let Some(resolved) = self.store.resolve(space_id, start, true).await? else {
                 return Ok(None);
@@ -354,6 +342,25 @@ impl Privacy for DynamoPrivacy {
     }
 }
 
+/// The profile a lookup names first (before following merges): the id
+/// itself, or the owner of the identifier.
+async fn start_of(
+    store: &DynamoStore,
+    space_id: &str,
+    lookup: &ProfileLookup,
+    consistent: bool,
+) -> Result<Option<String>> {
+    match lookup {
+        ProfileLookup::ProfileId(id) => Ok(Some(id.clone())),
+        ProfileLookup::Identifier(id) => {
+            match store.get(identifier_key(space_id, id), consistent).await? {
+                Some(item) => Ok(Some(get_s(&item, "profile_id")?.to_string())),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
 /// A person's merge tree as found now.
 struct Person {
     root: String,
@@ -366,10 +373,10 @@ async fn find_person(
     space_id: &str,
     subject: &Identifier,
 ) -> Result<Option<Person>> {
-    let Some(owner) = store.get(identifier_key(space_id, subject), true).await? else {
+    let lookup = ProfileLookup::Identifier(subject.clone());
+    let Some(owner) = start_of(store, space_id, &lookup, true).await? else {
         return Ok(None);
     };
-    let owner = get_s(&owner, "profile_id")?.to_string();
     let Some(resolved) = store.resolve(space_id, owner, true).await? else {
         return Ok(None);
     };

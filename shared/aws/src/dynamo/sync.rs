@@ -593,23 +593,13 @@ impl Destinations for DynamoStore {
             out_key(space_id, destination_id),
             dead_key(space_id, destination_id),
         ] {
-            let deletes = self
+            let keys = self
                 .partition(pk, None)
                 .await?
-                .into_iter()
-                .map(|item| {
-                    let k = key(get_s(&item, PK)?.to_string(), get_s(&item, SK)?);
-                    Ok(WriteRequest::builder()
-                        .delete_request(
-                            DeleteRequest::builder()
-                                .set_key(Some(k))
-                                .build()
-                                .map_err(service)?,
-                        )
-                        .build())
-                })
+                .iter()
+                .map(|item| Ok(key(get_s(item, PK)?.to_string(), get_s(item, SK)?)))
                 .collect::<Result<Vec<_>>>()?;
-            self.batch_write(deletes).await?;
+            self.delete_keys(keys).await?;
         }
         Ok(existed)
     }

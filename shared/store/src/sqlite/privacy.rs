@@ -196,14 +196,8 @@ struct Person {
 }
 
 fn find_person(conn: &Connection, space_id: &str, subject: &Identifier) -> Result<Option<Person>> {
-    let owner: Option<String> = conn
-        .prepare_cached(
-            "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
-        )?
-        .query_row(params![space_id, subject.kind, subject.value], |r| r.get(0))
-        .optional()?;
-    let Some(owner) = owner else { return Ok(None) };
-    let Some(root) = super::profiles::root_of(conn, space_id, &owner)? else {
+    let lookup = ProfileLookup::Identifier(subject.clone());
+    let Some(root) = super::profiles::root_of_lookup(conn, space_id, &lookup)? else {
         return Ok(None);
     };
     let identifiers: String = conn
@@ -859,19 +853,7 @@ impl Privacy for SqliteStore {
             let members = match &profile {
                 None => None,
                 Some(lookup) => {
-                    let start: Option<String> = match lookup {
-                        ProfileLookup::ProfileId(id) => Some(id.clone()),
-                        ProfileLookup::Identifier(id) => conn
-                            .prepare_cached(
-                                "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
-                            )?
-                            .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
-                            .optional()?,
-                    };
-                    let Some(root) = start
-                        .map(|p| super::profiles::root_of(&conn, &space_id, &p))
-                        .transpose()?
-                        .flatten()
+                    let Some(root) = super::profiles::root_of_lookup(&conn, &space_id, lookup)?
                     else {
                         return Ok(None);
                     };
@@ -936,20 +918,7 @@ impl Privacy for SqliteStore {
         self.blocking(move |s| {
             let mut conn = s.writer();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let start: Option<String> = match &lookup {
-                ProfileLookup::ProfileId(id) => Some(id.clone()),
-                ProfileLookup::Identifier(id) => tx
-                    .prepare_cached(
-                        "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
-                    )?
-                    .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
-                    .optional()?,
-            };
-            let Some(root) = start
-                .map(|p| super::profiles::root_of(&tx, &space_id, &p))
-                .transpose()?
-                .flatten()
-            else {
+            let Some(root) = super::profiles::root_of_lookup(&tx, &space_id, &lookup)? else {
                 return Ok(None);
             };
             let members = super::profiles::tree(&tx, &space_id, &root)?;
@@ -971,7 +940,12 @@ impl Privacy for SqliteStore {
                     "UPDATE profiles SET identifiers = ?3, version = version + 1, updated_at = ?4
                      WHERE space_id = ?1 AND profile_id = ?2",
                 )?
-                .execute(params![space_id, member, serde_json::to_string(&kept)?, now_millis()])?;
+                .execute(params![
+                    space_id,
+                    member,
+                    serde_json::to_string(&kept)?,
+                    now_millis()
+                ])?;
                 if *member == root {
                     removed_all = removed;
                 }

@@ -1,7 +1,7 @@
 //! Profile reads on the embedded store (the Profile API's port).
 
 use async_trait::async_trait;
-use kindred_domain::{IdentifierEntry, Traits};
+use kindred_domain::{Identifier, IdentifierEntry, Traits};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
@@ -68,23 +68,43 @@ pub(crate) fn tree(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<
     Ok(tree)
 }
 
+/// The profile an identifier belongs to (the one that claimed it).
+pub(crate) fn owner_of(
+    conn: &Connection,
+    space_id: &str,
+    id: &Identifier,
+) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+        )?
+        .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+        .optional()?)
+}
+
+/// The root of the profile a lookup names, if it exists.
+pub(crate) fn root_of_lookup(
+    conn: &Connection,
+    space_id: &str,
+    lookup: &ProfileLookup,
+) -> Result<Option<String>> {
+    let start = match lookup {
+        ProfileLookup::ProfileId(id) => Some(id.clone()),
+        ProfileLookup::Identifier(id) => owner_of(conn, space_id, id)?,
+    };
+    match start {
+        Some(start) => root_of(conn, space_id, &start),
+        None => Ok(None),
+    }
+}
+
 fn load_profile(
     conn: &Connection,
     space_id: &str,
     lookup: &ProfileLookup,
     parts: ProfileParts,
 ) -> Result<Option<ProfileDoc>> {
-    let start = match lookup {
-        ProfileLookup::ProfileId(id) => Some(id.clone()),
-        ProfileLookup::Identifier(id) => conn
-            .prepare_cached(
-                "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
-            )?
-            .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
-            .optional()?,
-    };
-    let Some(start) = start else { return Ok(None) };
-    let Some(root) = root_of(conn, space_id, &start)? else {
+    let Some(root) = root_of_lookup(conn, space_id, lookup)? else {
         return Ok(None);
     };
     let row = conn
