@@ -988,6 +988,15 @@ async fn an_identifier_taken_off_a_profile_on_dynamodb_is_free_to_claim() {
     assert_eq!(users, ["u2"], "the tablet joined u2, not u1: {ids}");
     let traits = d.traits("user_id:u1", "").await;
     assert_eq!(traits["traits"]["email"], "u1@x.io");
+    // Splitting merges is not built on DynamoDB yet: said so, not faked.
+    let (status, reply) = d
+        .admin(
+            "POST",
+            "/collections/users/profiles/user_id:u1/merges/prf_x/split",
+            None,
+        )
+        .await;
+    assert_eq!(status, 501, "{reply}");
 }
 
 /// SPEC 5's merge-protection example on DynamoDB: the refused merge is in

@@ -686,3 +686,164 @@ async fn violations_are_logged_for_the_merge_protection_example() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
+
+async fn profile_id(s: &Server, lookup: &str) -> String {
+    let r = s.profile(lookup, "metadata").await;
+    assert_eq!(r.status, StatusCode::OK, "{lookup}: {}", r.body);
+    r.body["metadata"]["profile_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn is_buyer(s: &Server, lookup: &str) -> Value {
+    let r = s.profile(lookup, "traits?class=audience").await;
+    assert_eq!(r.status, StatusCode::OK, "{lookup}: {}", r.body);
+    r.body["traits"]["buyers"].clone()
+}
+
+/// The FAQ's shared device: Bob signs in on Alice's tablet and the
+/// tablet's anonymous id merges his profile into hers. Split, each is
+/// themselves again (identifiers, traits, audiences), and the next event
+/// carrying both identifiers does not merge them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_merge_through_a_shared_device_is_split_and_stays_apart() {
+    let s = Server::start().await;
+    audience(&s).await;
+    send(&s, vec![
+        json!({"type": "identify", "userId": "alice", "anonymousId": "tablet", "traits": {"name": "Alice"}}),
+    ]).await;
+    send(&s, vec![
+        json!({"type": "identify", "anonymousId": "laptop", "traits": {"email": "bob@x.io", "name": "Bob", "plan": "pro"}}),
+        json!({"type": "track", "anonymousId": "laptop", "event": "Order Completed"}),
+    ]).await;
+    let alice = profile_id(&s, "user_id:alice").await;
+    let bob = profile_id(&s, "email:bob@x.io").await;
+    assert_ne!(alice, bob);
+    assert_eq!(is_buyer(&s, "user_id:alice").await, Value::Null);
+    // Bob, signed in by email, browses on the tablet: the merge.
+    send(
+        &s,
+        vec![
+            json!({"type": "track", "anonymousId": "tablet", "event": "Viewed",
+               "context": {"traits": {"email": "bob@x.io"}}}),
+        ],
+    )
+    .await;
+    assert_eq!(
+        profile_id(&s, "email:bob@x.io").await,
+        alice,
+        "merged into the older profile"
+    );
+    assert_eq!(
+        is_buyer(&s, "user_id:alice").await,
+        true,
+        "Bob's order counts for the merged profile"
+    );
+    let merged = s.profile("user_id:alice", "traits").await.body;
+    assert_eq!(merged["traits"]["name"], "Bob", "{merged}");
+
+    let r = s
+        .admin(
+            "POST",
+            &format!("/collections/users/profiles/user_id:alice/merges/{bob}/split"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["parent"], alice.as_str());
+    let mut moved: Vec<String> = r.body["moved_external_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}:{}",
+                i["type"].as_str().unwrap(),
+                i["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    moved.sort();
+    assert_eq!(moved, ["anonymous_id:laptop", "email:bob@x.io"]);
+    s.settle().await;
+
+    let pair = |t: &str, v: &str| (t.to_string(), v.to_string());
+    assert_eq!(
+        external_ids(&s, "user_id:alice").await,
+        [pair("anonymous_id", "tablet"), pair("user_id", "alice")]
+    );
+    assert_eq!(
+        external_ids(&s, "email:bob@x.io").await,
+        [pair("anonymous_id", "laptop"), pair("email", "bob@x.io")]
+    );
+    // (The traits resource also lists computed values such as `buyers`.)
+    let alice_traits = s.profile("user_id:alice", "traits").await.body["traits"].clone();
+    assert_eq!(alice_traits["name"], "Alice", "{alice_traits}");
+    assert!(
+        alice_traits.get("plan").is_none() && alice_traits.get("email").is_none(),
+        "{alice_traits}"
+    );
+    let bob_traits = s.profile("email:bob@x.io", "traits").await.body["traits"].clone();
+    assert_eq!(
+        (
+            &bob_traits["name"],
+            &bob_traits["plan"],
+            &bob_traits["email"]
+        ),
+        (&json!("Bob"), &json!("pro"), &json!("bob@x.io")),
+        "{bob_traits}"
+    );
+    // Computed again from each side's own events: the order is Bob's.
+    assert_eq!(is_buyer(&s, "email:bob@x.io").await, true);
+    assert_eq!(
+        is_buyer(&s, "user_id:alice").await,
+        false,
+        "Alice leaves the audience"
+    );
+    let changes = s
+        .admin("GET", "/changes?since=0&limit=100", None)
+        .await
+        .body;
+    assert!(
+        changes["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["profile_id"] == alice.as_str() && c["new"] == false),
+        "{changes}"
+    );
+    assert!(s.profile("user_id:alice", "merges").await.body["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Both identifiers together again: no merge; the event lands on Bob
+    // (email outranks the tablet's id), and the refusal is logged.
+    send(&s, vec![
+        json!({"type": "track", "anonymousId": "tablet", "event": "Viewed", "messageId": "m-again",
+               "context": {"traits": {"email": "bob@x.io"}}}),
+    ]).await;
+    assert_eq!(profile_id(&s, "email:bob@x.io").await, bob);
+    assert_eq!(profile_id(&s, "anonymous_id:tablet").await, alice);
+    let v = s.profile("email:bob@x.io", "violations").await.body;
+    let again: Vec<&Value> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["message_id"] == "m-again")
+        .collect();
+    assert_eq!(again.len(), 1, "{v}");
+    assert_eq!(again[0]["rule"], "split_block");
+    assert_eq!(again[0]["other_profile_id"], alice.as_str());
+
+    // Not a merge of that profile: 404; AWS has no split yet (501, in the Lambda tests' scope).
+    let r = s
+        .admin(
+            "POST",
+            &format!("/collections/users/profiles/user_id:alice/merges/{bob}/split"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}

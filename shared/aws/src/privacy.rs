@@ -26,7 +26,8 @@ use kindred_domain::privacy::{
 };
 use kindred_domain::{Identifier, IdentifierEntry};
 use kindred_store::privacy::{
-    new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord, ViolationPage,
+    new_regulation_id, Farewell, Privacy, RegulationRecord, SplitOutcome, SubjectRecord,
+    ViolationPage,
 };
 use kindred_store::{now_millis, Outbox, ProfileLookup, Result, StoreError};
 use tracing::{info, warn};
@@ -254,6 +255,16 @@ impl Privacy for DynamoPrivacy {
                 .violation_page(space_id, members.as_deref(), since, next, limit)
                 .await?,
         ))
+    }
+
+    async fn split(
+        &self,
+        _space_id: &str,
+        _lookup: &ProfileLookup,
+        _child: &str,
+    ) -> Result<SplitOutcome> {
+        // README, "Not built yet".
+        Ok(SplitOutcome::NotAvailable)
     }
 
     async fn remove_identifiers(

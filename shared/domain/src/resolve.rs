@@ -49,6 +49,9 @@ pub struct Facts {
     pub owners: HashMap<Identifier, String>,
     /// Every root profile named in `owners`.
     pub profiles: HashMap<String, ProfileFacts>,
+    /// Pairs of those roots that were split apart and must not merge again
+    /// (each pair in both orders).
+    pub apart: std::collections::HashSet<(String, String)>,
 }
 
 /// The event as resolution sees it.
@@ -141,6 +144,9 @@ pub enum Rule {
     IdentifierCap,
     /// The profile's identifiers would have taken more than 256 KiB.
     IdentifierBytes,
+    /// The two profiles were split apart (a wrong merge undone) and may
+    /// not merge again.
+    SplitBlock,
 }
 
 impl Rule {
@@ -151,6 +157,7 @@ impl Rule {
             Rule::MergeCap => "merge_cap",
             Rule::IdentifierCap => "identifier_cap",
             Rule::IdentifierBytes => "identifier_bytes",
+            Rule::SplitBlock => "split_block",
         }
     }
 
@@ -167,7 +174,7 @@ impl Rule {
             Rule::IdentifierBytes => {
                 serde_json::json!({"max_bytes": MAX_IDENTIFIER_BYTES_PER_PROFILE})
             }
-            Rule::Blocked => Value::Null,
+            Rule::Blocked | Rule::SplitBlock => Value::Null,
         }
     }
 }
@@ -241,7 +248,14 @@ pub fn resolve(
 
         // Step 3: merge protection over the union.
         let unchanged = found.len() == 1 && new_ids.is_empty();
-        let broken = if unchanged {
+        let split = found.iter().enumerate().any(|(i, a)| {
+            found[i + 1..]
+                .iter()
+                .any(|b| facts.apart.contains(&(a.id.clone(), b.id.clone())))
+        });
+        let broken = if split {
+            Some(Rule::SplitBlock)
+        } else if unchanged {
             None
         } else {
             broken_limit(&found, &new_ids, rules, now)

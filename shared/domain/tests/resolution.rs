@@ -495,3 +495,61 @@ fn refusals_name_each_identifier_left_out_and_the_rule() {
         json!({"type": "user_id", "count": 1, "frequency": "ever"})
     );
 }
+
+#[test]
+fn profiles_split_apart_do_not_merge_again() {
+    use kindred_domain::{resolve, Facts, IdentifierEntry, ProfileFacts, Rule};
+    let rules = IdentityRules::default();
+    let profile = |pid: &str, at: i64, ids: &[Identifier]| ProfileFacts {
+        id: pid.into(),
+        version: 1,
+        created_at: at,
+        merges: 0,
+        identifiers: ids
+            .iter()
+            .map(|i| IdentifierEntry {
+                id: i.clone(),
+                added_at: at,
+            })
+            .collect(),
+        traits: Default::default(),
+    };
+    let mut facts = Facts::default();
+    for (pid, at, ids) in [
+        (
+            "parent",
+            1,
+            vec![id("user_id", "alice"), id("anonymous_id", "tablet")],
+        ),
+        ("child", 2, vec![id("email", "bob@x.io")]),
+    ] {
+        for i in &ids {
+            facts.owners.insert(i.clone(), pid.to_string());
+        }
+        facts
+            .profiles
+            .insert(pid.to_string(), profile(pid, at, &ids));
+    }
+    let ids = [id("email", "bob@x.io"), id("anonymous_id", "tablet")];
+    let incoming = Incoming {
+        identifiers: &ids,
+        traits: None,
+        timestamp: 3,
+        received_at: 3,
+        source_id: "src",
+    };
+    // Without a block the two merge.
+    let r = resolve(&incoming, &facts, &rules, "new");
+    assert!(matches!(&r.plan, kindred_domain::Plan::Attach(a) if a.children.len() == 1));
+    // Split apart: the tablet (lower priority than email) is left out,
+    // and the event lands on the child alone.
+    facts.apart.insert(("parent".into(), "child".into()));
+    facts.apart.insert(("child".into(), "parent".into()));
+    let r = resolve(&incoming, &facts, &rules, "new");
+    assert_eq!(r.plan.profile_id(), Some("child"));
+    assert!(matches!(&r.plan, kindred_domain::Plan::Attach(a) if a.children.is_empty()));
+    assert_eq!(r.refusals.len(), 1);
+    assert_eq!(r.refusals[0].rule, Rule::SplitBlock);
+    assert_eq!(r.refusals[0].id, id("anonymous_id", "tablet"));
+    assert_eq!(r.refusals[0].owner.as_deref(), Some("parent"));
+}

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kindred_domain::event::format_millis;
 use kindred_domain::privacy::{parse_removal, RegulationRequest};
-use kindred_store::privacy::{Privacy, RegulationRecord, Violation};
+use kindred_store::privacy::{Privacy, RegulationRecord, SplitOutcome, Violation};
 use kindred_store::token::TokenKind;
 use serde_json::{json, Value};
 
@@ -30,6 +30,10 @@ pub fn router(state: ReadState) -> Router {
         .route(
             "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/external_ids/delete",
             post(remove_identifiers),
+        )
+        .route(
+            "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/merges/{child}/split",
+            post(split),
         )
         .route("/v1/spaces/{space_id}/violations", get(space_violations))
         .route(
@@ -261,4 +265,35 @@ async fn profile_violations(
     })?;
     let lookup = crate::profile::parse_lookup(&lookup)?;
     violations_page(privacy.as_ref(), &space_id, Some(&lookup), &query).await
+}
+
+/// `POST .../profiles/{lookup}/merges/{child}/split` (admin token): undoes
+/// a wrong merge (README, "Splitting a merge").
+async fn split(
+    State(state): State<ReadState>,
+    Path((space_id, lookup, child)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let privacy = admin(&state, &headers, &space_id).await?;
+    let lookup = crate::profile::parse_lookup(&lookup)?;
+    match privacy.split(&space_id, &lookup, &child).await? {
+        SplitOutcome::Split {
+            parent,
+            child,
+            moved,
+        } => Ok(Json(json!({
+            "parent": parent,
+            "child": child,
+            "moved_external_ids": moved.iter().map(|i| json!({"type": i.kind, "id": i.value})).collect::<Vec<_>>(),
+        }))),
+        SplitOutcome::NoProfile => Err(ApiError::not_found("Profile was not found.")),
+        SplitOutcome::NotMerged => Err(ApiError::not_found(
+            "that profile is not merged into this one",
+        )),
+        SplitOutcome::NotAvailable => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "splitting merges is not available in this deployment yet",
+        )),
+    }
 }

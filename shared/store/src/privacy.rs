@@ -109,6 +109,24 @@ pub struct ViolationPage {
     pub next: Option<String>,
 }
 
+/// What splitting a merge did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SplitOutcome {
+    /// The child is a root again with the identifiers it brought.
+    Split {
+        parent: String,
+        child: String,
+        /// The identifiers that left the parent with the child.
+        moved: Vec<Identifier>,
+    },
+    /// No profile by that lookup.
+    NoProfile,
+    /// The child is not a profile merged into that one.
+    NotMerged,
+    /// This store cannot split merges yet.
+    NotAvailable,
+}
+
 /// A new regulation's id: `reg_`, the time in hex (so ids sort by
 /// creation) and 12 random base62 characters.
 pub fn new_regulation_id(now: Millis) -> String {
@@ -150,6 +168,16 @@ pub trait Privacy: Send + Sync {
         next: Option<&str>,
         limit: usize,
     ) -> Result<Option<ViolationPage>>;
+    /// Undoes a merge: `child` (merged into the profile `lookup` names,
+    /// directly or through another child) becomes a root again with the
+    /// identifiers it brought and the events recorded on it; the two
+    /// never merge again. Both are recomputed.
+    async fn split(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        child: &str,
+    ) -> Result<SplitOutcome>;
     /// Takes identifiers off the profile `lookup` names (its whole merge
     /// tree): they stop counting against its limits and are free to be
     /// claimed again. `None` when there is no such profile; otherwise the

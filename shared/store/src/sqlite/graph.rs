@@ -152,6 +152,23 @@ fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<F
         roots.insert(start, current.clone());
         facts.owners.insert(id.clone(), current);
     }
+    // Profiles split apart must not merge again: only an event naming two
+    // or more profiles needs to know.
+    if facts.profiles.len() > 1 {
+        let mut stmt = conn.prepare_cached(
+            "SELECT 1 FROM split_blocks WHERE space_id = ?1 AND a = ?2 AND b = ?3",
+        )?;
+        let ids: Vec<&String> = facts.profiles.keys().collect();
+        let mut apart = Vec::new();
+        for a in &ids {
+            for b in &ids {
+                if a != b && stmt.exists(params![space_id, a, b])? {
+                    apart.push(((*a).clone(), (*b).clone()));
+                }
+            }
+        }
+        facts.apart.extend(apart);
+    }
     Ok(facts)
 }
 

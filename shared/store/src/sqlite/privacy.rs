@@ -36,7 +36,8 @@ use tracing::{error, info};
 
 use super::{lock, SqliteStore};
 use crate::privacy::{
-    new_regulation_id, Farewell, Privacy, RegulationRecord, SubjectRecord, Violation, ViolationPage,
+    new_regulation_id, Farewell, Privacy, RegulationRecord, SplitOutcome, SubjectRecord, Violation,
+    ViolationPage,
 };
 use crate::{now_millis, ProfileLookup, Result, StoreError};
 
@@ -91,6 +92,14 @@ CREATE TABLE IF NOT EXISTS violations (
 CREATE INDEX IF NOT EXISTS violations_by_space ON violations (space_id, seq);
 CREATE INDEX IF NOT EXISTS violations_by_profile ON violations (space_id, profile_id) WHERE profile_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS violations_by_other ON violations (space_id, other_profile_id) WHERE other_profile_id IS NOT NULL;
+-- Profiles split apart (each pair in both orders): they do not merge again.
+CREATE TABLE IF NOT EXISTS split_blocks (
+    space_id TEXT NOT NULL,
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (space_id, a, b)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS privacy_counts (
     space_id TEXT PRIMARY KEY,
     suppressed_events INTEGER NOT NULL
@@ -563,6 +572,122 @@ impl SqliteStore {
         queue.truncate_now(applied)
     }
 
+    /// See [`Privacy::split`]. One `store.db` transaction moves the
+    /// child's subtree out (its identifiers: those whose rows it owns; its
+    /// traits and the parent's: replayed from each side's events), then
+    /// both profiles' computed states are rebuilt from their events.
+    fn split_now(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        child: &str,
+    ) -> Result<SplitOutcome> {
+        let now = now_millis();
+        let (root, moved) = {
+            let mut conn = self.writer();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(root) = super::profiles::root_of_lookup(&tx, space_id, lookup)? else {
+                return Ok(SplitOutcome::NoProfile);
+            };
+            let members = super::profiles::tree(&tx, space_id, &root)?;
+            if child == root || !members.iter().any(|m| m == child) {
+                return Ok(SplitOutcome::NotMerged);
+            }
+            let child_tree = super::profiles::tree(&tx, space_id, child)?;
+            let parent_side: Vec<String> = members
+                .iter()
+                .filter(|m| !child_tree.contains(m))
+                .cloned()
+                .collect();
+            let (list, merges, child_merges, child_parent): (String, i64, i64, String) = tx.query_row(
+                "SELECT r.identifiers, r.merges, c.merges, c.parent_id FROM profiles r, profiles c
+                 WHERE r.space_id = ?1 AND r.profile_id = ?2 AND c.space_id = ?1 AND c.profile_id = ?3",
+                params![space_id, root, child],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
+            let list: Vec<IdentifierEntry> = serde_json::from_str(&list)?;
+            let mut to_child = Vec::new();
+            let mut to_parent = Vec::new();
+            for e in list {
+                let owner = super::profiles::owner_of(&tx, space_id, &e.id)?;
+                if owner.is_some_and(|o| child_tree.contains(&o)) {
+                    to_child.push(e);
+                } else {
+                    to_parent.push(e);
+                }
+            }
+            let source_id: String = tx.query_row(
+                "SELECT source_id FROM spaces WHERE space_id = ?1",
+                [space_id],
+                |r| r.get(0),
+            )?;
+            let child_traits = replay_traits(&tx, space_id, &child_tree, &source_id)?;
+            let parent_traits = replay_traits(&tx, space_id, &parent_side, &source_id)?;
+            tx.execute(
+                "UPDATE profiles SET parent_id = NULL, version = version + 1, updated_at = ?3,
+                     identifiers = ?4, traits = ?5
+                 WHERE space_id = ?1 AND profile_id = ?2",
+                params![
+                    space_id,
+                    child,
+                    now,
+                    serde_json::to_string(&to_child)?,
+                    serde_json::to_string(&child_traits)?
+                ],
+            )?;
+            tx.execute(
+                "UPDATE profiles SET version = version + 1, updated_at = ?3, identifiers = ?4,
+                     traits = ?5, merges = ?6
+                 WHERE space_id = ?1 AND profile_id = ?2",
+                params![
+                    space_id,
+                    root,
+                    now,
+                    serde_json::to_string(&to_parent)?,
+                    serde_json::to_string(&parent_traits)?,
+                    (merges - child_merges - 1).max(0)
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM merges WHERE space_id = ?1 AND parent_id = ?2 AND child_id = ?3",
+                params![space_id, child_parent, child],
+            )?;
+            for (a, b) in [(&root, child), (&child.to_string(), root.as_str())] {
+                tx.execute(
+                    "INSERT OR IGNORE INTO split_blocks (space_id, a, b, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![space_id, a, b, now],
+                )?;
+            }
+            tx.commit()?;
+            (root, to_child.into_iter().map(|e| e.id).collect::<Vec<_>>())
+        };
+        // Both rebuilt from their own events, compared with the values
+        // stored before: the changes (an audience left, a trait changed)
+        // reach the change log and destinations.
+        {
+            let mut conn = self.compute_writer();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let empty = crate::compute::encode_state(&Default::default(), 64)?;
+            tx.execute(
+                "UPDATE compute_states SET state = ?3 WHERE space_id = ?1 AND profile_id = ?2",
+                params![space_id, root, empty],
+            )?;
+            for profile in [&root, &child.to_string()] {
+                tx.execute(
+                    "INSERT INTO compute_requests (space_id, profile_id, as_of) VALUES (?1, ?2, ?3)",
+                    params![space_id, profile, now],
+                )?;
+            }
+            tx.commit()?;
+        }
+        info!(space_id, parent = %root, child, "a merge was split");
+        Ok(SplitOutcome::Split {
+            parent: root,
+            child: child.to_string(),
+            moved,
+        })
+    }
+
     /// Drops DELETE_INTERNAL's bounded suppressions once no event they
     /// guard against can still be queued.
     pub(crate) fn expire_suppressions(conn: &Connection, now: Millis) -> Result<()> {
@@ -587,6 +712,37 @@ impl SqliteStore {
             }
         });
     }
+}
+
+/// The traits the events recorded on `members` set, replayed in time
+/// order (what the profiles would hold had they never merged).
+fn replay_traits(
+    tx: &Transaction<'_>,
+    space_id: &str,
+    members: &[String],
+    source_id: &str,
+) -> Result<kindred_domain::Traits> {
+    let mut traits = kindred_domain::Traits::new();
+    if members.is_empty() {
+        return Ok(traits);
+    }
+    let mut stmt = tx.prepare(&format!(
+        "SELECT body FROM events WHERE space_id = ?1 AND profile_id IN ({}) ORDER BY ts, seq",
+        placeholders(2, members.len())
+    ))?;
+    let bodies = stmt.query_map(params_from_iter(space_and(space_id, members)), |r| {
+        r.get::<_, String>(0)
+    })?;
+    for body in bodies {
+        let body = body?;
+        let event = kindred_domain::Event::from_stored(serde_json::from_str(&body)?)
+            .map_err(|r| StoreError::Undecodable(format!("a stored event: {}", r.code)))?;
+        if let Some(updates) = event.profile_traits() {
+            kindred_domain::traits::apply_updates(&mut traits, updates, event.timestamp, source_id);
+        }
+    }
+    kindred_domain::traits::fit(&mut traits);
+    Ok(traits)
 }
 
 /// Deletes a person's rows from `store.db` (inside the caller's
@@ -906,6 +1062,17 @@ impl Privacy for SqliteStore {
             }))
         })
         .await
+    }
+
+    async fn split(
+        &self,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        child: &str,
+    ) -> Result<SplitOutcome> {
+        let (space_id, lookup, child) = (space_id.to_string(), lookup.clone(), child.to_string());
+        self.blocking(move |s| s.split_now(&space_id, &lookup, &child))
+            .await
     }
 
     async fn remove_identifiers(
