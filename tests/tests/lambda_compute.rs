@@ -1033,3 +1033,100 @@ async fn violations_are_logged_on_dynamodb() {
     let (_, all) = d.admin("GET", "/violations", None).await;
     assert_eq!(all["data"].as_array().unwrap().len(), 1, "{all}");
 }
+
+/// DELETE_INTERNAL and SUPPRESS_ONLY through the functions on DynamoDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_internal_and_suppress_only_on_dynamodb() {
+    if !emulators("delete_internal_and_suppress_only_on_dynamodb") {
+        return;
+    }
+    let mut d = Deployment::start("regulation-types").await;
+    d.sync_step.regulation_settle = Duration::from_secs(1);
+    d.batch(vec![
+        json!({"type": "identify", "userId": "di-user-91", "traits": {"address": "Secret-Street-91"}}),
+        json!({"type": "identify", "userId": "so-user-37", "traits": {"plan": "kept"}}),
+    ])
+    .await;
+    d.settle().await;
+
+    let done = d.regulate("DELETE_INTERNAL", &["di-user-91"]).await;
+    assert_eq!(done["profiles_deleted"], 1, "{done}");
+    assert_eq!(d.profile_status("user_id:di-user-91").await, 404);
+    assert_eq!(
+        table_leftovers(&d.store, &["di-user-91", "Secret-Street-91"]).await,
+        Vec::<String>::new()
+    );
+    // Events received after the delete are collected, as a new person.
+    d.batch(vec![
+        json!({"type": "identify", "userId": "di-user-91", "traits": {"plan": "new"}}),
+    ])
+    .await;
+    d.settle().await;
+    assert_eq!(
+        d.traits("user_id:di-user-91", "").await["traits"],
+        json!({"plan": "new"})
+    );
+
+    let done = d.regulate("SUPPRESS_ONLY", &["so-user-37"]).await;
+    assert_eq!(done["profiles_deleted"], 0, "{done}");
+    d.batch(vec![
+        json!({"type": "identify", "userId": "so-user-37", "traits": {"plan": "changed"}}),
+    ])
+    .await;
+    d.settle().await;
+    assert_eq!(
+        d.traits("user_id:so-user-37", "").await["traits"],
+        json!({"plan": "kept"})
+    );
+    let (_, list) = d.admin("GET", "/regulations", None).await;
+    assert_eq!(list["suppressed_events"], 1, "{list}");
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+}
+
+/// A delete on DynamoDB while the same person's events keep arriving
+/// through ingest and the identity function: with the settle wait longer
+/// than the identity function's rules cache, nothing of the person
+/// remains afterwards (SUPPRESS_WITH_DELETE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_ingest_on_dynamodb_leaves_nothing() {
+    if !emulators("a_delete_racing_ingest_on_dynamodb_leaves_nothing") {
+        return;
+    }
+    let mut d = Deployment::start("race").await;
+    // Past the identity rules' 10 s cache, as in production (30 s).
+    d.sync_step.regulation_settle = Duration::from_secs(12);
+    let event = |i: usize| {
+        json!({"type": "identify", "userId": "race-user-55", "anonymousId": format!("race-device-{i}"),
+               "traits": {"address": "Race-Street-55"}})
+    };
+    d.batch(vec![event(0)]).await;
+    d.settle().await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sender = async {
+        let mut sent = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            sent += 1;
+            d.batch(vec![event(sent)]).await;
+            d.settle().await;
+        }
+        sent
+    };
+    let regulator = async {
+        let done = d.regulate("SUPPRESS_WITH_DELETE", &["race-user-55"]).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        done
+    };
+    let (sent, done) = tokio::join!(sender, regulator);
+    assert!(sent > 2, "events kept arriving during the delete ({sent})");
+    assert_eq!(done["status"], "finished", "{done}");
+    d.settle().await;
+    assert_eq!(d.profile_status("user_id:race-user-55").await, 404);
+    assert_eq!(
+        table_leftovers(
+            &d.store,
+            &["race-user-55", "Race-Street-55", "race-device-"]
+        )
+        .await,
+        Vec::<String>::new()
+    );
+}
