@@ -195,17 +195,8 @@ impl DynamoStore {
                         n((before + BOUNDED_SUPPRESSION_RETENTION) / 1000),
                     ),
             };
-            match request
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-            {
-                Ok(out) => self.usage.write(out.consumed_capacity()),
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
-                Err(e) => return Err(service(e)),
-            }
+            // A bounded suppression already later than this one stays.
+            self.conditional_update(request).await?;
         }
         if received_before.is_none() && !hashes.is_empty() {
             let out = self

@@ -157,7 +157,7 @@ type Updated = aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
 
 impl DynamoStore {
     /// Sends a conditional update: `None` if its condition did not hold.
-    async fn conditional_update(&self, request: Update) -> Result<Option<Updated>> {
+    pub(crate) async fn conditional_update(&self, request: Update) -> Result<Option<Updated>> {
         match request
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
