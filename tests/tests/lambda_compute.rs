@@ -778,6 +778,85 @@ async fn table_leftovers(store: &DynamoStore, needles: &[&str]) -> Vec<String> {
 }
 
 impl Deployment {
+    /// The FAQ's shared device: Alice's tablet, Bob (by email, with an
+    /// order, in the `buyers` audience) on his laptop, then Bob signed in
+    /// on the tablet merges his profile into hers. `(alice, bob)`.
+    async fn shared_tablet(&self) -> (String, String) {
+        self.define(
+            "audiences",
+            "buyers",
+            json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}}),
+        )
+        .await;
+        self.batch(vec![
+            json!({"type": "identify", "userId": "alice", "anonymousId": "tablet", "traits": {"name": "Alice"}}),
+        ])
+        .await;
+        self.settle().await;
+        self.batch(vec![
+            json!({"type": "identify", "anonymousId": "laptop", "traits": {"email": "bob@x.io", "name": "Bob", "plan": "pro"}}),
+            json!({"type": "track", "anonymousId": "laptop", "event": "Order Completed"}),
+        ])
+        .await;
+        self.settle().await;
+        let alice = self.profile_id("user_id:alice").await;
+        let bob = self.profile_id("email:bob@x.io").await;
+        assert_ne!(alice, bob);
+        self.batch(vec![
+            json!({"type": "track", "anonymousId": "tablet", "event": "Viewed",
+                               "context": {"traits": {"email": "bob@x.io"}}}),
+        ])
+        .await;
+        self.settle().await;
+        assert_eq!(self.profile_id("email:bob@x.io").await, alice);
+        assert_eq!(self.is_buyer("user_id:alice").await, true);
+        (alice, bob)
+    }
+
+    /// A Profile API resource (with its query) read with the access token.
+    async fn read(&self, lookup: &str, resource: &str) -> Value {
+        let (resource, query) = resource.split_once('?').unwrap_or((resource, ""));
+        let path = format!(
+            "/v1/spaces/{}/collections/users/profiles/{lookup}/{resource}",
+            self.space.space_id
+        );
+        let request = apigw("GET", &path, query, &self.space.access_token, None);
+        let (status, reply) = call(&self.profile_api, request).await;
+        assert_eq!(status, 200, "{lookup}/{resource}: {reply}");
+        reply
+    }
+
+    async fn profile_id(&self, lookup: &str) -> String {
+        let reply = self.read(lookup, "metadata").await;
+        reply["metadata"]["profile_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn is_buyer(&self, lookup: &str) -> Value {
+        self.read(lookup, "traits?class=audience").await["traits"]["buyers"].clone()
+    }
+
+    /// `type:id` of each of the profile's identifiers, sorted.
+    async fn external_ids(&self, lookup: &str) -> Vec<String> {
+        let reply = self.read(lookup, "external_ids?limit=100").await;
+        let mut ids: Vec<String> = reply["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}:{}",
+                    e["type"].as_str().unwrap(),
+                    e["id"].as_str().unwrap()
+                )
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
     async fn profile_status(&self, lookup: &str) -> u16 {
         let path = format!(
             "/v1/spaces/{}/collections/users/profiles/{lookup}/traits",
@@ -988,15 +1067,168 @@ async fn an_identifier_taken_off_a_profile_on_dynamodb_is_free_to_claim() {
     assert_eq!(users, ["u2"], "the tablet joined u2, not u1: {ids}");
     let traits = d.traits("user_id:u1", "").await;
     assert_eq!(traits["traits"]["email"], "u1@x.io");
-    // Splitting merges is not built on DynamoDB yet: said so, not faked.
-    let (status, reply) = d
-        .admin(
-            "POST",
-            "/collections/users/profiles/user_id:u1/merges/prf_x/split",
-            None,
-        )
-        .await;
-    assert_eq!(status, 501, "{reply}");
+}
+
+/// The FAQ's shared device on DynamoDB, through the functions: Bob's
+/// profile is merged into Alice's through her tablet, split again, and
+/// each is themselves (identifiers, traits, audiences); the identity
+/// function's cached merge pointer is not trusted after the split, and
+/// the next event carrying both identifiers does not merge them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_merge_on_dynamodb_is_split_and_stays_apart() {
+    if !emulators("a_wrong_merge_on_dynamodb_is_split_and_stays_apart") {
+        return;
+    }
+    let d = Deployment::start("split").await;
+    let (alice, bob) = d.shared_tablet().await;
+    // The identity function now holds Bob's merge pointer in its cache.
+    d.batch(vec![
+        json!({"type": "page", "anonymousId": "laptop", "messageId": "m-before"}),
+    ])
+    .await;
+    d.settle().await;
+
+    let path = format!("/collections/users/profiles/user_id:alice/merges/{bob}/split");
+    let (status, reply) = d.admin("POST", &path, None).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["parent"], alice.as_str());
+    assert_eq!(reply["child"], bob.as_str());
+    let mut moved: Vec<String> = reply["moved_external_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}:{}",
+                i["type"].as_str().unwrap(),
+                i["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    moved.sort();
+    assert_eq!(moved, ["anonymous_id:laptop", "email:bob@x.io"]);
+    d.settle().await;
+
+    assert_eq!(
+        d.external_ids("user_id:alice").await,
+        ["anonymous_id:tablet", "user_id:alice"]
+    );
+    assert_eq!(
+        d.external_ids("email:bob@x.io").await,
+        ["anonymous_id:laptop", "email:bob@x.io"]
+    );
+    let alice_traits = d.traits("user_id:alice", "").await["traits"].clone();
+    assert_eq!(alice_traits["name"], "Alice", "{alice_traits}");
+    assert!(
+        alice_traits.get("plan").is_none() && alice_traits.get("email").is_none(),
+        "{alice_traits}"
+    );
+    let bob_traits = d.traits("email:bob@x.io", "").await["traits"].clone();
+    assert_eq!(
+        (&bob_traits["name"], &bob_traits["plan"]),
+        (&json!("Bob"), &json!("pro")),
+        "{bob_traits}"
+    );
+    // Recomputed from each side's own events: the order is Bob's.
+    assert_eq!(d.is_buyer("email:bob@x.io").await, true);
+    assert_eq!(d.is_buyer("user_id:alice").await, false, "Alice leaves");
+    tokio::time::sleep(Duration::from_millis(CHANGES_SETTLE_MS as u64 + 500)).await;
+    let changes = d.changes(0).await;
+    let count = |who: &str, value: bool| {
+        changes
+            .iter()
+            .filter(|c| c["profile_id"] == who && c["key"] == "buyers" && c["new"] == value)
+            .count()
+    };
+    // Alice leaves; Bob enters again (he had entered before the merge).
+    assert_eq!(count(&alice, false), 1, "{changes:?}");
+    assert_eq!(count(&bob, true), 2, "{changes:?}");
+    let merges = d.read("user_id:alice", "merges").await;
+    assert_eq!(merges["data"], json!([]), "{merges}");
+
+    // The laptop alone lands on Bob now, though the identity function
+    // had cached his pointer to Alice.
+    d.batch(vec![
+        json!({"type": "page", "anonymousId": "laptop", "messageId": "m-after"}),
+    ])
+    .await;
+    d.settle().await;
+    let events = d.read("email:bob@x.io", "events?limit=50").await;
+    let ids: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"m-after"), "{ids:?}");
+
+    // Both identifiers together again: no merge, and the refusal is logged.
+    d.batch(vec![
+        json!({"type": "track", "anonymousId": "tablet", "event": "Viewed",
+                        "messageId": "m-again", "context": {"traits": {"email": "bob@x.io"}}}),
+    ])
+    .await;
+    d.settle().await;
+    assert_eq!(d.profile_id("email:bob@x.io").await, bob);
+    assert_eq!(d.profile_id("anonymous_id:tablet").await, alice);
+    let v = d.read("email:bob@x.io", "violations").await;
+    let again: Vec<&Value> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["message_id"] == "m-again")
+        .collect();
+    assert_eq!(again.len(), 1, "{v}");
+    assert_eq!(again[0]["rule"], "split_block");
+    assert_eq!(again[0]["other_profile_id"], alice.as_str());
+    // Split again: not a merge of that profile any more.
+    let (status, reply) = d.admin("POST", &path, None).await;
+    assert_eq!(status, 404, "{reply}");
+}
+
+/// A split racing the identity function's claims on the parent: the
+/// split's transaction is conditioned on the parent's version, so no
+/// identifier claimed meanwhile is lost from either list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_racing_claims_on_dynamodb_loses_no_identifier() {
+    if !emulators("a_split_racing_claims_on_dynamodb_loses_no_identifier") {
+        return;
+    }
+    let d = Deployment::start("split-race").await;
+    let (_, mut settings) = d.admin("GET", "/identity_settings", None).await;
+    settings["types"]["anonymous_id"]["limit"] = json!({"count": 100, "frequency": "ever"});
+    let (status, reply) = d.admin("PUT", "/identity_settings", Some(&settings)).await;
+    assert_eq!(status, 200, "{reply}");
+    let (_, bob) = d.shared_tablet().await;
+    let devices: Vec<String> = (0..30).map(|i| format!("device-{i}")).collect();
+    d.batch(
+        devices
+            .iter()
+            .map(|a| json!({"type": "identify", "userId": "alice", "anonymousId": a}))
+            .collect(),
+    )
+    .await;
+    let path = format!("/collections/users/profiles/user_id:alice/merges/{bob}/split");
+    let (_, (status, reply)) = tokio::join!(d.settle(), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        d.admin("POST", &path, None).await
+    });
+    assert_eq!(status, 200, "{reply}");
+    d.settle().await;
+    let mut expected: Vec<String> = devices
+        .iter()
+        .map(|a| format!("anonymous_id:{a}"))
+        .collect();
+    expected.extend(["anonymous_id:tablet".into(), "user_id:alice".into()]);
+    expected.sort();
+    assert_eq!(d.external_ids("user_id:alice").await, expected);
+    assert_eq!(
+        d.external_ids("email:bob@x.io").await,
+        ["anonymous_id:laptop", "email:bob@x.io"]
+    );
+    for a in &devices {
+        assert_ne!(d.profile_id(&format!("anonymous_id:{a}")).await, bob);
+    }
 }
 
 /// SPEC 5's merge-protection example on DynamoDB: the refused merge is in

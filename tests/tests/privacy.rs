@@ -702,28 +702,25 @@ async fn is_buyer(s: &Server, lookup: &str) -> Value {
     r.body["traits"]["buyers"].clone()
 }
 
-/// The FAQ's shared device: Bob signs in on Alice's tablet and the
-/// tablet's anonymous id merges his profile into hers. Split, each is
-/// themselves again (identifiers, traits, audiences), and the next event
-/// carrying both identifiers does not merge them again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_merge_through_a_shared_device_is_split_and_stays_apart() {
-    let s = Server::start().await;
-    audience(&s).await;
-    send(&s, vec![
+/// The FAQ's shared device: Alice's tablet, Bob (by email, with an
+/// order, in the `buyers` audience) on his laptop, then Bob signed in on
+/// the tablet merges his profile into hers. `(alice, bob)`.
+async fn shared_tablet(s: &Server) -> (String, String) {
+    audience(s).await;
+    send(s, vec![
         json!({"type": "identify", "userId": "alice", "anonymousId": "tablet", "traits": {"name": "Alice"}}),
     ]).await;
-    send(&s, vec![
+    send(s, vec![
         json!({"type": "identify", "anonymousId": "laptop", "traits": {"email": "bob@x.io", "name": "Bob", "plan": "pro"}}),
         json!({"type": "track", "anonymousId": "laptop", "event": "Order Completed"}),
     ]).await;
-    let alice = profile_id(&s, "user_id:alice").await;
-    let bob = profile_id(&s, "email:bob@x.io").await;
+    let alice = profile_id(s, "user_id:alice").await;
+    let bob = profile_id(s, "email:bob@x.io").await;
     assert_ne!(alice, bob);
-    assert_eq!(is_buyer(&s, "user_id:alice").await, Value::Null);
+    assert_eq!(is_buyer(s, "user_id:alice").await, Value::Null);
     // Bob, signed in by email, browses on the tablet: the merge.
     send(
-        &s,
+        s,
         vec![
             json!({"type": "track", "anonymousId": "tablet", "event": "Viewed",
                "context": {"traits": {"email": "bob@x.io"}}}),
@@ -731,15 +728,26 @@ async fn a_wrong_merge_through_a_shared_device_is_split_and_stays_apart() {
     )
     .await;
     assert_eq!(
-        profile_id(&s, "email:bob@x.io").await,
+        profile_id(s, "email:bob@x.io").await,
         alice,
         "merged into the older profile"
     );
     assert_eq!(
-        is_buyer(&s, "user_id:alice").await,
+        is_buyer(s, "user_id:alice").await,
         true,
         "Bob's order counts for the merged profile"
     );
+    (alice, bob)
+}
+
+/// The FAQ's shared device: Bob signs in on Alice's tablet and the
+/// tablet's anonymous id merges his profile into hers. Split, each is
+/// themselves again (identifiers, traits, audiences), and the next event
+/// carrying both identifiers does not merge them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_merge_through_a_shared_device_is_split_and_stays_apart() {
+    let s = Server::start().await;
+    let (alice, bob) = shared_tablet(&s).await;
     let merged = s.profile("user_id:alice", "traits").await.body;
     assert_eq!(merged["traits"]["name"], "Bob", "{merged}");
 
@@ -837,7 +845,7 @@ async fn a_wrong_merge_through_a_shared_device_is_split_and_stays_apart() {
     assert_eq!(again[0]["rule"], "split_block");
     assert_eq!(again[0]["other_profile_id"], alice.as_str());
 
-    // Not a merge of that profile: 404; AWS has no split yet (501, in the Lambda tests' scope).
+    // Split again: not a merge of that profile any more.
     let r = s
         .admin(
             "POST",
@@ -846,4 +854,66 @@ async fn a_wrong_merge_through_a_shared_device_is_split_and_stays_apart() {
         )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}
+
+/// A split racing ingest of claims on the parent: the split and each
+/// event are transactions of the one writer, so no identifier claimed
+/// meanwhile is lost from either list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_racing_claims_loses_no_identifier() {
+    let s = Server::start().await;
+    let mut settings = s.admin("GET", "/identity_settings", None).await.body;
+    settings["types"]["anonymous_id"]["limit"] = json!({"count": 500, "frequency": "ever"});
+    let r = s.admin("PUT", "/identity_settings", Some(&settings)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let (_, bob) = shared_tablet(&s).await;
+    let devices: Vec<String> = (0..300).map(|i| format!("device-{i}")).collect();
+    let path = format!("/collections/users/profiles/user_id:alice/merges/{bob}/split");
+    let claims = async {
+        for chunk in devices.chunks(10) {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|a| json!({"type": "identify", "userId": "alice", "anonymousId": a}))
+                .collect();
+            let r = s.track("/v1/batch", &json!({ "batch": batch })).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+    };
+    let split = async {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        s.admin("POST", &path, None).await
+    };
+    let (_, r) = tokio::join!(claims, split);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    s.settle().await;
+    let pair = |t: &str, v: &str| (t.to_string(), v.to_string());
+    let mut expected: Vec<(String, String)> =
+        devices.iter().map(|a| pair("anonymous_id", a)).collect();
+    expected.extend([pair("anonymous_id", "tablet"), pair("user_id", "alice")]);
+    expected.sort();
+    let mut alice_ids = Vec::new();
+    let mut next = String::new();
+    loop {
+        let query = match next.as_str() {
+            "" => "external_ids?limit=100".to_string(),
+            n => format!("external_ids?limit=100&next={n}"),
+        };
+        let r = s.profile("user_id:alice", &query).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        for e in r.body["data"].as_array().unwrap() {
+            alice_ids.push(pair(e["type"].as_str().unwrap(), e["id"].as_str().unwrap()));
+        }
+        match r.body["cursor"]["next"].as_str() {
+            Some(n) if !n.is_empty() && r.body["cursor"]["has_more"] == true => {
+                next = n.to_string()
+            }
+            _ => break,
+        }
+    }
+    alice_ids.sort();
+    assert_eq!(alice_ids, expected);
+    assert_eq!(
+        external_ids(&s, "email:bob@x.io").await,
+        [pair("anonymous_id", "laptop"), pair("email", "bob@x.io")]
+    );
 }

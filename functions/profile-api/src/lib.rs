@@ -29,15 +29,16 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
             })),
             _ => None,
         };
+    let compute = Arc::new(SqsQueue::new(
+        aws_sdk_sqs::Client::new(sdk),
+        &config.compute_queue_url,
+    ));
     let app = profile_api_app(ReadState {
         spaces: store.clone(),
         profiles: store.clone(),
         computations: Some(Arc::new(DynamoComputations {
             store: store.clone(),
-            queue: Arc::new(SqsQueue::new(
-                aws_sdk_sqs::Client::new(sdk),
-                &config.compute_queue_url,
-            )),
+            queue: compute.clone(),
         })),
         destinations,
         allow_private_destinations: config.allow_private_destinations,
@@ -46,6 +47,7 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
             Arc::new(kindred_aws::privacy::DynamoPrivacy {
                 store: store.clone(),
                 queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)),
+                compute: compute.clone(),
             }) as Arc<dyn kindred_store::privacy::Privacy>
         }),
         profile_rate_limiter: Arc::new(kindred_http::RateLimiter::profile_api()),

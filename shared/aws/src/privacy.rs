@@ -32,6 +32,7 @@ use kindred_store::privacy::{
 use kindred_store::{now_millis, Outbox, ProfileLookup, Result, StoreError};
 use tracing::{info, warn};
 
+use crate::dynamo::compute::ComputeMessage;
 use crate::dynamo::privacy::{hex, regulations_key, subjects_key};
 use crate::dynamo::{
     get_n, get_s, identifier_key, key, n, opt_s, profile_key, s, service, DynamoStore, Item, META,
@@ -52,6 +53,8 @@ pub struct DynamoPrivacy {
     pub store: Arc<DynamoStore>,
     /// The sync queue, where regulations run.
     pub queue: Arc<SqsQueue>,
+    /// The compute queue: the two sides of a split are recomputed.
+    pub compute: Arc<SqsQueue>,
 }
 
 fn subject_sort(index: usize) -> String {
@@ -259,12 +262,49 @@ impl Privacy for DynamoPrivacy {
 
     async fn split(
         &self,
-        _space_id: &str,
-        _lookup: &ProfileLookup,
-        _child: &str,
+        space_id: &str,
+        lookup: &ProfileLookup,
+        child: &str,
     ) -> Result<SplitOutcome> {
-        // README, "Not built yet".
-        Ok(SplitOutcome::NotAvailable)
+        // One transaction, conditioned on both profiles' versions: a
+        // concurrent merge, claim or split makes it fail, and it is made
+        // again from a fresh read.
+        for attempt in 0..16u32 {
+            let Some(start) = start_of(&self.store, space_id, lookup, true).await? else {
+                return Ok(SplitOutcome::NoProfile);
+            };
+            let Some(resolved) = self.store.resolve(space_id, start, true).await? else {
+                return Ok(SplitOutcome::NoProfile);
+            };
+            let root = resolved.tree[0].clone();
+            if child == root || !resolved.tree.iter().any(|m| m == child) {
+                return Ok(SplitOutcome::NotMerged);
+            }
+            let Some(moved) = self.store.split_once(space_id, &resolved, child).await? else {
+                crate::dynamo::backoff(attempt, 8).await;
+                continue;
+            };
+            // Both sides rebuilt from their own events, compared with the
+            // values sent before: the changes reach destinations.
+            self.store.reset_states(space_id, &resolved.tree).await?;
+            let as_of = now_millis();
+            let recompute = |profile_id: &str| ComputeMessage::Recompute {
+                space_id: space_id.to_string(),
+                profile_id: profile_id.to_string(),
+                as_of,
+                backfill: None,
+            };
+            self.compute
+                .send_json(&[recompute(&root), recompute(child)])
+                .await?;
+            info!(space_id, parent = %root, child, "a merge was split");
+            return Ok(SplitOutcome::Split {
+                parent: root,
+                child: child.to_string(),
+                moved,
+            });
+        }
+        Err(StoreError::Conflict)
     }
 
     async fn remove_identifiers(

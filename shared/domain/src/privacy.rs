@@ -265,6 +265,26 @@ pub fn without_identifiers(
     (kept, removed)
 }
 
+/// A wrong merge undone: how the root's identifier list divides. The
+/// identifiers owned by a profile of the child's subtree (the ones it
+/// brought, and those its members claimed) leave with the child; the
+/// rest stay on the parent. `(to the child, kept by the parent)`.
+pub fn split_identifiers(
+    list: Vec<crate::resolve::IdentifierEntry>,
+    owned_by_child: impl Fn(&Identifier) -> bool,
+) -> (
+    Vec<crate::resolve::IdentifierEntry>,
+    Vec<crate::resolve::IdentifierEntry>,
+) {
+    list.into_iter().partition(|e| owned_by_child(&e.id))
+}
+
+/// The root's merge count after a split: the child's own merges, and the
+/// merge of the child itself, leave with it.
+pub fn merges_after_split(root_merges: u32, child_merges: u32) -> u32 {
+    root_merges.saturating_sub(child_merges.saturating_add(1))
+}
+
 /// Most identifiers one removal request may name.
 pub const MAX_REMOVALS: usize = 100;
 

@@ -290,10 +290,5 @@ async fn split(
         SplitOutcome::NotMerged => Err(ApiError::not_found(
             "that profile is not merged into this one",
         )),
-        SplitOutcome::NotAvailable => Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
-            "splitting merges is not available in this deployment yet",
-        )),
     }
 }

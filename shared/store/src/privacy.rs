@@ -123,8 +123,6 @@ pub enum SplitOutcome {
     NoProfile,
     /// The child is not a profile merged into that one.
     NotMerged,
-    /// This store cannot split merges yet.
-    NotAvailable,
 }
 
 /// A new regulation's id: `reg_`, the time in hex (so ids sort by
@@ -188,6 +186,27 @@ pub trait Privacy: Send + Sync {
         lookup: &ProfileLookup,
         ids: &[Identifier],
     ) -> Result<Option<Vec<Identifier>>>;
+}
+
+/// The traits a set of stored events sets, replayed in time order: what
+/// one side of a split merge would hold had the two never merged. Each
+/// event is `(timestamp, order among events of the same millisecond,
+/// stored body)`; `source_id` is the space's source, as on ingest.
+pub fn replay_traits(
+    mut events: Vec<(Millis, i64, String)>,
+    source_id: &str,
+) -> Result<kindred_domain::Traits> {
+    events.sort_by_key(|(ts, order, _)| (*ts, *order));
+    let mut traits = kindred_domain::Traits::new();
+    for (_, _, body) in events {
+        let event = kindred_domain::Event::from_stored(serde_json::from_str(&body)?)
+            .map_err(|r| crate::StoreError::Undecodable(format!("a stored event: {}", r.code)))?;
+        if let Some(updates) = event.profile_traits() {
+            kindred_domain::traits::apply_updates(&mut traits, updates, event.timestamp, source_id);
+        }
+    }
+    kindred_domain::traits::fit(&mut traits);
+    Ok(traits)
 }
 
 /// A deleted person as destinations knew them, captured before the

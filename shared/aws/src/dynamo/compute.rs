@@ -871,6 +871,45 @@ impl DynamoStore {
         Ok(folded)
     }
 
+    /// Forgets what the states of `members` folded (a split changed which
+    /// events are theirs): each definition is rebuilt from the profile's
+    /// own events at its next fold. The values destinations were sent
+    /// stay, so that the fold sends what changed.
+    pub(crate) async fn reset_states(&self, space_id: &str, members: &[String]) -> Result<()> {
+        for member in members {
+            let mut attempt = 0;
+            loop {
+                let Some(item) = self.get(state_key(space_id, member), true).await? else {
+                    break;
+                };
+                let st = state_of(&item)?;
+                let update = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key(state_key(space_id, member), META)))
+                    .update_expression("SET #state = :state, version = version + :one")
+                    .condition_expression("version = :v")
+                    .expression_attribute_names("#state", "state")
+                    .expression_attribute_values(
+                        ":state",
+                        pack(&ProfileState::default(), &st.recent)?,
+                    )
+                    .expression_attribute_values(":one", n(1))
+                    .expression_attribute_values(":v", n(st.version));
+                if self.conditional_update(update).await?.is_some() {
+                    break;
+                }
+                attempt += 1;
+                if attempt >= 16 {
+                    return Err(StoreError::Conflict);
+                }
+                super::backoff(attempt, 8).await;
+            }
+        }
+        Ok(())
+    }
+
     fn delete_due(&self, space_id: &str, profile_id: &str) -> Result<TransactWriteItem> {
         let delete = Delete::builder()
             .table_name(&self.table)
@@ -913,7 +952,11 @@ impl DynamoStore {
             .cloned()
             .collect();
         for item in self.event_items(space_id, &missing).await? {
-            bodies.push(get_s(&item, "body")?.to_string());
+            // Only events recorded in this tree (after a split, the state
+            // may remember events that left with the child).
+            if opt_s(&item, "profile_id").is_some_and(|p| tree.tree.iter().any(|m| m == p)) {
+                bodies.push(get_s(&item, "body")?.to_string());
+            }
         }
         Ok(bodies)
     }

@@ -21,6 +21,8 @@ use super::{
     EXPIRES_AT, GPK, GSK, META, PK,
 };
 
+/// Split marks remembered as seen (beyond it, they are read again).
+const MAX_CACHED_RESPLITS: usize = 10_000;
 /// DynamoDB's limit on the items of one `TransactWriteItems`.
 const MAX_TRANSACTION_ITEMS: usize = 100;
 
@@ -96,9 +98,38 @@ impl IdentityGraph for DynamoGraph<'_> {
             .filter_map(|i| opt_s(i, PK).map(|k| (k, i)))
             .collect();
         let mut owner_of: HashMap<Identifier, String> = HashMap::new();
+        let mut resplit = Vec::new();
         for id in unique {
             if let Some(item) = by_key.get(identifier_key(space_id, id).as_str()) {
-                owner_of.insert(id.clone(), get_s(item, "profile_id")?.to_string());
+                let owner = get_s(item, "profile_id")?.to_string();
+                if let Ok(at) = get_n(item, super::split::RESPLIT) {
+                    resplit.push((owner.clone(), at));
+                }
+                owner_of.insert(id.clone(), owner);
+            }
+        }
+        if !resplit.is_empty() {
+            // The owner's profile was split out of a tree: the merge
+            // pointers cached on its way up may be gone. Read them again.
+            // Once per split seen, not per event.
+            let mut caches = lock(&self.store.caches);
+            for (start, at) in resplit {
+                let seen = (space_id.to_string(), start.clone());
+                if caches.resplits.get(&seen) == Some(&at) {
+                    continue;
+                }
+                if caches.resplits.len() >= MAX_CACHED_RESPLITS {
+                    caches.resplits.clear();
+                }
+                caches.resplits.insert(seen, at);
+                let mut current = start;
+                while let Some(parent) = caches
+                    .parents
+                    .remove(&(space_id.to_string(), current.clone()))
+                {
+                    current = parent;
+                }
+                caches.profiles.remove(&(space_id.to_string(), current));
             }
         }
 
@@ -171,6 +202,13 @@ impl IdentityGraph for DynamoGraph<'_> {
         for (id, owner) in owner_of {
             let root = root_of.get(&owner).cloned().unwrap_or(owner);
             facts.owners.insert(id, root);
+        }
+        if roots.len() > 1 {
+            let mut ids: Vec<&String> = roots.keys().collect();
+            ids.sort();
+            facts
+                .apart
+                .extend(self.store.split_blocks(space_id, &ids).await?);
         }
         facts.profiles = roots;
         Ok(facts)

@@ -13,6 +13,7 @@ mod graph;
 pub(crate) mod privacy;
 pub(crate) mod profiles;
 mod spaces;
+mod split;
 mod sync;
 
 use std::collections::HashMap;
@@ -127,8 +128,11 @@ pub(crate) struct Caches {
     /// Root profile facts as last read or written; a stale entry makes a
     /// conditional write fail, which evicts it.
     pub profiles: HashMap<(String, String), ProfileFacts>,
-    /// Merged-away profile -> its parent (permanent once written).
+    /// Merged-away profile -> its parent (until a split takes it back:
+    /// see `split.rs`).
     pub parents: HashMap<(String, String), String>,
+    /// The split mark (time) last acted on, by identifier owner.
+    pub resplits: HashMap<(String, String), i64>,
     /// A space's identity rules and whether it has a suppression list.
     pub rules: HashMap<String, (IdentityRules, bool, Instant)>,
     pub auth: HashMap<[u8; 32], (SpaceAuth, Instant)>,

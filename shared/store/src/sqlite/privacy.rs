@@ -26,8 +26,8 @@ use std::collections::{BTreeSet, HashMap};
 use async_trait::async_trait;
 use kindred_domain::event::format_millis;
 use kindred_domain::privacy::{
-    identifier_hash, without_identifiers, RegulationRequest, RegulationType, SubjectStatus,
-    BOUNDED_SUPPRESSION_RETENTION, VIOLATION_RETENTION,
+    identifier_hash, merges_after_split, split_identifiers, without_identifiers, RegulationRequest,
+    RegulationType, SubjectStatus, BOUNDED_SUPPRESSION_RETENTION, VIOLATION_RETENTION,
 };
 use kindred_domain::{Identifier, IdentifierEntry, Millis};
 use rusqlite::types::Value as SqlValue;
@@ -599,23 +599,21 @@ impl SqliteStore {
                 .filter(|m| !child_tree.contains(m))
                 .cloned()
                 .collect();
-            let (list, merges, child_merges, child_parent): (String, i64, i64, String) = tx.query_row(
+            let (list, merges, child_merges, child_parent): (String, u32, u32, String) = tx.query_row(
                 "SELECT r.identifiers, r.merges, c.merges, c.parent_id FROM profiles r, profiles c
                  WHERE r.space_id = ?1 AND r.profile_id = ?2 AND c.space_id = ?1 AND c.profile_id = ?3",
                 params![space_id, root, child],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )?;
             let list: Vec<IdentifierEntry> = serde_json::from_str(&list)?;
-            let mut to_child = Vec::new();
-            let mut to_parent = Vec::new();
-            for e in list {
+            let mut child_owns = BTreeSet::new();
+            for e in &list {
                 let owner = super::profiles::owner_of(&tx, space_id, &e.id)?;
                 if owner.is_some_and(|o| child_tree.contains(&o)) {
-                    to_child.push(e);
-                } else {
-                    to_parent.push(e);
+                    child_owns.insert(e.id.clone());
                 }
             }
+            let (to_child, to_parent) = split_identifiers(list, |id| child_owns.contains(id));
             let source_id: String = tx.query_row(
                 "SELECT source_id FROM spaces WHERE space_id = ?1",
                 [space_id],
@@ -645,7 +643,7 @@ impl SqliteStore {
                     now,
                     serde_json::to_string(&to_parent)?,
                     serde_json::to_string(&parent_traits)?,
-                    (merges - child_merges - 1).max(0)
+                    merges_after_split(merges, child_merges)
                 ],
             )?;
             tx.execute(
@@ -715,34 +713,26 @@ impl SqliteStore {
 }
 
 /// The traits the events recorded on `members` set, replayed in time
-/// order (what the profiles would hold had they never merged).
+/// order ([`crate::privacy::replay_traits`]).
 fn replay_traits(
     tx: &Transaction<'_>,
     space_id: &str,
     members: &[String],
     source_id: &str,
 ) -> Result<kindred_domain::Traits> {
-    let mut traits = kindred_domain::Traits::new();
     if members.is_empty() {
-        return Ok(traits);
+        return Ok(kindred_domain::Traits::new());
     }
     let mut stmt = tx.prepare(&format!(
-        "SELECT body FROM events WHERE space_id = ?1 AND profile_id IN ({}) ORDER BY ts, seq",
+        "SELECT ts, seq, body FROM events WHERE space_id = ?1 AND profile_id IN ({})",
         placeholders(2, members.len())
     ))?;
-    let bodies = stmt.query_map(params_from_iter(space_and(space_id, members)), |r| {
-        r.get::<_, String>(0)
-    })?;
-    for body in bodies {
-        let body = body?;
-        let event = kindred_domain::Event::from_stored(serde_json::from_str(&body)?)
-            .map_err(|r| StoreError::Undecodable(format!("a stored event: {}", r.code)))?;
-        if let Some(updates) = event.profile_traits() {
-            kindred_domain::traits::apply_updates(&mut traits, updates, event.timestamp, source_id);
-        }
-    }
-    kindred_domain::traits::fit(&mut traits);
-    Ok(traits)
+    let events = stmt
+        .query_map(params_from_iter(space_and(space_id, members)), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    crate::privacy::replay_traits(events, source_id)
 }
 
 /// Deletes a person's rows from `store.db` (inside the caller's
