@@ -641,26 +641,6 @@ fn parse_event(body: &str) -> Result<Event> {
         .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
 }
 
-/// Every profile merged into `root`, directly or not.
-fn descendants(conn: &Connection, space_id: &str, root: &str) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT profile_id FROM profiles INDEXED BY profiles_by_parent
-         WHERE space_id = ?1 AND parent_id = ?2",
-    )?;
-    let mut out: Vec<String> = Vec::new();
-    let mut next = 0;
-    let mut parent = root.to_string();
-    loop {
-        for child in stmt.query_map(params![space_id, parent], |r| r.get::<_, String>(0))? {
-            out.push(child?);
-        }
-        let Some(p) = out.get(next) else { break };
-        parent = p.clone();
-        next += 1;
-    }
-    Ok(out)
-}
-
 fn read_state(tx: &Transaction<'_>, space_id: &str, root: &str) -> Result<Option<StateRow>> {
     Ok(tx
         .prepare_cached(
@@ -744,8 +724,8 @@ impl Batch<'_> {
         // one state, so merging them is exact).
         // (Plain indexed lookups, one per tree member: the planner cannot
         // turn them into a scan.)
-        let descendants = descendants(tx, space_id, root)?;
-        for child in &descendants {
+        let tree = super::profiles::tree(tx, space_id, root)?;
+        for child in &tree[1..] {
             let Some(row) = read_state(tx, space_id, child)? else {
                 continue;
             };
@@ -777,7 +757,7 @@ impl Batch<'_> {
                     "SELECT body FROM events INDEXED BY events_by_profile
                      WHERE space_id = ?1 AND profile_id = ?2 AND seq < ?3",
                 )?;
-                for member in std::iter::once(root).chain(descendants.iter().map(String::as_str)) {
+                for member in tree.iter().map(String::as_str) {
                     let rows =
                         stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
                     for body in rows {
