@@ -60,5 +60,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked --bins
 # DynamoDB Local and ministack (SQS), on free ports, stopped on exit.
 source tests/emulators.sh
+# The real template deployed on an emulated AWS account (ministack, with
+# the debug binaries just built), for tests/tests/deployed.rs; the same
+# script and template the README deploys to AWS with.
+deployed=$(infra/deploy.sh --emulated)
+export KINDRED_DEPLOYED="$deployed"
+trap 'infra/deploy.sh --emulated --down >/dev/null || true; stop_emulators' EXIT
 ./fuzz/run.sh 20
 cargo nextest run --workspace --locked --no-fail-fast

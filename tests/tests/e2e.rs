@@ -10,6 +10,7 @@ mod browser;
 mod browser_routes;
 mod computed;
 mod crash_safety;
+mod deployed;
 mod dynamodb_costs;
 mod dynamodb_races;
 mod hardening;

@@ -3,7 +3,7 @@ use kindred_profile_api::{app, Config};
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     kindred_aws::lambda::init_logging();
-    let config = Config::load()?;
     let sdk = kindred_aws::lambda::sdk_config().await;
+    let config = Config::load_with_secrets(&sdk).await?;
     lambda_http::run(app(&config, &sdk)).await
 }

@@ -5,8 +5,8 @@ use lambda_runtime::{service_fn, LambdaEvent};
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     kindred_aws::lambda::init_logging();
-    let config = Config::load()?;
     let sdk = kindred_aws::lambda::sdk_config().await;
+    let config = Config::load_with_secrets(&sdk).await?;
     let step = &step(&config, &sdk, RetryPolicy::default())?;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {

@@ -3,11 +3,11 @@
 use aws_config::{BehaviorVersion, SdkConfig};
 
 /// JSON logs for CloudWatch, one object per line, filtered by `RUST_LOG`
-/// (default `info`; the routers' per-request lines are at debug and on by
-/// default here). Handlers log ids and counts, never payloads.
+/// (default `info`: no line per request; `debug` adds each request and
+/// its DynamoDB cost). Handlers log ids and counts, never payloads.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kindred_http=debug"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
@@ -40,7 +40,9 @@ pub struct Config {
     /// are deployed.
     pub sync_queue_url: Option<String>,
     /// The secret destination secrets are sealed under (the key is its
-    /// SHA-256), where destinations are deployed.
+    /// SHA-256), where destinations are deployed: read at start-up from
+    /// Secrets Manager (`KINDRED_SECRETS_KEY_ARN`), never from the
+    /// environment on AWS (`KINDRED_SECRETS_KEY` is for local tools).
     pub secrets_key: Option<String>,
     /// Destinations may be at internal addresses, and Segment-compatible
     /// hosts may be `http` (`KINDRED_ALLOW_PRIVATE_DESTINATIONS=true`; the
@@ -49,6 +51,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The configuration, with the secrets key read from Secrets Manager
+    /// when `KINDRED_SECRETS_KEY_ARN` names it.
+    pub async fn load_with_secrets(sdk: &SdkConfig) -> Result<Self, String> {
+        let mut config = Self::load()?;
+        if let Ok(arn) = std::env::var("KINDRED_SECRETS_KEY_ARN") {
+            config.secrets_key = Some(secret_value(sdk, &arn).await?);
+        }
+        Ok(config)
+    }
+
     pub fn load() -> Result<Self, String> {
         Ok(Self {
             table: env("KINDRED_TABLE")?,
@@ -68,6 +80,24 @@ impl Config {
             kindred_store::secret::Sealer::from_key(&key)
         })
     }
+}
+
+/// A secret's string value from Secrets Manager.
+pub async fn secret_value(sdk: &SdkConfig, arn: &str) -> Result<String, String> {
+    let out = aws_sdk_secretsmanager::Client::new(sdk)
+        .get_secret_value()
+        .secret_id(arn)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "the secrets key could not be read from Secrets Manager: {}",
+                aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
+            )
+        })?;
+    out.secret_string()
+        .map(str::to_string)
+        .ok_or_else(|| "the secrets key's secret has no string value".to_string())
 }
 
 /// The store's running request and capacity totals, for

@@ -243,8 +243,9 @@ pub struct RequestCost {
     pub write_units: f64,
 }
 
-/// Logs, after each request, what it cost in storage requests and units
-/// (`usage` reads the adapter's running totals). Meant for Lambda, where
+/// Logs (at debug: a line per request costs CloudWatch money), after each
+/// request, what it cost in storage requests and units (`usage` reads the
+/// adapter's running totals). Meant for Lambda, where
 /// an instance serves one request at a time, so the difference is the
 /// request's own.
 pub fn with_request_costs(
@@ -258,7 +259,7 @@ pub fn with_request_costs(
                 let before = usage();
                 let response = next.run(request).await;
                 let after = usage();
-                tracing::info!(
+                tracing::debug!(
                     status = response.status().as_u16(),
                     dynamodb_read_requests = after.read_requests - before.read_requests,
                     dynamodb_write_requests = after.write_requests - before.write_requests,

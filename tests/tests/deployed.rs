@@ -1,0 +1,394 @@
+//! The real SAM stack (`infra/template.yaml`), deployed by
+//! `infra/deploy.sh --emulated` on the ministack emulator (the test
+//! command deploys it once and hands its outputs in `KINDRED_DEPLOYED`),
+//! driven only over HTTP through its API URL: events with Segment's own
+//! Python client (gzip on), reads and definitions with plain HTTP. The
+//! functions run as their `bootstrap` binaries under the emulator's
+//! Lambda, fed by its SQS event source mappings.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::receiver::Receiver;
+
+struct Deployed {
+    api_url: String,
+    table: String,
+    endpoint_url: String,
+}
+
+/// The deployment the test command made, or `None` (skipped) outside it.
+fn deployed(test: &str) -> Option<Deployed> {
+    let Ok(line) = std::env::var("KINDRED_DEPLOYED") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: the emulated deployment must run in CI (tests/run-all.sh makes it)"
+        );
+        eprintln!("SKIPPED {test}: no emulated deployment (tests/run-all.sh runs infra/deploy.sh --emulated)");
+        return None;
+    };
+    let v: Value = serde_json::from_str(&line).expect("KINDRED_DEPLOYED is deploy.sh's JSON line");
+    Some(Deployed {
+        api_url: v["api_url"].as_str().unwrap().to_string(),
+        table: v["table"].as_str().unwrap().to_string(),
+        endpoint_url: v["endpoint_url"].as_str().unwrap().to_string(),
+    })
+}
+
+fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A space in the deployed table, made as the README says: `kindred
+/// space create` with the emulator's endpoint.
+fn create_space(d: &Deployed, id: &str) -> Value {
+    let out = Command::new(workspace().join("target/debug/kindred"))
+        .args(["space", "create", id, "--dynamodb-table", &d.table])
+        .env("AWS_ENDPOINT_URL", &d.endpoint_url)
+        .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
+        .env_remove("AWS_ENDPOINT_URL_SQS")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+struct Client {
+    http: reqwest::Client,
+    api: String,
+    space: Value,
+}
+
+impl Client {
+    fn space_id(&self) -> &str {
+        self.space["space_id"].as_str().unwrap()
+    }
+
+    fn token(&self, kind: &str) -> String {
+        self.space[kind].as_str().unwrap().to_string()
+    }
+
+    /// Segment's Python client, gzip on, sending `calls` (`[method,
+    /// args, kwargs]`) to the API URL.
+    async fn send(&self, calls: Value) {
+        let python = std::env::var("KINDRED_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = workspace().join("tests/python/send_deployed.py");
+        let (key, host) = (self.token("write_key"), self.api.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(python)
+                .arg(script)
+                .arg(key)
+                .arg(host)
+                .arg(calls.to_string())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "the Python client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.api);
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), &url)
+            .basic_auth(token, Some(""));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let path = format!("/v1/spaces/{}{path}", self.space_id());
+        self.call(method, &path, &self.token("admin_token"), body)
+            .await
+    }
+
+    /// A Profile API resource under `prefix` (`spaces` or `namespaces`).
+    async fn profile(&self, prefix: &str, lookup: &str, resource: &str) -> (u16, Value) {
+        let path = format!(
+            "/v1/{prefix}/{}/collections/users/profiles/{lookup}/{resource}",
+            self.space_id()
+        );
+        self.call("GET", &path, &self.token("access_token"), None)
+            .await
+    }
+
+    /// Reads a Profile API resource until `done` holds (the pipeline runs
+    /// behind queues), at most two minutes.
+    async fn until(
+        &self,
+        what: &str,
+        lookup: &str,
+        resource: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, body) = self.profile("spaces", lookup, resource).await;
+            if status == 200 && done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not after 120 s (last answer {status} {body})"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn ids(body: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = body["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e["type"].as_str().unwrap(),
+                        e["id"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_stack_serves_segment_clients_end_to_end() {
+    let Some(d) = deployed("the_deployed_stack_serves_segment_clients_end_to_end") else {
+        return;
+    };
+    let space = create_space(&d, &format!("deployed-{:x}", rand::random::<u32>()));
+    let c = Client {
+        http: reqwest::Client::new(),
+        api: d.api_url.clone(),
+        space,
+    };
+    let (status, health) = c.call("GET", "/healthz", "", None).await;
+    assert_eq!(status, 200, "{health}");
+
+    // Definitions and a webhook destination through the admin API.
+    let (status, reply) = c
+        .admin(
+            "PUT",
+            "/computed_traits/lifetime_value",
+            Some(&json!({"type": "aggregation", "function": "sum", "event": "Order Completed", "property": "revenue"})),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{reply}");
+    let (status, reply) = c
+        .admin(
+            "PUT",
+            "/audiences/high_value",
+            Some(&json!({"condition": {"trait": {"name": "lifetime_value", "op": ">", "value": 100}}})),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{reply}");
+    let hook = Receiver::start().await;
+    let (status, reply) = c
+        .admin(
+            "PUT",
+            "/destinations/hook",
+            Some(
+                &json!({"kind": "webhook", "url": hook.url("/hook"), "secret": "hook-secret",
+                         "alias_on_merge": true}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+
+    // A visitor browses anonymously, then signs in: the two profiles merge.
+    c.send(json!([
+        ["page", [], {"anonymous_id": "visitor-1", "name": "Pricing"}],
+        ["identify", ["dep-user"], {"traits": {"email": "Dep.User@Example.com", "plan": "pro"}}],
+    ]))
+    .await;
+    c.until("both profiles", "anonymous_id:visitor-1", "traits", |_| {
+        true
+    })
+    .await;
+    c.until("the user", "user_id:dep-user", "traits", |b| {
+        b["traits"]["plan"] == "pro"
+    })
+    .await;
+    c.send(json!([
+        ["identify", ["dep-user"], {"anonymous_id": "visitor-1"}],
+        ["track", ["dep-user", "Order Completed", {"revenue": 150}], {}],
+    ]))
+    .await;
+    let merged = c
+        .until("the merge", "user_id:dep-user", "external_ids", |b| {
+            ids(b).contains(&"anonymous_id:visitor-1".to_string())
+        })
+        .await;
+    assert_eq!(
+        ids(&merged),
+        [
+            "anonymous_id:visitor-1",
+            "email:dep.user@example.com",
+            "user_id:dep-user"
+        ]
+    );
+    // The same profile under Segment's `namespaces` prefix.
+    let (status, by_namespace) = c
+        .profile("namespaces", "email:dep.user@example.com", "traits")
+        .await;
+    assert_eq!(status, 200, "{by_namespace}");
+    assert_eq!(by_namespace["traits"]["plan"], "pro");
+
+    // Merge protection: a second user id on the same device is refused.
+    c.send(json!([["identify", ["dep-other"], {"anonymous_id": "visitor-1"}]]))
+        .await;
+    c.until(
+        "the other user",
+        "user_id:dep-other",
+        "external_ids",
+        |_| true,
+    )
+    .await;
+    let (_, still) = c
+        .profile("spaces", "user_id:dep-user", "external_ids")
+        .await;
+    assert!(
+        !ids(&still).contains(&"user_id:dep-other".to_string()),
+        "{still}"
+    );
+
+    // The computed trait and the audience, and the destination told.
+    c.until(
+        "the audience",
+        "user_id:dep-user",
+        "traits?class=audience",
+        |b| b["traits"]["high_value"] == true,
+    )
+    .await;
+    let (_, traits) = c
+        .profile("spaces", "user_id:dep-user", "traits?class=computed_trait")
+        .await;
+    assert_eq!(traits["traits"]["lifetime_value"], 150.0, "{traits}");
+    hook.wait_for(Duration::from_secs(120), "Audience Entered", |calls| {
+        calls
+            .iter()
+            .any(|c| c["event"] == "Audience Entered" && c["userId"] == "dep-user")
+    })
+    .await;
+    hook.wait_for(Duration::from_secs(120), "the merge's alias", |calls| {
+        calls
+            .iter()
+            .any(|c| c["type"] == "alias" && c["previousId"] == "visitor-1")
+    })
+    .await;
+    for request in hook.requests() {
+        assert!(
+            request.signed_by("hook-secret"),
+            "signed with the sealed secret"
+        );
+    }
+
+    // A gzip body sent as JSON by hand, as other libraries do.
+    let body = json!({"batch": [{"type": "track", "userId": "dep-user", "event": "Gzipped", "messageId": "m-gzip"}]});
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, body.to_string().as_bytes()).unwrap();
+    let response = c
+        .http
+        .post(format!("{}/v1/batch", c.api))
+        .basic_auth(c.token("write_key"), Some(""))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(z.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "{}",
+        response.text().await.unwrap()
+    );
+    c.until(
+        "the gzipped event",
+        "user_id:dep-user",
+        "events?limit=50",
+        |b| {
+            b["data"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["messageId"] == "m-gzip"))
+        },
+    )
+    .await;
+
+    // A stack update (a parameter changed) keeps the data and the space.
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(workspace().join("infra/deploy.sh"))
+            .args(["--emulated", "--param", "LogLevel=debug"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the update failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let updated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        updated["api_url"],
+        d.api_url.as_str(),
+        "the API keeps its URL"
+    );
+    assert_eq!(updated["table"], d.table.as_str(), "the table is kept");
+    let (status, traits) = c.profile("spaces", "user_id:dep-user", "traits").await;
+    assert_eq!(
+        (status, &traits["traits"]["plan"]),
+        (200, &json!("pro")),
+        "{traits}"
+    );
+    c.send(json!([["track", ["dep-user", "After Update"], {}]]))
+        .await;
+    c.until(
+        "an event after the update",
+        "user_id:dep-user",
+        "events?limit=50",
+        |b| {
+            b["data"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["event"] == "After Update"))
+        },
+    )
+    .await;
+}
