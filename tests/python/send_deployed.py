@@ -6,6 +6,7 @@ Usage: send_deployed.py WRITE_KEY HOST CALLS_JSON"""
 
 import json
 import sys
+from datetime import datetime
 
 import segment.analytics as analytics
 
@@ -17,6 +18,9 @@ analytics.max_retries = 2
 analytics.on_error = lambda error, batch: errors.append(repr(error))
 
 for method, args, kwargs in json.loads(sys.argv[3]):
+    if "timestamp" in kwargs:
+        # The library takes a datetime; JSON carries RFC 3339.
+        kwargs["timestamp"] = datetime.fromisoformat(kwargs["timestamp"].replace("Z", "+00:00"))
     getattr(analytics, method)(*args, **kwargs)
 analytics.flush()
 analytics.shutdown()

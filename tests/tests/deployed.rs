@@ -17,6 +17,7 @@ struct Deployed {
     api_url: String,
     table: String,
     endpoint_url: String,
+    expiry_function: String,
 }
 
 /// The deployment the test command made, or `None` (skipped) outside it.
@@ -34,6 +35,7 @@ fn deployed(test: &str) -> Option<Deployed> {
         api_url: v["api_url"].as_str().unwrap().to_string(),
         table: v["table"].as_str().unwrap().to_string(),
         endpoint_url: v["endpoint_url"].as_str().unwrap().to_string(),
+        expiry_function: v["expiry_function"].as_str().unwrap().to_string(),
     })
 }
 
@@ -55,6 +57,34 @@ fn create_space(d: &Deployed, id: &str) -> Value {
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Invokes the deployed expiry function as its hourly EventBridge rule
+/// does, with the rule's `time` (the sweep runs as of then).
+fn invoke_expiry(d: &Deployed, time: &str) -> Value {
+    let python = workspace().join("target/infra-venv/bin/python");
+    let script = r#"
+import json, sys, boto3
+out = boto3.client("lambda").invoke(FunctionName=sys.argv[1], Payload=json.dumps(
+    {"source": "aws.events", "detail-type": "Scheduled Event", "time": sys.argv[2], "detail": {}}))
+print(out["Payload"].read().decode())
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, &d.expiry_function, time])
+        .env("AWS_ENDPOINT_URL", &d.endpoint_url)
+        .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
+        .env_remove("AWS_ENDPOINT_URL_SQS")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
         .output()
         .unwrap();
     assert!(
@@ -218,6 +248,14 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
         )
         .await;
     assert!((200..300).contains(&status), "{reply}");
+    let (status, reply) = c
+        .admin(
+            "PUT",
+            "/audiences/ordered_90d",
+            Some(&json!({"condition": {"performed": {"event": "Order Completed", "within": {"days": 90}}}})),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{reply}");
     let hook = Receiver::start().await;
     let (status, reply) = c
         .admin(
@@ -318,6 +356,39 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
             "signed with the sealed secret"
         );
     }
+
+    // Lookback: an order 2,159 hours old ages out of the 90-day window
+    // within hours; the expiry function's sweep (as EventBridge invokes
+    // it, three hours on) takes the profile out of the audience.
+    let now = kindred_store::now_millis();
+    let old_order = kindred_domain::event::format_millis(now - 2_159 * 3_600_000);
+    c.send(json!([["track", ["dep-old", "Order Completed", {"revenue": 5}], {"timestamp": old_order}]]))
+        .await;
+    c.until(
+        "the old order",
+        "user_id:dep-old",
+        "traits?class=audience",
+        |b| b["traits"]["ordered_90d"] == true,
+    )
+    .await;
+    let later = kindred_domain::event::format_millis(now + 3 * 3_600_000);
+    let swept = invoke_expiry(&d, &later);
+    assert!(swept["profiles_enqueued"].as_u64() >= Some(1), "{swept}");
+    c.until(
+        "the expiry",
+        "user_id:dep-old",
+        "traits?class=audience",
+        |b| b["traits"]["ordered_90d"] == false,
+    )
+    .await;
+    hook.wait_for(Duration::from_secs(120), "Audience Exited", |calls| {
+        calls.iter().any(|c| {
+            c["event"] == "Audience Exited"
+                && c["userId"] == "dep-old"
+                && c["properties"]["audience_key"] == "ordered_90d"
+        })
+    })
+    .await;
 
     // A gzip body sent as JSON by hand, as other libraries do.
     let body = json!({"batch": [{"type": "track", "userId": "dep-user", "event": "Gzipped", "messageId": "m-gzip"}]});

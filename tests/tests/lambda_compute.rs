@@ -1186,6 +1186,90 @@ async fn a_wrong_merge_on_dynamodb_is_split_and_stays_apart() {
     assert_eq!(status, 404, "{reply}");
 }
 
+/// A merge applied by an attempt whose announcement could not be sent
+/// (the sync queue failed): SQS redelivers the event, which is now a
+/// duplicate, and the redelivery still announces the merge, so the
+/// destination gets its `alias`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_whose_announcement_failed_still_gets_its_alias() {
+    if !emulators("a_merge_whose_announcement_failed_still_gets_its_alias") {
+        return;
+    }
+    use crate::common::receiver::Receiver;
+    let d = Deployment::start("lost-alias").await;
+    let r = Receiver::start().await;
+    let (status, created) = d
+        .admin(
+            "PUT",
+            "/destinations/ads",
+            Some(&json!({"kind": "webhook", "url": r.url("/ads"), "alias_on_merge": true})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    d.batch(vec![
+        json!({"type": "page", "anonymousId": "a1"}),
+        json!({"type": "identify", "userId": "u9"}),
+    ])
+    .await;
+    d.settle().await;
+    d.batch(vec![
+        json!({"type": "identify", "userId": "u9", "anonymousId": "a1", "messageId": "m-merge"}),
+    ])
+    .await;
+    let messages = d
+        .sqs
+        .receive_message()
+        .queue_url(&d.events_queue)
+        .max_number_of_messages(10)
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap()
+        .messages()
+        .to_vec();
+    assert_eq!(messages.len(), 1);
+    // The first attempt merges, but the sync queue is gone.
+    let broken = SqsQueue::new(d.sqs.clone(), format!("{}-missing", d.sync_queue));
+    let first =
+        kindred_identity::handle(&d.store, &d.compute, Some(&broken), sqs_event(&messages)).await;
+    assert_eq!(
+        first.batch_item_failures.len(),
+        1,
+        "reported failed, for SQS to redeliver"
+    );
+    assert_eq!(
+        d.read("user_id:u9", "merges").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // SQS redelivers it: a duplicate now, announced all the same.
+    let mut again = sqs_event(&messages);
+    again.records[0]
+        .attributes
+        .insert("ApproximateReceiveCount".into(), "2".into());
+    let second = kindred_identity::handle(&d.store, &d.compute, Some(&d.sync), again).await;
+    assert!(second.batch_item_failures.is_empty());
+    d.pump_sync_until("the alias", || {
+        r.accepted().iter().any(|c| c["type"] == "alias")
+    })
+    .await;
+    let aliases: Vec<Value> = r
+        .accepted()
+        .into_iter()
+        .filter(|c| c["type"] == "alias")
+        .collect();
+    assert_eq!(aliases.len(), 1, "{aliases:?}");
+    assert_eq!(
+        (
+            aliases[0]["previousId"].as_str(),
+            aliases[0]["userId"].as_str()
+        ),
+        (Some("a1"), Some("u9"))
+    );
+}
+
 /// A split racing the identity function's claims on the parent: the
 /// split's transaction is conditioned on the parent's version, so no
 /// identifier claimed meanwhile is lost from either list.

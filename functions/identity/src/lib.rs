@@ -35,6 +35,13 @@ pub async fn handle(
     let mut merges: Vec<(String, SyncMessage)> = Vec::new();
     for record in event.records {
         let sqs_id = record.message_id.clone().unwrap_or_default();
+        // A message received before may have been applied by an attempt
+        // whose announcements were not sent (the reason it came back).
+        let redelivered = record
+            .attributes
+            .get("ApproximateReceiveCount")
+            .and_then(|c| c.parse::<u32>().ok())
+            .is_some_and(|c| c > 1);
         let span = info_span!("identity", sqs_message_id = %sqs_id);
         let result = async {
             let queued: QueuedEvent = serde_json::from_str(record.body.as_deref().unwrap_or(""))
@@ -69,7 +76,13 @@ pub async fn handle(
                 dynamodb_write_units = usage.write_units,
                 "event applied"
             );
-            if merged > 0 && !message_id.is_empty() {
+            // A merge is announced (for `alias` calls); so is a redelivered
+            // duplicate, which may be a merge whose announcement failed:
+            // the sync step finds its profile and merges from the event
+            // (none: nothing to announce; the alias's messageId is stable,
+            // so destinations drop one announced twice).
+            let unsure = outcome == Outcome::Duplicate && redelivered;
+            if (merged > 0 || unsure) && !message_id.is_empty() {
                 merges.push((
                     sqs_id.clone(),
                     SyncMessage::Merge {

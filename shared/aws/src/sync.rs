@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::dynamo::{DeliveryLease, DestinationState};
+use crate::dynamo::{opt_s, DeliveryLease, DestinationState};
 use crate::{DynamoStore, SqsQueue};
 
 /// How long a fan-out or a delivery run may hold its lease.
@@ -53,6 +53,9 @@ pub enum SyncMessage {
     Changes {
         space_id: String,
     },
+    /// The event `message_id` merged profiles into `profile_id` (empty:
+    /// the profile the event was recorded on, for a redelivered event
+    /// that may have merged).
     Merge {
         space_id: String,
         profile_id: String,
@@ -343,10 +346,31 @@ impl SyncStep {
         if dests.is_empty() {
             return Ok(());
         }
+        // A redelivered duplicate names no profile: the event's own.
+        let found;
+        let parent = if parent.is_empty() {
+            let event = self
+                .store
+                .event_items(space_id, &[message_id.to_string()])
+                .await?;
+            match event.first().and_then(|e| opt_s(e, "profile_id")) {
+                Some(p) => {
+                    found = p.to_string();
+                    found.as_str()
+                }
+                None => return Ok(()),
+            }
+        } else {
+            parent
+        };
+        let merges = self.store.merged_by(space_id, parent, message_id).await?;
+        if merges.is_empty() {
+            return Ok(());
+        }
         let Some((_, parent_ids)) = root_ids(&self.store, space_id, parent).await? else {
             return Ok(());
         };
-        for (child, at) in self.store.merged_by(space_id, parent, message_id).await? {
+        for (child, at) in merges {
             let child_ids = self.store.own_identifiers(space_id, &child).await?;
             // A stable number per merge, for the alias's messageId.
             let seq = crate::dynamo::event_seq(&format!("{message_id}#{child}"));

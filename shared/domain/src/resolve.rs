@@ -317,7 +317,7 @@ fn broken_limit(
         return Some(Rule::IdentifierCap);
     }
     let bytes = |ids: &mut dyn Iterator<Item = &Identifier>| -> usize {
-        ids.map(|id| id.kind.len() + id.value.len()).sum()
+        ids.map(crate::settings::stored_identifier_bytes).sum()
     };
     let union_bytes = bytes(&mut union.keys().copied());
     if union_bytes > MAX_IDENTIFIER_BYTES_PER_PROFILE {

@@ -153,9 +153,18 @@ const BUILT_IN_TYPES: [&str; 8] = [
 pub const MAX_MERGES: u32 = 100;
 pub const MAX_IDENTIFIERS: usize = 1000;
 /// Per profile, the identifiers' types and values together take at most
-/// this many bytes (1,000 identifiers of 1 KiB would not fit a DynamoDB
-/// item of 400 KB): past it, like past the count, no new identifiers.
+/// this many bytes as stored (JSON strings, escapes counted; 1,000
+/// identifiers of 1 KiB would not fit a DynamoDB item of 400 KB): past
+/// it, like past the count, no new identifiers.
 pub const MAX_IDENTIFIER_BYTES_PER_PROFILE: usize = 256 * 1024;
+
+/// The bytes an identifier's type and value take in a profile's stored
+/// identifier list (as JSON strings, so a hostile value full of control
+/// characters counts six bytes for each).
+pub fn stored_identifier_bytes(id: &Identifier) -> usize {
+    let json = |s: &str| serde_json::to_string(s).map_or(s.len() * 6 + 2, |j| j.len());
+    json(&id.kind) + json(&id.value)
+}
 
 impl Default for IdentitySettings {
     fn default() -> Self {
@@ -379,6 +388,38 @@ impl Default for IdentityRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A profile at every limit (1,000 identifiers whose stored bytes
+    /// reach the cap, escapes included, and traits at theirs) still fits
+    /// one DynamoDB item of 400 KB with room for its other attributes.
+    #[test]
+    fn a_profile_at_every_limit_fits_one_dynamodb_item() {
+        use crate::resolve::IdentifierEntry;
+        use crate::traits::MAX_TRAITS_BYTES;
+        let mut list = Vec::new();
+        let mut used = 0;
+        let mut i = 0u32;
+        while list.len() < MAX_IDENTIFIERS {
+            // Control characters: six bytes each once stored.
+            let id = Identifier::new(format!("custom_{i}"), format!("{i}{}", "\u{1}".repeat(45)));
+            let bytes = stored_identifier_bytes(&id);
+            if used + bytes > MAX_IDENTIFIER_BYTES_PER_PROFILE {
+                break;
+            }
+            used += bytes;
+            list.push(IdentifierEntry {
+                id,
+                added_at: 1_795_906_800_000,
+            });
+            i += 1;
+        }
+        assert!(used > MAX_IDENTIFIER_BYTES_PER_PROFILE * 9 / 10, "{used}");
+        let identifiers = serde_json::to_string(&list).unwrap().len();
+        // Ids, version, times, merges, first message id, key attributes.
+        let other_attributes = 2 * 1024;
+        let item = identifiers + MAX_TRAITS_BYTES + other_attributes;
+        assert!(item < 400 * 1024, "{item} bytes");
+    }
 
     #[test]
     fn defaults_follow_the_spec() {

@@ -507,3 +507,28 @@ pub(crate) fn get_n(item: &Item, name: &str) -> Result<i64, StoreError> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kindred_domain::event::{MAX_GROUP_ID_BYTES, MAX_MESSAGE_ID_CHARS};
+    use kindred_domain::identifier::{MAX_IDENTIFIER_BYTES, MAX_TYPE_BYTES};
+
+    /// The longest keys the input limits allow fit DynamoDB's (2,048
+    /// bytes for a partition key, 1,024 for a sort key): nothing that
+    /// passes ingest can fail to be written for its key's size.
+    #[test]
+    fn the_longest_keys_the_limits_allow_fit_dynamodb() {
+        let space = "s".repeat(64);
+        // A type of separators only triples when escaped.
+        let id = Identifier::new("#".repeat(MAX_TYPE_BYTES), "v".repeat(MAX_IDENTIFIER_BYTES));
+        assert!(identifier_key(&space, &id).len() <= 2_048);
+        // Message ids count characters: four bytes each at most.
+        let message_id = "𝄞".repeat(MAX_MESSAGE_ID_CHARS);
+        assert!(event_key(&space, &message_id).len() <= 2_048);
+        assert!(link_sort_key(&"g".repeat(MAX_GROUP_ID_BYTES)).len() <= 1_024);
+        let profile = format!("prf_{}", "x".repeat(40));
+        assert!(profile_key(&space, &profile).len() <= 2_048);
+        assert!(merge_sort_key(&profile).len() <= 1_024);
+    }
+}
