@@ -13,11 +13,14 @@ use serde_json::{json, Value};
 
 use crate::common::receiver::Receiver;
 
+#[derive(Clone)]
 struct Deployed {
     api_url: String,
     table: String,
     endpoint_url: String,
     expiry_function: String,
+    events_queue: String,
+    events_dlq: String,
 }
 
 /// The deployment the test command made, or `None` (skipped) outside it.
@@ -36,6 +39,11 @@ fn deployed(test: &str) -> Option<Deployed> {
         table: v["table"].as_str().unwrap().to_string(),
         endpoint_url: v["endpoint_url"].as_str().unwrap().to_string(),
         expiry_function: v["expiry_function"].as_str().unwrap().to_string(),
+        events_queue: v["queues"]["EventsQueueUrl"].as_str().unwrap().to_string(),
+        events_dlq: v["queues"]["EventsDeadLetterQueueUrl"]
+            .as_str()
+            .unwrap()
+            .to_string(),
     })
 }
 
@@ -46,17 +54,26 @@ fn workspace() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-/// A space in the deployed table, made as the README says: `kindred
-/// space create` with the emulator's endpoint.
-fn create_space(d: &Deployed, id: &str) -> Value {
-    let out = Command::new(workspace().join("target/debug/kindred"))
-        .args(["space", "create", id, "--dynamodb-table", &d.table])
+/// A command whose AWS SDK talks to the emulated account (and not to the
+/// test command's separate DynamoDB Local and SQS emulators).
+fn on_emulator(d: &Deployed, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command
         .env("AWS_ENDPOINT_URL", &d.endpoint_url)
         .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
         .env_remove("AWS_ENDPOINT_URL_SQS")
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
+        .env("AWS_DEFAULT_REGION", "us-east-1");
+    command
+}
+
+/// A space in the deployed table, made as the README says: `kindred
+/// space create` with the emulator's endpoint.
+fn create_space(d: &Deployed, id: &str) -> Value {
+    let out = on_emulator(d, workspace().join("target/debug/kindred"))
+        .args(["space", "create", id, "--dynamodb-table", &d.table])
         .output()
         .unwrap();
     assert!(
@@ -77,14 +94,8 @@ out = boto3.client("lambda").invoke(FunctionName=sys.argv[1], Payload=json.dumps
     {"source": "aws.events", "detail-type": "Scheduled Event", "time": sys.argv[2], "detail": {}}))
 print(out["Payload"].read().decode())
 "#;
-    let out = Command::new(python)
+    let out = on_emulator(d, python)
         .args(["-c", script, &d.expiry_function, time])
-        .env("AWS_ENDPOINT_URL", &d.endpoint_url)
-        .env_remove("AWS_ENDPOINT_URL_DYNAMODB")
-        .env_remove("AWS_ENDPOINT_URL_SQS")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_DEFAULT_REGION", "us-east-1")
         .output()
         .unwrap();
     assert!(
@@ -93,6 +104,39 @@ print(out["Payload"].read().decode())
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Puts a message that is not an event on the deployed events queue and
+/// waits (at most two minutes) until SQS has moved it to the dead-letter
+/// queue. The queue's visibility timeout is shortened meanwhile (through
+/// the SQS API, as an operator could), so that its five receives take
+/// seconds instead of the 15 minutes of the template's 180 s.
+fn poison_reaches_the_dead_letter_queue(d: &Deployed) -> bool {
+    let python = workspace().join("target/infra-venv/bin/python");
+    let script = r#"
+import sys, time, boto3
+sqs = boto3.client("sqs")
+queue, dlq = sys.argv[1], sys.argv[2]
+poison = "this is not a queued event"
+sqs.set_queue_attributes(QueueUrl=queue, Attributes={"VisibilityTimeout": "2"})
+sqs.send_message(QueueUrl=queue, MessageBody=poison)
+found, deadline = False, time.time() + 120
+while not found and time.time() < deadline:
+    for m in sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", []):
+        found = found or m["Body"] == poison
+sqs.set_queue_attributes(QueueUrl=queue, Attributes={"VisibilityTimeout": "180"})
+print("dead" if found else "not dead")
+"#;
+    let out = on_emulator(d, python)
+        .args(["-c", script, &d.events_queue, &d.events_dlq])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "dead"
 }
 
 struct Client {
@@ -421,6 +465,30 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
         },
     )
     .await;
+
+    // A poison message goes to the dead-letter queue while good events
+    // around it are applied.
+    let poison = tokio::task::spawn_blocking({
+        let d = d.clone();
+        move || poison_reaches_the_dead_letter_queue(&d)
+    });
+    c.send(json!([["track", ["dep-user", "Beside The Poison"], {}]]))
+        .await;
+    c.until(
+        "the event beside the poison",
+        "user_id:dep-user",
+        "events?limit=50",
+        |b| {
+            b["data"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e["event"] == "Beside The Poison"))
+        },
+    )
+    .await;
+    assert!(
+        poison.await.unwrap(),
+        "the poison message reached the dead-letter queue"
+    );
 
     // A stack update (a parameter changed) keeps the data and the space.
     let out = tokio::task::spawn_blocking(|| {
