@@ -1446,3 +1446,139 @@ async fn a_delete_racing_ingest_on_dynamodb_leaves_nothing() {
         Vec::<String>::new()
     );
 }
+
+impl Deployment {
+    /// Every root the roots index holds for the space, walked `limit` at a
+    /// time (each walk goes on from the cursor the last one returned).
+    async fn walk_roots(&self, limit: usize) -> Vec<String> {
+        let mut roots = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (page, next) = self
+                .store
+                .root_profiles(&self.space.space_id, cursor, limit)
+                .await
+                .unwrap();
+            assert!(page.len() <= limit, "{} > {limit}", page.len());
+            roots.extend(page);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        roots.sort();
+        roots
+    }
+}
+
+#[tokio::test]
+async fn the_roots_index_holds_each_root_once_through_merges_splits_and_the_migration() {
+    if !emulators("the_roots_index_holds_each_root_once_through_merges_splits_and_the_migration") {
+        return;
+    }
+    let d = Deployment::start("roots").await;
+    let (alice, bob) = d.shared_tablet().await;
+    d.batch(
+        (0..40)
+            .map(|i| json!({"type": "identify", "userId": format!("u{i}")}))
+            .collect(),
+    )
+    .await;
+    d.settle().await;
+    let mut users = Vec::new();
+    for i in 0..40 {
+        users.push(d.profile_id(&format!("user_id:u{i}")).await);
+    }
+    let mut expected = users.clone();
+    expected.push(alice.clone());
+    expected.sort();
+    // Bob merged into Alice: he is not a root. Pages of 7 cross shards.
+    assert_eq!(d.walk_roots(7).await, expected);
+    assert_eq!(d.walk_roots(1_000).await, expected);
+
+    // Split off again, Bob is a root again.
+    let path = format!("/collections/users/profiles/user_id:alice/merges/{bob}/split");
+    let (status, reply) = d.admin("POST", &path, None).await;
+    assert_eq!(status, 200, "{reply}");
+    let mut with_bob = expected.clone();
+    with_bob.push(bob.clone());
+    with_bob.sort();
+    assert_eq!(d.walk_roots(5).await, with_bob);
+
+    // A table written before the index: its roots are found again by the
+    // migration, and only its roots.
+    for p in users.iter().take(10).chain([&bob]) {
+        d.store.unindex_root(&d.space.space_id, p).await.unwrap();
+    }
+    assert_eq!(d.walk_roots(1_000).await.len(), with_bob.len() - 11);
+    assert_eq!(d.store.index_roots().await.unwrap(), 11);
+    assert_eq!(d.walk_roots(3).await, with_bob);
+    assert_eq!(
+        d.store.index_roots().await.unwrap(),
+        0,
+        "run again: nothing to do"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_sync_of_many_roots_goes_on_across_messages_and_misses_no_one() {
+    if !emulators("an_initial_sync_of_many_roots_goes_on_across_messages_and_misses_no_one") {
+        return;
+    }
+    use crate::common::receiver::Receiver;
+    let mut d = Deployment::start("initial").await;
+    // Three roots per sync message: twelve buyers take several.
+    d.sync_step.initial_sync_roots = 3;
+    d.define(
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    let now = kindred_store::now_millis();
+    let order = |user: String| {
+        json!({"type": "track", "userId": user, "event": "Order Completed",
+               "timestamp": format_millis(now)})
+    };
+    d.batch((0..12).map(|i| order(format!("b{i}"))).collect())
+        .await;
+    d.batch(vec![json!({"type": "identify", "userId": "not-a-buyer"})])
+        .await;
+    d.settle().await;
+
+    let late = Receiver::start().await;
+    let (status, _) = d
+        .admin(
+            "PUT",
+            "/destinations/late",
+            Some(&json!({"kind": "segment", "host": late.url(""), "write_key": "wk_late"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // A buyer arriving while the initial sync is under way gets there too
+    // (as a current value or as a change).
+    d.batch(vec![order("b12".into())]).await;
+    d.settle().await;
+    let members = || {
+        let mut users: Vec<String> = late
+            .accepted()
+            .iter()
+            .filter(|c| c["type"] == "identify" && c["traits"]["buyers"] == json!(true))
+            .map(|c| c["userId"].as_str().unwrap_or_default().to_string())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    };
+    d.pump_sync_until("every buyer", || members().len() == 13)
+        .await;
+    let mut expected: Vec<String> = (0..13).map(|i| format!("b{i}")).collect();
+    expected.sort();
+    assert_eq!(members(), expected);
+    let (_, st) = d.admin("GET", "/destinations/late", None).await;
+    assert_eq!(st["initial_sync"], "done", "{st}");
+    assert!(
+        !late.accepted().iter().any(|c| c["userId"] == "not-a-buyer"),
+        "a root outside the audience sends nothing"
+    );
+}

@@ -48,6 +48,15 @@ enum Command {
     /// Delete and suppress people (GDPR, CCPA), or lift a suppression,
     /// on a running Kindred; list and show regulations.
     Regulations(regulations::RegulationsArgs),
+    /// Bring the DynamoDB table of a deployment made by an older Kindred
+    /// up to this version's layout (today: index its root profiles, one
+    /// scan of the table). Safe to run again and while the functions run.
+    Migrate {
+        /// The stack's `TableName` output (credentials and region from the
+        /// usual AWS environment).
+        #[arg(long)]
+        dynamodb_table: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -127,6 +136,22 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(regulations::run(args)),
+        Command::Migrate { dynamodb_table } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let sdk = kindred_aws::lambda::sdk_config().await;
+                let store = kindred_aws::DynamoStore::new(
+                    aws_sdk_dynamodb::Client::new(&sdk),
+                    dynamodb_table,
+                );
+                let indexed = store
+                    .index_roots()
+                    .await
+                    .context("indexing the root profiles")?;
+                println!("{}", serde_json::json!({ "roots_indexed": indexed }));
+                Ok(())
+            }),
         Command::Bench(args) => {
             config::init_logging();
             tokio::runtime::Builder::new_multi_thread()

@@ -35,6 +35,7 @@ pub fn step(config: &Config, sdk: &SdkConfig, policy: RetryPolicy) -> Result<Syn
         queue: Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url)),
         store,
         regulation_settle: kindred_aws::privacy::SETTLE,
+        initial_sync_roots: kindred_aws::sync::INITIAL_SYNC_ROOTS,
     })
 }
 

@@ -437,7 +437,9 @@ async fn backfill_page(
         .map(serde_json::to_string)
         .transpose()?
         .unwrap_or_default();
-    let (roots, next) = store.root_profiles(space_id, start).await?;
+    let (roots, next) = store
+        .root_profiles(space_id, start, crate::dynamo::compute::BACKFILL_ROOTS)
+        .await?;
     let as_of = now_millis();
     let recomputes: Vec<ComputeMessage> = roots
         .iter()

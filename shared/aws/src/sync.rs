@@ -42,6 +42,8 @@ const LEASE_MS: i64 = 120_000;
 const DELIVER_BUDGET: Duration = Duration::from_secs(20);
 /// Changes fanned out per `changes` message.
 const CHANGES_PER_MESSAGE: usize = 1_000;
+/// Root profiles one sync message reads for a destination's initial sync.
+pub const INITIAL_SYNC_ROOTS: usize = 500;
 /// How long the compute function delays its `changes` message: past the
 /// change log's settle window, so that the changes are readable.
 pub const CHANGES_DELAY_SECS: u32 = 6;
@@ -80,6 +82,9 @@ pub struct SyncStep {
     /// How long a regulation's delete waits after its suppression
     /// ([`crate::privacy::SETTLE`]).
     pub regulation_settle: Duration,
+    /// Root profiles one sync message reads for a destination's initial
+    /// sync ([`INITIAL_SYNC_ROOTS`]).
+    pub initial_sync_roots: usize,
 }
 
 /// A profile's root and the root's identifiers (its whole tree's).
@@ -189,14 +194,22 @@ impl SyncStep {
         };
         let mut dests = self.store.destination_items(space_id).await?;
         let mut woken: Vec<String> = Vec::new();
+        let mut more = false;
         for d in dests.iter_mut() {
             if d.record.initial_sync_pending && d.record.settings.enabled {
-                let horizon = self.initial_sync(space_id, d).await?;
-                if !d.synced {
-                    d.since_change = horizon;
+                match self.initial_sync(space_id, d).await? {
+                    Some((horizon, done)) => {
+                        if let Some(horizon) = horizon {
+                            d.since_change = horizon;
+                        }
+                        d.record.initial_sync_pending = !done;
+                        more |= !done;
+                        d.synced = true;
+                    }
+                    // Not recorded (the destination changed meanwhile):
+                    // the next run reads it again.
+                    None => more = true,
                 }
-                d.record.initial_sync_pending = false;
-                d.synced = true;
                 woken.push(d.record.destination_id.clone());
             }
         }
@@ -262,7 +275,7 @@ impl SyncStep {
         for d in &woken {
             self.wake(space_id, d, 0).await?;
         }
-        if changes.len() >= CHANGES_PER_MESSAGE {
+        if more || changes.len() >= CHANGES_PER_MESSAGE {
             self.queue
                 .send_json(&[SyncMessage::Changes {
                     space_id: space_id.to_string(),
@@ -278,22 +291,36 @@ impl SyncStep {
         Ok(())
     }
 
-    /// Queues every current value for a new destination; returns the
-    /// change-log position it covers (changes after it are sent as
-    /// changes). A change written while the states are read may reach the
-    /// destination both as a current value and as a change.
-    async fn initial_sync(&self, space_id: &str, state: &DestinationState) -> Result<i64> {
+    /// Queues the current values of one stretch of the space's root
+    /// profiles for a destination's pending initial sync (a large space
+    /// takes several messages, each going on where the last stopped);
+    /// returns the change-log position a first pass covers (changes after
+    /// it are sent as changes) and whether the pass is done, or `None` if
+    /// the destination changed meanwhile and the stretch was not recorded
+    /// (its next run reads it again). A change
+    /// written while the states are read may reach the destination both
+    /// as a current value and as a change.
+    async fn initial_sync(
+        &self,
+        space_id: &str,
+        state: &DestinationState,
+    ) -> Result<Option<(Option<i64>, bool)>> {
         let d = &state.record;
-        // The scan's start. A change stamped before it is taken as read by
-        // the scan (sending it again would announce an entry twice); one
-        // whose transaction commits after the scan read its profile is the
-        // (rare) exception and is missed, and one stamped after it but
-        // read by the scan arrives twice. See README, "Not built yet".
-        let horizon = now_millis() * 1_000_000 - 1;
+        // The first stretch's start. A change stamped before it is taken
+        // as read by the pass (sending it again would announce an entry
+        // twice); one whose transaction commits after the pass read its
+        // profile is the (rare) exception and is missed, and one stamped
+        // after it but read by the pass arrives twice. See README, "Not
+        // built yet".
+        let horizon = (!state.synced).then(|| now_millis() * 1_000_000 - 1);
         let now = format_millis(now_millis());
+        let from = state.initial_cursor.clone();
+        let (states, next) = self
+            .store
+            .root_states(space_id, from.clone(), self.initial_sync_roots)
+            .await?;
         let mut calls: Vec<(String, Value)> = Vec::new();
-        let mut sent = std::collections::HashSet::new();
-        for (profile_id, mut values) in self.store.computed_states(space_id).await? {
+        for (profile_id, mut values) in states {
             if let Some(keys) = &state.initial_keys {
                 values.retain(|k, _| keys.contains(k));
             }
@@ -309,29 +336,26 @@ impl SyncStep {
                 &values,
                 &now,
             );
-            for call in current {
-                // A merged-away profile's state not folded into its root
-                // yet names the root too: one call each.
-                if sent.insert(call["messageId"].to_string()) {
-                    calls.push((root.clone(), call));
-                }
-            }
+            calls.extend(current.into_iter().map(|call| (root.clone(), call)));
         }
         let n = calls.len();
         self.store
             .enqueue(space_id, &d.destination_id, calls)
             .await?;
-        self.store
-            .finish_initial_sync(
+        let done = next.is_none();
+        let recorded = self
+            .store
+            .initial_sync_progress(
                 space_id,
                 &d.destination_id,
                 d.version,
+                from.as_ref(),
+                next.as_ref(),
                 horizon,
-                !state.synced,
             )
             .await?;
-        info!(space_id, destination_id = %d.destination_id, calls = n, "initial sync queued");
-        Ok(horizon)
+        info!(space_id, destination_id = %d.destination_id, calls = n, done, recorded, "initial sync queued");
+        Ok(recorded.then_some((horizon, done)))
     }
 
     async fn merge(&self, space_id: &str, parent: &str, message_id: &str) -> Result<()> {

@@ -45,9 +45,8 @@ pub const CHANGES_SETTLE_MS: i64 = 5_000;
 const SET: &str = "#SET";
 /// The partition listing every space that has definitions.
 const DEFINITION_SPACES: &str = "DEFSPACES";
-/// Root profiles read per backfill message (scan pages of this many items).
-const BACKFILL_PAGE: i32 = 1_000;
-const BACKFILL_PAGES_PER_MESSAGE: usize = 4;
+/// Root profiles read per backfill message.
+pub(crate) const BACKFILL_ROOTS: usize = 4_000;
 const ATTEMPTS: u32 = 8;
 
 fn definitions_key(space_id: &str) -> String {
@@ -540,50 +539,6 @@ impl DynamoStore {
         })
         .await?;
         Ok(out)
-    }
-
-    /// One page walk of the space's root profiles for a backfill pass:
-    /// returns them and where to continue.
-    pub(crate) async fn root_profiles(
-        &self,
-        space_id: &str,
-        start: Option<BTreeMap<String, String>>,
-    ) -> Result<(Vec<String>, Option<BTreeMap<String, String>>)> {
-        let mut roots = Vec::new();
-        let mut start: Option<Item> =
-            start.map(|m| m.into_iter().map(|(k, v)| (k, s(v))).collect());
-        for _ in 0..BACKFILL_PAGES_PER_MESSAGE {
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .filter_expression(
-                    "begins_with(pk, :prefix) AND sk = :meta AND attribute_not_exists(parent_id)",
-                )
-                .expression_attribute_values(":prefix", s(format!("PRF#{space_id}#")))
-                .expression_attribute_values(":meta", s(META))
-                .projection_expression("profile_id")
-                .limit(BACKFILL_PAGE)
-                .set_exclusive_start_key(start)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(service)?;
-            self.usage.read(out.consumed_capacity());
-            for item in out.items() {
-                roots.push(get_s(item, "profile_id")?.to_string());
-            }
-            start = out.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
-        }
-        let next = start.map(|k| {
-            k.into_iter()
-                .filter_map(|(name, v)| v.as_s().ok().map(|v| (name, v.clone())))
-                .collect()
-        });
-        Ok((roots, next))
     }
 
     /// Counts one page of a backfill pass (`page`: the cursor it started

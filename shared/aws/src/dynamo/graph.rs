@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     event_key, event_order, event_seq, get_n, get_s, identifier_key, key, link_sort_key, lock,
-    merge_sort_key, n, opt_s, profile_key, s, service, DynamoStore, Item, EVENT_RETENTION_DAYS,
-    EXPIRES_AT, GPK, GSK, META, PK,
+    merge_sort_key, n, opt_s, profile_key, root_index_keys, s, service, DynamoStore, Item,
+    EVENT_RETENTION_DAYS, EXPIRES_AT, GPK, GSK, META, PK,
 };
 
 /// Split marks remembered as seen (beyond it, they are read again).
@@ -502,6 +502,7 @@ fn transaction_items(
                 s(serde_json::to_string(&c.identifiers)?),
             );
             item.insert("traits".into(), s(serde_json::to_string(&c.traits)?));
+            item.extend(root_index_keys(space_id, &c.profile_id));
             items.push(put(table, item, Some("attribute_not_exists(pk)"))?);
             for e in &c.identifiers {
                 claim(&mut items, e, &c.profile_id)?;
@@ -512,7 +513,9 @@ fn transaction_items(
                 let update = Update::builder()
                     .table_name(table)
                     .set_key(Some(key(profile_key(space_id, child), META)))
-                    .update_expression("SET parent_id = :parent, version = version + :one")
+                    .update_expression(
+                        "SET parent_id = :parent, version = version + :one REMOVE rpk, rsk",
+                    )
                     .condition_expression("version = :v AND attribute_not_exists(parent_id)")
                     .expression_attribute_values(":parent", s(&a.profile_id))
                     .expression_attribute_values(":one", n(1))

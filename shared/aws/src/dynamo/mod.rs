@@ -12,6 +12,7 @@ pub mod compute;
 mod graph;
 pub(crate) mod privacy;
 pub(crate) mod profiles;
+mod roots;
 mod spaces;
 mod split;
 mod sync;
@@ -45,6 +46,18 @@ pub(crate) const SK: &str = "sk";
 pub(crate) const EVENTS_INDEX: &str = "events_by_profile";
 pub(crate) const GPK: &str = "gpk";
 pub(crate) const GSK: &str = "gsk";
+/// The sparse index of each space's root profiles: only a root's profile
+/// item carries its keys (set when it is created or split off, removed
+/// when it merges into another), so a backfill or an initial sync reads
+/// the space's roots and nothing else. Keys only: writing a root's other
+/// attributes costs the index nothing.
+pub(crate) const ROOTS_INDEX: &str = "roots_by_space";
+pub(crate) const RPK: &str = "rpk";
+pub(crate) const RSK: &str = "rsk";
+/// Index partitions per space, so that a space creating many profiles at
+/// once spreads its index writes (one index partition key takes about
+/// 1,000 writes a second).
+pub(crate) const ROOT_SHARDS: u64 = 16;
 /// TTL attribute (epoch seconds).
 pub(crate) const EXPIRES_AT: &str = "expires_at";
 /// The sort key of every item that is alone in its partition.
@@ -370,6 +383,8 @@ impl DynamoStore {
             .attribute_definitions(attr(SK)?)
             .attribute_definitions(attr(GPK)?)
             .attribute_definitions(attr(GSK)?)
+            .attribute_definitions(attr(RPK)?)
+            .attribute_definitions(attr(RSK)?)
             .key_schema(key(PK, KeyType::Hash)?)
             .key_schema(key(SK, KeyType::Range)?)
             .global_secondary_indexes(
@@ -380,6 +395,19 @@ impl DynamoStore {
                     .projection(
                         Projection::builder()
                             .projection_type(ProjectionType::All)
+                            .build(),
+                    )
+                    .build()
+                    .map_err(service)?,
+            )
+            .global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(ROOTS_INDEX)
+                    .key_schema(key(RPK, KeyType::Hash)?)
+                    .key_schema(key(RSK, KeyType::Range)?)
+                    .projection(
+                        Projection::builder()
+                            .projection_type(ProjectionType::KeysOnly)
                             .build(),
                     )
                     .build()
@@ -432,6 +460,23 @@ pub(crate) fn identifier_key(space_id: &str, id: &Identifier) -> String {
 
 pub(crate) fn profile_key(space_id: &str, profile_id: &str) -> String {
     format!("PRF#{space_id}#{profile_id}")
+}
+
+/// The roots index partition of one of a space's shards.
+pub(crate) fn roots_key(space_id: &str, shard: u64) -> String {
+    format!("ROOTS#{space_id}#{shard}")
+}
+
+/// The roots index keys a root profile's item carries (its shard: a
+/// stable FNV-1a hash of the profile id).
+pub(crate) fn root_index_keys(space_id: &str, profile_id: &str) -> [(String, AttributeValue); 2] {
+    let hash = profile_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    [
+        (RPK.to_string(), s(roots_key(space_id, hash % ROOT_SHARDS))),
+        (RSK.to_string(), s(profile_id)),
+    ]
 }
 
 pub(crate) fn event_key(space_id: &str, message_id: &str) -> String {

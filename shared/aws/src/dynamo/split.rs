@@ -21,8 +21,8 @@ use kindred_store::{now_millis, Result};
 
 use super::profiles::Resolved;
 use super::{
-    get_n, get_s, identifier_key, key, lock, merge_sort_key, n, opt_s, profile_key, s, service,
-    space_key, DynamoStore, META, PK,
+    get_n, get_s, identifier_key, key, lock, merge_sort_key, n, opt_s, profile_key,
+    root_index_keys, s, service, space_key, DynamoStore, META, PK,
 };
 
 /// Marks an identifier item whose owner left its parent in a split.
@@ -163,9 +163,17 @@ impl DynamoStore {
             .update(
                 update(
                     profile_key(space_id, child),
-                    "REMOVE parent_id SET identifiers = :ids, traits = :traits, version = version + :one",
+                    "REMOVE parent_id SET identifiers = :ids, traits = :traits, \
+                     version = version + :one, rpk = :rpk, rsk = :rsk",
                     "version = :v AND parent_id = :parent",
                 )
+                .set_expression_attribute_values(Some(
+                    root_index_keys(space_id, child)
+                        .into_iter()
+                        .map(|(name, v)| (format!(":{name}"), v))
+                        .chain([(":one".to_string(), n(1))])
+                        .collect(),
+                ))
                 .expression_attribute_values(":ids", s(serde_json::to_string(&to_child)?))
                 .expression_attribute_values(":traits", s(serde_json::to_string(&child_traits)?))
                 .expression_attribute_values(":v", n(get_n(&child_item, "version")?))

@@ -16,7 +16,7 @@
 //! destination item, so a destination's queue is one partition read in
 //! order; moving a call to or from the dead letters is one transaction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -33,7 +33,7 @@ use kindred_store::{
 };
 use serde_json::Value;
 
-use super::{get_n, get_s, key, n, opt_s, s, service, space_key, DynamoStore, Item, PK, SK};
+use super::{get_n, get_s, key, n, opt_s, s, service, space_key, DynamoStore, Item, META, PK, SK};
 
 const DEST_PREFIX: &str = "DEST#";
 const DEST_COUNT: &str = "DESTCOUNT";
@@ -132,8 +132,10 @@ pub struct DestinationState {
     pub since_change: i64,
     /// The keys a pending initial sync sends (`None`: every key).
     pub initial_keys: Option<BTreeSet<String>>,
-    /// Whether a first initial sync is done.
+    /// Whether a first initial sync has begun (its horizon is set).
     pub synced: bool,
+    /// Where a pending initial sync goes on in the space's roots.
+    pub initial_cursor: Option<BTreeMap<String, String>>,
 }
 
 fn record_of(item: &Item) -> Result<DestinationRecord> {
@@ -347,37 +349,100 @@ impl DynamoStore {
         }))
     }
 
-    /// Marks a destination's initial sync done, with the change-log
-    /// position it covers, if it is still at `version`.
-    pub async fn finish_initial_sync(
+    /// Records one stretch of a destination's initial sync, if the
+    /// destination is still at `version` and the pass still at `from`:
+    /// where it goes on (`next`), or that it is done (`None`). The first
+    /// stretch of a first pass (`horizon`) marks the destination synced
+    /// and moves its change horizon; a later pass (changes kept flowing
+    /// meanwhile) does not.
+    pub async fn initial_sync_progress(
         &self,
         space_id: &str,
         destination_id: &str,
         version: u64,
-        horizon: i64,
-        first: bool,
+        from: Option<&BTreeMap<String, String>>,
+        next: Option<&BTreeMap<String, String>>,
+        horizon: Option<i64>,
     ) -> Result<bool> {
-        let request = self
+        let mut set = vec!["synced = :t"];
+        let mut remove = Vec::new();
+        let mut request = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(space_key(space_id), &dest_sort(destination_id))))
-            .condition_expression("version = :v")
-            .expression_attribute_values(":f", AttributeValue::Bool(false))
             .expression_attribute_values(":t", AttributeValue::Bool(true))
             .expression_attribute_values(":v", n(version));
-        // A first pass moves the change horizon; a later one (changes kept
-        // flowing meanwhile) does not.
-        let request = match first {
-            true => request
-                .update_expression(
-                    "SET initial_pending = :f, synced = :t, since_change = :h REMOVE initial_keys",
-                )
-                .expression_attribute_values(":h", n(horizon)),
-            false => request
-                .update_expression("SET initial_pending = :f, synced = :t REMOVE initial_keys"),
+        request = match from {
+            Some(from) => request
+                .condition_expression("version = :v AND initial_cursor = :from")
+                .expression_attribute_values(":from", s(serde_json::to_string(from)?)),
+            None => request
+                .condition_expression("version = :v AND attribute_not_exists(initial_cursor)"),
         };
-        Ok(self.conditional_update(request).await?.is_some())
+        if let Some(h) = horizon {
+            set.push("since_change = :h");
+            request = request.expression_attribute_values(":h", n(h));
+        }
+        match next {
+            Some(next) => {
+                set.push("initial_cursor = :next");
+                request =
+                    request.expression_attribute_values(":next", s(serde_json::to_string(next)?));
+            }
+            None => {
+                set.push("initial_pending = :f");
+                remove.extend(["initial_keys", "initial_cursor"]);
+                request = request.expression_attribute_values(":f", AttributeValue::Bool(false));
+            }
+        }
+        let mut expression = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        Ok(self
+            .conditional_update(request.update_expression(expression))
+            .await?
+            .is_some())
+    }
+
+    /// Up to `limit` of the space's root profiles from `start` (the roots
+    /// index, no scan), each with its stored computed values (a root
+    /// without a compute state is left out), and where to go on.
+    pub async fn root_states(
+        &self,
+        space_id: &str,
+        start: Option<BTreeMap<String, String>>,
+        limit: usize,
+    ) -> Result<(
+        Vec<(String, kindred_store::ComputedValues)>,
+        Option<BTreeMap<String, String>>,
+    )> {
+        let (roots, next) = self.root_profiles(space_id, start, limit).await?;
+        let keys = roots
+            .iter()
+            .map(|p| key(super::compute::state_key(space_id, p), META))
+            .collect();
+        let prefix = super::compute::state_key(space_id, "");
+        let mut out = Vec::new();
+        for item in self.batch_get(keys, true).await? {
+            let profile_id = get_s(&item, PK)?
+                .strip_prefix(&prefix)
+                .unwrap_or_default()
+                .to_string();
+            if let Some(computed) = opt_s(&item, "computed") {
+                out.push((profile_id, serde_json::from_str(computed)?));
+            }
+        }
+        // The order the roots were read in, whatever order the batch read
+        // answered in.
+        let order: HashMap<&str, usize> = roots
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), i))
+            .collect();
+        out.sort_by_key(|(p, _)| order.get(p.as_str()).copied());
+        Ok((out, next))
     }
 
     /// The space's destinations as stored, with their sync state.
@@ -397,6 +462,9 @@ impl DynamoStore {
                 since_change: opt_n(item, "since_change").unwrap_or(0),
                 initial_keys: initial_keys(item)?,
                 synced: boolean(item, "synced"),
+                initial_cursor: opt_s(item, "initial_cursor")
+                    .map(serde_json::from_str)
+                    .transpose()?,
             });
             Ok(true)
         })
@@ -506,6 +574,11 @@ impl Destinations for DynamoStore {
                             );
                         }
                         None => remove.push("initial_keys"),
+                    }
+                    if resync {
+                        // A pass pending with other keys starts again
+                        // with all of them.
+                        remove.push("initial_cursor");
                     }
                     if !remove.is_empty() {
                         update.push_str(" REMOVE ");
@@ -1039,47 +1112,6 @@ impl DynamoStore {
         {
             Some(item) => Ok(serde_json::from_str(get_s(&item, "identifiers")?)?),
             None => Ok(Vec::new()),
-        }
-    }
-
-    /// Every stored profile state of the space with its computed values
-    /// (a filtered `Scan`, like a backfill pass: an initial sync reads the
-    /// whole space once).
-    pub async fn computed_states(
-        &self,
-        space_id: &str,
-    ) -> Result<Vec<(String, kindred_store::ComputedValues)>> {
-        let prefix = super::compute::state_key(space_id, "");
-        let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .filter_expression("begins_with(pk, :prefix)")
-                .expression_attribute_values(":prefix", s(&prefix))
-                .projection_expression("pk, computed")
-                .set_exclusive_start_key(start)
-                .consistent_read(true)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await
-                .map_err(service)?;
-            self.usage.read(page.consumed_capacity());
-            for item in page.items() {
-                let profile_id = get_s(item, PK)?
-                    .strip_prefix(&prefix)
-                    .unwrap_or_default()
-                    .to_string();
-                if let Some(computed) = opt_s(item, "computed") {
-                    out.push((profile_id, serde_json::from_str(computed)?));
-                }
-            }
-            match page.last_evaluated_key() {
-                Some(k) => start = Some(k.clone()),
-                None => return Ok(out),
-            }
         }
     }
 }
