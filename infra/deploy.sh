@@ -170,8 +170,8 @@ for line in text.splitlines(keepends=True):
         line = line.replace("..", os.path.join(build, current))
     out.append(line.replace("Architectures: [arm64]", "Architectures: [x86_64]"))
 open(os.path.join(build, "template.yaml"), "w").writelines(out)
-if found != 6:
-    sys.exit(f"expected 6 functions in the template, found {found}")
+if found != 7:
+    sys.exit(f"expected 7 functions in the template, found {found}")
 PY
 
 "$infra_venv/bin/python" -c "import boto3; s3 = boto3.client('s3'); s3.create_bucket(Bucket='kindred-artifacts')" 2>/dev/null || true

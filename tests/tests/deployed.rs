@@ -531,6 +531,18 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
     )
     .await;
 
+    // Under /collections, GET goes to the read-only function and POST to
+    // the admin one: a split of a merge that never happened is the admin
+    // API's 404, not the reads function's 405.
+    let (status, reply) = c
+        .admin(
+            "POST",
+            "/collections/users/profiles/user_id:dep-user/merges/no-such-profile/split",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{reply}");
+
     // The upgrade step of an older table (README): every root this
     // version wrote is in the roots index already.
     let out = on_emulator(&d, workspace().join("target/debug/kindred"))

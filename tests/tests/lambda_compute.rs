@@ -63,6 +63,8 @@ struct Deployment {
     compute: SqsQueue,
     ingest: kindred_http::Router,
     profile_api: kindred_http::Router,
+    /// The same function deployed reads-only (`profile-reads`).
+    profile_reads: kindred_http::Router,
     space: kindred_store::NewSpace,
     /// The sync queue and step, in deployments with destinations.
     sync_queue: String,
@@ -112,6 +114,7 @@ impl Deployment {
             &sdk,
         );
         let profile_api = kindred_profile_api::app(&lambda_config, &sdk);
+        let profile_reads = kindred_profile_api::reads_app(&lambda_config, &sdk);
         let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), setup.table());
         let compute = SqsQueue::new(sqs.clone(), &compute_queue);
         let sync = SqsQueue::new(sqs.clone(), &sync_queue);
@@ -126,6 +129,7 @@ impl Deployment {
             compute,
             ingest,
             profile_api,
+            profile_reads,
             space,
         }
     }
@@ -1089,6 +1093,28 @@ async fn a_wrong_merge_on_dynamodb_is_split_and_stays_apart() {
     d.settle().await;
 
     let path = format!("/collections/users/profiles/user_id:alice/merges/{bob}/split");
+    // The reads-only deployment refuses it (its role could not write it
+    // anyway) and reads as the full one does.
+    let full_path = format!("/v1/spaces/{}{path}", d.space.space_id);
+    let request = apigw("POST", &full_path, "", &d.space.admin_token, None);
+    let (status, reply) = call(&d.profile_reads, request).await;
+    assert_eq!(
+        (status, &reply["error"]["code"]),
+        (405, &json!("read_only")),
+        "{reply}"
+    );
+    let traits = format!(
+        "/v1/spaces/{}/collections/users/profiles/user_id:alice/traits",
+        d.space.space_id
+    );
+    let request = apigw("GET", &traits, "", &d.space.access_token, None);
+    let (status, reply) = call(&d.profile_reads, request).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["traits"]["plan"], "pro",
+        "Bob's traits are Alice's now: {reply}"
+    );
+
     let (status, reply) = d.admin("POST", &path, None).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["parent"], alice.as_str());

@@ -1,5 +1,9 @@
 //! The `profile-api` function: the Profile API and the admin API (the
 //! same routers `kindred serve` runs) on API Gateway, reading DynamoDB.
+//! The template deploys it twice: as `profile-api` (the admin API and the
+//! Profile API's writes) and, with `KINDRED_READ_ONLY=true`, as
+//! `profile-reads` (the Profile API's reads, on a role that may only read
+//! the table).
 
 use std::sync::Arc;
 
@@ -53,4 +57,15 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         profile_rate_limiter: Arc::new(kindred_http::RateLimiter::profile_api()),
     });
     with_request_costs(app, Arc::new(move || request_cost(&store)))
+}
+
+/// The router of the reads-only deployment: the same routes, refusing
+/// every method that could write ([`kindred_http::reads_only`]).
+pub fn reads_app(config: &Config, sdk: &SdkConfig) -> Router {
+    kindred_http::reads_only(app(config, sdk))
+}
+
+/// Whether this deployment is the reads-only one (`KINDRED_READ_ONLY`).
+pub fn read_only_from_env() -> bool {
+    std::env::var("KINDRED_READ_ONLY").is_ok_and(|v| v == "true" || v == "1")
 }

@@ -1,9 +1,13 @@
-use kindred_profile_api::{app, Config};
+use kindred_profile_api::{app, read_only_from_env, reads_app, Config};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     kindred_aws::lambda::init_logging();
     let sdk = kindred_aws::lambda::sdk_config().await;
     let config = Config::load_with_secrets(&sdk).await?;
-    lambda_http::run(app(&config, &sdk)).await
+    if read_only_from_env() {
+        lambda_http::run(reads_app(&config, &sdk)).await
+    } else {
+        lambda_http::run(app(&config, &sdk)).await
+    }
 }

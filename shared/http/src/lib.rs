@@ -207,6 +207,31 @@ pub fn profile_api_app(state: ReadState) -> Router {
     )
 }
 
+/// Answers `405 read_only` to every request that could write (any method
+/// but GET, HEAD and OPTIONS): the Profile API's reads function on AWS,
+/// whose role may only read the table, so that a write routed to it by
+/// mistake is refused plainly rather than failing on a denied write.
+pub fn reads_only(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(
+        |request: Request, next: Next| async move {
+            use axum::http::Method;
+            use axum::response::IntoResponse;
+            if matches!(
+                *request.method(),
+                Method::GET | Method::HEAD | Method::OPTIONS
+            ) {
+                return next.run(request).await;
+            }
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "read_only",
+                "this function only reads; writes go to the admin API",
+            )
+            .into_response()
+        },
+    ))
+}
+
 /// Answers `408 request_timeout` to a request not done within `limit`
 /// (for servers that face clients directly; API Gateway has its own).
 pub fn with_request_timeout(router: Router, limit: std::time::Duration) -> Router {
