@@ -70,6 +70,11 @@ struct Deployment {
     sync_queue: String,
     sync: SqsQueue,
     sync_step: kindred_aws::sync::SyncStep,
+    /// Per queue URL: SQS batches handed to a function (its invocations)
+    /// and messages, as the event source mapping would.
+    pumped: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    /// Tracking API requests sent, and events in them.
+    sent: std::sync::Mutex<(u64, u64)>,
 }
 
 impl Deployment {
@@ -131,6 +136,8 @@ impl Deployment {
             profile_api,
             profile_reads,
             space,
+            pumped: Default::default(),
+            sent: Default::default(),
         }
     }
 
@@ -167,7 +174,13 @@ impl Deployment {
         .unwrap();
         request["headers"]["authorization"] =
             format!("Basic {}", basic(&self.space.write_key)).into();
+        let events_len = events.len();
         request["body"] = json!({ "batch": events }).to_string().into();
+        {
+            let mut sent = self.sent.lock().unwrap();
+            sent.0 += 1;
+            sent.1 += events_len as u64;
+        }
         let (status, reply) = call(&self.ingest, request.to_string()).await;
         assert_eq!(status, 200, "{reply}");
         assert_eq!(reply["rejected"], json!([]), "{reply}");
@@ -201,6 +214,12 @@ impl Deployment {
                 continue;
             }
             empty = 0;
+            {
+                let mut pumped = self.pumped.lock().unwrap();
+                let entry = pumped.entry(queue.to_string()).or_default();
+                entry.0 += 1;
+                entry.1 += messages.len() as u64;
+            }
             let response = handler(sqs_event(&messages)).await;
             let failed: Vec<String> = response
                 .batch_item_failures
@@ -1607,4 +1626,198 @@ async fn an_initial_sync_of_many_roots_goes_on_across_messages_and_misses_no_one
         !late.accepted().iter().any(|c| c["userId"] == "not-a-buyer"),
         "a root outside the audience sends nothing"
     );
+}
+
+/// Requests per service counted while a stretch of events goes through
+/// the functions (in process, on DynamoDB Local and the emulator's SQS).
+#[derive(Clone, Copy, Default)]
+struct Meter {
+    api_requests: u64,
+    events: u64,
+    dynamo: kindred_aws::UsageSnapshot,
+    /// Messages and batches (invocations) per function's queue.
+    identity: (u64, u64),
+    compute: (u64, u64),
+    sync: (u64, u64),
+    /// SQS sends by the functions (ingest's are counted from its batches).
+    sends: u64,
+    /// Write units of the identity, compute and sync steps.
+    steps: [f64; 3],
+}
+
+impl Deployment {
+    fn meter(&self) -> Meter {
+        let pumped = self.pumped.lock().unwrap();
+        // (messages, batches)
+        let of = |q: &str| pumped.get(q).map_or((0, 0), |&(b, m)| (m, b));
+        let sent = *self.sent.lock().unwrap();
+        let a = self.store.usage();
+        let b = self.sync_step.store.usage();
+        Meter {
+            api_requests: sent.0,
+            events: sent.1,
+            dynamo: kindred_aws::UsageSnapshot {
+                read_requests: a.read_requests + b.read_requests,
+                write_requests: a.write_requests + b.write_requests,
+                read_units: a.read_units + b.read_units,
+                write_units: a.write_units + b.write_units,
+            },
+            identity: of(&self.events_queue),
+            compute: of(&self.compute_queue),
+            sync: of(&self.sync_queue),
+            sends: self.compute.requests() + self.sync.requests() + self.sync_step.queue.requests(),
+            steps: [0.0; 3],
+        }
+    }
+
+    /// Sends `events` `per_request` at a time and runs every function until
+    /// the queues drain (the sync queue after its 6 s delay); what it cost.
+    async fn bill(&self, events: Vec<Value>, per_request: usize) -> Meter {
+        let before = self.meter();
+        let sync_sends = self.sync.requests();
+        for chunk in events.chunks(per_request) {
+            self.batch(chunk.to_vec()).await;
+        }
+        let w0 = self.store.usage().write_units;
+        self.pump(&self.events_queue, |e| {
+            kindred_identity::handle(&self.store, &self.compute, Some(&self.sync), e)
+        })
+        .await;
+        let w1 = self.store.usage().write_units;
+        self.pump_compute().await;
+        let w2 = self.store.usage().write_units;
+        let s0 = self.sync_step.store.usage().write_units;
+        if self.sync.requests() > sync_sends {
+            // Changes wait 6 s in the sync queue (the change log's settle
+            // window).
+            tokio::time::sleep(Duration::from_millis(6_500)).await;
+        }
+        self.pump(&self.sync_queue, |e| {
+            kindred_sync_function::handle(&self.sync_step, e)
+        })
+        .await;
+        let s1 = self.sync_step.store.usage().write_units;
+        let after = self.meter();
+        let minus = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0, a.1 - b.1);
+        Meter {
+            api_requests: after.api_requests - before.api_requests,
+            events: after.events - before.events,
+            dynamo: after.dynamo.since(before.dynamo),
+            identity: minus(after.identity, before.identity),
+            compute: minus(after.compute, before.compute),
+            sync: minus(after.sync, before.sync),
+            sends: after.sends - before.sends,
+            steps: [w1 - w0, w2 - w1, s1 - s0],
+        }
+    }
+}
+
+/// us-east-1 on-demand list prices (2026): DynamoDB per write and read
+/// request unit, SQS per request, Lambda per invocation, API Gateway REST
+/// per request.
+const DYNAMO_WRU: f64 = 0.625e-6;
+const DYNAMO_RRU: f64 = 0.125e-6;
+const SQS_REQUEST: f64 = 0.40e-6;
+const LAMBDA_INVOCATION: f64 = 0.20e-6;
+const REST_REQUEST: f64 = 3.50e-6;
+
+/// Per event: (dollars per million events, the line printed).
+fn priced(label: &str, m: &Meter) -> (f64, String) {
+    let e = m.events as f64;
+    // Ingest sends its events 10 per SendMessageBatch per request; each
+    // function's event source mapping receives a batch and deletes it
+    // with one DeleteMessageBatch (empty polls left out).
+    let per_request = (m.events as f64 / m.api_requests as f64 / 10.0).ceil();
+    let ingest_sends = per_request * m.api_requests as f64;
+    let batches = m.identity.1 + m.compute.1 + m.sync.1;
+    let sqs = ingest_sends + m.sends as f64 + 2.0 * batches as f64;
+    let invocations = m.api_requests as f64 + batches as f64;
+    let dollars = m.dynamo.write_units * DYNAMO_WRU
+        + m.dynamo.read_units * DYNAMO_RRU
+        + sqs * SQS_REQUEST
+        + invocations * LAMBDA_INVOCATION
+        + m.api_requests as f64 * REST_REQUEST;
+    let per_million = dollars / e * 1e6;
+    let line = format!(
+        "| {label} | {:.2} | {:.2} ({:.1} + {:.1} + {:.1}) | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |",
+        m.dynamo.read_units / e,
+        m.dynamo.write_units / e,
+        m.steps[0] / e,
+        m.steps[1] / e,
+        m.steps[2] / e,
+        sqs / e,
+        invocations / e,
+        m.api_requests as f64 / e,
+        (m.identity.1 + m.compute.1) as f64 / e,
+        per_million,
+    );
+    (per_million, line)
+}
+
+/// The cost of an event through every service (issue 16): a known
+/// identity, a new identity and a merge, in batches of 30 and one by one,
+/// with no definitions and with 20. Prints the table BENCHMARKS.md quotes
+/// (capacity units as DynamoDB Local reports them; requests and
+/// invocations counted; Lambda GB-seconds are not measured here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cost_of_an_event_through_every_service() {
+    if !emulators("the_cost_of_an_event_through_every_service") {
+        return;
+    }
+    let mut table = vec![
+        "| scenario | DynamoDB RRU | DynamoDB WRU (identity + compute + sync) | SQS requests | Lambda invocations | API requests | identity + compute batches | $ per million events (without GB-s) |".to_string(),
+        "|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    for definitions in [0, 20] {
+        let d = Deployment::start(&format!("cost{definitions}")).await;
+        for i in 0..definitions / 2 {
+            d.define(
+                "computed_traits",
+                &format!("count_{i}"),
+                json!({"type": "event_counter", "event": format!("Event {i}"), "lookback": {"days": 30}}),
+            )
+            .await;
+            d.define(
+                "audiences",
+                &format!("did_{i}"),
+                json!({"condition": {"performed": {"event": format!("Event {i}"), "within": {"days": 7}}}}),
+            )
+            .await;
+        }
+        // Known users, and pairs of profiles (a device, a user) to merge.
+        let n = 40;
+        let mut setup: Vec<Value> = Vec::new();
+        for i in 0..n {
+            setup.push(json!({"type": "identify", "userId": format!("u{i}")}));
+            setup
+                .push(json!({"type": "track", "anonymousId": format!("a{i}"), "event": "Event 9"}));
+            setup.push(json!({"type": "identify", "userId": format!("m{i}")}));
+        }
+        d.bill(setup, 50).await;
+        let track = |i: usize| {
+            json!({"type": "track", "userId": format!("u{i}"), "event": format!("Event {}", i % 10),
+                   "properties": {"sku": "A-1", "price": 19.5}})
+        };
+        let new = |i: usize| {
+            json!({"type": "identify", "userId": format!("n{i}"), "anonymousId": format!("na{i}"),
+                   "traits": {"email": format!("n{i}@example.com")}})
+        };
+        let merge = |i: usize| json!({"type": "identify", "userId": format!("m{i}"), "anonymousId": format!("a{i}")});
+        let scenarios: [(&str, &dyn Fn(usize) -> Value); 3] = [
+            ("known identity", &track),
+            ("new identity", &new),
+            ("merge", &merge),
+        ];
+        for (name, make) in scenarios {
+            let batched = d.bill((0..30).map(make).collect(), 30).await;
+            let single = d.bill((30..n).map(make).collect(), 1).await;
+            for (how, m) in [("batches of 30", batched), ("one by one", single)] {
+                assert!(m.dynamo.write_units > 0.0, "no consumed capacity reported");
+                assert_eq!(m.identity.0, m.events, "one identity message per event");
+                let (_, line) = priced(&format!("{name}, {definitions} definitions, {how}"), &m);
+                table.push(line);
+            }
+        }
+    }
+    println!("\n{}", table.join("\n"));
 }

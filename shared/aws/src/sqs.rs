@@ -18,6 +18,9 @@ const SEND_ATTEMPTS: u32 = 5;
 pub struct SqsQueue {
     client: Client,
     queue_url: String,
+    /// SQS requests this handle made (`SendMessageBatch`, `SendMessage`),
+    /// for the cost figures.
+    requests: std::sync::atomic::AtomicU64,
 }
 
 fn service(e: impl std::error::Error) -> StoreError {
@@ -29,7 +32,18 @@ impl SqsQueue {
         Self {
             client,
             queue_url: queue_url.into(),
+            requests: Default::default(),
         }
+    }
+
+    /// How many SQS requests this handle has made.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_request(&self) {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sends one batch, re-sending entries SQS reports as failed.
@@ -54,6 +68,7 @@ impl SqsQueue {
                         .map_err(service)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            self.count_request();
             let out = self
                 .client
                 .send_message_batch()
@@ -122,6 +137,7 @@ impl SqsQueue {
     /// Sends one JSON message that becomes visible after `delay_secs`
     /// (at most 900, SQS's limit).
     pub async fn send_delayed<T: serde::Serialize>(&self, item: &T, delay_secs: u32) -> Result<()> {
+        self.count_request();
         self.client
             .send_message()
             .queue_url(&self.queue_url)
