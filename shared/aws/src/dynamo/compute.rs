@@ -271,7 +271,7 @@ impl DynamoStore {
             .await;
         match out {
             Ok(out) => {
-                self.usage.write(out.consumed_capacity());
+                self.usage.transaction(out.consumed_capacity());
                 Ok(())
             }
             Err(e) => {

@@ -285,7 +285,7 @@ impl IdentityGraph for DynamoGraph<'_> {
             .await;
         match out {
             Ok(out) => {
-                store.usage.write(out.consumed_capacity());
+                store.usage.transaction(out.consumed_capacity());
                 self.remember(space_id, plan);
                 Ok(Applied::Recorded)
             }

@@ -75,6 +75,8 @@ pub struct Usage {
     /// Thousandths of a capacity unit.
     read_milli_units: AtomicU64,
     write_milli_units: AtomicU64,
+    /// The part of `write_milli_units` that `TransactWriteItems` reported.
+    transaction_milli_units: AtomicU64,
 }
 
 /// A snapshot of [`Usage`].
@@ -84,6 +86,9 @@ pub struct UsageSnapshot {
     pub write_requests: u64,
     pub read_units: f64,
     pub write_units: f64,
+    /// The part of `write_units` spent in transactions (DynamoDB bills
+    /// each item of one twice: a prepare and a commit write).
+    pub transaction_write_units: f64,
 }
 
 impl UsageSnapshot {
@@ -93,6 +98,7 @@ impl UsageSnapshot {
             write_requests: self.write_requests - before.write_requests,
             read_units: self.read_units - before.read_units,
             write_units: self.write_units - before.write_units,
+            transaction_write_units: self.transaction_write_units - before.transaction_write_units,
         }
     }
 }
@@ -122,6 +128,22 @@ impl Usage {
         }
     }
 
+    /// A `TransactWriteItems` call and the capacity it reported.
+    pub(crate) fn transaction<'a>(
+        &self,
+        consumed: impl IntoIterator<Item = &'a ConsumedCapacity> + Clone,
+    ) {
+        self.write(consumed.clone());
+        for c in consumed {
+            let units = c
+                .write_capacity_units()
+                .or(c.capacity_units())
+                .unwrap_or(0.0);
+            self.transaction_milli_units
+                .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn snapshot(&self) -> UsageSnapshot {
         let units = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1000.0;
         UsageSnapshot {
@@ -129,6 +151,7 @@ impl Usage {
             write_requests: self.write_requests.load(Ordering::Relaxed),
             read_units: units(&self.read_milli_units),
             write_units: units(&self.write_milli_units),
+            transaction_write_units: units(&self.transaction_milli_units),
         }
     }
 }
@@ -196,7 +219,7 @@ impl DynamoStore {
                 .await;
             let e = match out {
                 Ok(out) => {
-                    self.usage.write(out.consumed_capacity());
+                    self.usage.transaction(out.consumed_capacity());
                     return Ok(Ok(()));
                 }
                 Err(e) => e,

@@ -69,7 +69,7 @@ impl DynamoStore {
             .send()
             .await;
         match out {
-            Ok(out) => self.usage.write(out.consumed_capacity()),
+            Ok(out) => self.usage.transaction(out.consumed_capacity()),
             Err(e) => {
                 if let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
                     e.as_service_error()

@@ -319,7 +319,7 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(service)?;
-            self.usage.write(out.consumed_capacity());
+            self.usage.transaction(out.consumed_capacity());
         }
         Ok(())
     }
