@@ -69,19 +69,25 @@ fn on_emulator(d: &Deployed, program: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
-/// A space in the deployed table, made as the README says: `kindred
-/// space create` with the emulator's endpoint.
-fn create_space(d: &Deployed, id: &str) -> Value {
+/// Runs the `kindred` command with the emulator's endpoint, as the
+/// README says; the JSON line it prints.
+fn kindred(d: &Deployed, args: &[&str]) -> Value {
     let out = on_emulator(d, workspace().join("target/debug/kindred"))
-        .args(["space", "create", id, "--dynamodb-table", &d.table])
+        .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "kindred {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A space in the deployed table, made as the README says: `kindred
+/// space create` with the emulator's endpoint.
+fn create_space(d: &Deployed, id: &str) -> Value {
+    kindred(d, &["space", "create", id, "--dynamodb-table", &d.table])
 }
 
 /// Invokes the deployed expiry function as its hourly EventBridge rule
@@ -239,6 +245,17 @@ impl Client {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// Waits until the profile's events include one whose `field` is
+    /// `value`.
+    async fn until_event(&self, what: &str, lookup: &str, field: &str, value: &str) {
+        self.until(what, lookup, "events?limit=50", |b| {
+            b["data"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|e| e[field] == value))
+        })
+        .await;
     }
 }
 
@@ -454,15 +471,11 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
         "{}",
         response.text().await.unwrap()
     );
-    c.until(
+    c.until_event(
         "the gzipped event",
         "user_id:dep-user",
-        "events?limit=50",
-        |b| {
-            b["data"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|e| e["messageId"] == "m-gzip"))
-        },
+        "messageId",
+        "m-gzip",
     )
     .await;
 
@@ -474,15 +487,11 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
     });
     c.send(json!([["track", ["dep-user", "Beside The Poison"], {}]]))
         .await;
-    c.until(
+    c.until_event(
         "the event beside the poison",
         "user_id:dep-user",
-        "events?limit=50",
-        |b| {
-            b["data"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|e| e["event"] == "Beside The Poison"))
-        },
+        "event",
+        "Beside The Poison",
     )
     .await;
     assert!(
@@ -519,15 +528,11 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
     );
     c.send(json!([["track", ["dep-user", "After Update"], {}]]))
         .await;
-    c.until(
+    c.until_event(
         "an event after the update",
         "user_id:dep-user",
-        "events?limit=50",
-        |b| {
-            b["data"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|e| e["event"] == "After Update"))
-        },
+        "event",
+        "After Update",
     )
     .await;
 
@@ -545,15 +550,6 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
 
     // The upgrade step of an older table (README): every root this
     // version wrote is in the roots index already.
-    let out = on_emulator(&d, workspace().join("target/debug/kindred"))
-        .args(["migrate", "--dynamodb-table", &d.table])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let migrated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let migrated = kindred(&d, &["migrate", "--dynamodb-table", &d.table]);
     assert_eq!(migrated, json!({"roots_indexed": 0}));
 }

@@ -716,15 +716,7 @@ async fn destinations_get_changes_aliases_and_retries_through_the_sync_function(
     );
 
     // A destination added now gets the current values first (initial sync).
-    let late = Receiver::start().await;
-    let (status, _) = d
-        .admin(
-            "PUT",
-            "/destinations/late",
-            Some(&json!({"kind": "segment", "host": late.url(""), "write_key": "wk_late"})),
-        )
-        .await;
-    assert_eq!(status, 201);
+    let late = d.late_segment_destination().await;
     d.pump_sync_until("the initial sync", || late.accepted().len() >= 2)
         .await;
     let req = &late.requests()[0];
@@ -1493,6 +1485,21 @@ async fn a_delete_racing_ingest_on_dynamodb_leaves_nothing() {
 }
 
 impl Deployment {
+    /// A receiver and a Segment destination `late` that sends to it, added
+    /// now (its initial sync is pending).
+    async fn late_segment_destination(&self) -> crate::common::receiver::Receiver {
+        let late = crate::common::receiver::Receiver::start().await;
+        let (status, reply) = self
+            .admin(
+                "PUT",
+                "/destinations/late",
+                Some(&json!({"kind": "segment", "host": late.url(""), "write_key": "wk_late"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{reply}");
+        late
+    }
+
     /// Every root the roots index holds for the space, walked `limit` at a
     /// time (each walk goes on from the cursor the last one returned).
     async fn walk_roots(&self, limit: usize) -> Vec<String> {
@@ -1570,7 +1577,6 @@ async fn an_initial_sync_of_many_roots_goes_on_across_messages_and_misses_no_one
     if !emulators("an_initial_sync_of_many_roots_goes_on_across_messages_and_misses_no_one") {
         return;
     }
-    use crate::common::receiver::Receiver;
     let mut d = Deployment::start("initial").await;
     // Three roots per sync message: twelve buyers take several.
     d.sync_step.initial_sync_roots = 3;
@@ -1591,15 +1597,7 @@ async fn an_initial_sync_of_many_roots_goes_on_across_messages_and_misses_no_one
         .await;
     d.settle().await;
 
-    let late = Receiver::start().await;
-    let (status, _) = d
-        .admin(
-            "PUT",
-            "/destinations/late",
-            Some(&json!({"kind": "segment", "host": late.url(""), "write_key": "wk_late"})),
-        )
-        .await;
-    assert_eq!(status, 201);
+    let late = d.late_segment_destination().await;
     // A buyer arriving while the initial sync is under way gets there too
     // (as a current value or as a change).
     d.batch(vec![order("b12".into())]).await;

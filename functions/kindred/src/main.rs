@@ -74,6 +74,14 @@ enum SpaceCommand {
     },
 }
 
+/// Runs a command's future on a runtime of one thread.
+fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -94,17 +102,12 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             let created = match dynamodb_table {
-                Some(table) => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(async {
-                        let sdk = kindred_aws::lambda::sdk_config().await;
-                        let store = kindred_aws::DynamoStore::new(
-                            aws_sdk_dynamodb::Client::new(&sdk),
-                            table,
-                        );
-                        store.create_space(&space_id).await
-                    }),
+                Some(table) => block_on(async {
+                    let sdk = kindred_aws::lambda::sdk_config().await;
+                    let store =
+                        kindred_aws::DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table);
+                    store.create_space(&space_id).await
+                })?,
                 None => kindred_store::sqlite::SqliteStore::open(&data_dir)
                     .with_context(|| format!("opening the store in {}", data_dir.display()))?
                     .create_space(&space_id),
@@ -120,38 +123,21 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => Err(e).context("creating the space"),
             }
         }
-        Command::Backfill(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(backfill::run(args)),
-        Command::Destinations(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(destinations::run(args)),
-        Command::Tokens(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(tokens::run(args)),
-        Command::Regulations(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(regulations::run(args)),
-        Command::Migrate { dynamodb_table } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(async {
-                let sdk = kindred_aws::lambda::sdk_config().await;
-                let store = kindred_aws::DynamoStore::new(
-                    aws_sdk_dynamodb::Client::new(&sdk),
-                    dynamodb_table,
-                );
-                let indexed = store
-                    .index_roots()
-                    .await
-                    .context("indexing the root profiles")?;
-                println!("{}", serde_json::json!({ "roots_indexed": indexed }));
-                Ok(())
-            }),
+        Command::Backfill(args) => block_on(backfill::run(args))?,
+        Command::Destinations(args) => block_on(destinations::run(args))?,
+        Command::Tokens(args) => block_on(tokens::run(args))?,
+        Command::Regulations(args) => block_on(regulations::run(args))?,
+        Command::Migrate { dynamodb_table } => block_on(async {
+            let sdk = kindred_aws::lambda::sdk_config().await;
+            let store =
+                kindred_aws::DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), dynamodb_table);
+            let indexed = store
+                .index_roots()
+                .await
+                .context("indexing the root profiles")?;
+            println!("{}", serde_json::json!({ "roots_indexed": indexed }));
+            anyhow::Ok(())
+        })?,
         Command::Bench(args) => {
             config::init_logging();
             tokio::runtime::Builder::new_multi_thread()

@@ -371,22 +371,19 @@ impl SyncStep {
             return Ok(());
         }
         // A redelivered duplicate names no profile: the event's own.
-        let found;
-        let parent = if parent.is_empty() {
+        let parent: String = if parent.is_empty() {
             let event = self
                 .store
                 .event_items(space_id, &[message_id.to_string()])
                 .await?;
             match event.first().and_then(|e| opt_s(e, "profile_id")) {
-                Some(p) => {
-                    found = p.to_string();
-                    found.as_str()
-                }
+                Some(p) => p.to_string(),
                 None => return Ok(()),
             }
         } else {
-            parent
+            parent.to_string()
         };
+        let parent = parent.as_str();
         let merges = self.store.merged_by(space_id, parent, message_id).await?;
         if merges.is_empty() {
             return Ok(());

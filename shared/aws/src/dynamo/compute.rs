@@ -26,8 +26,8 @@ use serde_json::Value;
 
 use super::profiles::{bounds, Resolved};
 use super::{
-    event_key, event_seq, get_n, get_s, key, n, opt_s, s, service, space_key, DynamoStore, Item,
-    EVENTS_INDEX, GPK, GSK, META, SK,
+    event_key, event_seq, get_n, get_s, key, n, opt_s, s, service, space_key, transact_put,
+    DynamoStore, Item, EVENTS_INDEX, GPK, GSK, META, SK,
 };
 
 /// DynamoDB's limit on the actions of one transaction.
@@ -775,12 +775,7 @@ impl DynamoStore {
                     entry.insert("profile_id".into(), s(root_id));
                     entry.insert(GPK.into(), s(due_partition(space_id, shard)));
                     entry.insert(GSK.into(), s(due_sort(due)));
-                    let put = Put::builder()
-                        .table_name(&self.table)
-                        .set_item(Some(entry))
-                        .build()
-                        .map_err(service)?;
-                    writes.push(TransactWriteItem::builder().put(put).build());
+                    writes.push(transact_put(&self.table, entry, None)?);
                 }
                 None => writes.push(self.delete_due(space_id, root_id)?),
             }
@@ -807,13 +802,11 @@ impl DynamoStore {
             item.insert("profile_id".into(), s(root_id));
             item.insert("at".into(), n(now));
             item.insert("changes".into(), s(serde_json::to_string(&changes)?));
-            let put = Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .condition_expression("attribute_not_exists(pk)")
-                .build()
-                .map_err(service)?;
-            writes.push(TransactWriteItem::builder().put(put).build());
+            writes.push(transact_put(
+                &self.table,
+                item,
+                Some("attribute_not_exists(pk)"),
+            )?);
             folded.changes = changes.len();
         }
         if writes.len() > MAX_TRANSACTION_ITEMS {

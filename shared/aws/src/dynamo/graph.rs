@@ -7,9 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity, TransactWriteItem, Update};
 use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use kindred_store::ports::{Applied, EventRecord, IdentityGraph};
 use kindred_store::{Result, StoreError};
@@ -17,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     event_key, event_order, event_seq, get_n, get_s, identifier_key, key, link_sort_key, lock,
-    merge_sort_key, n, opt_s, profile_key, root_index_keys, s, service, DynamoStore, Item,
-    EVENT_RETENTION_DAYS, EXPIRES_AT, GPK, GSK, META, PK,
+    merge_sort_key, n, opt_s, profile_key, root_index_keys, s, service, transact_put, DynamoStore,
+    Item, EVENT_RETENTION_DAYS, EXPIRES_AT, GPK, GSK, META, PK,
 };
 
 /// Split marks remembered as seen (beyond it, they are read again).
@@ -447,16 +445,6 @@ fn event_item(space_id: &str, profile_id: Option<&str>, record: &EventRecord<'_>
     item
 }
 
-fn put(table: &str, item: Item, condition: Option<&str>) -> Result<TransactWriteItem> {
-    let put = Put::builder()
-        .table_name(table)
-        .set_item(Some(item))
-        .set_condition_expression(condition.map(str::to_string))
-        .build()
-        .map_err(service)?;
-    Ok(TransactWriteItem::builder().put(put).build())
-}
-
 /// Every write of a plan, the event first (its failed condition means
 /// "duplicate"), each with its condition.
 fn transaction_items(
@@ -467,7 +455,11 @@ fn transaction_items(
     event: Item,
 ) -> Result<Vec<TransactWriteItem>> {
     let message_id = &record.event.message_id;
-    let mut items = vec![put(table, event, Some("attribute_not_exists(pk)"))?];
+    let mut items = vec![transact_put(
+        table,
+        event,
+        Some("attribute_not_exists(pk)"),
+    )?];
     let encoding_of = |id: &Identifier| {
         record
             .external_ids
@@ -485,7 +477,7 @@ fn transaction_items(
         item.insert("first_message_id".into(), s(message_id));
         item.insert("source_id".into(), s(record.source_id));
         item.insert("encoding".into(), s(encoding_of(&e.id)));
-        items.push(put(table, item, Some("attribute_not_exists(pk)"))?);
+        items.push(transact_put(table, item, Some("attribute_not_exists(pk)"))?);
         Ok::<_, StoreError>(())
     };
     match plan {
@@ -503,7 +495,7 @@ fn transaction_items(
             );
             item.insert("traits".into(), s(serde_json::to_string(&c.traits)?));
             item.extend(root_index_keys(space_id, &c.profile_id));
-            items.push(put(table, item, Some("attribute_not_exists(pk)"))?);
+            items.push(transact_put(table, item, Some("attribute_not_exists(pk)"))?);
             for e in &c.identifiers {
                 claim(&mut items, e, &c.profile_id)?;
             }
@@ -527,7 +519,7 @@ fn transaction_items(
                 merge.insert("child_id".into(), s(child));
                 merge.insert("message_id".into(), s(message_id));
                 merge.insert("merged_at".into(), n(record.now));
-                items.push(put(table, merge, None)?);
+                items.push(transact_put(table, merge, None)?);
             }
             if plan.writes_profile() || !a.children.is_empty() {
                 let mut expression = String::from("SET version = version + :one, merges = :merges");

@@ -456,6 +456,23 @@ impl DynamoStore {
     }
 }
 
+/// One put of a transaction, with its condition.
+pub(crate) fn transact_put(
+    table: &str,
+    item: Item,
+    condition: Option<&str>,
+) -> Result<aws_sdk_dynamodb::types::TransactWriteItem, StoreError> {
+    let put = aws_sdk_dynamodb::types::Put::builder()
+        .table_name(table)
+        .set_item(Some(item))
+        .set_condition_expression(condition.map(str::to_string))
+        .build()
+        .map_err(service)?;
+    Ok(aws_sdk_dynamodb::types::TransactWriteItem::builder()
+        .put(put)
+        .build())
+}
+
 /// Any SDK or builder failure: retryable by the caller, details kept for logs.
 pub(crate) fn service(e: impl std::error::Error) -> StoreError {
     StoreError::Service(aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())

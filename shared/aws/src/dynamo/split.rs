@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{Delete, TransactWriteItem, Update};
 use kindred_domain::privacy::{merges_after_split, split_identifiers};
 use kindred_domain::{Identifier, IdentifierEntry};
 use kindred_store::{now_millis, Result};
@@ -22,7 +22,7 @@ use kindred_store::{now_millis, Result};
 use super::profiles::Resolved;
 use super::{
     get_n, get_s, identifier_key, key, lock, merge_sort_key, n, opt_s, profile_key,
-    root_index_keys, s, service, space_key, DynamoStore, META, PK,
+    root_index_keys, s, service, space_key, transact_put, DynamoStore, META, PK,
 };
 
 /// Marks an identifier item whose owner left its parent in a split.
@@ -226,17 +226,7 @@ impl DynamoStore {
             block.insert("profile_id".into(), s(a));
             block.insert("other_id".into(), s(b));
             block.insert("created_at".into(), n(now));
-            items.push(
-                TransactWriteItem::builder()
-                    .put(
-                        Put::builder()
-                            .table_name(&self.table)
-                            .set_item(Some(block))
-                            .build()
-                            .map_err(service)?,
-                    )
-                    .build(),
-            );
+            items.push(transact_put(&self.table, block, None)?);
         }
         if self.transact_conditional(items).await?.is_err() {
             return Ok(None);
