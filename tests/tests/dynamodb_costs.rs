@@ -38,7 +38,9 @@ async fn requests_and_capacity_units_per_event() {
     }
     let store = fresh_dynamo().await;
     let space = store.create_space("costs").await.unwrap().space_id;
-    let at = "2026-11-28T12:00:00Z";
+    // An hour ago: inside every window, whatever the day the test runs.
+    let at = kindred_domain::event::format_millis(kindred_store::now_millis() - 3_600_000);
+    let at = at.as_str();
     let track = |id: &str, anon: &str| {
         json!({"type": "track", "event": "Product Viewed", "messageId": id, "anonymousId": anon,
                "properties": {"sku": "A-1", "price": 19.5}, "timestamp": at})
@@ -140,7 +142,9 @@ async fn compute_requests_and_capacity_units_per_event() {
             .await
             .unwrap();
     }
-    let at = "2026-11-28T12:00:00Z";
+    // An hour ago: inside every window, whatever the day the test runs.
+    let at = kindred_domain::event::format_millis(kindred_store::now_millis() - 3_600_000);
+    let at = at.as_str();
     let event = |id: &str, name: &str| {
         queued(
             &space,

@@ -19,7 +19,8 @@ fn webhook(url: &str) -> Settings {
         .0
 }
 
-async fn contract<A: Destinations + Outbox>(a: &A) {
+/// Creating, replacing and reading destinations, space by space.
+async fn destinations_contract<A: Destinations>(a: &A) {
     let space = "contract";
     // A new destination needs its secret.
     let r = a
@@ -56,6 +57,16 @@ async fn contract<A: Destinations + Outbox>(a: &A) {
     assert!(a.destinations("other").await.unwrap().is_empty());
     assert!(a.destination("other", "d1").await.unwrap().is_none());
     assert!(a.destination_status("other", "d1").await.unwrap().is_none());
+}
+
+/// A destination's outbox: order, attempts, dead letters, replay, delete.
+async fn outbox_contract<A: Destinations + Outbox>(a: &A) {
+    let space = "contract";
+    let (_, created) = a
+        .put_destination(space, "d1", None, webhook("http://h/1"), Some("s1".into()))
+        .await
+        .unwrap();
+    assert!(created);
 
     // The outbox keeps order and counts attempts.
     let calls = (0..5).map(|i| (format!("p{i}"), json!({"n": i}))).collect();
@@ -245,24 +256,84 @@ async fn racing_creates_keep_the_destination_limit<A: Destinations + 'static>(a:
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_destinations_and_outboxes() {
+fn sqlite() -> (tempfile::TempDir, Arc<SqliteStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
-    contract(&*store).await;
-    racing_puts(Arc::clone(&store)).await;
+    (dir, store)
+}
+
+/// A fresh DynamoDB Local table with a secrets key, if the emulators run.
+async fn dynamodb(test: &str) -> Option<Arc<kindred_aws::DynamoStore>> {
+    if !emulators(test) {
+        return None;
+    }
+    Some(Arc::new(
+        fresh_dynamo().await.with_sealer(Sealer::from_key(&[9; 32])),
+    ))
+}
+
+#[tokio::test]
+async fn sqlite_destinations() {
+    let (_dir, store) = sqlite();
+    destinations_contract(&*store).await;
+}
+
+#[tokio::test]
+async fn sqlite_outboxes() {
+    let (_dir, store) = sqlite();
+    outbox_contract(&*store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_racing_puts() {
+    let (_dir, store) = sqlite();
+    racing_puts(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_racing_creates_keep_the_destination_limit() {
+    let (_dir, store) = sqlite();
     racing_creates_keep_the_destination_limit(store).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dynamodb_destinations_and_outboxes() {
-    if !emulators("dynamodb_destinations_and_outboxes") {
+#[tokio::test]
+async fn dynamodb_destinations() {
+    let Some(store) = dynamodb("dynamodb_destinations").await else {
         return;
-    }
-    let store = fresh_dynamo().await.with_sealer(Sealer::from_key(&[9; 32]));
-    contract(&store).await;
-    // The secret is stored sealed.
-    let (_, _) = store
+    };
+    destinations_contract(&*store).await;
+}
+
+#[tokio::test]
+async fn dynamodb_outboxes() {
+    let Some(store) = dynamodb("dynamodb_outboxes").await else {
+        return;
+    };
+    outbox_contract(&*store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_racing_puts() {
+    let Some(store) = dynamodb("dynamodb_racing_puts").await else {
+        return;
+    };
+    racing_puts(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dynamodb_racing_creates_keep_the_destination_limit() {
+    let Some(store) = dynamodb("dynamodb_racing_creates_keep_the_destination_limit").await else {
+        return;
+    };
+    racing_creates_keep_the_destination_limit(store).await;
+}
+
+#[tokio::test]
+async fn dynamodb_stores_destination_secrets_sealed() {
+    let Some(store) = dynamodb("dynamodb_stores_destination_secrets_sealed").await else {
+        return;
+    };
+    store
         .put_destination(
             "sealed",
             "d",
@@ -293,7 +364,4 @@ async fn dynamodb_destinations_and_outboxes() {
         !sealed.windows(11).any(|w| w == b"whsec_plain"),
         "stored in the clear"
     );
-    let store = Arc::new(store);
-    racing_puts(Arc::clone(&store)).await;
-    racing_creates_keep_the_destination_limit(store).await;
 }

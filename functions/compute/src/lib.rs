@@ -4,7 +4,8 @@
 //! (`batchItemFailures`): SQS redelivers only those, and after the
 //! queue's `maxReceiveCount` moves them to the dead-letter queue.
 
-use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent};
+use kindred_aws::lambda::{batch_failures, sqs_messages};
 use kindred_aws::{DynamoStore, SqsQueue};
 
 pub use kindred_aws::lambda::Config;
@@ -16,19 +17,8 @@ pub async fn handle(
     sync: Option<&SqsQueue>,
     event: SqsEvent,
 ) -> SqsBatchResponse {
-    let messages = event
-        .records
-        .into_iter()
-        .map(|r| (r.message_id.unwrap_or_default(), r.body.unwrap_or_default()))
-        .collect();
-    let failed = kindred_aws::compute::handle(store, queue, sync, messages).await;
-    let mut response = SqsBatchResponse::default();
-    for id in failed {
-        let mut failure = BatchItemFailure::default();
-        failure.item_identifier = id;
-        response.batch_item_failures.push(failure);
-    }
-    response
+    let messages = sqs_messages(event);
+    batch_failures(kindred_aws::compute::handle(store, queue, sync, messages).await)
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use aws_config::SdkConfig;
-use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent};
+use kindred_aws::lambda::{batch_failures, sqs_messages};
 use kindred_aws::sync::SyncStep;
 use kindred_aws::{DynamoStore, SqsQueue};
 use kindred_sync::{Deliverer, RetryPolicy};
@@ -41,18 +42,7 @@ pub fn step(config: &Config, sdk: &SdkConfig, policy: RetryPolicy) -> Result<Syn
 
 /// Handles one SQS batch; each message succeeds or fails alone.
 pub async fn handle(step: &SyncStep, event: SqsEvent) -> SqsBatchResponse {
-    let messages = event
-        .records
-        .into_iter()
-        .map(|r| (r.message_id.unwrap_or_default(), r.body.unwrap_or_default()))
-        .collect();
-    let mut response = SqsBatchResponse::default();
-    for id in step.handle(messages).await {
-        let mut failure = BatchItemFailure::default();
-        failure.item_identifier = id;
-        response.batch_item_failures.push(failure);
-    }
-    response
+    batch_failures(step.handle(sqs_messages(event)).await)
 }
 
 #[cfg(test)]

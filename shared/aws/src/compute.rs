@@ -387,8 +387,7 @@ async fn fold_root(
     let mut pending: Vec<&Pending> = work.pending.iter().collect();
     for attempt in 0..FOLD_ATTEMPTS {
         if attempt > 0 {
-            let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            crate::retry::jitter(10, attempt, 6).await;
             let ids: Vec<String> = pending.iter().map(|p| p.message_id.clone()).collect();
             let items = store.event_items(space_id, &ids).await?;
             pending.retain(|p| {

@@ -111,3 +111,26 @@ pub fn request_cost(store: &crate::DynamoStore) -> kindred_http::RequestCost {
         write_units: u.write_units,
     }
 }
+
+/// An SQS batch as the functions' steps take it: (message id, body).
+pub fn sqs_messages(event: aws_lambda_events::sqs::SqsEvent) -> Vec<(String, String)> {
+    event
+        .records
+        .into_iter()
+        .map(|r| (r.message_id.unwrap_or_default(), r.body.unwrap_or_default()))
+        .collect()
+}
+
+/// The partial batch response naming the messages that failed: SQS
+/// redelivers those only (`ReportBatchItemFailures`).
+pub fn batch_failures(
+    failed: impl IntoIterator<Item = String>,
+) -> aws_lambda_events::sqs::SqsBatchResponse {
+    let mut response = aws_lambda_events::sqs::SqsBatchResponse::default();
+    for id in failed {
+        let mut failure = aws_lambda_events::sqs::BatchItemFailure::default();
+        failure.item_identifier = id;
+        response.batch_item_failures.push(failure);
+    }
+    response
+}

@@ -55,8 +55,7 @@ impl SqsQueue {
             .collect();
         for attempt in 0..SEND_ATTEMPTS {
             if attempt > 0 {
-                let ms = rand::random_range(0..=(25u64 << attempt));
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                crate::retry::jitter(25, attempt, SEND_ATTEMPTS).await;
             }
             let entries = pending
                 .iter()

@@ -186,8 +186,7 @@ fn lost_race(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError>) -> 
 
 async fn jitter(attempt: u32) {
     if attempt > 0 {
-        let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        crate::retry::jitter(10, attempt, 6).await;
     }
 }
 

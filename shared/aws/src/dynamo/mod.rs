@@ -245,11 +245,10 @@ impl DynamoStore {
     }
 }
 
-/// Waits a random 0 to 5·2^min(attempt, cap) ms before another attempt at
-/// a write that lost a race, so that racing writers spread out.
+/// Waits before another attempt at a write that lost a race (0 to
+/// 5·2^min(attempt, cap) ms), so that racing writers spread out.
 pub(crate) async fn backoff(attempt: u32, cap: u32) {
-    let ms = rand::random_range(0..=(5u64 << attempt.min(cap)));
-    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    crate::retry::jitter(5, attempt, cap).await;
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -357,8 +356,7 @@ impl DynamoStore {
                     .unwrap_or_default();
                 if !pending.is_empty() {
                     attempt += 1;
-                    let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    crate::retry::jitter(10, attempt, 6).await;
                 }
             }
         }

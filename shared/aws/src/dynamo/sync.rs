@@ -275,8 +275,7 @@ impl DynamoStore {
                     .unwrap_or_default();
                 if !pending.is_empty() {
                     attempt += 1;
-                    let ms = rand::random_range(0..=(10u64 << attempt.min(6)));
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    crate::retry::jitter(10, attempt, 6).await;
                 }
             }
         }
