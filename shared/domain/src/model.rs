@@ -103,7 +103,7 @@ impl MemoryGraph {
                     node.facts.version += 1;
                 }
                 let parent = self.profiles.get_mut(&a.profile_id).expect("checked above");
-                if plan.writes_profile() || !a.children.is_empty() {
+                if plan.writes_root() {
                     parent.facts.version += 1;
                 }
                 if let Some(ids) = &a.identifiers {

@@ -123,6 +123,16 @@ impl Plan {
             Plan::Attach(a) => a.identifiers.is_some() || a.traits.is_some(),
         }
     }
+
+    /// Whether applying the plan writes the (existing or new) root
+    /// profile: its facts change, or profiles merge into it. Every store
+    /// conditions that write on the version it read.
+    pub fn writes_root(&self) -> bool {
+        match self {
+            Plan::Attach(a) => self.writes_profile() || !a.children.is_empty(),
+            _ => self.writes_profile(),
+        }
+    }
 }
 
 /// Why an identifier of an event was not used (Segment's identity

@@ -83,6 +83,14 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::not_found("not found"),
+            StoreError::AlreadyExists => {
+                Self::new(StatusCode::CONFLICT, "already_exists", "it already exists")
+            }
+            StoreError::Conflict => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "a concurrent change got there first; retry the request",
+            ),
             StoreError::Invalid(m) => Self::bad_request(m),
             StoreError::Definition(d) => Self::bad_request(d.to_string()),
             StoreError::Service(_) => {
@@ -119,5 +127,30 @@ impl IntoResponse for ApiError {
                 .insert("Retry-After", HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_the_status_that_tells_the_truth() {
+        let status = |e: StoreError| ApiError::from(e).status;
+        assert_eq!(status(StoreError::AlreadyExists), StatusCode::CONFLICT);
+        assert_eq!(status(StoreError::Conflict), StatusCode::CONFLICT);
+        assert_eq!(status(StoreError::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(
+            status(StoreError::Invalid("bad".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(StoreError::Service("down".into())),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(StoreError::Invariant("broken")),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

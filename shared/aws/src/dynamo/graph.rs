@@ -230,9 +230,7 @@ impl IdentityGraph for DynamoGraph<'_> {
         let simple = match plan {
             Plan::Unresolved => true,
             Plan::Create(_) => false,
-            Plan::Attach(a) => {
-                !plan.writes_profile() && a.children.is_empty() && a.claims.is_empty()
-            }
+            Plan::Attach(a) => !plan.writes_root() && a.claims.is_empty(),
         };
         if simple {
             // An event on a known profile: one conditional put, which is
@@ -388,7 +386,7 @@ impl DynamoGraph<'_> {
                         .insert((space_id.to_string(), child.clone()), a.profile_id.clone());
                 }
                 let entry = (space_id.to_string(), a.profile_id.clone());
-                let written = plan.writes_profile() || !a.children.is_empty();
+                let written = plan.writes_root();
                 match caches.profiles.get_mut(&entry) {
                     Some(facts) if written && facts.version == a.expected_version => {
                         facts.version += 1;
@@ -521,7 +519,7 @@ fn transaction_items(
                 merge.insert("merged_at".into(), n(record.now));
                 items.push(transact_put(table, merge, None)?);
             }
-            if plan.writes_profile() || !a.children.is_empty() {
+            if plan.writes_root() {
                 let mut expression = String::from("SET version = version + :one, merges = :merges");
                 let mut values: HashMap<String, AttributeValue> = HashMap::from([
                     (":one".into(), n(1)),

@@ -45,8 +45,7 @@ impl Observed {
             Plan::Unresolved | Plan::Create(_) => false,
             Plan::Attach(a) => {
                 self.roots.contains_key(&a.profile_id)
-                    && (root_at(&a.profile_id, a.expected_version)
-                        || (!plan.writes_profile() && a.children.is_empty()))
+                    && (root_at(&a.profile_id, a.expected_version) || !plan.writes_root())
                     && a.children.iter().all(|(c, v)| root_at(c, *v))
                     && a.claims.iter().all(|e| self.unowned.contains(&e.id))
             }
@@ -283,7 +282,7 @@ fn check_conditions(conn: &Connection, space_id: &str, plan: &Plan) -> Result<()
         }
         Plan::Attach(a) => {
             let mut current = Vec::new();
-            if plan.writes_profile() || !a.children.is_empty() {
+            if plan.writes_root() {
                 current.push((a.profile_id.as_str(), a.expected_version));
             } else if state(&a.profile_id)?.is_none() {
                 return Err(StoreError::Conflict);
@@ -393,7 +392,7 @@ fn apply_writes(
                 )?
                 .execute(params![space_id, child, a.profile_id, record.now])?;
             }
-            if plan.writes_profile() || !a.children.is_empty() {
+            if plan.writes_root() {
                 let identifiers = a
                     .identifiers
                     .as_ref()
