@@ -69,19 +69,27 @@ fn on_emulator(d: &Deployed, program: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
+/// Runs `program` with `args` against the emulated account; what it
+/// printed, once it has succeeded.
+fn stdout_on_emulator(
+    d: &Deployed,
+    program: impl AsRef<std::ffi::OsStr>,
+    args: &[&str],
+) -> Vec<u8> {
+    let out = on_emulator(d, program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Runs the `kindred` command with the emulator's endpoint, as the
 /// README says; the JSON line it prints.
 fn kindred(d: &Deployed, args: &[&str]) -> Value {
-    let out = on_emulator(d, workspace().join("target/debug/kindred"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kindred {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let out = stdout_on_emulator(d, workspace().join("target/debug/kindred"), args);
+    serde_json::from_slice(&out).unwrap()
 }
 
 /// A space in the deployed table, made as the README says: `kindred
@@ -100,16 +108,8 @@ out = boto3.client("lambda").invoke(FunctionName=sys.argv[1], Payload=json.dumps
     {"source": "aws.events", "detail-type": "Scheduled Event", "time": sys.argv[2], "detail": {}}))
 print(out["Payload"].read().decode())
 "#;
-    let out = on_emulator(d, python)
-        .args(["-c", script, &d.expiry_function, time])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let out = stdout_on_emulator(d, python, &["-c", script, &d.expiry_function, time]);
+    serde_json::from_slice(&out).unwrap()
 }
 
 /// Puts a message that is not an event on the deployed events queue and
@@ -133,16 +133,8 @@ while not found and time.time() < deadline:
 sqs.set_queue_attributes(QueueUrl=queue, Attributes={"VisibilityTimeout": "180"})
 print("dead" if found else "not dead")
 "#;
-    let out = on_emulator(d, python)
-        .args(["-c", script, &d.events_queue, &d.events_dlq])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim() == "dead"
+    let out = stdout_on_emulator(d, python, &["-c", script, &d.events_queue, &d.events_dlq]);
+    String::from_utf8_lossy(&out).trim() == "dead"
 }
 
 struct Client {
