@@ -3,7 +3,6 @@
 //! DynamoDB, then announced to the compute queue (and, for merges, to the
 //! sync queue). Failures are per message: SQS redelivers only those.
 
-use kindred_domain::Event;
 use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
 use kindred_store::ports::QueuedEvent;
 use kindred_store::token::new_profile_id;
@@ -26,9 +25,7 @@ pub struct Received {
 /// Runs one queued event through dedup, resolution and the conditional
 /// writes on DynamoDB (re-planned on conflict).
 pub async fn identify(store: &DynamoStore, queued: &QueuedEvent) -> Result<Outcome> {
-    let body = serde_json::from_str(&queued.body)?;
-    let event = Event::from_stored(body)
-        .map_err(|r| StoreError::Invalid(format!("queued event invalid: {}", r.code)))?;
+    let event = kindred_store::compute::parse_stored_event(&queued.body)?;
     let rules = SpaceRules {
         rules: store.identity_rules(&queued.space_id).await?,
     };

@@ -230,13 +230,7 @@ impl SyncStep {
             };
             for state in &dests {
                 let d = &state.record;
-                // A new destination gets changes from its first initial
-                // sync's horizon on.
-                if !d.settings.enabled
-                    || (d.initial_sync_pending && !state.synced)
-                    || c.seq <= state.since_change
-                    || !d.settings.selects(&c.key)
-                {
+                if !state.position().receives_change(&d.settings, c.seq, &c.key) {
                     continue;
                 }
                 if !ids.contains_key(&c.profile_id) {
@@ -312,7 +306,9 @@ impl SyncStep {
         // profile is the (rare) exception and is missed, and one stamped
         // after it but read by the pass arrives twice. See README, "Not
         // built yet".
-        let horizon = (!state.synced).then(|| now_millis() * 1_000_000 - 1);
+        let horizon = state
+            .position()
+            .horizon_after_pass(now_millis() * 1_000_000 - 1);
         let now = format_millis(now_millis());
         let from = state.initial_cursor.clone();
         let (states, next) = self
@@ -364,8 +360,8 @@ impl SyncStep {
             .destination_items(space_id)
             .await?
             .into_iter()
+            .filter(|d| d.position().receives_alias(&d.record.settings))
             .map(|d| d.record)
-            .filter(|d| d.settings.enabled && d.settings.alias_on_merge)
             .collect();
         if dests.is_empty() {
             return Ok(());

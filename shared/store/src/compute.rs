@@ -1,14 +1,24 @@
 //! The adapter-independent steps of computing traits and audiences: the
 //! checks of a definition write against the space's other definitions,
-//! folding a merged profile's state into its root, and turning a state
-//! into the values to store, the changes to log and the next due time.
-//! The SQLite and DynamoDB adapters differ only in how they read and write.
+//! and the fold of a root profile's state.
+//!
+//! **The fold order.** Both stores bring a root's state up to date in
+//! these steps, in this order, and differ only in how they read and write:
+//! 1. [`absorb`] the state of each profile merged into the root since it
+//!    was last folded (merging drops the definitions either side had no
+//!    current state for);
+//! 2. [`rebuild_stale`] those definitions from the tree's history, the
+//!    events already folded into some state (read only when
+//!    [`Ruleset::stale`] names some);
+//! 3. [`apply_event`] each new event, in order;
+//! 4. [`recompute`] as of the profile's clock: prune, evaluate, settle
+//!    against the stored values.
 
 use kindred_domain::compute::{
-    settle, Change, Class, Definition, DefinitionError, ProfileState, Ruleset, Values,
+    rebuild, settle, Change, Class, Definition, DefinitionError, ProfileState, Ruleset, Values,
     MAX_DEFINITIONS,
 };
-use kindred_domain::{Millis, Traits};
+use kindred_domain::{Event, Millis, Traits};
 use serde_json::Value;
 
 use crate::ports::{ComputedValue, ComputedValues};
@@ -70,6 +80,49 @@ pub fn absorb(
         if v.value == Value::Bool(true) {
             ours.value = Value::Bool(true);
         }
+    }
+}
+
+/// Reads an event body the store accepted earlier.
+pub fn parse_stored_event(body: &str) -> Result<Event> {
+    let body = serde_json::from_str(body)?;
+    Event::from_stored(body)
+        .map_err(|r| StoreError::Undecodable(format!("a stored event: {}", r.code)))
+}
+
+/// Step 2 of the fold: rebuilds every definition `state` has no current
+/// state for from `history` (stored bodies); returns how many.
+pub fn rebuild_stale(
+    ruleset: &Ruleset,
+    state: &mut ProfileState,
+    history: &[String],
+) -> Result<usize> {
+    let stale = ruleset.stale(state);
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let events = history
+        .iter()
+        .map(|b| parse_stored_event(b))
+        .collect::<Result<Vec<_>>>()?;
+    let rebuilt: Vec<_> = stale
+        .into_iter()
+        .map(|d| {
+            (
+                d.key.clone(),
+                rebuild(d, events.iter().filter_map(Event::facts)),
+            )
+        })
+        .collect();
+    let n = rebuilt.len();
+    state.defs.extend(rebuilt);
+    Ok(n)
+}
+
+/// Step 3 of the fold: one new event.
+pub fn apply_event(ruleset: &Ruleset, state: &mut ProfileState, event: &Event) {
+    if let Some(facts) = event.facts() {
+        ruleset.apply(state, &facts);
     }
 }
 

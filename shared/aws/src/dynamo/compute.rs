@@ -14,9 +14,12 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
-use kindred_domain::compute::{rebuild, Change, Class, Definition, ProfileState, Ruleset};
-use kindred_domain::{Event, Millis, Traits};
-use kindred_store::compute::{absorb, check_delete, check_put, recompute, Recomputed};
+use kindred_domain::compute::{Change, Class, Definition, ProfileState, Ruleset};
+use kindred_domain::{Millis, Traits};
+use kindred_store::compute::{
+    absorb, apply_event, check_delete, check_put, parse_stored_event, rebuild_stale, recompute,
+    Recomputed,
+};
 use kindred_store::ports::{
     ChangeRecord, ComputedValues, DefinitionRecord, DefinitionStatus, EventQuery,
 };
@@ -710,24 +713,12 @@ impl DynamoStore {
             }
             folded.absorbed += 1;
         }
-        let stale = ruleset.stale(&root.state);
-        if !stale.is_empty() {
+        if !ruleset.stale(&root.state).is_empty() {
             let history = self.folded_history(space_id, tree, &root.recent).await?;
-            let events = history
-                .iter()
-                .map(|b| parse_event(b))
-                .collect::<Result<Vec<_>>>()?;
-            for d in stale {
-                let st = rebuild(d, events.iter().filter_map(Event::facts));
-                root.state.defs.insert(d.key.clone(), st);
-                folded.rebuilt += 1;
-            }
+            folded.rebuilt += rebuild_stale(ruleset, &mut root.state, &history)?;
         }
         for p in pending {
-            let event = parse_event(&p.body)?;
-            if let Some(facts) = event.facts() {
-                ruleset.apply(&mut root.state, &facts);
-            }
+            apply_event(ruleset, &mut root.state, &parse_stored_event(&p.body)?);
             let update = Update::builder()
                 .table_name(&self.table)
                 .set_key(Some(key(event_key(space_id, &p.message_id), META)))
@@ -907,12 +898,6 @@ impl DynamoStore {
         }
         Ok(bodies)
     }
-}
-
-fn parse_event(body: &str) -> Result<Event> {
-    let body = serde_json::from_str(body)?;
-    Event::from_stored(body)
-        .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! the merge records kept under each parent.
 
 use async_trait::async_trait;
-use kindred_domain::{IdentifierEntry, Traits};
+use kindred_domain::IdentifierEntry;
 use kindred_store::ports::{
     EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
     Profiles, StoredEvent,
 };
+use kindred_store::profile::{assemble, LatestEvent, ProfileReads, RootRecord};
 use kindred_store::{Result, StoreError};
 
 use super::{
@@ -164,6 +165,36 @@ impl DynamoStore {
     }
 }
 
+impl DynamoStore {
+    /// The identifier records of `identifiers` that exist.
+    async fn external_id_records(
+        &self,
+        space_id: &str,
+        identifiers: &[IdentifierEntry],
+    ) -> Result<Vec<ExternalIdRecord>> {
+        let keys = identifiers
+            .iter()
+            .map(|e| key(identifier_key(space_id, &e.id), META))
+            .collect();
+        let items = self.batch_get(keys, false).await?;
+        let mut records = Vec::with_capacity(items.len());
+        for entry in identifiers {
+            let pk = identifier_key(space_id, &entry.id);
+            if let Some(item) = items.iter().find(|i| opt_s(i, PK) == Some(pk.as_str())) {
+                records.push(ExternalIdRecord {
+                    id: entry.id.clone(),
+                    source_id: get_s(item, "source_id")?.to_string(),
+                    collection: "users".into(),
+                    encoding: get_s(item, "encoding")?.to_string(),
+                    created_at: get_n(item, "created_at")?,
+                    first_message_id: get_s(item, "first_message_id")?.to_string(),
+                });
+            }
+        }
+        Ok(records)
+    }
+}
+
 /// Inclusive index bounds for a query's `start`, `end` and `after`.
 pub(crate) fn bounds(q: &EventQuery) -> (String, String) {
     let mut lo = (i64::MIN, 0);
@@ -211,108 +242,78 @@ impl Profiles for DynamoStore {
         let Some(Resolved {
             root,
             tree,
-            mut merge_history,
+            merge_history,
         }) = self.resolve(space_id, start, false).await?
         else {
             return Ok(None);
         };
-        let root_id = get_s(&root, "profile_id")?.to_string();
-        let identifiers: Vec<IdentifierEntry> = serde_json::from_str(get_s(&root, "identifiers")?)?;
-        let traits: Traits = serde_json::from_str(get_s(&root, "traits")?)?;
-        let created_at = get_n(&root, "created_at")?;
-        let first_message_id = get_s(&root, "first_message_id")?.to_string();
-
-        let mut external_ids = Vec::new();
+        let root = RootRecord {
+            profile_id: get_s(&root, "profile_id")?.to_string(),
+            created_at: get_n(&root, "created_at")?,
+            first_message_id: get_s(&root, "first_message_id")?.to_string(),
+            merges: get_n(&root, "merges")? as u32,
+            identifiers: serde_json::from_str(get_s(&root, "identifiers")?)?,
+            traits: serde_json::from_str(get_s(&root, "traits")?)?,
+        };
+        let mut reads = ProfileReads {
+            external_ids: Vec::new(),
+            latest: Vec::new(),
+            links: Vec::new(),
+            merges: merge_history,
+            computed: Default::default(),
+            root,
+            tree,
+        };
         if parts.external_ids {
-            let keys = identifiers
-                .iter()
-                .map(|e| key(identifier_key(space_id, &e.id), META))
-                .collect();
-            let items = self.batch_get(keys, false).await?;
-            for entry in identifiers {
-                let pk = identifier_key(space_id, &entry.id);
-                if let Some(item) = items.iter().find(|i| opt_s(i, PK) == Some(pk.as_str())) {
-                    external_ids.push(ExternalIdRecord {
-                        id: entry.id,
-                        source_id: get_s(item, "source_id")?.to_string(),
-                        collection: "users".into(),
-                        encoding: get_s(item, "encoding")?.to_string(),
-                        created_at: get_n(item, "created_at")?,
-                        first_message_id: get_s(item, "first_message_id")?.to_string(),
-                    });
-                }
-            }
+            reads.external_ids = self
+                .external_id_records(space_id, &reads.root.identifiers)
+                .await?;
         }
-
-        // Last activity: the newest event of the tree.
-        let (mut updated_at, mut last_message_id) = (created_at, first_message_id.clone());
         if parts.activity {
             let newest = EventQuery {
                 limit: 1,
                 descending: true,
                 ..EventQuery::default()
             };
-            let mut latest = i64::MIN;
             let b = bounds(&newest);
-            for member in &tree {
+            for member in &reads.tree {
                 for event in self
                     .member_events(space_id, member, (&b.0, &b.1), &newest)
                     .await?
                 {
-                    if event.timestamp > latest {
-                        latest = event.timestamp;
-                        updated_at = updated_at.max(event.timestamp);
-                        let body: serde_json::Value = serde_json::from_str(&event.body)?;
-                        if let Some(id) = body.get("messageId").and_then(|v| v.as_str()) {
-                            last_message_id = id.to_string();
-                        }
-                    }
+                    let body: serde_json::Value = serde_json::from_str(&event.body)?;
+                    reads.latest.push(LatestEvent {
+                        timestamp: event.timestamp,
+                        seq: event.seq,
+                        message_id: body
+                            .get("messageId")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or_default()
+                            .to_string(),
+                    });
                 }
             }
         }
-
-        let mut links: Vec<LinkRecord> = Vec::new();
         if parts.links {
-            for member in &tree {
+            for member in &reads.tree {
                 for item in self
                     .items_with_prefix(profile_key(space_id, member), "LINK#", false)
                     .await?
                 {
-                    let link = LinkRecord {
+                    reads.links.push(LinkRecord {
                         group_id: get_s(&item, "group_id")?.to_string(),
                         linked_at: get_n(&item, "linked_at")?,
                         message_id: get_s(&item, "message_id")?.to_string(),
-                    };
-                    if !links.iter().any(|l| l.group_id == link.group_id) {
-                        links.push(link);
-                    }
+                    });
                 }
             }
         }
-        if !parts.merges {
-            merge_history.clear();
+        if parts.computed {
+            reads.computed = self
+                .computed_values(space_id, &reads.root.profile_id)
+                .await?;
         }
-        links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
-        merge_history.sort_by(|a, b| (a.merged_at, &a.child_id).cmp(&(b.merged_at, &b.child_id)));
-        let computed = if parts.computed {
-            self.computed_values(space_id, &root_id).await?
-        } else {
-            Default::default()
-        };
-        Ok(Some(ProfileDoc {
-            profile_id: root_id,
-            tree,
-            created_at,
-            updated_at,
-            first_message_id,
-            last_message_id,
-            merges: get_n(&root, "merges")? as u32,
-            traits,
-            computed,
-            external_ids,
-            links,
-            merge_history,
-        }))
+        Ok(Some(assemble(reads, parts)))
     }
 
     async fn events(

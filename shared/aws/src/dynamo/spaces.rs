@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
@@ -11,10 +10,9 @@ use kindred_domain::{IdentityRules, IdentitySettings};
 use kindred_store::ports::{
     check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
 };
-use kindred_store::token::{
-    hash_secret, mint, random_base62, token_id, verify, NewToken, TokenKind,
-};
-use kindred_store::{now_millis, valid_space_id, Result, StoreError};
+use kindred_store::space::SpaceDraft;
+use kindred_store::token::{hash_secret, mint, token_id, verify, NewToken, TokenKind};
+use kindred_store::{now_millis, Result, StoreError};
 
 use super::{
     get_n, get_s, key, lock, n, opt_s, s, service, space_key, token_key, DynamoStore, Item, META,
@@ -35,62 +33,26 @@ impl DynamoStore {
     /// Creates a space with default identity settings and fresh
     /// credentials in one transaction; the secrets are returned once.
     pub async fn create_space(&self, space_id: &str) -> Result<NewSpace> {
-        if !valid_space_id(space_id) {
-            return Err(StoreError::Invalid(
-                "a space id is 1-64 characters of letters, digits, '_' and '-'".into(),
-            ));
-        }
-        let now = now_millis();
+        let draft = SpaceDraft::new(space_id)?;
+        let (space_id, now) = (draft.space_id.as_str(), draft.created_at);
         let mut space = key(space_key(space_id), META);
         space.insert("space_id".into(), s(space_id));
-        space.insert("source_id".into(), s(format!("src_{}", random_base62(20))));
-        space.insert(
-            "settings".into(),
-            s(serde_json::to_string(&IdentitySettings::default())?),
-        );
+        space.insert("source_id".into(), s(&draft.source_id));
+        space.insert("settings".into(), s(&draft.settings));
         space.insert("settings_version".into(), n(1));
         space.insert("created_at".into(), n(now));
         // Live tokens, and live admin tokens (the last one cannot be revoked).
         space.insert("live_tokens".into(), n(3));
         space.insert("admin_tokens".into(), n(1));
         let mut items = vec![self.put_new(space)?];
-        let mut secrets = Vec::new();
-        for kind in [TokenKind::WriteKey, TokenKind::Access, TokenKind::Admin] {
-            let token = mint(kind);
-            items.push(self.put_new(token_item(space_id, &token, kind, now))?);
-            items.push(self.put_new(token_ref(space_id, &token.token_id, kind, None, now))?);
-            secrets.push(token.secret);
+        for (kind, token) in &draft.tokens {
+            items.push(self.put_new(token_item(space_id, token, *kind, now))?);
+            items.push(self.put_new(token_ref(space_id, &token.token_id, *kind, None, now))?);
         }
-        let out = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => self.usage.transaction(out.consumed_capacity()),
-            Err(e) => {
-                if let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
-                    e.as_service_error()
-                {
-                    if c.cancellation_reasons().first().and_then(|r| r.code())
-                        == Some("ConditionalCheckFailed")
-                    {
-                        return Err(StoreError::AlreadyExists);
-                    }
-                }
-                return Err(service(e));
-            }
+        if self.transact_conditional(items).await?.is_err() {
+            return Err(StoreError::AlreadyExists);
         }
-        let [write_key, access_token, admin_token] =
-            <[String; 3]>::try_from(secrets).expect("three tokens minted");
-        Ok(NewSpace {
-            space_id: space_id.to_string(),
-            write_key,
-            access_token,
-            admin_token,
-        })
+        Ok(draft.credentials())
     }
 
     /// The identity rules of a space, cached for a few seconds (new

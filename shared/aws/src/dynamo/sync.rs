@@ -24,7 +24,7 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, Delete, DeleteRequest, Put, ReturnConsumedCapacity, ReturnValue, Select,
     TransactWriteItem, Update as TxUpdate, WriteRequest,
 };
-use kindred_domain::sync::Settings;
+use kindred_domain::sync::{check_secret, Settings, SyncPosition};
 use kindred_store::secret::Sealer;
 use kindred_store::sync::secret_context;
 use kindred_store::{
@@ -136,6 +136,16 @@ pub struct DestinationState {
     pub synced: bool,
     /// Where a pending initial sync goes on in the space's roots.
     pub initial_cursor: Option<BTreeMap<String, String>>,
+}
+
+impl DestinationState {
+    pub fn position(&self) -> SyncPosition {
+        SyncPosition {
+            initial_pending: self.record.initial_sync_pending,
+            synced: self.synced,
+            since_change: self.since_change,
+        }
+    }
 }
 
 fn record_of(item: &Item) -> Result<DestinationRecord> {
@@ -493,15 +503,18 @@ impl Destinations for DynamoStore {
         for attempt in 0..PUT_ATTEMPTS {
             let now = now_millis();
             let old = self.destination_item(space_id, destination_id).await?;
-            let result = match &old {
-                None => {
-                    let Some(sealed) = &sealed else {
-                        return Err(StoreError::Invalid(format!(
-                            "{}: is required for a new {} destination",
-                            kindred_domain::sync::secret_field(settings.kind),
-                            settings.kind.as_str()
-                        )));
-                    };
+            let before = old.as_ref().map(record_of).transpose()?;
+            check_secret(
+                &settings,
+                before.as_ref().map(|b| &b.settings),
+                sealed.is_some(),
+            )
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let result = match (&old, before) {
+                (None, _) | (_, None) => {
+                    let sealed = sealed
+                        .as_ref()
+                        .ok_or(StoreError::Invariant("a new destination without a secret"))?;
                     let mut item = key(space_key(space_id), &dest_sort(destination_id));
                     item.insert("destination_id".into(), s(destination_id));
                     if let Some(name) = &name {
@@ -521,13 +534,7 @@ impl Destinations for DynamoStore {
                     item.insert("delivered".into(), n(0));
                     self.create_destination(space_id, item).await
                 }
-                Some(old) => {
-                    let before = record_of(old)?;
-                    if sealed.is_none() {
-                        if let Some(e) = settings.secret_needed_after(&before.settings) {
-                            return Err(StoreError::Invalid(e.to_string()));
-                        }
-                    }
+                (Some(old), Some(before)) => {
                     // What must be sent first: the keys this replace adds,
                     // with those of a pass still pending.
                     let old_keys = initial_keys(old)?;

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kindred_domain::compute::{rebuild, Class, Definition, ProfileState, Ruleset};
-use kindred_domain::{Event, Millis, Traits};
+use kindred_domain::compute::{Class, Definition, ProfileState, Ruleset};
+use kindred_domain::{Millis, Traits};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::{error, info, info_span};
@@ -33,7 +33,8 @@ use super::parallel::{self, par_map, pipeline};
 use super::profiles::root_with_traits;
 use super::{lock, SqliteStore};
 use crate::compute::{
-    absorb, check_delete, check_put, decode_state, encode_state, recompute, Recomputed,
+    absorb, apply_event, check_delete, check_put, decode_state, encode_state, parse_stored_event,
+    rebuild_stale, recompute, Recomputed,
 };
 use crate::ports::{
     ChangeRecord, Computations, ComputedValues, DefinitionRecord, DefinitionStatus,
@@ -635,12 +636,6 @@ fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StateRow> {
     })
 }
 
-fn parse_event(body: &str) -> Result<Event> {
-    let body = serde_json::from_str(body)?;
-    Event::from_stored(body)
-        .map_err(|r| StoreError::Invalid(format!("stored event invalid: {}", r.code)))
-}
-
 fn read_state(tx: &Transaction<'_>, space_id: &str, root: &str) -> Result<Option<StateRow>> {
     Ok(tx
         .prepare_cached(
@@ -749,31 +744,20 @@ impl Batch<'_> {
             loaded.settled = true;
             return Ok(loaded);
         }
-        let stale: Vec<&Definition> = ruleset.stale(&loaded.state);
-        if !stale.is_empty() {
-            let mut bodies: Vec<String> = Vec::new();
-            {
-                let mut stmt = self.tx.prepare_cached(
-                    "SELECT body FROM events INDEXED BY events_by_profile
-                     WHERE space_id = ?1 AND profile_id = ?2 AND seq < ?3",
-                )?;
-                for member in tree.iter().map(String::as_str) {
-                    let rows =
-                        stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
-                    for body in rows {
-                        bodies.push(body?);
-                    }
+        if !ruleset.stale(&loaded.state).is_empty() {
+            let mut history: Vec<String> = Vec::new();
+            let mut stmt = self.tx.prepare_cached(
+                "SELECT body FROM events INDEXED BY events_by_profile
+                 WHERE space_id = ?1 AND profile_id = ?2 AND seq < ?3",
+            )?;
+            for member in tree.iter().map(String::as_str) {
+                let rows =
+                    stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
+                for body in rows {
+                    history.push(body?);
                 }
             }
-            let events = bodies
-                .iter()
-                .map(|b| parse_event(b))
-                .collect::<Result<Vec<_>>>()?;
-            for d in stale {
-                let s = rebuild(d, events.iter().filter_map(Event::facts));
-                loaded.state.defs.insert(d.key.clone(), s);
-                self.stats.rebuilt += 1;
-            }
+            self.stats.rebuilt += rebuild_stale(ruleset, &mut loaded.state, &history)? as u64;
             loaded.dirty = true;
         }
         loaded.settled = true;
@@ -1050,7 +1034,7 @@ impl ComputeWorker {
         // Parsing the events and decoding the states are CPU work (done on
         // `batch.threads` threads); folding the events in stays in order.
         let events = par_map(batch.threads, resolved.iter().map(|r| r.6).collect(), |b| {
-            parse_event(b)
+            parse_stored_event(b)
         });
         batch.preload(
             resolved
@@ -1066,9 +1050,7 @@ impl ComputeWorker {
             let _span = info_span!("compute", space_id = %space_id, seq).entered();
             let event = event?;
             let loaded = batch.touch(&ruleset, space_id, &root, seq, now, traits)?;
-            if let Some(facts) = event.facts() {
-                ruleset.apply(&mut loaded.state, &facts);
-            }
+            apply_event(&ruleset, &mut loaded.state, &event);
             // Identify calls change the traits audiences may read.
             loaded.dirty = true;
             batch.stats.events += 1;

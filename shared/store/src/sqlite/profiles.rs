@@ -1,7 +1,7 @@
 //! Profile reads on the embedded store (the Profile API's port).
 
 use async_trait::async_trait;
-use kindred_domain::{Identifier, IdentifierEntry, Traits};
+use kindred_domain::{Identifier, IdentifierEntry};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
@@ -10,6 +10,7 @@ use crate::ports::{
     EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
     Profiles, StoredEvent,
 };
+use crate::profile::{assemble, LatestEvent, ProfileReads, RootRecord};
 use crate::Result;
 
 /// Follows merge pointers from `profile_id` to its root.
@@ -107,84 +108,66 @@ fn load_profile(
     let Some(root) = root_of_lookup(conn, space_id, lookup)? else {
         return Ok(None);
     };
-    let row = conn
+    let (created_at, first_message_id, merges, identifiers, traits): (
+        i64,
+        String,
+        i64,
+        String,
+        String,
+    ) = conn
         .prepare_cached(
-            "SELECT created_at, updated_at, first_message_id, last_message_id, merges, identifiers, traits
+            "SELECT created_at, first_message_id, merges, identifiers, traits
              FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
         )?
         .query_row(params![space_id, root], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })?;
-    let (created_at, updated_at, first_message_id, last_message_id, merges, identifiers, traits) =
-        row;
-    let identifiers: Vec<IdentifierEntry> = serde_json::from_str(&identifiers)?;
-    let traits: Traits = serde_json::from_str(&traits)?;
-
-    let tree = tree(conn, space_id, &root)?;
-
-    let mut external_ids = Vec::with_capacity(identifiers.len());
-    let identifiers = if parts.external_ids {
-        identifiers
-    } else {
-        Vec::new()
+    let root = RootRecord {
+        profile_id: root,
+        created_at,
+        first_message_id,
+        merges: merges as u32,
+        identifiers: serde_json::from_str(&identifiers)?,
+        traits: serde_json::from_str(&traits)?,
     };
-    let mut id_stmt = conn.prepare_cached(
-        "SELECT source_id, encoding, created_at, first_message_id FROM identifiers
-         WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
-    )?;
-    for entry in identifiers {
-        let row = id_stmt
-            .query_row(params![space_id, entry.id.kind, entry.id.value], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .optional()?;
-        if let Some((source_id, encoding, created_at, first_message_id)) = row {
-            external_ids.push(ExternalIdRecord {
-                id: entry.id,
-                source_id,
-                collection: "users".into(),
-                encoding,
-                created_at,
-                first_message_id,
-            });
-        }
+    let tree = tree(conn, space_id, &root.profile_id)?;
+    let mut reads = ProfileReads {
+        external_ids: Vec::new(),
+        latest: Vec::new(),
+        links: Vec::new(),
+        merges: Vec::new(),
+        computed: Default::default(),
+        root,
+        tree,
+    };
+    if parts.external_ids {
+        reads.external_ids = external_id_records(conn, space_id, &reads.root.identifiers)?;
     }
-
-    // The profile's last activity is its newest event (events that change
-    // nothing on the profile do not write it).
-    let (mut updated_at, mut last_message_id) = (updated_at, last_message_id);
-    let mut latest_ts = i64::MIN;
-    let mut latest_stmt = conn.prepare_cached(
-        "SELECT ts, message_id FROM events INDEXED BY events_by_profile WHERE space_id = ?1 AND profile_id = ?2
-         ORDER BY ts DESC, seq DESC LIMIT 1",
-    )?;
-    for member in tree.iter().filter(|_| parts.activity) {
-        let latest: Option<(i64, String)> = latest_stmt
-            .query_row(params![space_id, member], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        if let Some((ts, message_id)) = latest {
-            if ts > latest_ts {
-                latest_ts = ts;
-                last_message_id = message_id;
-                updated_at = updated_at.max(ts);
+    if parts.activity {
+        let mut latest_stmt = conn.prepare_cached(
+            "SELECT ts, seq, message_id FROM events INDEXED BY events_by_profile
+             WHERE space_id = ?1 AND profile_id = ?2 ORDER BY ts DESC, seq DESC LIMIT 1",
+        )?;
+        for member in &reads.tree {
+            if let Some(latest) = latest_stmt
+                .query_row(params![space_id, member], |r| {
+                    Ok(LatestEvent {
+                        timestamp: r.get(0)?,
+                        seq: r.get(1)?,
+                        message_id: r.get(2)?,
+                    })
+                })
+                .optional()?
+            {
+                reads.latest.push(latest);
             }
         }
     }
-
-    let mut links: Vec<LinkRecord> = Vec::new();
     if parts.links {
         let mut link_stmt = conn.prepare_cached(
             "SELECT group_id, linked_at, message_id FROM links WHERE space_id = ?1 AND profile_id = ?2",
         )?;
-        for member in &tree {
+        for member in &reads.tree {
             for link in link_stmt.query_map(params![space_id, member], |r| {
                 Ok(LinkRecord {
                     group_id: r.get(0)?,
@@ -192,19 +175,15 @@ fn load_profile(
                     message_id: r.get(2)?,
                 })
             })? {
-                let link = link?;
-                if !links.iter().any(|l| l.group_id == link.group_id) {
-                    links.push(link);
-                }
+                reads.links.push(link?);
             }
         }
     }
-    let mut merge_history = Vec::new();
     if parts.merges {
         let mut merge_stmt = conn.prepare_cached(
             "SELECT child_id, message_id, merged_at FROM merges WHERE space_id = ?1 AND parent_id = ?2",
         )?;
-        for member in &tree {
+        for member in &reads.tree {
             for merge in merge_stmt.query_map(params![space_id, member], |r| {
                 Ok(MergeRecord {
                     parent_id: member.clone(),
@@ -213,32 +192,43 @@ fn load_profile(
                     merged_at: r.get(2)?,
                 })
             })? {
-                merge_history.push(merge?);
+                reads.merges.push(merge?);
             }
         }
     }
-    let computed = if parts.computed {
-        super::compute::live_values(conn, space_id, &root)?
-    } else {
-        Default::default()
-    };
-    links.sort_by(|a, b| (a.linked_at, &a.group_id).cmp(&(b.linked_at, &b.group_id)));
-    merge_history.sort_by(|a, b| (a.merged_at, &a.child_id).cmp(&(b.merged_at, &b.child_id)));
+    if parts.computed {
+        reads.computed = super::compute::live_values(conn, space_id, &reads.root.profile_id)?;
+    }
+    Ok(Some(assemble(reads, parts)))
+}
 
-    Ok(Some(ProfileDoc {
-        profile_id: root,
-        tree,
-        created_at,
-        updated_at,
-        first_message_id,
-        last_message_id,
-        merges: merges as u32,
-        traits,
-        computed,
-        external_ids,
-        links,
-        merge_history,
-    }))
+/// The stored records of `identifiers` that exist.
+fn external_id_records(
+    conn: &Connection,
+    space_id: &str,
+    identifiers: &[IdentifierEntry],
+) -> Result<Vec<ExternalIdRecord>> {
+    let mut id_stmt = conn.prepare_cached(
+        "SELECT source_id, encoding, created_at, first_message_id FROM identifiers
+         WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
+    )?;
+    let mut records = Vec::with_capacity(identifiers.len());
+    for entry in identifiers {
+        let row = id_stmt
+            .query_row(params![space_id, entry.id.kind, entry.id.value], |r| {
+                Ok(ExternalIdRecord {
+                    id: entry.id.clone(),
+                    source_id: r.get(0)?,
+                    collection: "users".into(),
+                    encoding: r.get(1)?,
+                    created_at: r.get(2)?,
+                    first_message_id: r.get(3)?,
+                })
+            })
+            .optional()?;
+        records.extend(row);
+    }
+    Ok(records)
 }
 
 fn load_events(

@@ -11,57 +11,49 @@ use super::{lock, SqliteStore};
 use crate::ports::{
     check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
 };
-use crate::token::{hash_secret, mint, random_base62, token_id, verify, TokenKind};
+use crate::token::{hash_secret, mint, token_id, verify, TokenKind};
 
 /// How long a verified token is trusted without a lookup (revocation
 /// takes effect within this time).
 const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
 const AUTH_CACHE_ENTRIES: usize = 10_000;
-use crate::{now_millis, valid_space_id, Result, StoreError};
+use crate::space::SpaceDraft;
+use crate::{now_millis, Result, StoreError};
 
 impl SqliteStore {
     /// Creates a space with default identity settings and fresh
     /// credentials; the secrets are returned once and stored hashed.
     pub fn create_space(&self, space_id: &str) -> Result<NewSpace> {
-        if !valid_space_id(space_id) {
-            return Err(StoreError::Invalid(
-                "a space id is 1-64 characters of letters, digits, '_' and '-'".into(),
-            ));
-        }
+        let draft = SpaceDraft::new(space_id)?;
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let now = now_millis();
         let inserted = tx.execute(
             "INSERT INTO spaces (space_id, source_id, settings, settings_version, created_at)
              VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT DO NOTHING",
             params![
-                space_id,
-                format!("src_{}", random_base62(20)),
-                serde_json::to_string(&IdentitySettings::default())?,
-                now
+                draft.space_id,
+                draft.source_id,
+                draft.settings,
+                draft.created_at
             ],
         )?;
         if inserted == 0 {
             return Err(StoreError::AlreadyExists);
         }
-        let mut secrets = Vec::new();
-        for kind in [TokenKind::WriteKey, TokenKind::Access, TokenKind::Admin] {
-            let token = mint(kind);
+        for (kind, token) in &draft.tokens {
             tx.execute(
                 "INSERT INTO tokens (token_id, hash, space_id, kind, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![token.token_id, token.hash.as_slice(), space_id, kind.as_str(), now],
+                params![
+                    token.token_id,
+                    token.hash.as_slice(),
+                    draft.space_id,
+                    kind.as_str(),
+                    draft.created_at
+                ],
             )?;
-            secrets.push(token.secret);
         }
         tx.commit()?;
-        let [write_key, access_token, admin_token] =
-            <[String; 3]>::try_from(secrets).expect("three tokens minted");
-        Ok(NewSpace {
-            space_id: space_id.to_string(),
-            write_key,
-            access_token,
-            admin_token,
-        })
+        Ok(draft.credentials())
     }
 
     fn create_token_now(

@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use kindred_domain::compute::Class;
 use kindred_domain::event::format_millis;
 use kindred_domain::resolve::IdentifierEntry;
-use kindred_domain::sync::{alias_call, change_calls, secret_field, ChangeEntry, Settings};
+use kindred_domain::sync::{
+    alias_call, change_calls, check_secret, ChangeEntry, Settings, SyncPosition,
+};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::info_span;
@@ -204,6 +206,14 @@ fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Resul
 }
 
 impl Row {
+    fn position(&self) -> SyncPosition {
+        SyncPosition {
+            initial_pending: self.initial_pending,
+            synced: self.synced,
+            since_change: self.since_change,
+        }
+    }
+
     fn record(&self) -> DestinationRecord {
         DestinationRecord {
             destination_id: self.destination_id.clone(),
@@ -252,13 +262,8 @@ impl SqliteStore {
                 &[&space_id, &destination_id],
             )?
             .pop();
-            if old.is_none() && sealed.is_none() {
-                return Err(StoreError::Invalid(format!(
-                    "{}: is required for a new {} destination",
-                    secret_field(settings.kind),
-                    settings.kind.as_str()
-                )));
-            }
+            check_secret(&settings, old.as_ref().map(|o| &o.settings), sealed.is_some())
+                .map_err(|e| StoreError::Invalid(e.to_string()))?;
             let settings_json = settings.to_json().to_string();
             let created = old.is_none();
             if created {
@@ -290,11 +295,6 @@ impl SqliteStore {
                     .execute(params![space_id, destination_id])?;
                 }
                 Some(old) => {
-                    if sealed.is_none() {
-                        if let Some(e) = settings.secret_needed_after(&old.settings) {
-                            return Err(StoreError::Invalid(e.to_string()));
-                        }
-                    }
                     // What must be sent first: the keys this replace adds,
                     // with those of a pass still pending.
                     let (pending, keys) = settings.pending_after(
@@ -390,19 +390,15 @@ impl SqliteStore {
                     insert.call(d, profile_id, call)?;
                 }
                 if last {
-                    // A first pass moves the change horizon; a later one
-                    // (changes kept flowing meanwhile) does not.
                     tx.prepare_cached(
                         "UPDATE destinations SET initial_pending = 0, initial_keys = NULL,
-                             since_change = CASE WHEN synced = 0 THEN max(since_change, ?3)
-                                                 ELSE since_change END,
-                             synced = 1
+                             since_change = coalesce(?3, since_change), synced = 1
                          WHERE space_id = ?1 AND destination_id = ?2",
                     )?
                     .execute(params![
                         d.space_id,
                         d.destination_id,
-                        horizon
+                        d.position().horizon_after_pass(horizon)
                     ])?;
                 }
                 Ok(true)
@@ -473,13 +469,7 @@ impl SqliteStore {
             let mut ids = IdCache::default();
             let mut insert = Inserter::new(tx)?;
             let mut by_space: HashMap<&str, Vec<&Row>> = HashMap::new();
-            // A new destination gets changes once its first initial sync
-            // is done (from its horizon on); one synced before keeps
-            // getting them during a later pass.
-            for d in dests
-                .iter()
-                .filter(|d| d.settings.enabled && (d.synced || !d.initial_pending))
-            {
+            for d in dests.iter().filter(|d| d.position().live(&d.settings)) {
                 by_space.entry(d.space_id.as_str()).or_default().push(d);
             }
 
@@ -510,7 +500,8 @@ impl SqliteStore {
                     let mut one = || -> Result<()> {
                         for d in dests
                             .iter()
-                            .filter(|d| d.settings.alias_on_merge && seq > d.since_merge)
+                            .filter(|d| d.position().receives_alias(&d.settings))
+                            .filter(|d| seq > d.since_merge)
                         {
                             let child_ids = ids.own(tx, &space_id, &child)?;
                             let parent_ids = ids.own(tx, &space_id, &parent)?;
@@ -582,7 +573,7 @@ impl SqliteStore {
                         };
                         for d in dests
                             .iter()
-                            .filter(|d| seq > d.since_change && d.settings.selects(&key))
+                            .filter(|d| d.position().receives_change(&d.settings, seq, &key))
                         {
                             let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
                             for call in change_calls(

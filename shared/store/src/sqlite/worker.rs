@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kindred_domain::{Event, IdentityRules, IdentitySettings};
+use kindred_domain::{IdentityRules, IdentitySettings};
 use rusqlite::{params, OptionalExtension, Transaction};
 use tracing::{error, info_span};
 
@@ -227,13 +227,7 @@ impl IdentityWorker {
                         "the event's space does not exist".into(),
                     ));
                 };
-                let event = serde_json::from_str(&e.body)
-                    .map_err(StoreError::from)
-                    .and_then(|body| {
-                        Event::from_stored(body).map_err(|r| {
-                            StoreError::Invalid(format!("stored event invalid: {}", r.code))
-                        })
-                    })?;
+                let event = crate::compute::parse_stored_event(&e.body)?;
                 let job = Job {
                     space_id: &e.space_id,
                     source_id: &e.source_id,
