@@ -8,6 +8,7 @@ mod common;
 
 mod browser;
 mod browser_routes;
+mod compute_contract;
 mod computed;
 mod crash_safety;
 mod deployed;
