@@ -14,6 +14,7 @@ mod crash_safety;
 mod deployed;
 mod dynamodb_costs;
 mod dynamodb_races;
+mod fan_out_contract;
 mod hardening;
 mod http_api;
 mod identity_races;

@@ -193,7 +193,7 @@ impl Deployment {
 
     /// Receives from `queue` until it stays empty, handing each batch to
     /// `handler` and deleting what it did not report failed.
-    async fn pump<F, Fut>(&self, queue: &str, handler: F) -> usize
+    pub(crate) async fn pump<F, Fut>(&self, queue: &str, handler: F) -> usize
     where
         F: Fn(SqsEvent) -> Fut,
         Fut: std::future::Future<Output = aws_lambda_events::sqs::SqsBatchResponse>,
@@ -264,7 +264,15 @@ impl Deployment {
 
     /// Runs the sync step on what arrives in the sync queue (delayed
     /// messages included) until `done` holds.
-    async fn pump_sync_until(&self, what: &str, done: impl Fn() -> bool) {
+    /// Runs the sync step on the sync queue until it stays empty.
+    pub(crate) async fn pump_sync(&self) -> usize {
+        self.pump(&self.sync_queue, |e| {
+            kindred_sync_function::handle(&self.sync_step, e)
+        })
+        .await
+    }
+
+    pub(crate) async fn pump_sync_until(&self, what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !done() {
             assert!(Instant::now() < deadline, "{what}: not after 60 s");
@@ -435,100 +443,27 @@ async fn racing_folds_of_one_profile_fold_each_event_exactly_once() {
     assert_eq!(body["traits"], json!({"orders": 24}));
 }
 
+/// What a `segment` destination adds to the fan-out contract
+/// (`fan_out_contract`, which runs it on these same handlers): an initial
+/// sync arrives at the host's `/v1/batch` with the write key as Basic auth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destinations_get_changes_aliases_and_retries_through_the_sync_function() {
-    if !emulators("destinations_get_changes_aliases_and_retries_through_the_sync_function") {
+async fn a_segment_destination_gets_its_initial_sync_as_a_batch_with_its_write_key() {
+    if !emulators("a_segment_destination_gets_its_initial_sync_as_a_batch_with_its_write_key") {
         return;
     }
-    use crate::common::receiver::{Mode, Receiver};
     let d = Deployment::start("sync").await;
-    let r = Receiver::start().await;
     d.define(
         "audiences",
         "buyers",
         json!({"condition": {"performed": {"event": "Order Completed"}}}),
     )
     .await;
-    let (status, created) = d
-        .admin(
-            "PUT",
-            "/destinations/ads",
-            Some(
-                &json!({"kind": "webhook", "url": r.url("/ads"), "secret": "ads-secret",
-                         "calls": ["track"], "alias_on_merge": true}),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    assert!(created.get("secret").is_none());
     let now = kindred_store::now_millis();
     d.batch(vec![
-        json!({"type": "track", "anonymousId": "a1", "event": "Order Completed", "timestamp": format_millis(now)}),
         json!({"type": "track", "userId": "u9", "event": "Order Completed", "timestamp": format_millis(now)}),
     ])
     .await;
     d.settle().await;
-    let entered = |c: &[Value]| {
-        c.iter()
-            .filter(|c| c["event"] == "Audience Entered")
-            .count()
-    };
-    d.pump_sync_until("both profiles enter", || entered(&r.accepted()) == 2)
-        .await;
-    for req in r.requests() {
-        assert!(req.signed_by("ads-secret"));
-    }
-    let calls = r.accepted();
-    assert!(calls.iter().any(|c| c["userId"] == "u9"));
-    assert!(calls.iter().any(|c| c["anonymousId"] == "a1"));
-    assert_eq!(calls[0]["context"]["personas"]["computation_key"], "buyers");
-
-    // The receiver fails for a while; the merge's alias is retried until it lands.
-    r.set(Mode::Status(503));
-    d.batch(vec![
-        json!({"type": "identify", "userId": "u9", "anonymousId": "a1"}),
-    ])
-    .await;
-    d.settle().await;
-    d.pump_sync_until("a failed attempt", || {
-        r.requests().iter().any(|q| q.status == 503)
-    })
-    .await;
-    let (_, st) = d.admin("GET", "/destinations/ads/status", None).await;
-    assert_eq!(st["last_error"]["status"], json!(503), "{st}");
-    assert_eq!(st["retrying"], json!(1), "{st}");
-    r.set(Mode::Ok);
-    d.pump_sync_until("the alias", || {
-        r.accepted().iter().any(|c| c["type"] == "alias")
-    })
-    .await;
-    let calls = r.accepted();
-    let aliases: Vec<&Value> = calls.iter().filter(|c| c["type"] == "alias").collect();
-    assert_eq!(aliases.len(), 1, "{calls:#?}");
-    assert_eq!(
-        (
-            aliases[0]["previousId"].as_str(),
-            aliases[0]["userId"].as_str()
-        ),
-        (Some("a1"), Some("u9"))
-    );
-    assert_eq!(
-        entered(&calls),
-        2,
-        "no second Audience Entered after the merge"
-    );
-    let (_, st) = d.admin("GET", "/destinations/ads/status", None).await;
-    assert_eq!(
-        (
-            st["delivered"].as_u64(),
-            st["retrying"].as_u64(),
-            st["dead"].as_u64()
-        ),
-        (Some(3), Some(0), Some(0)),
-        "{st}"
-    );
-
-    // A destination added now gets the current values first (initial sync).
     let late = d.late_segment_destination().await;
     d.pump_sync_until("the initial sync", || late.accepted().len() >= 2)
         .await;
@@ -542,11 +477,7 @@ async fn destinations_get_changes_aliases_and_retries_through_the_sync_function(
         .filter(|c| c["type"] == "identify")
         .map(|c| &c["traits"]["buyers"])
         .collect();
-    assert_eq!(
-        members,
-        vec![&json!(true)],
-        "one member after the merge: {accepted:#?}"
-    );
+    assert_eq!(members, vec![&json!(true)], "{accepted:#?}");
 }
 
 /// Every place in the whole table where one of `needles` appears (any

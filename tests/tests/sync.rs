@@ -371,56 +371,6 @@ async fn faults_are_retried_until_every_call_arrives_once_and_the_healthy_destin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_merge_sends_one_alias_and_no_second_audience_entered() {
-    let s = Server::start_for_local_receivers().await;
-    let r = Receiver::start().await;
-    define(
-        &s,
-        "audiences",
-        "buyers",
-        json!({"condition": {"performed": {"event": "Order Completed"}}}),
-    )
-    .await;
-    destination(
-        &s,
-        "ads",
-        json!({"kind": "webhook", "url": r.url("/a"), "secret": "x",
-        "alias_on_merge": true, "calls": ["track"]}),
-    )
-    .await;
-    let t = format_millis(kindred_store::now_millis());
-    send(&s, vec![
-        json!({"type": "track", "anonymousId": "a1", "event": "Order Completed", "timestamp": t}),
-        order("u9"),
-    ]).await;
-    r.wait_for(WAIT, "both profiles enter", |c| {
-        count_event(c, "Audience Entered") == 2
-    })
-    .await;
-    // The anonymous visitor logs in as u9: the two profiles merge.
-    send(
-        &s,
-        vec![json!({"type": "identify", "userId": "u9", "anonymousId": "a1"})],
-    )
-    .await;
-    r.wait_for(WAIT, "the alias", |c| {
-        c.iter().any(|c| c["type"] == "alias")
-    })
-    .await;
-    s.running.wait_fanned_out().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let calls = r.accepted();
-    let aliases: Vec<&Value> = calls.iter().filter(|c| c["type"] == "alias").collect();
-    assert_eq!(aliases.len(), 1, "{calls:#?}");
-    assert_eq!(aliases[0]["previousId"], "a1");
-    assert_eq!(aliases[0]["userId"], "u9");
-    assert_eq!(count_event(&calls, "Audience Entered"), 2, "{calls:#?}");
-    assert_eq!(count_event(&calls, "Audience Exited"), 0);
-    let body = s.profile("user_id:u9", "traits?include=buyers").await.body;
-    assert_eq!(body["traits"], json!({"buyers": true}));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_calls_go_to_dead_letters_and_replay_delivers_them() {
     let s = Server::start_for_local_receivers().await;
     let r = Receiver::start().await;
