@@ -76,6 +76,36 @@ pub fn assert_serializable(audit: &GraphAudit, rules: &IdentityRules, sent: &BTr
         model.partition(),
         "identity differs from a serial replay"
     );
+    // Each root's merge count and traits (value and time) are the replay's.
+    type Root = (u32, Vec<(String, serde_json::Value, i64)>);
+    let view = |traits: &kindred_domain::Traits| {
+        traits
+            .iter()
+            .map(|(k, t)| (k.clone(), t.value.clone(), t.updated_at))
+            .collect::<Vec<_>>()
+    };
+    let ids = |entries: &[kindred_domain::IdentifierEntry]| -> BTreeSet<Identifier> {
+        entries.iter().map(|e| e.id.clone()).collect()
+    };
+    let store_roots: BTreeMap<BTreeSet<Identifier>, Root> = audit
+        .roots
+        .iter()
+        .filter(|(_, entries)| !entries.is_empty())
+        .map(|(root, entries)| {
+            let merges = audit.merges.get(root).copied().unwrap_or_default();
+            let traits = audit.traits.get(root).map(view).unwrap_or_default();
+            (ids(entries), (merges, traits))
+        })
+        .collect();
+    let model_roots: BTreeMap<BTreeSet<Identifier>, Root> = model
+        .roots()
+        .filter(|f| !f.identifiers.is_empty())
+        .map(|f| (ids(&f.identifiers), (f.merges, view(&f.traits))))
+        .collect();
+    assert_eq!(
+        store_roots, model_roots,
+        "merge counts or traits differ from a serial replay"
+    );
     let mut store_events: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for e in &audit.events {
         if let Some(root) = &e.root {

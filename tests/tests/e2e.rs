@@ -13,7 +13,6 @@ mod computed;
 mod crash_safety;
 mod deployed;
 mod dynamodb_costs;
-mod dynamodb_races;
 mod fan_out_contract;
 mod hardening;
 mod http_api;

@@ -50,6 +50,9 @@ impl DynamoStore {
                 audit
                     .merges
                     .insert(id.clone(), get_n(item, "merges")? as u32);
+                audit
+                    .traits
+                    .insert(id.clone(), serde_json::from_str(get_s(item, "traits")?)?);
             }
             parents.insert(id, parent);
         }

@@ -28,6 +28,8 @@ pub struct GraphAudit {
     pub roots: BTreeMap<String, Vec<IdentifierEntry>>,
     /// Recorded merge count of every root.
     pub merges: BTreeMap<String, u32>,
+    /// Custom traits of every root.
+    pub traits: BTreeMap<String, kindred_domain::Traits>,
 }
 
 impl SqliteStore {
@@ -38,7 +40,7 @@ impl SqliteStore {
         let mut audit = GraphAudit::default();
         {
             let mut stmt = tx.prepare(
-                "SELECT profile_id, parent_id, identifiers, merges FROM profiles WHERE space_id = ?1",
+                "SELECT profile_id, parent_id, identifiers, merges, traits FROM profiles WHERE space_id = ?1",
             )?;
             let mut rows = stmt.query(params![space_id])?;
             while let Some(r) = rows.next()? {
@@ -48,6 +50,10 @@ impl SqliteStore {
                     let ids: String = r.get(2)?;
                     audit.roots.insert(id.clone(), serde_json::from_str(&ids)?);
                     audit.merges.insert(id.clone(), r.get::<_, i64>(3)? as u32);
+                    let traits: String = r.get(4)?;
+                    audit
+                        .traits
+                        .insert(id.clone(), serde_json::from_str(&traits)?);
                 }
                 parents.insert(id, parent);
             }
