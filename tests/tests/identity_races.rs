@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use kindred::workload::Workload;
+use kindred::bench::workload::Workload;
 use kindred_aws::dynamo::DynamoGraph;
 use kindred_aws::DynamoStore;
 use kindred_domain::event::Envelope;

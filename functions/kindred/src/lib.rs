@@ -3,12 +3,8 @@
 
 pub mod backfill;
 pub mod bench;
-pub mod compute_bench;
 pub mod config;
 pub mod destinations;
-pub mod privacy_bench;
 pub mod regulations;
 pub mod server;
-pub mod sync_bench;
 pub mod tokens;
-pub mod workload;

@@ -65,7 +65,7 @@ pub async fn handle(
         let span = info_span!("identity", sqs_message_id = %sqs_id);
         let result = async {
             let queued: QueuedEvent = serde_json::from_str(&body)
-                .map_err(|e| StoreError::Invalid(format!("not a queued event: {e}")))?;
+                .map_err(|e| StoreError::Undecodable(format!("not a queued event: {e}")))?;
             let message_id = serde_json::from_str::<serde_json::Value>(&queued.body)
                 .ok()
                 .and_then(|v| v["messageId"].as_str().map(str::to_string))

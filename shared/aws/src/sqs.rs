@@ -85,7 +85,7 @@ impl SqsQueue {
             };
             let failed: Vec<&str> = out.failed().iter().map(|f| f.id()).collect();
             if let Some(f) = out.failed().iter().find(|f| f.sender_fault()) {
-                return Err(StoreError::Invalid(format!(
+                return Err(StoreError::Internal(format!(
                     "SQS refused a message: {}",
                     f.code()
                 )));
@@ -113,7 +113,7 @@ impl SqsQueue {
         for item in items {
             let body = serde_json::to_string(item)?;
             if body.len() > MAX_BATCH_BYTES {
-                return Err(StoreError::Invalid(
+                return Err(StoreError::Internal(
                     "a message is larger than SQS allows".into(),
                 ));
             }

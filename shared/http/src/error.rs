@@ -92,6 +92,10 @@ impl From<StoreError> for ApiError {
                 "a concurrent change got there first; retry the request",
             ),
             StoreError::Invalid(m) => Self::bad_request(m),
+            StoreError::Config(m) => {
+                error!(error = %m, "not configured");
+                Self::new(StatusCode::NOT_IMPLEMENTED, "not_configured", m)
+            }
             StoreError::Definition(d) => Self::bad_request(d.to_string()),
             StoreError::Service(_) => {
                 error!(error = %e, "storage service failure");
@@ -151,6 +155,20 @@ mod tests {
         assert_eq!(
             status(StoreError::Invariant("broken")),
             StatusCode::INTERNAL_SERVER_ERROR
+        );
+        // What the server did wrong is never the client's 400.
+        assert_eq!(
+            status(StoreError::Internal("SQS refused a message".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no");
+        assert_eq!(
+            status(StoreError::Io(io)),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(StoreError::Config("no secrets key".into())),
+            StatusCode::NOT_IMPLEMENTED
         );
     }
 }

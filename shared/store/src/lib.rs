@@ -42,8 +42,21 @@ pub enum StoreError {
     /// same transaction: a bug, never retried.
     #[error("store invariant broken: {0}")]
     Invariant(&'static str),
+    /// The client's request is wrong (names what): a 400, never retried.
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The deployment lacks something it needs (a key, a setting): the
+    /// operator's to fix, shown to the admin API's caller.
+    #[error("not configured: {0}")]
+    Config(String),
+    /// A local file or thread could not be used.
+    #[error("I/O failure")]
+    Io(#[from] std::io::Error),
+    /// A request the server built broke a limit of a storage service
+    /// (too many writes for one transaction, a message SQS refused): a
+    /// bug or a missing split, never the client's input.
+    #[error("internal limit: {0}")]
+    Internal(String),
     /// A definition that does not validate (names the bad field).
     #[error(transparent)]
     Definition(#[from] kindred_domain::compute::DefinitionError),

@@ -39,7 +39,7 @@ impl Sealer {
     /// Two processes creating it at once agree on the first one written.
     pub fn load_or_create(path: &Path) -> Result<Self> {
         let io = |e: std::io::Error| {
-            StoreError::Invalid(format!("the secrets key {}: {e}", path.display()))
+            StoreError::Config(format!("the secrets key {}: {e}", path.display()))
         };
         if !path.exists() {
             let mut key = [0u8; KEY];
@@ -59,7 +59,7 @@ impl Sealer {
         }
         let bytes = std::fs::read(path).map_err(io)?;
         let key: [u8; KEY] = bytes.as_slice().try_into().map_err(|_| {
-            StoreError::Invalid(format!(
+            StoreError::Config(format!(
                 "the secrets key {} is not {KEY} bytes",
                 path.display()
             ))

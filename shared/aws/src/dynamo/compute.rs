@@ -800,7 +800,7 @@ impl DynamoStore {
             folded.changes = changes.len();
         }
         if writes.len() > MAX_TRANSACTION_ITEMS {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::Internal(format!(
                 "folding this profile needs {} writes in one transaction; DynamoDB allows {MAX_TRANSACTION_ITEMS}",
                 writes.len()
             )));

@@ -264,7 +264,7 @@ impl IdentityGraph for DynamoGraph<'_> {
 
         let items = transaction_items(&store.table, space_id, plan, record, event)?;
         if items.len() > MAX_TRANSACTION_ITEMS {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::Internal(format!(
                 "the event needs {} writes in one transaction; DynamoDB allows {MAX_TRANSACTION_ITEMS}",
                 items.len()
             )));

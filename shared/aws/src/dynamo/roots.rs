@@ -31,9 +31,9 @@ impl DynamoStore {
         let mut roots = Vec::new();
         let mut start = start.unwrap_or_default();
         let mut shard: u64 = match start.remove(SHARD) {
-            Some(v) => v
-                .parse()
-                .map_err(|_| StoreError::Invalid(format!("a roots cursor names shard {v:?}")))?,
+            Some(v) => v.parse().map_err(|_| {
+                StoreError::Undecodable(format!("a roots cursor names shard {v:?}"))
+            })?,
             None => 0,
         };
         let mut after: Option<Item> =

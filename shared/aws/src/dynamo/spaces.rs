@@ -79,7 +79,8 @@ impl DynamoStore {
             .ok_or(StoreError::NotFound)?;
         let settings: IdentitySettings = serde_json::from_str(get_s(&space, "settings")?)?;
         let suppressing = matches!(space.get("suppressing"), Some(AttributeValue::Bool(true)));
-        let rules = IdentityRules::new(settings).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let rules =
+            IdentityRules::new(settings).map_err(|e| StoreError::Undecodable(e.to_string()))?;
         let mut caches = lock(&self.caches);
         if caches.rules.len() >= MAX_CACHED {
             caches.rules.clear();

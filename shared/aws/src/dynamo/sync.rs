@@ -193,7 +193,7 @@ impl DynamoStore {
 
     fn sealer(&self) -> Result<&Sealer> {
         self.sealer.as_deref().ok_or_else(|| {
-            StoreError::Invalid("destination secrets are not configured in this deployment".into())
+            StoreError::Config("destination secrets are not configured in this deployment".into())
         })
     }
 

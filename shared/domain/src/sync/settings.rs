@@ -121,6 +121,15 @@ pub fn secret_field(kind: Kind) -> &'static str {
     }
 }
 
+/// What a replace must send before changes: nothing, every current
+/// value, or those of some keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resync {
+    Nothing,
+    Every,
+    Keys(BTreeSet<String>),
+}
+
 impl Settings {
     /// Validates a `PUT .../destinations/{id}` body. Returns the settings
     /// and the secret the body carries.
@@ -372,19 +381,22 @@ impl Settings {
         })
     }
 
-    /// The keys whose current values a replace from `old` must send first
-    /// (`Some(None)`: every key), or `None` if none: the keys newly
-    /// selected, or every key when the destination is enabled again.
-    pub fn resync_keys(&self, old: &Settings) -> Option<Option<BTreeSet<String>>> {
+    /// The current values a replace from `old` must send first: the keys
+    /// newly selected, or every key when the destination is enabled again.
+    pub fn resync_keys(&self, old: &Settings) -> Resync {
         if self.enabled && !old.enabled {
-            return Some(None);
+            return Resync::Every;
         }
         match (&old.keys, &self.keys) {
-            (None, _) => None,
-            (Some(_), None) => Some(None),
+            (None, _) => Resync::Nothing,
+            (Some(_), None) => Resync::Every,
             (Some(o), Some(n)) => {
                 let added: BTreeSet<String> = n.difference(o).cloned().collect();
-                (!added.is_empty()).then_some(Some(added))
+                if added.is_empty() {
+                    Resync::Nothing
+                } else {
+                    Resync::Keys(added)
+                }
             }
         }
     }
@@ -399,18 +411,21 @@ impl Settings {
         old_pending: bool,
         old_keys: Option<BTreeSet<String>>,
     ) -> (bool, Option<BTreeSet<String>>) {
-        match (old_pending, self.resync_keys(old)) {
-            (false, None) => (false, None),
-            (true, None) => (true, old_keys),
-            (false, Some(k)) => (true, k),
-            (true, Some(k)) => (
-                true,
-                old_keys.zip(k).map(|(mut a, b)| {
-                    a.extend(b);
-                    a
-                }),
-            ),
+        let added = match self.resync_keys(old) {
+            Resync::Nothing => return (old_pending, old_keys.filter(|_| old_pending)),
+            Resync::Every => None,
+            Resync::Keys(k) => Some(k),
+        };
+        if !old_pending {
+            return (true, added);
         }
+        (
+            true,
+            old_keys.zip(added).map(|(mut a, b)| {
+                a.extend(b);
+                a
+            }),
+        )
     }
 
     /// Whether changes of `key` are sent.

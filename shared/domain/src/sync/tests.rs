@@ -265,13 +265,16 @@ fn a_replace_resyncs_only_what_it_adds() {
     let all = settings(json!({"kind": "webhook", "url": "http://a"}));
     assert_eq!(
         some(&["a", "b"]).resync_keys(&some(&["a"])),
-        Some(Some(BTreeSet::from(["b".to_string()])))
+        Resync::Keys(BTreeSet::from(["b".to_string()]))
     );
-    assert_eq!(some(&["a"]).resync_keys(&some(&["a", "b"])), None);
-    assert_eq!(all.resync_keys(&some(&["a"])), Some(None));
-    assert_eq!(some(&["a"]).resync_keys(&all), None);
+    assert_eq!(
+        some(&["a"]).resync_keys(&some(&["a", "b"])),
+        Resync::Nothing
+    );
+    assert_eq!(all.resync_keys(&some(&["a"])), Resync::Every);
+    assert_eq!(some(&["a"]).resync_keys(&all), Resync::Nothing);
     let off = settings(json!({"kind": "webhook", "url": "http://a", "enabled": false}));
-    assert_eq!(all.resync_keys(&off), Some(None));
+    assert_eq!(all.resync_keys(&off), Resync::Every);
     // A pass still pending keeps its keys and gains the added ones.
     let b = BTreeSet::from(["b".to_string()]);
     let c = BTreeSet::from(["c".to_string()]);

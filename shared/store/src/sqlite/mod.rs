@@ -247,7 +247,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SqliteStore {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>> {
-        std::fs::create_dir_all(dir).map_err(|e| crate::StoreError::Invalid(e.to_string()))?;
+        std::fs::create_dir_all(dir)?;
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
         writer.execute_batch(STORE_SCHEMA)?;

@@ -58,7 +58,7 @@ struct LastSeq {
 
 impl SqliteQueue {
     pub fn open(dir: &Path) -> Result<Arc<Self>> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        std::fs::create_dir_all(dir)?;
         let path = dir.join("queue.db");
         let writer = open(&path, Durability::Full)?;
         writer.execute_batch(SCHEMA)?;
@@ -74,8 +74,7 @@ impl SqliteQueue {
             let last_seq = Arc::clone(&last_seq);
             std::thread::Builder::new()
                 .name("kindred-queue-writer".into())
-                .spawn(move || writer_loop(writer, rx, last_seq))
-                .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                .spawn(move || writer_loop(writer, rx, last_seq))?;
         }
         Ok(Arc::new(Self {
             commands: Mutex::new(commands),

@@ -223,7 +223,7 @@ impl IdentityWorker {
                     info_span!("identity", space_id = %e.space_id, seq = entry.seq).entered();
                 let rules = rules_for(&tx, &mut state.rules, &e.space_id)?;
                 let Some(rules) = rules else {
-                    return Err(StoreError::Invalid(
+                    return Err(StoreError::Internal(
                         "the event's space does not exist".into(),
                     ));
                 };
@@ -346,7 +346,7 @@ fn rules_for(
     let settings: IdentitySettings = serde_json::from_str(&json)?;
     let rules = Arc::new(SpaceRules {
         rules: IdentityRules::new(settings)
-            .map_err(|e| crate::StoreError::Invalid(e.to_string()))?,
+            .map_err(|e| crate::StoreError::Undecodable(e.to_string()))?,
     });
     cache.insert(space_id.to_string(), (version, Arc::clone(&rules)));
     Ok(Some(rules))

@@ -3,6 +3,11 @@
 //! Profile API is read at a fixed request rate. Prints figures; asserts
 //! nothing about time.
 
+pub mod compute;
+pub mod privacy;
+pub mod sync;
+pub mod workload;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +18,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::config::Config;
 use crate::server::start;
-use crate::workload::Workload;
+use workload::Workload;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -46,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
     /// Define the 20 computed traits and audiences of
-    /// [`crate::compute_bench::DEFINITIONS`] before ingest, then measure
+    /// [`crate::bench::compute::DEFINITIONS`] before ingest, then measure
     /// recompute and backfill over the profiles.
     #[arg(long)]
     pub definitions: bool,
@@ -91,7 +96,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(n) = args.sweep_profiles {
-        return crate::compute_bench::sweep(n, args.due_percent);
+        return crate::bench::compute::sweep(n, args.due_percent);
     }
     let temp = tempfile_dir()?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());
@@ -114,7 +119,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .create_space(&format!("bench{}", std::process::id()))?,
     };
     if let Some(n) = args.regulation_subjects {
-        let result = crate::privacy_bench::run(&running, &space, n.max(1)).await;
+        let result = crate::bench::privacy::run(&running, &space, n.max(1)).await;
         running.stop().await?;
         if args.data_dir.is_none() {
             let _ = std::fs::remove_dir_all(&temp);
@@ -122,7 +127,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return result;
     }
     if let Some(n) = args.sync_profiles {
-        let result = crate::sync_bench::run(&running, &space, n.max(1)).await;
+        let result = crate::bench::sync::run(&running, &space, n.max(1)).await;
         running.stop().await?;
         if args.data_dir.is_none() {
             let _ = std::fs::remove_dir_all(&temp);
@@ -131,7 +136,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let base = format!("http://{}", running.addr);
     if args.definitions {
-        crate::compute_bench::define(&running, &space.space_id).await?;
+        crate::bench::compute::define(&running, &space.space_id).await?;
     }
     let users = args.users.unwrap_or((args.events / 20).max(10));
     println!(
@@ -229,7 +234,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let rss_after_ingest = peak_rss_mib();
     if args.definitions {
-        crate::compute_bench::recompute_and_backfill(
+        crate::bench::compute::recompute_and_backfill(
             &running,
             &data_dir,
             &space.space_id,

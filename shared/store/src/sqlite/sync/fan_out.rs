@@ -1,0 +1,482 @@
+//! Fan-out on SQLite: initial syncs of new destinations, then the merges
+//! and changes logged since the cursors, turned into calls in each
+//! destination's outbox, in one transaction per step.
+
+use super::*;
+
+impl SqliteStore {
+    /// Fans out what was logged since the cursors: initial syncs of new
+    /// destinations, `alias` calls for merges, the calls of each change.
+    /// Returns how many calls were queued.
+    pub fn fan_out(&self) -> Result<FanOut> {
+        let span = info_span!("sync_fan_out");
+        let _e = span.enter();
+        let pending = {
+            let conn = self.sync_reader()?;
+            rows(&conn, "WHERE initial_pending = 1", &[])?
+        };
+        let mut initial = (0, 0);
+        for d in pending.iter().filter(|d| d.settings.enabled) {
+            initial.0 += 1;
+            initial.1 += self.initial_sync(d)?;
+        }
+        let mut step = self.fan_out_logs()?;
+        step.initial_syncs = initial.0;
+        step.calls += initial.1;
+        Ok(step)
+    }
+
+    /// Queues the current value of every selected key of every profile of
+    /// the destination's space, then moves its change horizon to the end
+    /// of the change log as of the same snapshot: from then on the
+    /// destination gets changes only. The states are read in one read
+    /// transaction (so values and horizon agree) while the calls are
+    /// written in chunks, each its own short write transaction: other
+    /// destinations' deliveries and the API go on meanwhile. If the
+    /// destination is replaced or deleted during the pass, the pass stops
+    /// (a replace that needs one starts a new pass). A crash mid-pass
+    /// starts it again; the calls already sent are sent again with the same
+    /// messageIds.
+    pub(super) fn initial_sync(&self, d: &Row) -> Result<u64> {
+        const CHUNK: usize = 5_000;
+        let reader = self.reader()?;
+        let snapshot = reader.unchecked_transaction()?;
+        let horizon: i64 =
+            snapshot.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+                r.get(0)
+            })?;
+        let current = |tx: &Transaction<'_>| -> Result<bool> {
+            Ok(tx
+                .prepare_cached(
+                    "SELECT 1 FROM destinations WHERE space_id = ?1 AND destination_id = ?2
+                       AND version = ?3 AND initial_pending = 1",
+                )?
+                .exists(params![d.space_id, d.destination_id, d.version as i64])?)
+        };
+        let flush = |calls: &mut Vec<(String, Value)>, last: bool| -> Result<bool> {
+            self.sync_tx(|tx| {
+                if !current(tx)? {
+                    return Ok(false);
+                }
+                let mut insert = Inserter::new(tx)?;
+                for (profile_id, call) in calls.iter() {
+                    insert.call(d, profile_id, call)?;
+                }
+                if last {
+                    tx.prepare_cached(
+                        "UPDATE destinations SET initial_pending = 0, initial_keys = NULL,
+                             since_change = coalesce(?3, since_change), synced = 1
+                         WHERE space_id = ?1 AND destination_id = ?2",
+                    )?
+                    .execute(params![
+                        d.space_id,
+                        d.destination_id,
+                        d.position().horizon_after_pass(horizon)
+                    ])?;
+                }
+                Ok(true)
+            })
+            .inspect(|_| calls.clear())
+        };
+        let mut ids = IdCache::default();
+        let mut buffer: Vec<(String, Value)> = Vec::new();
+        let mut queued = 0u64;
+        let now = format_millis(now_millis());
+        let mut stmt = snapshot
+            .prepare("SELECT profile_id, computed FROM c.compute_states WHERE space_id = ?1")?;
+        let mut states = stmt.query([&d.space_id])?;
+        while let Some(row) = states.next()? {
+            let profile_id: String = row.get(0)?;
+            let computed: String = row.get(1)?;
+            let mut computed: crate::ComputedValues = serde_json::from_str(&computed)?;
+            if let Some(keys) = &d.initial_keys {
+                computed.retain(|k, _| keys.contains(k));
+            }
+            let (root, root_ids) = ids.root(&snapshot, &d.space_id, &profile_id)?;
+            let calls = current_calls(
+                &d.space_id,
+                &d.destination_id,
+                &d.settings,
+                &root,
+                &root_ids,
+                &computed,
+                &now,
+            );
+            buffer.extend(calls.into_iter().map(|call| (root.clone(), call)));
+            if buffer.len() >= CHUNK {
+                queued += buffer.len() as u64;
+                if !flush(&mut buffer, false)? {
+                    return Ok(queued);
+                }
+            }
+        }
+        queued += buffer.len() as u64;
+        flush(&mut buffer, true)?;
+        Ok(queued)
+    }
+
+    /// One transaction: merges and changes after the cursors.
+    pub(super) fn fan_out_logs(&self) -> Result<FanOut> {
+        self.sync_tx(|tx| {
+            let mut out = FanOut::default();
+            let dests = rows(tx, "WHERE 1 = 1", &[])?;
+            if dests.is_empty() {
+                // Nothing to send: keep the cursors at the logs' ends so a
+                // first destination starts from its initial sync.
+                let changes: i64 =
+                    tx.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+                        r.get(0)
+                    })?;
+                let merges: i64 =
+                    tx.query_row("SELECT coalesce(max(seq), 0) FROM s.merge_log", [], |r| {
+                        r.get(0)
+                    })?;
+                if cursor(tx, CHANGES_CURSOR)? != changes {
+                    set_cursor(tx, CHANGES_CURSOR, changes)?;
+                }
+                if cursor(tx, MERGES_CURSOR)? != merges {
+                    set_cursor(tx, MERGES_CURSOR, merges)?;
+                }
+                return Ok(out);
+            }
+            let mut ids = IdCache::default();
+            let mut insert = Inserter::new(tx)?;
+            let mut by_space: HashMap<&str, Vec<&Row>> = HashMap::new();
+            for d in dests.iter().filter(|d| d.position().live(&d.settings)) {
+                by_space.entry(d.space_id.as_str()).or_default().push(d);
+            }
+
+            // Merges, then changes: an alias reaches a destination before
+            // the changes logged after the merge.
+            let after = cursor(tx, MERGES_CURSOR)?;
+            let mut last = after;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT seq, space_id, child_id, parent_id, merged_at FROM s.merge_log
+                     WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )?;
+                let merges = stmt.query_map(params![after, MERGES_PER_STEP as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })?;
+                for m in merges {
+                    let (seq, space_id, child, parent, at) = m?;
+                    last = seq;
+                    let Some(dests) = by_space.get(space_id.as_str()) else {
+                        continue;
+                    };
+                    let mut one = || -> Result<()> {
+                        for d in dests
+                            .iter()
+                            .filter(|d| d.position().receives_alias(&d.settings))
+                            .filter(|d| seq > d.since_merge)
+                        {
+                            let child_ids = ids.own(tx, &space_id, &child)?;
+                            let parent_ids = ids.own(tx, &space_id, &parent)?;
+                            if let Some(call) = alias_call(
+                                &space_id,
+                                &d.destination_id,
+                                seq,
+                                &child_ids,
+                                &parent_ids,
+                                &format_millis(at),
+                            ) {
+                                insert.call(d, &parent, &call)?;
+                                out.calls += 1;
+                            }
+                        }
+                        Ok(())
+                    };
+                    set_aside_if_undecodable(
+                        tx,
+                        "merges",
+                        seq,
+                        &space_id,
+                        crate::sqlite::health::catch_panic(&mut one),
+                    )?;
+                    out.merges += 1;
+                }
+            }
+            if last > after {
+                set_cursor(tx, MERGES_CURSOR, last)?;
+            }
+
+            let after = cursor(tx, CHANGES_CURSOR)?;
+            let mut last = after;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT seq, space_id, profile_id, key, class, new, at FROM c.changes
+                     WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )?;
+                let changes = stmt.query_map(params![after, CHANGES_PER_STEP as i64], |r| {
+                    Ok(LoggedChange {
+                        seq: r.get(0)?,
+                        space_id: r.get(1)?,
+                        profile_id: r.get(2)?,
+                        key: r.get(3)?,
+                        class: r.get(4)?,
+                        new: r.get(5)?,
+                        at: r.get(6)?,
+                    })
+                })?;
+                for c in changes {
+                    let LoggedChange {
+                        seq,
+                        space_id,
+                        profile_id,
+                        key,
+                        class,
+                        new,
+                        at,
+                    } = c?;
+                    last = seq;
+                    out.changes += 1;
+                    let Some(dests) = by_space.get(space_id.as_str()) else {
+                        continue;
+                    };
+                    let mut one = || -> Result<()> {
+                        let class = Class::parse(&class).ok_or_else(|| {
+                            StoreError::Undecodable(format!("unknown class {class:?}"))
+                        })?;
+                        let new: Value = serde_json::from_str(&new)?;
+                        let at = format_millis(at);
+                        let change = ChangeEntry {
+                            seq: Some(seq),
+                            key: &key,
+                            class,
+                            new: &new,
+                            at: &at,
+                        };
+                        for d in dests
+                            .iter()
+                            .filter(|d| d.position().receives_change(&d.settings, seq, &key))
+                        {
+                            let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
+                            for call in change_calls(
+                                &space_id,
+                                &d.destination_id,
+                                &d.settings,
+                                &root,
+                                &root_ids,
+                                &change,
+                            ) {
+                                insert.call(d, &root, &call)?;
+                                out.calls += 1;
+                            }
+                        }
+                        Ok(())
+                    };
+                    set_aside_if_undecodable(
+                        tx,
+                        "changes",
+                        seq,
+                        &space_id,
+                        crate::sqlite::health::catch_panic(&mut one),
+                    )?;
+                }
+            }
+            if last > after {
+                set_cursor(tx, CHANGES_CURSOR, last)?;
+            }
+            out.more =
+                out.changes >= CHANGES_PER_STEP as u64 || out.merges >= MERGES_PER_STEP as u64;
+            Ok(out)
+        })
+    }
+}
+
+/// Passes a storage error on (the step is retried); records any other
+/// failure of one log entry (an undecodable value, a damaged identifier
+/// list) in `fan_out_set_aside` and logs it, so that the entries behind it
+/// go on.
+pub(super) fn set_aside_if_undecodable(
+    tx: &Connection,
+    log: &str,
+    seq: i64,
+    space_id: &str,
+    outcome: Result<()>,
+) -> Result<()> {
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(e @ (StoreError::Sqlite(_) | StoreError::Closed)) => Err(e),
+        Err(e) => {
+            tracing::error!(space_id, log, seq, error = %e,
+                            "a log entry the fan-out cannot decode was set aside");
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO fan_out_set_aside (log, seq, space_id, reason, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                log,
+                seq,
+                space_id,
+                e.to_string(),
+                crate::now_millis()
+            ])?;
+            Ok(())
+        }
+    }
+}
+
+impl<'a> Inserter<'a> {
+    pub(super) fn new(tx: &'a Transaction<'_>) -> Result<Self> {
+        Ok(Self {
+            stmt: tx.prepare_cached(
+                "INSERT INTO deliveries (space_id, destination_id, profile_id, call)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?,
+        })
+    }
+
+    pub(super) fn call(&mut self, d: &Row, profile_id: &str, call: &Value) -> Result<()> {
+        self.stmt.execute(params![
+            d.space_id,
+            d.destination_id,
+            profile_id,
+            call.to_string()
+        ])?;
+        Ok(())
+    }
+}
+
+impl IdCache {
+    /// A profile's own identifiers and its parent, if merged.
+    pub(super) fn row(
+        tx: &Connection,
+        space_id: &str,
+        profile_id: &str,
+    ) -> Result<Option<(Option<String>, Vec<IdentifierEntry>)>> {
+        let found = tx
+            .prepare_cached(
+                "SELECT parent_id, identifiers FROM profiles WHERE space_id = ?1 AND profile_id = ?2",
+            )?
+            .query_row(params![space_id, profile_id], |r| {
+                Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?))
+            })
+            .optional()?;
+        match found {
+            None => Ok(None),
+            Some((parent, ids)) => Ok(Some((parent, serde_json::from_str(&ids)?))),
+        }
+    }
+
+    pub(super) fn own(
+        &mut self,
+        tx: &Connection,
+        space_id: &str,
+        profile_id: &str,
+    ) -> Result<Vec<IdentifierEntry>> {
+        Ok(Self::row(tx, space_id, profile_id)?
+            .map(|(_, ids)| ids)
+            .unwrap_or_default())
+    }
+
+    /// The profile's current root and the root's identifiers (its whole
+    /// tree's).
+    pub(super) fn root(
+        &mut self,
+        tx: &Connection,
+        space_id: &str,
+        profile_id: &str,
+    ) -> Result<RootIds> {
+        let key = (space_id.to_string(), profile_id.to_string());
+        if let Some(found) = self.roots.get(&key) {
+            return Ok(found.clone());
+        }
+        let mut current = profile_id.to_string();
+        let mut found = (current.clone(), Arc::new(Vec::new()));
+        // Parent chains are short; the bound guards against a cycle.
+        for _ in 0..64 {
+            match Self::row(tx, space_id, &current)? {
+                None => break,
+                Some((Some(parent), _)) => current = parent,
+                Some((None, ids)) => {
+                    found = (current.clone(), Arc::new(ids));
+                    break;
+                }
+            }
+        }
+        self.roots.insert(key, found.clone());
+        Ok(found)
+    }
+}
+
+impl SyncWorker {
+    pub fn new(store: Arc<SqliteStore>) -> Arc<Self> {
+        Arc::new(Self { store })
+    }
+
+    /// Fans out until `stop` is set, pausing briefly when caught up.
+    /// Runs the fan-out on its own thread under [`crate::sqlite::supervise`].
+    pub fn spawn(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+        health: Arc<crate::sqlite::WorkerHealth>,
+    ) -> std::thread::JoinHandle<()> {
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("kindred-sync".into())
+            .spawn(move || {
+                crate::sqlite::supervise(&health, &stop, || {
+                    if !me.store.fan_out()?.more {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Ok(())
+                })
+            })
+            .expect("spawning the sync thread")
+    }
+
+    /// Changes and merges logged but not yet fanned out to the
+    /// destinations' outboxes, and the age of the oldest change.
+    pub fn lag(&self) -> Result<crate::sqlite::Lag> {
+        let (changes_done, merges_done) = {
+            let conn = self.store.sync_reader()?;
+            (
+                cursor(&conn, CHANGES_CURSOR)?,
+                cursor(&conn, MERGES_CURSOR)?,
+            )
+        };
+        let conn = self.store.reader()?;
+        let changes: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+                r.get(0)
+            })?;
+        let merges: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM merge_log", [], |r| {
+                r.get(0)
+            })?;
+        let oldest: Option<i64> = conn
+            .prepare_cached("SELECT at FROM c.changes WHERE seq > ?1 ORDER BY seq LIMIT 1")?
+            .query_row([changes_done], |r| r.get(0))
+            .optional()?;
+        let pending = (changes - changes_done).max(0) + (merges - merges_done).max(0);
+        Ok(crate::sqlite::Lag::of(pending, oldest, crate::now_millis()))
+    }
+
+    /// Whether everything logged so far has been fanned out.
+    pub fn is_caught_up(&self) -> Result<bool> {
+        let conn = self.store.sync_writer();
+        let changes: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+                r.get(0)
+            })?;
+        let merges: i64 =
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM s.merge_log", [], |r| {
+                r.get(0)
+            })?;
+        let pending: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM destinations WHERE initial_pending = 1)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(!pending
+            && cursor(&conn, CHANGES_CURSOR)? >= changes
+            && cursor(&conn, MERGES_CURSOR)? >= merges)
+    }
+}
