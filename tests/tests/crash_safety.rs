@@ -5,8 +5,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -72,8 +70,78 @@ fn batch(n: usize) -> Value {
     json!({"batch": events})
 }
 
+/// The message ids of every event in the store's events table (read
+/// from the files directly, while no server runs).
+fn applied(dir: &Path) -> BTreeSet<String> {
+    let conn = rusqlite::Connection::open(dir.join("store.db")).unwrap();
+    let mut stmt = conn.prepare("SELECT message_id FROM events").unwrap();
+    let ids = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    ids
+}
+
+/// How many of batch `n`'s events are in `ids`.
+fn of_batch(ids: &BTreeSet<String>, n: usize) -> usize {
+    (0..EVENTS_PER_BATCH)
+        .filter(|i| ids.contains(&format!("b{n}-{i}")))
+        .count()
+}
+
+/// What one sending lane saw in a round.
+#[derive(Default)]
+struct Lane {
+    acked: Vec<usize>,
+    /// The batch whose request was under way when the server died (sent,
+    /// no answer): it must end up all applied or not at all.
+    in_flight: Option<usize>,
+    next: usize,
+}
+
+async fn send_until_it_fails(
+    client: reqwest::Client,
+    base: String,
+    key: String,
+    first: usize,
+    step: usize,
+) -> Lane {
+    let mut lane = Lane {
+        next: first,
+        ..Lane::default()
+    };
+    loop {
+        let n = lane.next;
+        lane.next += step;
+        match client
+            .post(format!("{base}/v1/batch"))
+            .basic_auth(&key, Some(""))
+            .json(&batch(n))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => lane.acked.push(n),
+            Ok(r) => panic!("batch {n}: {}", r.status()),
+            // Refused: the server was already gone, nothing was sent.
+            Err(e) if e.is_connect() => return lane,
+            Err(_) => {
+                lane.in_flight = Some(n);
+                return lane;
+            }
+        }
+    }
+}
+
+/// Three rounds of: start, send from eight clients at once, SIGKILL. In
+/// every round some acknowledged batches must still have been waiting in
+/// the queue when the kill landed (read from the files before the
+/// restart), and some batch must have been in flight; after the last
+/// restart every acknowledged event is applied exactly once and every
+/// in-flight batch is there whole or not at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_sending_loses_no_acknowledged_event() {
+    const LANES: usize = 8;
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(kindred_bin())
         .args(["space", "create", "crash", "--data-dir"])
@@ -88,58 +156,58 @@ async fn sigkill_while_sending_loses_no_acknowledged_event() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
 
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut acked: BTreeSet<usize> = BTreeSet::new();
+    let mut in_flight: Vec<usize> = Vec::new();
     let mut next_batch = 0;
     for round in 0..3 {
         let mut child = serve(dir.path(), port);
         wait_healthy(&client, &base).await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut senders = Vec::new();
-        // Four concurrent clients, each sending its own batches.
-        for lane in 0..4 {
-            let (client, base, key, acked, stop) = (
-                client.clone(),
-                base.clone(),
-                write_key.clone(),
-                Arc::clone(&acked),
-                Arc::clone(&stop),
-            );
-            let first = next_batch + lane;
-            senders.push(tokio::spawn(async move {
-                let mut n = first;
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = client
-                        .post(format!("{base}/v1/batch"))
-                        .basic_auth(&key, Some(""))
-                        .json(&batch(n))
-                        .send()
-                        .await;
-                    match sent {
-                        Ok(r) if r.status().is_success() => {
-                            acked.lock().unwrap().insert(n);
-                        }
-                        _ => break,
-                    }
-                    n += 4;
-                }
-                n
-            }));
-        }
+        let lanes: Vec<_> = (0..LANES)
+            .map(|lane| {
+                tokio::spawn(send_until_it_fails(
+                    client.clone(),
+                    base.clone(),
+                    write_key.clone(),
+                    next_batch + lane,
+                    LANES,
+                ))
+            })
+            .collect();
         tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        stop.store(true, Ordering::Relaxed);
-        for s in senders {
-            next_batch = next_batch.max(s.await.unwrap());
+        let mut round_acked = Vec::new();
+        let mut round_in_flight = 0;
+        for lane in lanes {
+            let lane = lane.await.unwrap();
+            next_batch = next_batch.max(lane.next);
+            round_acked.extend(lane.acked);
+            if let Some(n) = lane.in_flight {
+                in_flight.push(n);
+                round_in_flight += 1;
+            }
         }
-        next_batch += 4;
+        next_batch += LANES;
+        let stored = applied(dir.path());
+        let waiting = round_acked
+            .iter()
+            .filter(|n| of_batch(&stored, **n) < EVENTS_PER_BATCH)
+            .count();
+        println!(
+            "round {round}: {} batches acknowledged, {waiting} of them not yet applied at the kill, {round_in_flight} in flight",
+            round_acked.len()
+        );
+        assert!(
+            waiting > 0,
+            "round {round}: every acknowledged batch was already applied, so the kill tested nothing of the queue"
+        );
+        assert!(
+            round_in_flight > 0,
+            "round {round}: no request was in flight at the kill"
+        );
+        acked.extend(round_acked);
     }
 
-    let acked: Vec<usize> = acked.lock().unwrap().iter().copied().collect();
-    assert!(
-        acked.len() > 10,
-        "the client got batches acknowledged before the kills"
-    );
     let mut child = serve(dir.path(), port);
     wait_healthy(&client, &base).await;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -179,12 +247,37 @@ async fn sigkill_while_sending_loses_no_acknowledged_event() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    println!(
-        "{} acknowledged batches all present exactly once after 3 SIGKILLs",
-        acked.len()
-    );
+    // Everything queued is applied once the identity step has no lag.
+    loop {
+        let health: Value = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["queue_lag_events"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     child.kill().unwrap();
     child.wait().unwrap();
+    let stored = applied(dir.path());
+    for &n in &in_flight {
+        let found = of_batch(&stored, n);
+        assert!(
+            found == 0 || found == EVENTS_PER_BATCH,
+            "in-flight batch {n}: {found} of {EVENTS_PER_BATCH} events"
+        );
+    }
+    println!(
+        "{} acknowledged batches all present exactly once after 3 SIGKILLs; {} in-flight batches whole or absent",
+        acked.len(),
+        in_flight.len()
+    );
 }
 
 /// A regulation whose run is killed part way resumes when Kindred starts

@@ -647,18 +647,23 @@ async fn message_ids_deduplicate_and_gzip_bodies_are_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_space_over_its_ingest_rate_gets_429_with_retry_after() {
     let s = Server::start_with_rate(10).await;
-    let batch: Vec<Value> = (0..10)
-        .map(
-            |i| json!({"type": "track", "userId": "r", "event": "E", "messageId": format!("r{i}")}),
-        )
-        .collect();
-    assert_eq!(
-        s.track("/v1/batch", &json!({"batch": batch})).await.status,
-        StatusCode::OK
-    );
-    let limited = s
-        .track("/v1/track", &json!({"userId": "r", "event": "E"}))
-        .await;
+    let batch = |n: usize| -> Value {
+        let events: Vec<Value> = (0..10)
+            .map(|i| json!({"type": "track", "userId": "r", "event": "E", "messageId": format!("r{n}-{i}")}))
+            .collect();
+        json!({ "batch": events })
+    };
+    // 100 events at 10 per second: they could all pass only if the ten
+    // requests took nine seconds, so a 429 comes whatever the scheduling.
+    let mut limited = None;
+    for n in 0..10 {
+        let r = s.track("/v1/batch", &batch(n)).await;
+        if r.status != StatusCode::OK {
+            limited = Some(r);
+            break;
+        }
+    }
+    let limited = limited.expect("100 events at once go over 10 per second");
     assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(limited.body["error"]["code"], "rate_limit_error");
     let retry: u64 = limited

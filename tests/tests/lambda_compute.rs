@@ -1621,3 +1621,156 @@ async fn transaction_ratio(d: &Deployment) -> f64 {
     );
     reported / 2.0
 }
+
+impl Deployment {
+    /// Every message `queue` holds now, received (hidden for a minute) but
+    /// not deleted.
+    async fn receive_all(&self, queue: &str) -> Vec<aws_sdk_sqs::types::Message> {
+        let mut all = Vec::new();
+        loop {
+            let batch = self
+                .sqs
+                .receive_message()
+                .queue_url(queue)
+                .max_number_of_messages(10)
+                .visibility_timeout(60)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap()
+                .messages()
+                .to_vec();
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+
+    async fn delete(&self, queue: &str, messages: &[aws_sdk_sqs::types::Message]) {
+        for m in messages {
+            self.sqs
+                .delete_message()
+                .queue_url(queue)
+                .receipt_handle(m.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// `messages` with a record that is not any step's message in the middle.
+fn with_poison(
+    mut messages: Vec<aws_sdk_sqs::types::Message>,
+    id: &str,
+) -> Vec<aws_sdk_sqs::types::Message> {
+    let poison = aws_sdk_sqs::types::Message::builder()
+        .message_id(id)
+        .receipt_handle("never-deleted")
+        .body("{\"not\": \"a message of any step\"}")
+        .build();
+    messages.insert(messages.len() / 2, poison);
+    messages
+}
+
+fn failed(response: &aws_lambda_events::sqs::SqsBatchResponse) -> Vec<&str> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect()
+}
+
+/// Each queue function, handed one batch of several records with a
+/// poisoned one in the middle, reports exactly that one failed and
+/// processes the others (what lets SQS retry only the poison).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_queue_function_reports_only_the_poisoned_record_of_a_batch() {
+    if !emulators("each_queue_function_reports_only_the_poisoned_record_of_a_batch") {
+        return;
+    }
+    use crate::common::receiver::Receiver;
+    let d = Deployment::start("poison").await;
+    let r = Receiver::start().await;
+    d.define(
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    d.pump_compute().await;
+    let (status, reply) = d
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(&json!({"kind": "webhook", "url": r.url("/crm"), "secret": "s", "calls": ["track"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    // The (empty) initial sync: the destination takes changes from now on.
+    d.pump_sync().await;
+    let now = kindred_store::now_millis();
+    d.batch(vec![
+        order("u1", 1, now),
+        order("u2", 1, now),
+        order("u3", 1, now),
+    ])
+    .await;
+
+    let events = d.receive_all(&d.events_queue).await;
+    assert_eq!(events.len(), 3);
+    let response = kindred_identity::handle(
+        &d.store,
+        &d.compute,
+        Some(&d.sync),
+        sqs_event(&with_poison(events.clone(), "identity-poison")),
+    )
+    .await;
+    assert_eq!(failed(&response), ["identity-poison"]);
+    d.delete(&d.events_queue, &events).await;
+
+    let folds = d.receive_all(&d.compute_queue).await;
+    assert_eq!(folds.len(), 3, "one compute message per recorded event");
+    let response = kindred_compute::handle(
+        &d.store,
+        &d.compute,
+        Some(&d.sync),
+        sqs_event(&with_poison(folds.clone(), "compute-poison")),
+    )
+    .await;
+    assert_eq!(failed(&response), ["compute-poison"]);
+    d.delete(&d.compute_queue, &folds).await;
+    for user in ["u1", "u2", "u3"] {
+        let body = d.traits(&format!("user_id:{user}"), "include=buyers").await;
+        assert_eq!(body["traits"], json!({"buyers": true}), "{user}: {body}");
+    }
+
+    // (The compute step announces changes once they settle: delayed.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let syncs = loop {
+        let syncs = d.receive_all(&d.sync_queue).await;
+        if !syncs.is_empty() {
+            break syncs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changes were never announced"
+        );
+    };
+    let response = kindred_sync_function::handle(
+        &d.sync_step,
+        sqs_event(&with_poison(syncs.clone(), "sync-poison")),
+    )
+    .await;
+    assert_eq!(failed(&response), ["sync-poison"]);
+    d.delete(&d.sync_queue, &syncs).await;
+    d.pump_sync_until("three entries", || {
+        r.accepted()
+            .iter()
+            .filter(|c| c["event"] == "Audience Entered")
+            .count()
+            == 3
+    })
+    .await;
+}

@@ -60,6 +60,21 @@ async fn wait_status(s: &Server, id: &str, what: &str, done: impl Fn(&Value) -> 
     }
 }
 
+/// Waits until fan-out has queued everything logged and every destination
+/// of the space has nothing pending or retrying: nothing more can arrive
+/// (instead of a quiet window that a slow machine could overrun).
+async fn settled(s: &Server) {
+    s.running.wait_fanned_out().await.unwrap();
+    let list = s.admin("GET", "/destinations", None).await.body;
+    for d in list["data"].as_array().unwrap() {
+        let id = d["id"].as_str().unwrap();
+        wait_status(s, id, "nothing left to deliver", |st| {
+            st["pending"] == 0 && st["retrying"] == 0
+        })
+        .await;
+    }
+}
+
 fn message_ids(calls: &[Value]) -> BTreeSet<String> {
     calls
         .iter()
@@ -234,7 +249,7 @@ async fn changes_reach_two_webhooks_signed_with_the_identifiers_of_each_strategy
     c.wait_for(WAIT, "the next change", |c| c.len() >= 3).await;
     a.wait_for(WAIT, "crm_a gets the next change", |c| c.len() >= 16)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&s).await;
     let late = c.accepted();
     assert_eq!(late.len(), 3, "{late:#?}");
     assert_eq!(
@@ -341,7 +356,7 @@ async fn faults_are_retried_until_every_call_arrives_once_and_the_healthy_destin
             message_ids(c).len() >= 20
         })
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&s).await;
     let accepted = flaky.accepted();
     assert_eq!(message_ids(&accepted).len(), 20);
     assert_eq!(accepted.len(), 20, "each call accepted once");
@@ -655,7 +670,7 @@ async fn an_initial_sync_larger_than_one_chunk_sends_every_value_once_then_chang
     send(&s, vec![order("bulk7")]).await;
     r.wait_for(WAIT, "the change after", |c| c.len() >= 6402)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&s).await;
     let calls = r.accepted();
     assert_eq!(calls.len(), 6402);
     assert_eq!(message_ids(&calls).len(), 6402);
@@ -709,8 +724,7 @@ async fn an_audience_exit_arrives_and_a_new_email_sends_no_second_entry() {
         ],
     )
     .await;
-    s.running.wait_fanned_out().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settled(&s).await;
     assert_eq!(
         count_event(&r.accepted(), "Audience Entered"),
         1,

@@ -176,7 +176,7 @@ async fn racing_puts<A: Destinations + 'static>(a: Arc<A>) {
                 "d",
                 None,
                 webhook(&format!("http://h/{i}")),
-                Some(format!("s{i}")),
+                Some(format!("s{i}").into()),
             )
             .await
             .unwrap()
@@ -344,7 +344,10 @@ async fn dynamodb_stores_destination_secrets_sealed() {
         .await
         .unwrap();
     let target = store.target("sealed", "d").await.unwrap().unwrap();
-    assert_eq!(target.secret.as_deref(), Some("whsec_plain"));
+    assert_eq!(
+        target.secret.as_ref().map(|s| s.expose()),
+        Some("whsec_plain")
+    );
     let client = aws_sdk_dynamodb::Client::new(&kindred_tests::aws_config().await);
     let raw = client
         .get_item()

@@ -26,7 +26,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_message_that_is_not_a_compute_message_is_reported_failed_alone() {
+    async fn a_message_that_is_not_a_compute_message_is_reported_failed() {
         // Fails before any AWS call, so no endpoint is needed.
         let region = || aws_sdk_dynamodb::config::Region::new("us-east-1");
         let store = DynamoStore::new(

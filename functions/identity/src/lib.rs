@@ -54,7 +54,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_message_that_is_not_a_queued_event_is_reported_failed_alone() {
+    async fn a_message_that_is_not_a_queued_event_is_reported_failed() {
         // Fails before any DynamoDB call, so no endpoint is needed.
         let sdk = aws_config_for_tests();
         let store = DynamoStore::new(aws_sdk_dynamodb::Client::from_conf(sdk), "unused");

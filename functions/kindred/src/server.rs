@@ -217,28 +217,28 @@ impl Running {
     /// Waits until the identity worker has applied everything queued so far.
     pub async fn wait_identity(&self) -> anyhow::Result<()> {
         let target = self.local.queue.last_seq();
-        while self.local.worker.cursor()? < target {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        Ok(())
+        until("the identity worker to apply the queue", 2, || {
+            Ok(self.local.worker.cursor()? >= target)
+        })
+        .await
     }
 
     /// Waits until the compute worker has folded in every recorded event,
     /// served every request and finished every backfill.
     pub async fn wait_compute(&self) -> anyhow::Result<()> {
-        while !self.local.compute.is_idle()? {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
+        until("the compute worker to be idle", 5, || {
+            Ok(self.local.compute.is_idle()?)
+        })
+        .await
     }
 
     /// Waits until every change and merge logged so far is in the
     /// destinations' outboxes.
     pub async fn wait_fanned_out(&self) -> anyhow::Result<()> {
-        while !self.local.sync.is_caught_up()? {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
+        until("the fan-out to catch up", 5, || {
+            Ok(self.local.sync.is_caught_up()?)
+        })
+        .await
     }
 
     /// Stops accepting requests, lets in-flight ones finish, stops the worker.
@@ -346,4 +346,24 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
+}
+
+/// How long a `wait_*` waits before it reports the worker stuck (a test
+/// then fails instead of hanging).
+const WAIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Polls `done` every `every_ms` until it holds; an error after [`WAIT_LIMIT`].
+async fn until(
+    what: &str,
+    every_ms: u64,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    while !done()? {
+        if start.elapsed() > WAIT_LIMIT {
+            anyhow::bail!("waited {WAIT_LIMIT:?} for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+    }
+    Ok(())
 }

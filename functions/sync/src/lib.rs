@@ -50,7 +50,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_message_that_is_not_a_sync_message_is_reported_failed_alone() {
+    async fn a_message_that_is_not_a_sync_message_is_reported_failed() {
         // Fails before any AWS call, so no endpoint is needed.
         let sdk = SdkConfig::builder()
             .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())

@@ -101,10 +101,10 @@ pub async fn secret_value(sdk: &SdkConfig, arn: &str) -> Result<String, String> 
 }
 
 /// The store's running request and capacity totals, for
-/// [`kindred_http::with_request_costs`].
-pub fn request_cost(store: &crate::DynamoStore) -> kindred_http::RequestCost {
+/// `kindred_http::with_request_costs` (in the Lambda functions).
+pub fn request_cost(store: &crate::DynamoStore) -> kindred_store::RequestCost {
     let u = store.usage();
-    kindred_http::RequestCost {
+    kindred_store::RequestCost {
         read_requests: u.read_requests,
         write_requests: u.write_requests,
         read_units: u.read_units,

@@ -495,7 +495,7 @@ impl Destinations for DynamoDestinations {
         destination_id: &str,
         name: Option<String>,
         settings: Settings,
-        secret: Option<String>,
+        secret: Option<kindred_store::secret::Secret>,
     ) -> Result<(DestinationRecord, bool)> {
         let out = self
             .store

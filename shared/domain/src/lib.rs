@@ -18,8 +18,8 @@ pub mod traits;
 pub use event::{Envelope, Event, EventKind, Rejection};
 pub use identifier::{extract_identifiers, normalize_lookup, ExternalId, Identifier};
 pub use resolve::{
-    resolve, Attach, Create, Facts, IdentifierEntry, Incoming, Plan, ProfileFacts, Refusal,
-    Resolution, Rule,
+    resolve, Attach, Condition, Create, Facts, IdentifierEntry, Incoming, Plan, ProfileFacts,
+    Refusal, Resolution, Rule,
 };
 pub use settings::{
     BlockedValue, Frequency, IdentityRules, IdentitySettings, Limit, SettingsError, TypeRule,

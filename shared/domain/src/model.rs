@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::identifier::Identifier;
-use crate::resolve::{resolve, Facts, Incoming, Plan, ProfileFacts};
+use crate::resolve::{resolve, Condition, Facts, Incoming, Plan, ProfileFacts};
 use crate::settings::IdentityRules;
 
 #[derive(Clone, Debug, Default)]
@@ -50,18 +50,27 @@ impl MemoryGraph {
         facts
     }
 
+    /// Whether one of a plan's conditions holds.
+    fn holds(&self, condition: Condition<'_>) -> bool {
+        match condition {
+            Condition::Absent(id) => !self.profiles.contains_key(id),
+            Condition::Exists(id) => self.profiles.contains_key(id),
+            Condition::RootAt(id, version) => self
+                .profiles
+                .get(id)
+                .is_some_and(|n| n.parent.is_none() && n.facts.version == version),
+            Condition::Unclaimed(id) => !self.owners.contains_key(id),
+        }
+    }
+
     /// Applies a plan if its conditions hold, recording the event.
     pub fn apply(&mut self, plan: &Plan, message_id: &str) -> Result<(), Conflict> {
+        if !plan.conditions().into_iter().all(|c| self.holds(c)) {
+            return Err(Conflict);
+        }
         match plan {
             Plan::Unresolved => Ok(()),
             Plan::Create(c) => {
-                if self.profiles.contains_key(&c.profile_id)
-                    || c.identifiers
-                        .iter()
-                        .any(|e| self.owners.contains_key(&e.id))
-                {
-                    return Err(Conflict);
-                }
                 for e in &c.identifiers {
                     self.owners.insert(e.id.clone(), c.profile_id.clone());
                 }
@@ -83,17 +92,6 @@ impl MemoryGraph {
                 Ok(())
             }
             Plan::Attach(a) => {
-                let current = |id: &str, version: u64| {
-                    self.profiles
-                        .get(id)
-                        .is_some_and(|n| n.parent.is_none() && n.facts.version == version)
-                };
-                if !current(&a.profile_id, a.expected_version)
-                    || a.children.iter().any(|(c, v)| !current(c, *v))
-                    || a.claims.iter().any(|e| self.owners.contains_key(&e.id))
-                {
-                    return Err(Conflict);
-                }
                 for e in &a.claims {
                     self.owners.insert(e.id.clone(), a.profile_id.clone());
                 }

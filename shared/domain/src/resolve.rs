@@ -135,6 +135,57 @@ impl Plan {
     }
 }
 
+/// What must still hold when a plan is applied, checked in the same
+/// transaction as its writes (each store translates these, and only
+/// these): if one fails, the event is planned again on fresh facts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition<'a> {
+    /// The new profile's id is not taken.
+    Absent(&'a str),
+    /// The profile is a root (not merged away) at this version: the root
+    /// a plan writes (the version covers its identifier list, so merge
+    /// protection's per-type counts are part of it), or one it merges in.
+    RootAt(&'a str, u64),
+    /// The profile exists: an attach that writes nothing on it (merged
+    /// away since is harmless: its events stay in its root's tree).
+    Exists(&'a str),
+    /// No profile owns the identifier yet.
+    Unclaimed(&'a Identifier),
+}
+
+impl Plan {
+    /// The conditions of this plan, in a fixed order: the profile the
+    /// event lands on, the profiles merged into it, the claims.
+    pub fn conditions(&self) -> Vec<Condition<'_>> {
+        let mut out = Vec::new();
+        match self {
+            Plan::Unresolved => {}
+            Plan::Create(c) => {
+                out.push(Condition::Absent(&c.profile_id));
+                out.extend(c.identifiers.iter().map(|e| Condition::Unclaimed(&e.id)));
+            }
+            Plan::Attach(a) => {
+                out.push(if self.writes_root() {
+                    Condition::RootAt(&a.profile_id, a.expected_version)
+                } else {
+                    Condition::Exists(&a.profile_id)
+                });
+                out.extend(a.children.iter().map(|(c, v)| Condition::RootAt(c, *v)));
+                out.extend(a.claims.iter().map(|e| Condition::Unclaimed(&e.id)));
+            }
+        }
+        out
+    }
+
+    /// The version a plan's condition requires of root `profile_id`, if any.
+    pub fn expected_version(&self, profile_id: &str) -> Option<u64> {
+        self.conditions().into_iter().find_map(|c| match c {
+            Condition::RootAt(p, v) if p == profile_id => Some(v),
+            _ => None,
+        })
+    }
+}
+
 /// Why an identifier of an event was not used (Segment's identity
 /// "violations").
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -430,4 +481,55 @@ fn build_plan(
         traits: traits_changed.then_some(traits),
     });
     (plan, dropped)
+}
+
+#[cfg(test)]
+mod condition_tests {
+    use super::*;
+
+    fn entry(value: &str) -> IdentifierEntry {
+        IdentifierEntry {
+            id: Identifier::new("email", value),
+            added_at: 1,
+        }
+    }
+
+    #[test]
+    fn each_plan_states_what_its_writes_depend_on() {
+        assert!(Plan::Unresolved.conditions().is_empty());
+        let create = Plan::Create(Create {
+            profile_id: "p".into(),
+            created_at: 1,
+            identifiers: vec![entry("a@x.io")],
+            traits: Traits::new(),
+        });
+        let a = Identifier::new("email", "a@x.io");
+        assert_eq!(
+            create.conditions(),
+            [Condition::Absent("p"), Condition::Unclaimed(&a)]
+        );
+        let attach = |claims: Vec<IdentifierEntry>, children: Vec<(String, u64)>| Attach {
+            profile_id: "root".into(),
+            expected_version: 4,
+            children,
+            identifiers: (!claims.is_empty()).then(|| claims.clone()),
+            claims,
+            merges: 0,
+            traits: None,
+        };
+        // Only recording the event: the profile must exist, at any version.
+        let plain = Plan::Attach(attach(vec![], vec![]));
+        assert_eq!(plain.conditions(), [Condition::Exists("root")]);
+        let merge = Plan::Attach(attach(vec![entry("a@x.io")], vec![("child".into(), 2)]));
+        assert_eq!(
+            merge.conditions(),
+            [
+                Condition::RootAt("root", 4),
+                Condition::RootAt("child", 2),
+                Condition::Unclaimed(&a)
+            ]
+        );
+        assert_eq!(merge.expected_version("child"), Some(2));
+        assert_eq!(merge.expected_version("other"), None);
+    }
 }

@@ -158,7 +158,7 @@ async fn put(
         secret = Some(s);
     }
     let (r, created) = port
-        .put_destination(&space_id, &id, name, settings, secret)
+        .put_destination(&space_id, &id, name, settings, secret.map(Into::into))
         .await?;
     let mut out = destination_json(&r);
     if let Some(s) = generated {

@@ -259,14 +259,7 @@ pub async fn body_bytes(body: Body) -> Result<Vec<u8>, axum::Error> {
     Ok(axum::body::to_bytes(body, usize::MAX).await?.to_vec())
 }
 
-/// Storage requests and capacity a request consumed.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestCost {
-    pub read_requests: u64,
-    pub write_requests: u64,
-    pub read_units: f64,
-    pub write_units: f64,
-}
+pub use kindred_store::RequestCost;
 
 /// Logs (at debug: a line per request costs CloudWatch money), after each
 /// request, what it cost in storage requests and units (`usage` reads the

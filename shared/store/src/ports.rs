@@ -52,12 +52,21 @@ impl SpaceAuth {
 }
 
 /// A space's credentials, shown once on creation.
-#[derive(Clone, Debug, serde::Serialize)]
+/// (`Debug` leaves the secrets out: this is shown once, never logged.)
+#[derive(Clone, serde::Serialize)]
 pub struct NewSpace {
     pub space_id: String,
     pub write_key: String,
     pub access_token: String,
     pub admin_token: String,
+}
+
+impl std::fmt::Debug for NewSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSpace")
+            .field("space_id", &self.space_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A write key or token as listed: never the secret nor its hash.
@@ -429,4 +438,14 @@ pub trait Computations: Send + Sync {
     /// Enqueues a recompute, as of `as_of`, of exactly the profiles whose
     /// next change by time has come; returns how many.
     async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64>;
+}
+
+/// Storage requests and capacity a request consumed (what an adapter that
+/// counts them reports, for the Profile API's per-request cost log).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestCost {
+    pub read_requests: u64,
+    pub write_requests: u64,
+    pub read_units: f64,
+    pub write_units: f64,
 }

@@ -14,6 +14,46 @@ use rand::RngCore;
 
 use crate::{Result, StoreError};
 
+/// A secret value in memory (a destination's signing secret or write
+/// key, a freshly minted token): it never prints (`Debug` shows
+/// `[redacted]`, and there is no `Display`), so no log line or error can
+/// carry it; [`Secret::expose`] hands it to the one place that sends,
+/// seals or shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_exposed(self) -> String {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self(value.to_string())
+    }
+}
+
 const NONCE: usize = 12;
 const KEY: usize = 32;
 
@@ -111,6 +151,14 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_never_prints() {
+        let s = Secret::new("whsec_plain");
+        assert_eq!(format!("{s:?}"), "Secret([redacted])");
+        assert_eq!(format!("{:?}", Some(s.clone())), "Some(Secret([redacted]))");
+        assert_eq!(s.expose(), "whsec_plain");
+    }
 
     #[test]
     fn secrets_open_only_with_their_key_and_context() {

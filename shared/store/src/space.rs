@@ -44,9 +44,9 @@ impl SpaceDraft {
         let [(_, write_key), (_, access_token), (_, admin_token)] = self.tokens;
         NewSpace {
             space_id: self.space_id,
-            write_key: write_key.secret,
-            access_token: access_token.secret,
-            admin_token: admin_token.secret,
+            write_key: write_key.secret.into_exposed(),
+            access_token: access_token.secret.into_exposed(),
+            admin_token: admin_token.secret.into_exposed(),
         }
     }
 }

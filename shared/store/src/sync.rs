@@ -114,7 +114,7 @@ pub trait Destinations: Send + Sync {
         destination_id: &str,
         name: Option<String>,
         settings: Settings,
-        secret: Option<String>,
+        secret: Option<crate::secret::Secret>,
     ) -> Result<(DestinationRecord, bool)>;
     async fn destination(
         &self,
@@ -148,7 +148,7 @@ pub struct Target {
     pub destination_id: String,
     pub version: u64,
     pub settings: Settings,
-    pub secret: Option<String>,
+    pub secret: Option<crate::secret::Secret>,
 }
 
 /// A queued call.

@@ -66,7 +66,7 @@ pub fn valid_token_id(id: &str) -> bool {
 
 /// A freshly minted token: the secret is shown once, only the hash is kept.
 pub struct NewToken {
-    pub secret: String,
+    pub secret: crate::secret::Secret,
     pub token_id: String,
     pub hash: [u8; 32],
 }
@@ -76,7 +76,7 @@ pub fn mint(kind: TokenKind) -> NewToken {
     let secret = format!("{}_{}{}", kind.prefix(), token_id, random_base62(32));
     let hash = hash_secret(&secret);
     NewToken {
-        secret,
+        secret: secret.into(),
         token_id,
         hash,
     }
@@ -105,10 +105,11 @@ mod tests {
     #[test]
     fn minted_tokens_verify_and_others_do_not() {
         let t = mint(TokenKind::Access);
-        assert!(t.secret.starts_with("at_"));
-        assert_eq!(token_id(&t.secret), Some(t.token_id.as_str()));
-        assert!(verify(&t.secret, &t.hash));
-        let mut wrong = t.secret.clone();
+        let secret = t.secret.expose();
+        assert!(secret.starts_with("at_"));
+        assert_eq!(token_id(secret), Some(t.token_id.as_str()));
+        assert!(verify(secret, &t.hash));
+        let mut wrong = secret.to_string();
         wrong.pop();
         wrong.push('!');
         assert!(!verify(&wrong, &t.hash));

@@ -354,12 +354,15 @@ impl Deliverer {
                     let timestamp = now_millis() / 1000;
                     req = req.header(TIMESTAMP_HEADER, timestamp.to_string()).header(
                         SIGNATURE_HEADER,
-                        kindred_domain::sync::sign(secret, timestamp, body.as_bytes()),
+                        kindred_domain::sync::sign(secret.expose(), timestamp, body.as_bytes()),
                     );
                 }
             }
             Kind::Segment => {
-                req = req.basic_auth(t.secret.as_deref().unwrap_or_default(), Some(""));
+                req = req.basic_auth(
+                    t.secret.as_ref().map(|s| s.expose()).unwrap_or_default(),
+                    Some(""),
+                );
             }
         }
         let mut response = req.body(body).send().await.map_err(|e| {

@@ -5,10 +5,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity, TransactWriteItem, Update};
-use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
+use kindred_domain::{Condition, Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use kindred_store::ports::{Applied, EventRecord, IdentityGraph};
 use kindred_store::{Result, StoreError};
 use sha2::{Digest, Sha256};
@@ -227,39 +226,20 @@ impl IdentityGraph for DynamoGraph<'_> {
                 .await?;
         }
         let event = event_item(space_id, profile_id, record);
-        let simple = match plan {
-            Plan::Unresolved => true,
-            Plan::Create(_) => false,
-            Plan::Attach(a) => !plan.writes_root() && a.claims.is_empty(),
-        };
+        // Nothing but the event to write: one put, conditioned on the
+        // event alone. (An `Exists` condition is left unchecked here, for
+        // cost: an event attached to a profile deleted meanwhile is removed
+        // with it by the regulation's sweep of the tree's events.)
+        let simple = matches!(plan.conditions().as_slice(), [] | [Condition::Exists(_)]);
         if simple {
             // An event on a known profile: one conditional put, which is
             // also the dedup check. A profile merged away meanwhile is
             // harmless: its events stay in its root's tree.
-            let out = store
-                .client
-                .put_item()
-                .table_name(&store.table)
-                .set_item(Some(event))
-                .condition_expression("attribute_not_exists(pk)")
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await;
-            return match out {
-                Ok(out) => {
-                    store.usage.write(out.consumed_capacity());
-                    Ok(Applied::Recorded)
-                }
-                Err(e) => {
-                    store.usage.write(None);
-                    match e.as_service_error() {
-                        Some(PutItemError::ConditionalCheckFailedException(_)) => {
-                            Ok(Applied::Duplicate)
-                        }
-                        _ => Err(service(e)),
-                    }
-                }
-            };
+            return Ok(if store.put_if_absent(event).await? {
+                Applied::Recorded
+            } else {
+                Applied::Duplicate
+            });
         }
 
         let items = transaction_items(&store.table, space_id, plan, record, event)?;
@@ -333,31 +313,9 @@ impl DynamoGraph<'_> {
         item.insert("group_id".into(), s(group_id));
         item.insert("linked_at".into(), n(record.event.timestamp));
         item.insert("message_id".into(), s(&record.event.message_id));
-        let out = store
-            .client
-            .put_item()
-            .table_name(&store.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        store
-            .usage
-            .write(out.as_ref().ok().and_then(|o| o.consumed_capacity()));
-        match out {
-            Ok(_) => Ok(()),
-            // Linked before: the first link's time is kept.
-            Err(e)
-                if matches!(
-                    e.as_service_error(),
-                    Some(PutItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(service(e)),
-        }
+        // Linked before: the first link's time is kept.
+        store.put_if_absent(item).await?;
+        Ok(())
     }
 
     /// After a successful write, the cache holds the new root facts.
@@ -453,6 +411,16 @@ fn transaction_items(
     event: Item,
 ) -> Result<Vec<TransactWriteItem>> {
     let message_id = &record.event.message_id;
+    // Each write carries the plan's condition on its item (the domain's
+    // `Plan::conditions`): `Absent` and `Unclaimed` on the puts that
+    // create, `RootAt` on the updates of the root and of each profile
+    // merged into it, `Exists` as a condition check.
+    let conditions = plan.conditions();
+    let version = |id: &str| {
+        plan.expected_version(id).ok_or(StoreError::Invariant(
+            "a written profile without its version condition",
+        ))
+    };
     let mut items = vec![transact_put(
         table,
         event,
@@ -499,7 +467,7 @@ fn transaction_items(
             }
         }
         Plan::Attach(a) => {
-            for (child, version) in &a.children {
+            for (child, _) in &a.children {
                 let update = Update::builder()
                     .table_name(table)
                     .set_key(Some(key(profile_key(space_id, child), META)))
@@ -509,7 +477,7 @@ fn transaction_items(
                     .condition_expression("version = :v AND attribute_not_exists(parent_id)")
                     .expression_attribute_values(":parent", s(&a.profile_id))
                     .expression_attribute_values(":one", n(1))
-                    .expression_attribute_values(":v", n(*version))
+                    .expression_attribute_values(":v", n(version(child)?))
                     .build()
                     .map_err(service)?;
                 items.push(TransactWriteItem::builder().update(update).build());
@@ -524,7 +492,7 @@ fn transaction_items(
                 let mut values: HashMap<String, AttributeValue> = HashMap::from([
                     (":one".into(), n(1)),
                     (":merges".into(), n(a.merges)),
-                    (":v".into(), n(a.expected_version)),
+                    (":v".into(), n(version(&a.profile_id)?)),
                 ]);
                 if let Some(ids) = &a.identifiers {
                     expression.push_str(", identifiers = :ids");
@@ -548,6 +516,15 @@ fn transaction_items(
             }
             for e in &a.claims {
                 claim(&mut items, e, &a.profile_id)?;
+            }
+            if let Some(Condition::Exists(id)) = conditions.first() {
+                let check = aws_sdk_dynamodb::types::ConditionCheck::builder()
+                    .table_name(table)
+                    .set_key(Some(key(profile_key(space_id, id), META)))
+                    .condition_expression("attribute_exists(pk)")
+                    .build()
+                    .map_err(service)?;
+                items.push(TransactWriteItem::builder().condition_check(check).build());
             }
         }
     }

@@ -16,6 +16,9 @@ mod roots;
 mod spaces;
 mod split;
 mod sync;
+mod write;
+
+pub(crate) use write::{conditional_failed, transact_put};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,45 +106,42 @@ impl UsageSnapshot {
     }
 }
 
+/// Thousandths of the read or write units a call reported.
+fn milli_units<'a>(
+    consumed: impl IntoIterator<Item = &'a ConsumedCapacity>,
+    side: fn(&ConsumedCapacity) -> Option<f64>,
+) -> u64 {
+    consumed
+        .into_iter()
+        .map(|c| side(c).or(c.capacity_units()).unwrap_or(0.0))
+        .map(|units| (units * 1000.0).round() as u64)
+        .sum()
+}
+
 impl Usage {
     pub(crate) fn read<'a>(&self, consumed: impl IntoIterator<Item = &'a ConsumedCapacity>) {
         self.read_requests.fetch_add(1, Ordering::Relaxed);
-        for c in consumed {
-            let units = c
-                .read_capacity_units()
-                .or(c.capacity_units())
-                .unwrap_or(0.0);
-            self.read_milli_units
-                .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
-        }
+        self.read_milli_units.fetch_add(
+            milli_units(consumed, ConsumedCapacity::read_capacity_units),
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn write<'a>(&self, consumed: impl IntoIterator<Item = &'a ConsumedCapacity>) {
         self.write_requests.fetch_add(1, Ordering::Relaxed);
-        for c in consumed {
-            let units = c
-                .write_capacity_units()
-                .or(c.capacity_units())
-                .unwrap_or(0.0);
-            self.write_milli_units
-                .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
-        }
+        self.write_milli_units.fetch_add(
+            milli_units(consumed, ConsumedCapacity::write_capacity_units),
+            Ordering::Relaxed,
+        );
     }
 
     /// A `TransactWriteItems` call and the capacity it reported.
-    pub(crate) fn transaction<'a>(
-        &self,
-        consumed: impl IntoIterator<Item = &'a ConsumedCapacity> + Clone,
-    ) {
-        self.write(consumed.clone());
-        for c in consumed {
-            let units = c
-                .write_capacity_units()
-                .or(c.capacity_units())
-                .unwrap_or(0.0);
-            self.transaction_milli_units
-                .fetch_add((units * 1000.0).round() as u64, Ordering::Relaxed);
-        }
+    pub(crate) fn transaction<'a>(&self, consumed: impl IntoIterator<Item = &'a ConsumedCapacity>) {
+        let milli = milli_units(consumed, ConsumedCapacity::write_capacity_units);
+        self.write_requests.fetch_add(1, Ordering::Relaxed);
+        self.write_milli_units.fetch_add(milli, Ordering::Relaxed);
+        self.transaction_milli_units
+            .fetch_add(milli, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> UsageSnapshot {
@@ -184,65 +184,6 @@ pub struct DynamoStore {
     pub(crate) caches: Mutex<Caches>,
     /// Seals destination secrets; `None` where none are configured.
     pub(crate) sealer: Option<Arc<kindred_store::secret::Sealer>>,
-}
-
-/// A transaction DynamoDB cancelled because a condition failed: the
-/// reason code of each action, in order (`"None"` where it held).
-pub(crate) struct Cancelled(pub Vec<String>);
-
-impl Cancelled {
-    /// Whether the condition of action `i` failed.
-    pub(crate) fn failed(&self, i: usize) -> bool {
-        self.0.get(i).map(String::as_str) == Some("ConditionalCheckFailed")
-    }
-}
-
-impl DynamoStore {
-    /// Sends one transaction, counting its capacity. A cancellation by
-    /// `TransactionConflict` alone (another write to one of its items at
-    /// the same moment) is sent again after a jittered backoff, up to 16
-    /// times; a cancellation where a condition failed is `Ok(Err(_))`, for
-    /// the caller to read which.
-    pub(crate) async fn transact_conditional(
-        &self,
-        items: Vec<aws_sdk_dynamodb::types::TransactWriteItem>,
-    ) -> Result<std::result::Result<(), Cancelled>, StoreError> {
-        use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-        let mut attempt = 0u32;
-        loop {
-            let out = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(items.clone()))
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .send()
-                .await;
-            let e = match out {
-                Ok(out) => {
-                    self.usage.transaction(out.consumed_capacity());
-                    return Ok(Ok(()));
-                }
-                Err(e) => e,
-            };
-            let codes: Vec<String> = match e.as_service_error() {
-                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
-                    .cancellation_reasons()
-                    .iter()
-                    .map(|r| r.code().unwrap_or("None").to_string())
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if codes.iter().any(|c| c == "ConditionalCheckFailed") {
-                return Ok(Err(Cancelled(codes)));
-            }
-            if attempt < 16 && codes.iter().any(|c| c == "TransactionConflict") {
-                attempt += 1;
-                backoff(attempt, 5).await;
-                continue;
-            }
-            return Err(service(e));
-        }
-    }
 }
 
 /// Waits before another attempt at a write that lost a race (0 to
@@ -452,23 +393,6 @@ impl DynamoStore {
             .map_err(service)?;
         Ok(())
     }
-}
-
-/// One put of a transaction, with its condition.
-pub(crate) fn transact_put(
-    table: &str,
-    item: Item,
-    condition: Option<&str>,
-) -> Result<aws_sdk_dynamodb::types::TransactWriteItem, StoreError> {
-    let put = aws_sdk_dynamodb::types::Put::builder()
-        .table_name(table)
-        .set_item(Some(item))
-        .set_condition_expression(condition.map(str::to_string))
-        .build()
-        .map_err(service)?;
-    Ok(aws_sdk_dynamodb::types::TransactWriteItem::builder()
-        .put(put)
-        .build())
 }
 
 /// Any SDK or builder failure: retryable by the caller, details kept for logs.

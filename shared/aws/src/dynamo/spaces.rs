@@ -190,7 +190,7 @@ impl Spaces for DynamoStore {
                 created_at: now,
                 revoked_at: None,
             },
-            token.secret,
+            token.secret.into_exposed(),
         ))
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 /// Where a destination's calls go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,143 +155,11 @@ impl Settings {
         if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(bad(k, "is not a destination setting"));
         }
-        let kind = match obj.get("kind").and_then(Value::as_str) {
-            Some("webhook") => Kind::Webhook,
-            Some("segment") => Kind::Segment,
-            Some(_) => return Err(bad("kind", "is not one of webhook, segment")),
-            None => return Err(bad("kind", "is required (webhook or segment)")),
-        };
-        let endpoint_field = kind.endpoint_field();
-        let other = match kind {
-            Kind::Webhook => Kind::Segment.endpoint_field(),
-            Kind::Segment => Kind::Webhook.endpoint_field(),
-        };
-        if obj.contains_key(other) {
-            return Err(bad(
-                other,
-                format!("is not a {} setting (use {endpoint_field})", kind.as_str()),
-            ));
-        }
-        let endpoint = obj
-            .get(endpoint_field)
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(endpoint_field, "is required"))?;
-        let endpoint = http_url(endpoint).ok_or_else(|| {
-            bad(
-                endpoint_field,
-                "must be an http:// or https:// URL with a host",
-            )
-        })?;
-        let endpoint = match kind {
-            Kind::Webhook => endpoint,
-            Kind::Segment => endpoint.trim_end_matches('/').to_string(),
-        };
-        let wrong_secret = match kind {
-            Kind::Webhook => "write_key",
-            Kind::Segment => "secret",
-        };
-        if obj.contains_key(wrong_secret) {
-            return Err(bad(
-                wrong_secret,
-                format!("is not a {} setting", kind.as_str()),
-            ));
-        }
-        let secret = match obj.get(secret_field(kind)) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => Some(s.clone()),
-            Some(_) => {
-                return Err(bad(
-                    secret_field(kind),
-                    "must be a non-empty string of at most 512 characters",
-                ))
-            }
-        };
-        let keys = match obj.get("keys") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s == "all" => None,
-            Some(Value::Array(a)) => {
-                let mut keys = BTreeSet::new();
-                for (i, k) in a.iter().enumerate() {
-                    let k = k.as_str().filter(|k| !k.is_empty()).ok_or_else(|| {
-                        bad(&format!("keys[{i}]"), "must be a trait or audience key")
-                    })?;
-                    keys.insert(k.to_string());
-                }
-                Some(keys)
-            }
-            Some(_) => return Err(bad("keys", "must be a list of keys, or \"all\"")),
-        };
-        let (identify, track) = match obj.get("calls") {
-            None | Some(Value::Null) => (true, true),
-            Some(Value::Array(a)) if !a.is_empty() => {
-                let (mut identify, mut track) = (false, false);
-                for (i, c) in a.iter().enumerate() {
-                    match c.as_str() {
-                        Some("identify") => identify = true,
-                        Some("track") => track = true,
-                        _ => {
-                            return Err(bad(
-                                &format!("calls[{i}]"),
-                                "is not one of identify, track",
-                            ))
-                        }
-                    }
-                }
-                (identify, track)
-            }
-            Some(_) => return Err(bad("calls", "must be a non-empty list of identify, track")),
-        };
-        let (strategy, id_types) = match obj.get("id_sync") {
-            None | Some(Value::Null) => (
-                Strategy::LastAdded,
-                DEFAULT_ID_TYPES.iter().map(|s| s.to_string()).collect(),
-            ),
-            Some(Value::Object(o)) => {
-                if let Some(k) = o.keys().find(|k| *k != "strategy" && *k != "types") {
-                    return Err(bad(&format!("id_sync.{k}"), "is not an id_sync setting"));
-                }
-                let strategy = match o.get("strategy").and_then(Value::as_str) {
-                    None => Strategy::LastAdded,
-                    Some("all") => Strategy::All,
-                    Some("first_added") => Strategy::FirstAdded,
-                    Some("last_added") => Strategy::LastAdded,
-                    Some(_) => {
-                        return Err(bad(
-                            "id_sync.strategy",
-                            "is not one of all, first_added, last_added",
-                        ))
-                    }
-                };
-                let types = match o.get("types") {
-                    None => DEFAULT_ID_TYPES.iter().map(|s| s.to_string()).collect(),
-                    Some(Value::Array(a)) if !a.is_empty() => {
-                        let mut types: Vec<String> = Vec::new();
-                        for (i, t) in a.iter().enumerate() {
-                            let t = t.as_str().filter(|t| !t.is_empty()).ok_or_else(|| {
-                                bad(&format!("id_sync.types[{i}]"), "must be an identifier type")
-                            })?;
-                            if !types.iter().any(|x| x == t) {
-                                types.push(t.to_string());
-                            }
-                        }
-                        types
-                    }
-                    Some(_) => {
-                        return Err(bad(
-                            "id_sync.types",
-                            "must be a non-empty list of identifier types",
-                        ))
-                    }
-                };
-                (strategy, types)
-            }
-            Some(_) => {
-                return Err(bad(
-                    "id_sync",
-                    "must be an object like {\"strategy\": \"all\", \"types\": [\"email\"]}",
-                ))
-            }
-        };
+        let (kind, endpoint) = kind_and_endpoint(obj)?;
+        let secret = secret_of(obj, kind)?;
+        let keys = keys_of(obj)?;
+        let (identify, track) = calls_of(obj)?;
+        let (strategy, id_types) = id_sync_of(obj)?;
         let flag = |name: &str, default: bool| match obj.get(name) {
             None | Some(Value::Null) => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
@@ -448,6 +316,161 @@ impl Settings {
             _ => json!({ "batch": calls }),
         }
     }
+}
+
+/// `kind` and its endpoint field (`url` or `host`), refusing the other
+/// kind's fields.
+fn kind_and_endpoint(obj: &Map<String, Value>) -> Result<(Kind, String), SettingsError> {
+    let kind = match obj.get("kind").and_then(Value::as_str) {
+        Some("webhook") => Kind::Webhook,
+        Some("segment") => Kind::Segment,
+        Some(_) => return Err(bad("kind", "is not one of webhook, segment")),
+        None => return Err(bad("kind", "is required (webhook or segment)")),
+    };
+    let endpoint_field = kind.endpoint_field();
+    let other = match kind {
+        Kind::Webhook => Kind::Segment.endpoint_field(),
+        Kind::Segment => Kind::Webhook.endpoint_field(),
+    };
+    if obj.contains_key(other) {
+        return Err(bad(
+            other,
+            format!("is not a {} setting (use {endpoint_field})", kind.as_str()),
+        ));
+    }
+    let endpoint = obj
+        .get(endpoint_field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(endpoint_field, "is required"))?;
+    let endpoint = http_url(endpoint).ok_or_else(|| {
+        bad(
+            endpoint_field,
+            "must be an http:// or https:// URL with a host",
+        )
+    })?;
+    let endpoint = match kind {
+        Kind::Webhook => endpoint,
+        Kind::Segment => endpoint.trim_end_matches('/').to_string(),
+    };
+    let wrong_secret = match kind {
+        Kind::Webhook => "write_key",
+        Kind::Segment => "secret",
+    };
+    if obj.contains_key(wrong_secret) {
+        return Err(bad(
+            wrong_secret,
+            format!("is not a {} setting", kind.as_str()),
+        ));
+    }
+    Ok((kind, endpoint))
+}
+
+/// The secret a body carries (`secret` or `write_key`), if any.
+fn secret_of(obj: &Map<String, Value>, kind: Kind) -> Result<Option<String>, SettingsError> {
+    Ok(match obj.get(secret_field(kind)) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => Some(s.clone()),
+        Some(_) => {
+            return Err(bad(
+                secret_field(kind),
+                "must be a non-empty string of at most 512 characters",
+            ))
+        }
+    })
+}
+
+/// `keys`: a list, or every key (`None`).
+fn keys_of(obj: &Map<String, Value>) -> Result<Option<BTreeSet<String>>, SettingsError> {
+    Ok(match obj.get("keys") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "all" => None,
+        Some(Value::Array(a)) => {
+            let mut keys = BTreeSet::new();
+            for (i, k) in a.iter().enumerate() {
+                let k = k
+                    .as_str()
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| bad(&format!("keys[{i}]"), "must be a trait or audience key"))?;
+                keys.insert(k.to_string());
+            }
+            Some(keys)
+        }
+        Some(_) => return Err(bad("keys", "must be a list of keys, or \"all\"")),
+    })
+}
+
+/// `calls`: whether `identify` and `track` calls are sent.
+fn calls_of(obj: &Map<String, Value>) -> Result<(bool, bool), SettingsError> {
+    Ok(match obj.get("calls") {
+        None | Some(Value::Null) => (true, true),
+        Some(Value::Array(a)) if !a.is_empty() => {
+            let (mut identify, mut track) = (false, false);
+            for (i, c) in a.iter().enumerate() {
+                match c.as_str() {
+                    Some("identify") => identify = true,
+                    Some("track") => track = true,
+                    _ => return Err(bad(&format!("calls[{i}]"), "is not one of identify, track")),
+                }
+            }
+            (identify, track)
+        }
+        Some(_) => return Err(bad("calls", "must be a non-empty list of identify, track")),
+    })
+}
+
+/// `id_sync`: the strategy and the identifier types it sends.
+fn id_sync_of(obj: &Map<String, Value>) -> Result<(Strategy, Vec<String>), SettingsError> {
+    Ok(match obj.get("id_sync") {
+        None | Some(Value::Null) => (
+            Strategy::LastAdded,
+            DEFAULT_ID_TYPES.iter().map(|s| s.to_string()).collect(),
+        ),
+        Some(Value::Object(o)) => {
+            if let Some(k) = o.keys().find(|k| *k != "strategy" && *k != "types") {
+                return Err(bad(&format!("id_sync.{k}"), "is not an id_sync setting"));
+            }
+            let strategy = match o.get("strategy").and_then(Value::as_str) {
+                None => Strategy::LastAdded,
+                Some("all") => Strategy::All,
+                Some("first_added") => Strategy::FirstAdded,
+                Some("last_added") => Strategy::LastAdded,
+                Some(_) => {
+                    return Err(bad(
+                        "id_sync.strategy",
+                        "is not one of all, first_added, last_added",
+                    ))
+                }
+            };
+            let types = match o.get("types") {
+                None => DEFAULT_ID_TYPES.iter().map(|s| s.to_string()).collect(),
+                Some(Value::Array(a)) if !a.is_empty() => {
+                    let mut types: Vec<String> = Vec::new();
+                    for (i, t) in a.iter().enumerate() {
+                        let t = t.as_str().filter(|t| !t.is_empty()).ok_or_else(|| {
+                            bad(&format!("id_sync.types[{i}]"), "must be an identifier type")
+                        })?;
+                        if !types.iter().any(|x| x == t) {
+                            types.push(t.to_string());
+                        }
+                    }
+                    types
+                }
+                Some(_) => {
+                    return Err(bad(
+                        "id_sync.types",
+                        "must be a non-empty list of identifier types",
+                    ))
+                }
+            };
+            (strategy, types)
+        }
+        Some(_) => {
+            return Err(bad(
+                "id_sync",
+                "must be an object like {\"strategy\": \"all\", \"types\": [\"email\"]}",
+            ))
+        }
+    })
 }
 
 /// `s` if it is an http(s) URL with a host, without spaces or

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use kindred_domain::{Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
+use kindred_domain::{Condition, Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::SqliteStore;
@@ -272,32 +272,14 @@ fn check_conditions(conn: &Connection, space_id: &str, plan: &Plan) -> Result<()
             })
             .optional()?)
     };
-    let (claims, current): (&[IdentifierEntry], Vec<(&str, u64)>) = match plan {
-        Plan::Unresolved => return Ok(()),
-        Plan::Create(c) => {
-            if state(&c.profile_id)?.is_some() {
-                return Err(StoreError::Conflict);
-            }
-            (&c.identifiers, Vec::new())
-        }
-        Plan::Attach(a) => {
-            let mut current = Vec::new();
-            if plan.writes_root() {
-                current.push((a.profile_id.as_str(), a.expected_version));
-            } else if state(&a.profile_id)?.is_none() {
-                return Err(StoreError::Conflict);
-            }
-            current.extend(a.children.iter().map(|(c, v)| (c.as_str(), *v)));
-            (&a.claims, current)
-        }
-    };
-    for (id, version) in current {
-        if state(id)? != Some((version, true)) {
-            return Err(StoreError::Conflict);
-        }
-    }
-    for e in claims {
-        if owned.exists(params![space_id, e.id.kind, e.id.value])? {
+    for condition in plan.conditions() {
+        let holds = match condition {
+            Condition::Absent(id) => state(id)?.is_none(),
+            Condition::Exists(id) => state(id)?.is_some(),
+            Condition::RootAt(id, version) => state(id)? == Some((version, true)),
+            Condition::Unclaimed(id) => !owned.exists(params![space_id, id.kind, id.value])?,
+        };
+        if !holds {
             return Err(StoreError::Conflict);
         }
     }

@@ -104,7 +104,7 @@ impl SqliteStore {
                 created_at: now,
                 revoked_at: None,
             },
-            token.secret,
+            token.secret.into_exposed(),
         ))
     }
 

@@ -3,6 +3,7 @@
 //! their delivery status.
 
 use super::*;
+use crate::secret::Secret;
 
 impl Row {
     pub(super) fn position(&self) -> SyncPosition {
@@ -47,12 +48,12 @@ impl SqliteStore {
         destination_id: &str,
         name: Option<String>,
         settings: Settings,
-        secret: Option<String>,
+        secret: Option<Secret>,
     ) -> Result<(DestinationRecord, bool)> {
         let now = now_millis();
         let sealed = secret.map(|s| {
             self.sealer
-                .seal(&s, &secret_context(space_id, destination_id))
+                .seal(s.expose(), &secret_context(space_id, destination_id))
         });
         self.sync_tx(|tx| {
             let old = rows(
@@ -186,7 +187,7 @@ impl Destinations for SqliteStore {
         destination_id: &str,
         name: Option<String>,
         settings: Settings,
-        secret: Option<String>,
+        secret: Option<Secret>,
     ) -> Result<(DestinationRecord, bool)> {
         let (space_id, destination_id) = (space_id.to_string(), destination_id.to_string());
         self.blocking(move |s| {

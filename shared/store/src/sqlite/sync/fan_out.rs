@@ -115,178 +115,221 @@ impl SqliteStore {
         Ok(queued)
     }
 
-    /// One transaction: merges and changes after the cursors.
+    /// One transaction: merges and changes after the cursors. Merges
+    /// first: an alias reaches a destination before the changes logged
+    /// after the merge.
     pub(super) fn fan_out_logs(&self) -> Result<FanOut> {
         self.sync_tx(|tx| {
             let mut out = FanOut::default();
             let dests = rows(tx, "WHERE 1 = 1", &[])?;
             if dests.is_empty() {
-                // Nothing to send: keep the cursors at the logs' ends so a
-                // first destination starts from its initial sync.
-                let changes: i64 =
-                    tx.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
-                        r.get(0)
-                    })?;
-                let merges: i64 =
-                    tx.query_row("SELECT coalesce(max(seq), 0) FROM s.merge_log", [], |r| {
-                        r.get(0)
-                    })?;
-                if cursor(tx, CHANGES_CURSOR)? != changes {
-                    set_cursor(tx, CHANGES_CURSOR, changes)?;
-                }
-                if cursor(tx, MERGES_CURSOR)? != merges {
-                    set_cursor(tx, MERGES_CURSOR, merges)?;
-                }
+                keep_cursors_at_the_ends(tx)?;
                 return Ok(out);
             }
-            let mut ids = IdCache::default();
-            let mut insert = Inserter::new(tx)?;
             let mut by_space: HashMap<&str, Vec<&Row>> = HashMap::new();
             for d in dests.iter().filter(|d| d.position().live(&d.settings)) {
                 by_space.entry(d.space_id.as_str()).or_default().push(d);
             }
-
-            // Merges, then changes: an alias reaches a destination before
-            // the changes logged after the merge.
-            let after = cursor(tx, MERGES_CURSOR)?;
-            let mut last = after;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT seq, space_id, child_id, parent_id, merged_at FROM s.merge_log
-                     WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                )?;
-                let merges = stmt.query_map(params![after, MERGES_PER_STEP as i64], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                })?;
-                for m in merges {
-                    let (seq, space_id, child, parent, at) = m?;
-                    last = seq;
-                    let Some(dests) = by_space.get(space_id.as_str()) else {
-                        continue;
-                    };
-                    let mut one = || -> Result<()> {
-                        for d in dests
-                            .iter()
-                            .filter(|d| d.position().receives_alias(&d.settings))
-                            .filter(|d| seq > d.since_merge)
-                        {
-                            let child_ids = ids.own(tx, &space_id, &child)?;
-                            let parent_ids = ids.own(tx, &space_id, &parent)?;
-                            if let Some(call) = alias_call(
-                                &space_id,
-                                &d.destination_id,
-                                seq,
-                                &child_ids,
-                                &parent_ids,
-                                &format_millis(at),
-                            ) {
-                                insert.call(d, &parent, &call)?;
-                                out.calls += 1;
-                            }
-                        }
-                        Ok(())
-                    };
-                    set_aside_if_undecodable(
-                        tx,
-                        "merges",
-                        seq,
-                        &space_id,
-                        crate::sqlite::health::catch_panic(&mut one),
-                    )?;
-                    out.merges += 1;
-                }
-            }
-            if last > after {
-                set_cursor(tx, MERGES_CURSOR, last)?;
-            }
-
-            let after = cursor(tx, CHANGES_CURSOR)?;
-            let mut last = after;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT seq, space_id, profile_id, key, class, new, at FROM c.changes
-                     WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                )?;
-                let changes = stmt.query_map(params![after, CHANGES_PER_STEP as i64], |r| {
-                    Ok(LoggedChange {
-                        seq: r.get(0)?,
-                        space_id: r.get(1)?,
-                        profile_id: r.get(2)?,
-                        key: r.get(3)?,
-                        class: r.get(4)?,
-                        new: r.get(5)?,
-                        at: r.get(6)?,
-                    })
-                })?;
-                for c in changes {
-                    let LoggedChange {
-                        seq,
-                        space_id,
-                        profile_id,
-                        key,
-                        class,
-                        new,
-                        at,
-                    } = c?;
-                    last = seq;
-                    out.changes += 1;
-                    let Some(dests) = by_space.get(space_id.as_str()) else {
-                        continue;
-                    };
-                    let mut one = || -> Result<()> {
-                        let class = Class::parse(&class).ok_or_else(|| {
-                            StoreError::Undecodable(format!("unknown class {class:?}"))
-                        })?;
-                        let new: Value = serde_json::from_str(&new)?;
-                        let at = format_millis(at);
-                        let change = ChangeEntry {
-                            seq: Some(seq),
-                            key: &key,
-                            class,
-                            new: &new,
-                            at: &at,
-                        };
-                        for d in dests
-                            .iter()
-                            .filter(|d| d.position().receives_change(&d.settings, seq, &key))
-                        {
-                            let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
-                            for call in change_calls(
-                                &space_id,
-                                &d.destination_id,
-                                &d.settings,
-                                &root,
-                                &root_ids,
-                                &change,
-                            ) {
-                                insert.call(d, &root, &call)?;
-                                out.calls += 1;
-                            }
-                        }
-                        Ok(())
-                    };
-                    set_aside_if_undecodable(
-                        tx,
-                        "changes",
-                        seq,
-                        &space_id,
-                        crate::sqlite::health::catch_panic(&mut one),
-                    )?;
-                }
-            }
-            if last > after {
-                set_cursor(tx, CHANGES_CURSOR, last)?;
-            }
+            let mut fan = Fan {
+                tx,
+                by_space,
+                ids: IdCache::default(),
+                insert: Inserter::new(tx)?,
+            };
+            fan.merges(&mut out)?;
+            fan.changes(&mut out)?;
             out.more =
                 out.changes >= CHANGES_PER_STEP as u64 || out.merges >= MERGES_PER_STEP as u64;
             Ok(out)
         })
+    }
+}
+
+/// With no destination there is nothing to send: the cursors stay at the
+/// logs' ends, so that a first destination starts from its initial sync.
+fn keep_cursors_at_the_ends(tx: &Transaction<'_>) -> Result<()> {
+    let changes: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM c.changes", [], |r| {
+        r.get(0)
+    })?;
+    let merges: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM s.merge_log", [], |r| {
+        r.get(0)
+    })?;
+    if cursor(tx, CHANGES_CURSOR)? != changes {
+        set_cursor(tx, CHANGES_CURSOR, changes)?;
+    }
+    if cursor(tx, MERGES_CURSOR)? != merges {
+        set_cursor(tx, MERGES_CURSOR, merges)?;
+    }
+    Ok(())
+}
+
+/// One fan-out transaction's live destinations by space, and its caches.
+struct Fan<'t, 'd> {
+    tx: &'t Transaction<'t>,
+    by_space: HashMap<&'d str, Vec<&'d Row>>,
+    ids: IdCache,
+    insert: Inserter<'t>,
+}
+
+impl Fan<'_, '_> {
+    /// The merges after the cursor, as `alias` calls.
+    fn merges(&mut self, out: &mut FanOut) -> Result<()> {
+        let Fan {
+            tx,
+            by_space,
+            ids,
+            insert,
+        } = self;
+        let tx = *tx;
+        let after = cursor(tx, MERGES_CURSOR)?;
+        let mut last = after;
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, space_id, child_id, parent_id, merged_at FROM s.merge_log
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let merges = stmt.query_map(params![after, MERGES_PER_STEP as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            for m in merges {
+                let (seq, space_id, child, parent, at) = m?;
+                last = seq;
+                let Some(dests) = by_space.get(space_id.as_str()) else {
+                    continue;
+                };
+                let mut one = || -> Result<()> {
+                    for d in dests
+                        .iter()
+                        .filter(|d| d.position().receives_alias(&d.settings))
+                        .filter(|d| seq > d.since_merge)
+                    {
+                        let child_ids = ids.own(tx, &space_id, &child)?;
+                        let parent_ids = ids.own(tx, &space_id, &parent)?;
+                        if let Some(call) = alias_call(
+                            &space_id,
+                            &d.destination_id,
+                            seq,
+                            &child_ids,
+                            &parent_ids,
+                            &format_millis(at),
+                        ) {
+                            insert.call(d, &parent, &call)?;
+                            out.calls += 1;
+                        }
+                    }
+                    Ok(())
+                };
+                set_aside_if_undecodable(
+                    tx,
+                    "merges",
+                    seq,
+                    &space_id,
+                    crate::sqlite::health::catch_panic(&mut one),
+                )?;
+                out.merges += 1;
+            }
+        }
+        if last > after {
+            set_cursor(tx, MERGES_CURSOR, last)?;
+        }
+
+        Ok(())
+    }
+
+    /// The changes after the cursor, as the calls of each destination
+    /// that receives them.
+    fn changes(&mut self, out: &mut FanOut) -> Result<()> {
+        let Fan {
+            tx,
+            by_space,
+            ids,
+            insert,
+        } = self;
+        let tx = *tx;
+        let after = cursor(tx, CHANGES_CURSOR)?;
+        let mut last = after;
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, space_id, profile_id, key, class, new, at FROM c.changes
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let changes = stmt.query_map(params![after, CHANGES_PER_STEP as i64], |r| {
+                Ok(LoggedChange {
+                    seq: r.get(0)?,
+                    space_id: r.get(1)?,
+                    profile_id: r.get(2)?,
+                    key: r.get(3)?,
+                    class: r.get(4)?,
+                    new: r.get(5)?,
+                    at: r.get(6)?,
+                })
+            })?;
+            for c in changes {
+                let LoggedChange {
+                    seq,
+                    space_id,
+                    profile_id,
+                    key,
+                    class,
+                    new,
+                    at,
+                } = c?;
+                last = seq;
+                out.changes += 1;
+                let Some(dests) = by_space.get(space_id.as_str()) else {
+                    continue;
+                };
+                let mut one = || -> Result<()> {
+                    let class = Class::parse(&class).ok_or_else(|| {
+                        StoreError::Undecodable(format!("unknown class {class:?}"))
+                    })?;
+                    let new: Value = serde_json::from_str(&new)?;
+                    let at = format_millis(at);
+                    let change = ChangeEntry {
+                        seq: Some(seq),
+                        key: &key,
+                        class,
+                        new: &new,
+                        at: &at,
+                    };
+                    for d in dests
+                        .iter()
+                        .filter(|d| d.position().receives_change(&d.settings, seq, &key))
+                    {
+                        let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
+                        for call in change_calls(
+                            &space_id,
+                            &d.destination_id,
+                            &d.settings,
+                            &root,
+                            &root_ids,
+                            &change,
+                        ) {
+                            insert.call(d, &root, &call)?;
+                            out.calls += 1;
+                        }
+                    }
+                    Ok(())
+                };
+                set_aside_if_undecodable(
+                    tx,
+                    "changes",
+                    seq,
+                    &space_id,
+                    crate::sqlite::health::catch_panic(&mut one),
+                )?;
+            }
+        }
+        if last > after {
+            set_cursor(tx, CHANGES_CURSOR, last)?;
+        }
+        Ok(())
     }
 }
 

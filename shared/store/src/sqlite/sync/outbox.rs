@@ -17,7 +17,8 @@ impl Targets for SqliteStore {
                     None => None,
                     Some(sealed) => Some(
                         s.sealer
-                            .open(sealed, &secret_context(&r.space_id, &r.destination_id))?,
+                            .open(sealed, &secret_context(&r.space_id, &r.destination_id))?
+                            .into(),
                     ),
                 };
                 out.push(Target {
