@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use kindred_aws::dynamo::compute::CHANGES_SETTLE_MS;
 use kindred_domain::event::format_millis;
-use kindred_tests::emulators;
 use serde_json::{json, Value};
 
 use crate::common::Server;
@@ -456,34 +455,9 @@ async fn racing_definition_writes_never_make_a_cycle(e: &impl Engine) {
     }
 }
 
-/// One `#[tokio::test]` per case and store.
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let server = crate::common::Server::start().await;
-                    super::$case(&server).await;
-                }
-            )*
-        }
-        mod dynamodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    if !super::emulators(concat!("compute_contract::dynamodb::", stringify!($case))) {
-                        return;
-                    }
-                    let deployment = super::Deployment::start(stringify!($case)).await;
-                    super::$case(&deployment).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
+crate::common::on_both_stores!(
+    "compute_contract",
+    crate::common::Server::start();
     definitions,
     folding_and_the_change_log,
     lookback_sweep,

@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use kindred_domain::event::format_millis;
-use kindred_tests::emulators;
 use serde_json::{json, Value};
 
 use crate::common::receiver::{Mode, Receiver};
@@ -244,35 +243,9 @@ async fn a_new_destination_gets_the_current_values_then_changes(e: &impl Deliver
     );
 }
 
-/// One `#[tokio::test]` per case and store.
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    // The receivers listen on 127.0.0.1.
-                    let server = crate::common::Server::start_for_local_receivers().await;
-                    super::$case(&server).await;
-                }
-            )*
-        }
-        mod dynamodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    if !super::emulators(concat!("fan_out_contract::dynamodb::", stringify!($case))) {
-                        return;
-                    }
-                    let deployment = super::Deployment::start(stringify!($case)).await;
-                    super::$case(&deployment).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
+crate::common::on_both_stores!(
+    "fan_out_contract",
+    crate::common::Server::start_for_local_receivers();
     changes_and_one_alias_reach_a_signed_webhook,
     failed_deliveries_are_retried_until_they_land,
     a_new_destination_gets_the_current_values_then_changes,

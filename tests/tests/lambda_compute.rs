@@ -226,22 +226,12 @@ impl Deployment {
                 entry.1 += messages.len() as u64;
             }
             let response = handler(sqs_event(&messages)).await;
-            let failed: Vec<String> = response
-                .batch_item_failures
-                .iter()
-                .map(|f| f.item_identifier.clone())
-                .collect();
-            assert!(failed.is_empty(), "messages failed: {failed:?}");
-            for m in &messages {
-                self.sqs
-                    .delete_message()
-                    .queue_url(queue)
-                    .receipt_handle(m.receipt_handle().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-                handled += 1;
-            }
+            assert!(
+                failed(&response).is_empty(),
+                "messages failed: {response:?}"
+            );
+            self.delete(queue, &messages).await;
+            handled += messages.len();
         }
         handled
     }
@@ -292,21 +282,11 @@ impl Deployment {
             }
             let response =
                 kindred_sync_function::handle(&self.sync_step, sqs_event(&messages)).await;
-            let failed: Vec<String> = response
-                .batch_item_failures
-                .iter()
-                .map(|f| f.item_identifier.clone())
-                .collect();
-            assert!(failed.is_empty(), "sync messages failed: {failed:?}");
-            for m in &messages {
-                self.sqs
-                    .delete_message()
-                    .queue_url(&self.sync_queue)
-                    .receipt_handle(m.receipt_handle().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-            }
+            assert!(
+                failed(&response).is_empty(),
+                "sync messages failed: {response:?}"
+            );
+            self.delete(&self.sync_queue, &messages).await;
         }
     }
 
@@ -395,25 +375,7 @@ async fn racing_folds_of_one_profile_fold_each_event_exactly_once() {
         kindred_identity::handle(&d.store, &d.compute, None, e)
     })
     .await;
-    let mut messages = Vec::new();
-    loop {
-        let batch = d
-            .sqs
-            .receive_message()
-            .queue_url(&d.compute_queue)
-            .max_number_of_messages(10)
-            .visibility_timeout(60)
-            .wait_time_seconds(1)
-            .send()
-            .await
-            .unwrap()
-            .messages()
-            .to_vec();
-        if batch.is_empty() {
-            break;
-        }
-        messages.extend(batch);
-    }
+    let messages = d.receive_all(&d.compute_queue).await;
     assert_eq!(messages.len(), 24);
     // Four workers fold overlapping halves of the messages concurrently:
     // every event is offered twice, to different workers.

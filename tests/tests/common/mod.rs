@@ -184,3 +184,37 @@ impl Server {
         self.running.wait_idle().await.unwrap();
     }
 }
+
+/// One `#[tokio::test]` per case of a contract and store: `sqlite::case`
+/// runs the case on `kindred serve` started by `$server`, and
+/// `dynamodb::case` on the AWS functions' handlers over the emulators (a
+/// `lambda_compute::Deployment`). `$contract` names the module in the
+/// message of a test skipped without the emulators.
+macro_rules! on_both_stores {
+    ($contract:literal, $server:expr; $($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let server = $server.await;
+                    super::$case(&server).await;
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let name = concat!($contract, "::dynamodb::", stringify!($case));
+                    if !kindred_tests::emulators(name) {
+                        return;
+                    }
+                    let deployment =
+                        crate::lambda_compute::Deployment::start(stringify!($case)).await;
+                    super::$case(&deployment).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_stores;

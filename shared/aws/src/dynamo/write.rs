@@ -175,6 +175,7 @@ impl DynamoStore {
     }
 
     /// Sends a conditional update: `None` if its condition did not hold.
+    /// (A failed request counts as one write request, with no units.)
     pub(crate) async fn conditional_update(&self, request: Update) -> Result<Option<Updated>> {
         match request
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
@@ -185,8 +186,14 @@ impl DynamoStore {
                 self.usage.write(out.consumed_capacity());
                 Ok(Some(out))
             }
-            Err(e) if conditional_failed(&e) => Ok(None),
-            Err(e) => Err(service(e)),
+            Err(e) => {
+                self.usage.write(None);
+                if conditional_failed(&e) {
+                    Ok(None)
+                } else {
+                    Err(service(e))
+                }
+            }
         }
     }
 
@@ -199,32 +206,15 @@ impl DynamoStore {
         condition: &str,
         values: HashMap<String, AttributeValue>,
     ) -> Result<bool> {
-        let out = self
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
             .set_key(Some(key(pk.to_string(), sk)))
             .update_expression(expression)
             .condition_expression(condition)
-            .set_expression_attribute_values(Some(values))
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await;
-        match out {
-            Ok(out) => {
-                self.usage.write(out.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) => {
-                self.usage.write(None);
-                match e.as_service_error() {
-                    Some(
-                        aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(_),
-                    ) => Ok(false),
-                    _ => Err(service(e)),
-                }
-            }
-        }
+            .set_expression_attribute_values(Some(values));
+        Ok(self.conditional_update(request).await?.is_some())
     }
 
     /// Writes in batches of 25, sending unprocessed items again after a
