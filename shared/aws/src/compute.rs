@@ -247,8 +247,36 @@ async fn handle_space(
         }
     };
     let all = all_ids();
-    let mut log_may_have_grown = false;
     let mut failed = Vec::new();
+    let (work, events) = sort_messages(store, queue, space_id, messages, &mut failed).await;
+    let (work, folded_before) =
+        with_pending_events(store, space_id, work, events, &mut failed).await;
+    let roots = by_root(store, space_id, work, &mut failed).await;
+    let changed = fold_roots(store, &ruleset, space_id, roots, &mut failed).await;
+    if let (Some(sync), true) = (sync, folded_before || changed) {
+        let tick = crate::sync::SyncMessage::Changes {
+            space_id: space_id.to_string(),
+        };
+        if let Err(e) = sync
+            .send_delayed(&tick, crate::sync::CHANGES_DELAY_SECS)
+            .await
+        {
+            warn!(space_id, error = %e, "the sync step was not told; the batch will be retried");
+            return all;
+        }
+    }
+    failed
+}
+
+/// Recompute requests by profile and event messages as they came; runs
+/// backfill pages at once (a failed one is added to `failed`).
+async fn sort_messages(
+    store: &DynamoStore,
+    queue: &SqsQueue,
+    space_id: &str,
+    messages: Vec<(String, ComputeMessage)>,
+    failed: &mut Vec<String>,
+) -> (BTreeMap<String, Work>, Vec<(String, String)>) {
     let mut work: BTreeMap<String, Work> = BTreeMap::new();
     let mut events: Vec<(String, String)> = Vec::new();
     for (sqs_id, m) in messages {
@@ -275,44 +303,65 @@ async fn handle_space(
             }
         }
     }
-    // Events not folded yet, by the profile they were recorded on.
+    (work, events)
+}
+
+/// Adds the events not folded yet to the work of the profile they were
+/// recorded on; also answers whether some event had been folded before
+/// (a redelivery: its changes may not have been announced).
+async fn with_pending_events(
+    store: &DynamoStore,
+    space_id: &str,
+    mut work: BTreeMap<String, Work>,
+    events: Vec<(String, String)>,
+    failed: &mut Vec<String>,
+) -> (BTreeMap<String, Work>, bool) {
+    let mut folded_before = false;
     let ids: Vec<String> = events.iter().map(|(_, m)| m.clone()).collect();
-    match store.event_items(space_id, &ids).await {
-        Ok(items) => {
-            for (sqs_id, message_id) in events {
-                let item = items
-                    .iter()
-                    .find(|i| opt_s(i, "message_id") == Some(message_id.as_str()));
-                let Some(item) = item else {
-                    // Expired or never recorded: nothing to fold.
-                    continue;
-                };
-                let (Some(profile_id), false) =
-                    (opt_s(item, "profile_id"), item.contains_key("cmp"))
-                else {
-                    // Attached to no profile, or folded already.
-                    log_may_have_grown |= item.contains_key("cmp");
-                    continue;
-                };
-                let Ok(body) = get_s(item, "body") else {
-                    failed.push(sqs_id);
-                    continue;
-                };
-                let w = work.entry(profile_id.to_string()).or_default();
-                w.sqs_ids.push(sqs_id);
-                w.pending.push(Pending {
-                    message_id,
-                    body: body.to_string(),
-                });
-            }
-        }
+    let items = match store.event_items(space_id, &ids).await {
+        Ok(items) => items,
         Err(e) => {
             warn!(space_id, error = %e, "events not readable; they will be retried");
             failed.extend(events.into_iter().map(|(sqs_id, _)| sqs_id));
+            return (work, false);
         }
+    };
+    for (sqs_id, message_id) in events {
+        let item = items
+            .iter()
+            .find(|i| opt_s(i, "message_id") == Some(message_id.as_str()));
+        let Some(item) = item else {
+            // Expired or never recorded: nothing to fold.
+            continue;
+        };
+        let (Some(profile_id), false) = (opt_s(item, "profile_id"), item.contains_key("cmp"))
+        else {
+            // Attached to no profile, or folded already.
+            folded_before |= item.contains_key("cmp");
+            continue;
+        };
+        let Ok(body) = get_s(item, "body") else {
+            failed.push(sqs_id);
+            continue;
+        };
+        let w = work.entry(profile_id.to_string()).or_default();
+        w.sqs_ids.push(sqs_id);
+        w.pending.push(Pending {
+            message_id,
+            body: body.to_string(),
+        });
     }
-    // Profiles named by the messages, grouped by their root.
-    // The tree read here serves the first fold attempt.
+    (work, folded_before)
+}
+
+/// The work grouped by root profile, with the tree read (it serves the
+/// first fold attempt).
+async fn by_root(
+    store: &DynamoStore,
+    space_id: &str,
+    work: BTreeMap<String, Work>,
+    failed: &mut Vec<String>,
+) -> BTreeMap<String, (Work, Option<Resolved>)> {
     let mut roots: BTreeMap<String, (Work, Option<Resolved>)> = BTreeMap::new();
     for (profile_id, w) in work {
         match store.resolve(space_id, profile_id, true).await {
@@ -331,8 +380,20 @@ async fn handle_space(
             }
         }
     }
+    roots
+}
+
+/// Folds each root; answers whether some fold logged a change.
+async fn fold_roots(
+    store: &DynamoStore,
+    ruleset: &kindred_domain::compute::Ruleset,
+    space_id: &str,
+    roots: BTreeMap<String, (Work, Option<Resolved>)>,
+    failed: &mut Vec<String>,
+) -> bool {
+    let mut changed = false;
     for (root, (w, tree)) in roots {
-        match fold_root(store, &ruleset, space_id, &root, &w, tree).await {
+        match fold_root(store, ruleset, space_id, &root, &w, tree).await {
             Ok(folded) => {
                 info!(
                     space_id,
@@ -343,7 +404,7 @@ async fn handle_space(
                     changes = folded.changes,
                     "profile recomputed"
                 );
-                log_may_have_grown |= folded.changes > 0;
+                changed |= folded.changes > 0;
                 for (pass, defs) in &w.backfill {
                     if let Err(e) = store
                         .backfill_progress(space_id, *pass, defs, 1, None)
@@ -359,19 +420,7 @@ async fn handle_space(
             }
         }
     }
-    if let (Some(sync), true) = (sync, log_may_have_grown) {
-        let tick = crate::sync::SyncMessage::Changes {
-            space_id: space_id.to_string(),
-        };
-        if let Err(e) = sync
-            .send_delayed(&tick, crate::sync::CHANGES_DELAY_SECS)
-            .await
-        {
-            warn!(space_id, error = %e, "the sync step was not told; the batch will be retried");
-            return all;
-        }
-    }
-    failed
+    changed
 }
 
 /// Folds one root's work, re-reading after a lost race: events another

@@ -347,62 +347,9 @@ fn apply_writes(
             Some(c.profile_id.as_str())
         }
         Plan::Attach(a) => {
-            for (child, version) in &a.children {
-                let changed = sp
-                    .prepare_cached(
-                        "UPDATE profiles SET parent_id = ?3, version = version + 1
-                             WHERE space_id = ?1 AND profile_id = ?2 AND version = ?4
-                               AND parent_id IS NULL",
-                    )?
-                    .execute(params![space_id, child, a.profile_id, *version as i64])?;
-                expect_one(changed)?;
-                sp.prepare_cached(
-                    "INSERT INTO merges (space_id, child_id, parent_id, message_id, merged_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![
-                    space_id,
-                    child,
-                    a.profile_id,
-                    event.message_id,
-                    record.now
-                ])
-                .map_err(claim_error)?;
-                sp.prepare_cached(
-                    "INSERT INTO merge_log (space_id, child_id, parent_id, merged_at)
-                         VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![space_id, child, a.profile_id, record.now])?;
-            }
+            merge_children(sp, space_id, a, record)?;
             if plan.writes_root() {
-                let identifiers = a
-                    .identifiers
-                    .as_ref()
-                    .map(serde_json::to_string)
-                    .transpose()?;
-                let traits = a.traits.as_ref().map(serde_json::to_string).transpose()?;
-                let changed = sp
-                    .prepare_cached(
-                        "UPDATE profiles SET version = version + 1,
-                                 identifiers = COALESCE(?4, identifiers),
-                                 traits = COALESCE(?5, traits),
-                                 merges = ?6,
-                                 updated_at = MAX(updated_at, ?7),
-                                 last_message_id = ?8
-                             WHERE space_id = ?1 AND profile_id = ?2 AND version = ?3
-                               AND parent_id IS NULL",
-                    )?
-                    .execute(params![
-                        space_id,
-                        a.profile_id,
-                        a.expected_version as i64,
-                        identifiers,
-                        traits,
-                        a.merges,
-                        event.timestamp,
-                        event.message_id,
-                    ])?;
-                expect_one(changed)?;
+                update_root(sp, space_id, a, record)?;
             }
             // Otherwise nothing about identity or traits changes: only the
             // event is written (the profile's last activity is read from
@@ -411,6 +358,96 @@ fn apply_writes(
             Some(a.profile_id.as_str())
         }
     };
+    insert_event(sp, space_id, profile_id, record)?;
+    Ok(Applied::Recorded)
+}
+
+/// The profiles merged by an attach: each pointed at its new parent (at
+/// the version read), with its merge record and log entry.
+fn merge_children(
+    sp: &Transaction<'_>,
+    space_id: &str,
+    a: &kindred_domain::Attach,
+    record: &EventRecord<'_>,
+) -> Result<()> {
+    let event = record.event;
+    for (child, version) in &a.children {
+        let changed = sp
+            .prepare_cached(
+                "UPDATE profiles SET parent_id = ?3, version = version + 1
+                     WHERE space_id = ?1 AND profile_id = ?2 AND version = ?4
+                       AND parent_id IS NULL",
+            )?
+            .execute(params![space_id, child, a.profile_id, *version as i64])?;
+        expect_one(changed)?;
+        sp.prepare_cached(
+            "INSERT INTO merges (space_id, child_id, parent_id, message_id, merged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            space_id,
+            child,
+            a.profile_id,
+            event.message_id,
+            record.now
+        ])
+        .map_err(claim_error)?;
+        sp.prepare_cached(
+            "INSERT INTO merge_log (space_id, child_id, parent_id, merged_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![space_id, child, a.profile_id, record.now])?;
+    }
+    Ok(())
+}
+
+/// The root an attach writes, at the version read.
+fn update_root(
+    sp: &Transaction<'_>,
+    space_id: &str,
+    a: &kindred_domain::Attach,
+    record: &EventRecord<'_>,
+) -> Result<()> {
+    let event = record.event;
+    let identifiers = a
+        .identifiers
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()?;
+    let traits = a.traits.as_ref().map(serde_json::to_string).transpose()?;
+    let changed = sp
+        .prepare_cached(
+            "UPDATE profiles SET version = version + 1,
+                         identifiers = COALESCE(?4, identifiers),
+                         traits = COALESCE(?5, traits),
+                         merges = ?6,
+                         updated_at = MAX(updated_at, ?7),
+                         last_message_id = ?8
+                     WHERE space_id = ?1 AND profile_id = ?2 AND version = ?3
+                       AND parent_id IS NULL",
+        )?
+        .execute(params![
+            space_id,
+            a.profile_id,
+            a.expected_version as i64,
+            identifiers,
+            traits,
+            a.merges,
+            event.timestamp,
+            event.message_id,
+        ])?;
+    expect_one(changed)?;
+    Ok(())
+}
+
+/// The event itself, on its profile, and the group it links to.
+fn insert_event(
+    sp: &Transaction<'_>,
+    space_id: &str,
+    profile_id: Option<&str>,
+    record: &EventRecord<'_>,
+) -> Result<()> {
+    let event = record.event;
     sp.prepare_cached(
         "INSERT INTO events (space_id, profile_id, ts, message_id, name, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -436,7 +473,7 @@ fn apply_writes(
             event.message_id
         ])?;
     }
-    Ok(Applied::Recorded)
+    Ok(())
 }
 
 /// The identity graph as a fleet of DynamoDB workers sees it: facts come

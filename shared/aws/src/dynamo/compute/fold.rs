@@ -87,17 +87,90 @@ impl DynamoStore {
     ) -> Result<Folded> {
         let mut folded = Folded::default();
         let root_id = &tree.tree[0];
+        let (mut root, children) = self.read_states(space_id, tree).await?;
+        let read_version = root.version;
+        let mut writes = Vec::new();
+        // 1. States of profiles merged into the root since it was last folded.
+        for child in children {
+            writes.extend(self.child_deletes(space_id, &child)?);
+            absorb(
+                ruleset,
+                (&mut root.state, &mut root.values),
+                (child.state, child.values),
+            );
+            root.clock = root.clock.max(child.clock);
+            root.recent.extend(child.recent);
+            folded.absorbed += 1;
+        }
+        // 2. Definitions with no current state, from the folded history.
+        if !ruleset.stale(&root.state).is_empty() {
+            let history = self.folded_history(space_id, tree, &root.recent).await?;
+            folded.rebuilt += rebuild_stale(ruleset, &mut root.state, &history)?;
+        }
+        // 3. The new events, each marked folded in the same transaction.
+        for p in pending {
+            apply_event(ruleset, &mut root.state, &parse_stored_event(&p.body)?);
+            writes.push(self.fold_mark(space_id, &p.message_id, root_id)?);
+            root.recent.push(p.message_id.clone());
+            folded.events += 1;
+        }
+        let excess = root.recent.len().saturating_sub(RECENT);
+        root.recent.drain(..excess);
+
+        // 4. Recompute as of the profile's clock.
+        let now = now_millis().max(root.clock).max(as_of);
+        let traits: Traits = if ruleset.reads_custom_traits() {
+            serde_json::from_str(get_s(&tree.root, "traits")?)?
+        } else {
+            Traits::new()
+        };
+        let values = std::mem::take(&mut root.values);
+        let Recomputed {
+            values,
+            changes,
+            due,
+        } = recompute(ruleset, &mut root.state, values, &traits, now);
+        let mut state_writes = self.state_writes(space_id, &root, &values, due, now)?;
+        state_writes.append(&mut writes);
+        let mut writes = state_writes;
+        if !changes.is_empty() {
+            writes.push(self.change_put(space_id, root_id, read_version + 1, now, &changes)?);
+            folded.changes = changes.len();
+        }
+        if writes.len() > MAX_TRANSACTION_ITEMS {
+            return Err(StoreError::Internal(format!(
+                "folding this profile needs {} writes in one transaction; DynamoDB allows {MAX_TRANSACTION_ITEMS}",
+                writes.len()
+            )));
+        }
+        self.transact(writes).await?;
+        Ok(folded)
+    }
+
+    /// The tree's stored states, strongly consistent: the root's (a fresh
+    /// one if it has none yet) and those of the profiles merged into it.
+    async fn read_states(
+        &self,
+        space_id: &str,
+        tree: &Resolved,
+    ) -> Result<(StateItem, Vec<StateItem>)> {
+        let root_id = &tree.tree[0];
         let keys = tree
             .tree
             .iter()
             .map(|p| key(state_key(space_id, p), META))
             .collect();
-        let mut items: HashMap<String, StateItem> = HashMap::new();
+        let mut root = None;
+        let mut children = Vec::new();
         for item in self.batch_get(keys, true).await? {
             let st = state_of(&item)?;
-            items.insert(st.profile_id.clone(), st);
+            if &st.profile_id == root_id {
+                root = Some(st);
+            } else {
+                children.push(st);
+            }
         }
-        let mut root = items.remove(root_id.as_str()).unwrap_or(StateItem {
+        let root = root.unwrap_or(StateItem {
             profile_id: root_id.clone(),
             version: 0,
             state: ProfileState::default(),
@@ -106,72 +179,78 @@ impl DynamoStore {
             recent: Vec::new(),
             due: None,
         });
-        let read_version = root.version;
-        let mut writes = Vec::new();
-        // States of profiles merged into the root since it was last folded.
-        for child in items.into_values() {
-            absorb(
-                ruleset,
-                (&mut root.state, &mut root.values),
-                (child.state, child.values),
-            );
-            root.clock = root.clock.max(child.clock);
-            root.recent.extend(child.recent);
-            let delete = Delete::builder()
-                .table_name(&self.table)
-                .set_key(Some(key(state_key(space_id, &child.profile_id), META)))
-                .condition_expression("version = :v")
-                .expression_attribute_values(":v", n(child.version))
-                .build()
-                .map_err(service)?;
-            writes.push(TransactWriteItem::builder().delete(delete).build());
-            if child.due.is_some() {
-                writes.push(self.delete_due(space_id, &child.profile_id)?);
-            }
-            folded.absorbed += 1;
-        }
-        if !ruleset.stale(&root.state).is_empty() {
-            let history = self.folded_history(space_id, tree, &root.recent).await?;
-            folded.rebuilt += rebuild_stale(ruleset, &mut root.state, &history)?;
-        }
-        for p in pending {
-            apply_event(ruleset, &mut root.state, &parse_stored_event(&p.body)?);
-            let update = Update::builder()
-                .table_name(&self.table)
-                .set_key(Some(key(event_key(space_id, &p.message_id), META)))
-                .update_expression("SET cmp = :root")
-                .condition_expression("attribute_exists(pk) AND attribute_not_exists(cmp)")
-                .expression_attribute_values(":root", s(root_id))
-                .build()
-                .map_err(service)?;
-            writes.push(TransactWriteItem::builder().update(update).build());
-            root.recent.push(p.message_id.clone());
-            folded.events += 1;
-        }
-        let excess = root.recent.len().saturating_sub(RECENT);
-        root.recent.drain(..excess);
+        Ok((root, children))
+    }
 
-        let now = now_millis().max(root.clock).max(as_of);
-        let traits: Traits = if ruleset.reads_custom_traits() {
-            serde_json::from_str(get_s(&tree.root, "traits")?)?
-        } else {
-            Traits::new()
-        };
-        let Recomputed {
-            values,
-            changes,
-            due,
-        } = recompute(ruleset, &mut root.state, root.values, &traits, now);
-        let version = read_version + 1;
+    /// Deletes a merged profile's state (at the version read) and its due entry.
+    fn child_deletes(&self, space_id: &str, child: &StateItem) -> Result<Vec<TransactWriteItem>> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(state_key(space_id, &child.profile_id), META)))
+            .condition_expression("version = :v")
+            .expression_attribute_values(":v", n(child.version))
+            .build()
+            .map_err(service)?;
+        let mut writes = vec![TransactWriteItem::builder().delete(delete).build()];
+        if child.due.is_some() {
+            writes.push(self.delete_due(space_id, &child.profile_id)?);
+        }
+        Ok(writes)
+    }
+
+    /// Marks an event folded into `root_id` (once: a redelivery finds the mark).
+    fn fold_mark(
+        &self,
+        space_id: &str,
+        message_id: &str,
+        root_id: &str,
+    ) -> Result<TransactWriteItem> {
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(key(event_key(space_id, message_id), META)))
+            .update_expression("SET cmp = :root")
+            .condition_expression("attribute_exists(pk) AND attribute_not_exists(cmp)")
+            .expression_attribute_values(":root", s(root_id))
+            .build()
+            .map_err(service)?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
+    /// The root's new state item, conditioned on the version read (first),
+    /// and its due entry when the due time moves.
+    fn state_writes(
+        &self,
+        space_id: &str,
+        root: &StateItem,
+        values: &ComputedValues,
+        due: Option<Millis>,
+        now: Millis,
+    ) -> Result<Vec<TransactWriteItem>> {
+        let root_id = &root.profile_id;
+        let read_version = root.version;
         let mut item = key(state_key(space_id, root_id), META);
         item.insert("profile_id".into(), s(root_id));
-        item.insert("version".into(), n(version));
+        item.insert("version".into(), n(read_version + 1));
         item.insert("state".into(), pack(&root.state, &root.recent)?);
-        item.insert("computed".into(), s(serde_json::to_string(&values)?));
+        item.insert("computed".into(), s(serde_json::to_string(values)?));
         item.insert("clock".into(), n(now));
         if let Some(due) = due {
             item.insert("due".into(), n(due));
         }
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(if read_version == 0 {
+                "attribute_not_exists(pk)"
+            } else {
+                "version = :v"
+            })
+            .set_expression_attribute_values(
+                (read_version > 0).then(|| HashMap::from([(":v".to_string(), n(read_version))])),
+            )
+            .build()
+            .map_err(service)?;
+        let mut writes = vec![TransactWriteItem::builder().put(put).build()];
         // The due index holds a small item of its own, written only when
         // the due time moves (the state is not copied into the index).
         if due != root.due {
@@ -187,43 +266,26 @@ impl DynamoStore {
                 None => writes.push(self.delete_due(space_id, root_id)?),
             }
         }
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression(if read_version == 0 {
-                "attribute_not_exists(pk)"
-            } else {
-                "version = :v"
-            })
-            .set_expression_attribute_values(
-                (read_version > 0).then(|| HashMap::from([(":v".to_string(), n(read_version))])),
-            )
-            .build()
-            .map_err(service)?;
-        writes.insert(0, TransactWriteItem::builder().put(put).build());
-        if !changes.is_empty() {
-            // Ordered by when it is written (the compute clock may run
-            // ahead of it, after a lookback run in the future).
-            let base = change_base(now_millis(), root_id, version);
-            let mut item = key(changes_key(space_id), &change_sort(base));
-            item.insert("profile_id".into(), s(root_id));
-            item.insert("at".into(), n(now));
-            item.insert("changes".into(), s(serde_json::to_string(&changes)?));
-            writes.push(transact_put(
-                &self.table,
-                item,
-                Some("attribute_not_exists(pk)"),
-            )?);
-            folded.changes = changes.len();
-        }
-        if writes.len() > MAX_TRANSACTION_ITEMS {
-            return Err(StoreError::Internal(format!(
-                "folding this profile needs {} writes in one transaction; DynamoDB allows {MAX_TRANSACTION_ITEMS}",
-                writes.len()
-            )));
-        }
-        self.transact(writes).await?;
-        Ok(folded)
+        Ok(writes)
+    }
+
+    /// The change log entry of one fold, ordered by when it is written
+    /// (the compute clock may run ahead of it, after a lookback run in the
+    /// future).
+    fn change_put(
+        &self,
+        space_id: &str,
+        root_id: &str,
+        version: i64,
+        now: Millis,
+        changes: &[Change],
+    ) -> Result<TransactWriteItem> {
+        let base = change_base(now_millis(), root_id, version);
+        let mut item = key(changes_key(space_id), &change_sort(base));
+        item.insert("profile_id".into(), s(root_id));
+        item.insert("at".into(), n(now));
+        item.insert("changes".into(), s(serde_json::to_string(changes)?));
+        transact_put(&self.table, item, Some("attribute_not_exists(pk)"))
     }
 
     /// Forgets what the states of `members` folded (a split changed which
