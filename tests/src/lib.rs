@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kindred_aws::DynamoStore;
 use kindred_domain::model::MemoryGraph;
 use kindred_domain::{extract_identifiers, Event, Identifier, IdentityRules, Incoming};
-use kindred_store::sqlite::GraphAudit;
+use kindred_store::audit::GraphAudit;
 
 /// Checks every invariant of SPEC 5 on an audited graph and compares it to
 /// a serial replay of the committed events in commit order.

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kindred_aws::SqsQueue;
+use kindred_sqlite::SqliteQueue;
 use kindred_store::ports::{EventQueue, QueuedEvent};
-use kindred_store::sqlite::SqliteQueue;
 use kindred_tests::{emulators, fresh_queue};
 
 /// Reads back what an adapter delivered.

@@ -6,12 +6,12 @@ use kindred_aws::dynamo::DynamoGraph;
 use kindred_aws::DynamoStore;
 use kindred_domain::event::Envelope;
 use kindred_domain::{Event, Identifier, IdentityRules, IdentitySettings, Incoming};
+use kindred_sqlite::{OptimisticGraph, SqliteStore};
 use kindred_store::identity::{process_event, Job, Outcome, SpaceRules};
 use kindred_store::ports::{
     Applied, EventQuery, EventRecord, IdentityGraph, ProfileLookup, ProfileParts, Profiles,
     Revoked, Spaces,
 };
-use kindred_store::sqlite::{OptimisticGraph, SqliteStore};
 use kindred_store::token::{new_profile_id, TokenKind};
 use kindred_store::StoreError;
 use serde_json::{json, Value};

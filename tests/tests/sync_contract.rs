@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use kindred_domain::sync::Settings;
+use kindred_sqlite::SqliteStore;
 use kindred_store::secret::Sealer;
-use kindred_store::sqlite::SqliteStore;
 use kindred_store::{Attempt, DeliveryError, Destinations, Outbox, StoreError};
 use kindred_tests::{emulators, fresh_dynamo};
 use serde_json::json;

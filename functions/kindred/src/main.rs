@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
                         kindred_aws::DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), table);
                     store.create_space(&space_id).await
                 })?,
-                None => kindred_store::sqlite::SqliteStore::open(&data_dir)
+                None => kindred_sqlite::SqliteStore::open(&data_dir)
                     .with_context(|| format!("opening the store in {}", data_dir.display()))?
                     .create_space(&space_id),
             };

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kindred_http::{AppState, RateLimiter};
-use kindred_store::sqlite::{
+use kindred_sqlite::{
     describe, ComputeWorker, IdentityWorker, Lag, SqliteQueue, SqliteStore, SyncWorker,
     WorkerHealth,
 };

@@ -1,10 +1,12 @@
-//! Kindred's storage: the ports every adapter implements, the embedded
-//! (SQLite) adapters used by `kindred serve`, and the identity pipeline
-//! that drives the domain's resolution against any identity graph.
+//! Kindred's storage: the ports every adapter implements, the rules that
+//! assemble what they read, and the identity pipeline that drives the
+//! domain's resolution against any identity graph. The embedded (SQLite)
+//! adapters are the `kindred-sqlite` crate, the DynamoDB ones `kindred-aws`.
 //!
 //! Data model: the DynamoDB single-table design of `ARCHITECTURE.md`;
 //! the SQLite adapter keeps one table per item type of it.
 
+pub mod audit;
 pub mod compute;
 pub mod identity;
 pub mod ports;
@@ -12,7 +14,6 @@ pub mod privacy;
 pub mod profile;
 pub mod secret;
 pub mod space;
-pub mod sqlite;
 pub mod sync;
 pub mod token;
 
@@ -30,6 +31,9 @@ pub enum StoreError {
     AlreadyExists,
     #[error("not found")]
     NotFound,
+    /// The embedded store (SQLite) failed: only with the `sqlite` feature,
+    /// which the `kindred-sqlite` adapter turns on.
+    #[cfg(feature = "sqlite")]
     #[error("storage failure")]
     Sqlite(#[from] rusqlite::Error),
     #[error("stored data could not be decoded")]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kindred_domain::compute::Class;
-use kindred_store::sqlite::SqliteStore;
+use kindred_sqlite::SqliteStore;
 use kindred_store::{now_millis, Computations, DefinitionStatus};
 use serde_json::{json, Value};
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use kindred_domain::Identifier;
-use kindred_store::sqlite::{AuditEvent, GraphAudit};
+use kindred_store::audit::{AuditEvent, GraphAudit};
 use kindred_store::Result;
 
 use super::{get_n, get_s, opt_s, service, DynamoStore, Item, PK, SK};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info};
 
 use super::lock;
-use crate::Result;
+use kindred_store::Result;
 
 /// The first wait after a failure; each further consecutive failure
 /// doubles it, up to [`MAX_BACKOFF`].
@@ -138,7 +138,7 @@ pub(crate) fn catch_panic<T>(step: impl FnOnce() -> Result<T>) -> Result<T> {
         Ok(result) => result,
         Err(panic) => {
             error!(panic = %panic_text(&*panic), "a step panicked on an entry");
-            Err(crate::StoreError::Invariant(
+            Err(kindred_store::StoreError::Invariant(
                 "processing the entry panicked",
             ))
         }
@@ -156,10 +156,10 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 /// What kind of storage failure an error is, in words an operator can act
 /// on (the database's own message is logged, never shown: `/healthz` is
 /// public).
-pub fn describe(e: &crate::StoreError) -> String {
+pub fn describe(e: &kindred_store::StoreError) -> String {
     use rusqlite::ErrorCode;
     match e {
-        crate::StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => match f.code {
+        kindred_store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => match f.code {
             ErrorCode::ReadOnly => "the database is read-only".into(),
             ErrorCode::DiskFull => "the disk is full".into(),
             ErrorCode::SystemIoFailure => "an I/O error".into(),
@@ -171,12 +171,12 @@ pub fn describe(e: &crate::StoreError) -> String {
             }
             _ => "a database failure".into(),
         },
-        crate::StoreError::Sqlite(_) => "a database failure".into(),
-        crate::StoreError::Corrupt(_) | crate::StoreError::Undecodable(_) => {
+        kindred_store::StoreError::Sqlite(_) => "a database failure".into(),
+        kindred_store::StoreError::Corrupt(_) | kindred_store::StoreError::Undecodable(_) => {
             "stored data could not be decoded".into()
         }
-        crate::StoreError::Closed => "the store is shutting down".into(),
-        crate::StoreError::Service(_) => "a storage service failure".into(),
+        kindred_store::StoreError::Closed => "the store is shutting down".into(),
+        kindred_store::StoreError::Service(_) => "a storage service failure".into(),
         _ => "an entry could not be processed".into(),
     }
 }
@@ -184,7 +184,7 @@ pub fn describe(e: &crate::StoreError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreError;
+    use kindred_store::StoreError;
 
     #[test]
     fn a_failing_or_panicking_step_is_restarted_and_reported() {

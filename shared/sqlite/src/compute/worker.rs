@@ -17,7 +17,7 @@ impl ComputeWorker {
 
     /// Recorded events not folded in yet, and the age of the oldest (by
     /// its `receivedAt`); pending recompute requests count as entries.
-    pub fn lag(&self) -> Result<crate::sqlite::Lag> {
+    pub fn lag(&self) -> Result<crate::Lag> {
         let conn = self.store.reader()?;
         let folded = cursor(&conn, EVENTS_CURSOR)?;
         let events: i64 =
@@ -41,7 +41,7 @@ impl ComputeWorker {
             None
         };
         let pending = (events - folded).max(0) + (requests - served).max(0);
-        Ok(crate::sqlite::Lag::of(
+        Ok(crate::Lag::of(
             pending,
             oldest.and_then(|o| kindred_domain::event::parse_time(&o)),
             now_millis(),
@@ -369,7 +369,7 @@ impl ComputeWorker {
 
     /// One round: events, then requests, then a backfill chunk.
     pub fn run_once(&self) -> Result<usize> {
-        use crate::sqlite::health::catch_panic;
+        use crate::health::catch_panic;
         let events = catch_panic(|| self.run_events(EVENTS_PER_BATCH))
             .or_else(|e| self.isolate(EVENTS_CURSOR, e, |w| catch_panic(|| w.run_events(1))))?;
         let requests = catch_panic(|| self.run_requests(EVENTS_PER_BATCH))
@@ -434,11 +434,11 @@ impl ComputeWorker {
 
     /// Runs on a thread of its own until `stop` is set, with the hourly
     /// lookback sweep of every space.
-    /// Runs the worker on its own thread under [`crate::sqlite::supervise`].
+    /// Runs the worker on its own thread under [`crate::supervise`].
     pub fn spawn(
         self: &Arc<Self>,
         stop: Arc<AtomicBool>,
-        health: Arc<crate::sqlite::WorkerHealth>,
+        health: Arc<crate::WorkerHealth>,
     ) -> std::thread::JoinHandle<()> {
         let worker = Arc::clone(self);
         std::thread::Builder::new()
@@ -446,7 +446,7 @@ impl ComputeWorker {
             .spawn(move || {
                 give_way_to_identity();
                 let mut last_sweep = Instant::now();
-                crate::sqlite::supervise(&health, &stop, || {
+                crate::supervise(&health, &stop, || {
                     if last_sweep.elapsed() >= Duration::from_secs(3600) {
                         last_sweep = Instant::now();
                         match worker.store.sweep_all(now_millis()) {

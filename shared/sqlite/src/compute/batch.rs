@@ -93,7 +93,7 @@ impl Batch<'_> {
         // one state, so merging them is exact).
         // (Plain indexed lookups, one per tree member: the planner cannot
         // turn them into a scan.)
-        let tree = crate::sqlite::profiles::tree(tx, space_id, root)?;
+        let tree = crate::profiles::tree(tx, space_id, root)?;
         for child in &tree[1..] {
             let Some(row) = read_state(tx, space_id, child)? else {
                 continue;

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Barrier};
 
-use kindred_store::sqlite::SqliteStore;
+use kindred_sqlite::SqliteStore;
 use kindred_store::token::TokenKind;
 use kindred_store::{Spaces, StoreError};
 

@@ -15,9 +15,9 @@ use tracing::{error, info_span};
 use super::graph::TxGraph;
 use super::queue::SqliteQueue;
 use super::{lock, SqliteStore};
-use crate::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
-use crate::token::new_profile_id;
-use crate::{now_millis, Result, StoreError};
+use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
+use kindred_store::token::new_profile_id;
+use kindred_store::{now_millis, Result, StoreError};
 
 const CURSOR: &str = "identity";
 /// How long message ids are remembered for deduplication (SPEC: >= 24 h).
@@ -163,7 +163,7 @@ impl IdentityWorker {
     }
 
     /// Moves the next queue entry to `dead_letters`, advancing the cursor.
-    fn dead_letter_next(&self, error: &crate::StoreError) -> Result<()> {
+    fn dead_letter_next(&self, error: &kindred_store::StoreError) -> Result<()> {
         let mut state = lock(&self.state);
         let cursor = self.load_cursor(&mut state)?;
         let Some(entry) = self.queue.read_after(cursor, 1)?.pop() else {
@@ -227,7 +227,7 @@ impl IdentityWorker {
                         "the event's space does not exist".into(),
                     ));
                 };
-                let event = crate::compute::parse_stored_event(&e.body)?;
+                let event = kindred_store::compute::parse_stored_event(&e.body)?;
                 let job = Job {
                     space_id: &e.space_id,
                     source_id: &e.source_id,
@@ -346,7 +346,7 @@ fn rules_for(
     let settings: IdentitySettings = serde_json::from_str(&json)?;
     let rules = Arc::new(SpaceRules {
         rules: IdentityRules::new(settings)
-            .map_err(|e| crate::StoreError::Undecodable(e.to_string()))?,
+            .map_err(|e| kindred_store::StoreError::Undecodable(e.to_string()))?,
     });
     cache.insert(space_id.to_string(), (version, Arc::clone(&rules)));
     Ok(Some(rules))

@@ -1,36 +1,15 @@
 //! A full read of one space's identity graph, for consistency checks in
 //! tests and operations (`root` of every event and identifier).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use kindred_domain::{Identifier, IdentifierEntry};
+use kindred_domain::Identifier;
 use rusqlite::params;
 
 use super::SqliteStore;
-use crate::Result;
+use kindred_store::Result;
 
-#[derive(Clone, Debug)]
-pub struct AuditEvent {
-    /// Commit order.
-    pub seq: i64,
-    pub message_id: String,
-    pub body: String,
-    /// The root profile the event belongs to now.
-    pub root: Option<String>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct GraphAudit {
-    pub events: Vec<AuditEvent>,
-    /// Every identifier row, with its owner's root.
-    pub owners: BTreeMap<Identifier, String>,
-    /// Every root profile with the identifiers it records.
-    pub roots: BTreeMap<String, Vec<IdentifierEntry>>,
-    /// Recorded merge count of every root.
-    pub merges: BTreeMap<String, u32>,
-    /// Custom traits of every root.
-    pub traits: BTreeMap<String, kindred_domain::Traits>,
-}
+pub use kindred_store::audit::{AuditEvent, GraphAudit};
 
 impl SqliteStore {
     pub fn audit(&self, space_id: &str) -> Result<GraphAudit> {

@@ -11,9 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::SqliteStore;
 
-use crate::identity::complete_now;
-use crate::ports::{Applied, EventRecord, IdentityGraph};
-use crate::{Result, StoreError};
+use kindred_store::identity::complete_now;
+use kindred_store::ports::{Applied, EventRecord, IdentityGraph};
+use kindred_store::{Result, StoreError};
 
 pub struct TxGraph<'a> {
     tx: &'a Transaction<'a>,
@@ -190,7 +190,7 @@ impl IdentityGraph for TxGraph<'_> {
     async fn record_violations(
         &mut self,
         space_id: &str,
-        violations: &[crate::privacy::Violation],
+        violations: &[kindred_store::privacy::Violation],
     ) -> Result<()> {
         super::privacy::record_violations(self.tx, space_id, violations)
     }
@@ -509,7 +509,7 @@ impl IdentityGraph for OptimisticGraph<'_> {
     async fn record_violations(
         &mut self,
         space_id: &str,
-        violations: &[crate::privacy::Violation],
+        violations: &[kindred_store::privacy::Violation],
     ) -> Result<()> {
         self.store
             .with_graph(|g| complete_now(g.record_violations(space_id, violations)))

@@ -88,7 +88,7 @@ impl SqliteStore {
         while let Some(row) = states.next()? {
             let profile_id: String = row.get(0)?;
             let computed: String = row.get(1)?;
-            let mut computed: crate::ComputedValues = serde_json::from_str(&computed)?;
+            let mut computed: kindred_store::ComputedValues = serde_json::from_str(&computed)?;
             if let Some(keys) = &d.initial_keys {
                 computed.retain(|k, _| keys.contains(k));
             }
@@ -230,7 +230,7 @@ impl Fan<'_, '_> {
                     "merges",
                     seq,
                     &space_id,
-                    crate::sqlite::health::catch_panic(&mut one),
+                    crate::health::catch_panic(&mut one),
                 )?;
                 out.merges += 1;
             }
@@ -322,7 +322,7 @@ impl Fan<'_, '_> {
                     "changes",
                     seq,
                     &space_id,
-                    crate::sqlite::health::catch_panic(&mut one),
+                    crate::health::catch_panic(&mut one),
                 )?;
             }
         }
@@ -359,7 +359,7 @@ pub(super) fn set_aside_if_undecodable(
                 seq,
                 space_id,
                 e.to_string(),
-                crate::now_millis()
+                kindred_store::now_millis()
             ])?;
             Ok(())
         }
@@ -455,17 +455,17 @@ impl SyncWorker {
     }
 
     /// Fans out until `stop` is set, pausing briefly when caught up.
-    /// Runs the fan-out on its own thread under [`crate::sqlite::supervise`].
+    /// Runs the fan-out on its own thread under [`crate::supervise`].
     pub fn spawn(
         self: &Arc<Self>,
         stop: Arc<AtomicBool>,
-        health: Arc<crate::sqlite::WorkerHealth>,
+        health: Arc<crate::WorkerHealth>,
     ) -> std::thread::JoinHandle<()> {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("kindred-sync".into())
             .spawn(move || {
-                crate::sqlite::supervise(&health, &stop, || {
+                crate::supervise(&health, &stop, || {
                     if !me.store.fan_out()?.more {
                         std::thread::sleep(Duration::from_millis(10));
                     }
@@ -477,7 +477,7 @@ impl SyncWorker {
 
     /// Changes and merges logged but not yet fanned out to the
     /// destinations' outboxes, and the age of the oldest change.
-    pub fn lag(&self) -> Result<crate::sqlite::Lag> {
+    pub fn lag(&self) -> Result<crate::Lag> {
         let (changes_done, merges_done) = {
             let conn = self.store.sync_reader()?;
             (
@@ -499,7 +499,7 @@ impl SyncWorker {
             .query_row([changes_done], |r| r.get(0))
             .optional()?;
         let pending = (changes - changes_done).max(0) + (merges - merges_done).max(0);
-        Ok(crate::sqlite::Lag::of(pending, oldest, crate::now_millis()))
+        Ok(crate::Lag::of(pending, oldest, kindred_store::now_millis()))
     }
 
     /// Whether everything logged so far has been fanned out.

@@ -3,7 +3,7 @@
 //! their delivery status.
 
 use super::*;
-use crate::secret::Secret;
+use kindred_store::secret::Secret;
 
 impl Row {
     pub(super) fn position(&self) -> SyncPosition {

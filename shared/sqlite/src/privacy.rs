@@ -35,11 +35,11 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Transact
 use tracing::{error, info};
 
 use super::{lock, SqliteStore};
-use crate::privacy::{
+use kindred_store::privacy::{
     new_regulation_id, Farewell, Privacy, RegulationRecord, SplitOutcome, SubjectRecord, Violation,
     ViolationPage,
 };
-use crate::{now_millis, ProfileLookup, Result, StoreError};
+use kindred_store::{now_millis, ProfileLookup, Result, StoreError};
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS regulations (
@@ -665,7 +665,7 @@ impl SqliteStore {
         {
             let mut conn = self.compute_writer();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let empty = crate::compute::encode_state(&Default::default(), 64)?;
+            let empty = kindred_store::compute::encode_state(&Default::default(), 64)?;
             tx.execute(
                 "UPDATE compute_states SET state = ?3 WHERE space_id = ?1 AND profile_id = ?2",
                 params![space_id, root, empty],
@@ -713,7 +713,7 @@ impl SqliteStore {
 }
 
 /// The traits the events recorded on `members` set, replayed in time
-/// order ([`crate::privacy::replay_traits`]).
+/// order ([`kindred_store::privacy::replay_traits`]).
 fn replay_traits(
     tx: &Transaction<'_>,
     space_id: &str,
@@ -732,7 +732,7 @@ fn replay_traits(
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    crate::privacy::replay_traits(events, source_id)
+    kindred_store::privacy::replay_traits(events, source_id)
 }
 
 /// Deletes a person's rows from `store.db` (inside the caller's

@@ -38,14 +38,14 @@ use tracing::{error, info, info_span};
 use super::parallel::{self, par_map, pipeline};
 use super::profiles::root_with_traits;
 use super::{lock, SqliteStore};
-use crate::compute::{
+use kindred_store::compute::{
     absorb, apply_event, check_delete, check_put, decode_state, encode_state, parse_stored_event,
     rebuild_stale, recompute, Recomputed,
 };
-use crate::ports::{
+use kindred_store::ports::{
     ChangeRecord, Computations, ComputedValues, DefinitionRecord, DefinitionStatus,
 };
-use crate::{now_millis, Result, StoreError};
+use kindred_store::{now_millis, Result, StoreError};
 
 pub(crate) const SCHEMA: &str = "
 -- Entries of `events` or `compute_requests` the compute step could not

@@ -8,17 +8,17 @@ use kindred_domain::IdentitySettings;
 use rusqlite::{params, OptionalExtension};
 
 use super::{lock, SqliteStore};
-use crate::ports::{
+use kindred_store::ports::{
     check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
 };
-use crate::token::{hash_secret, mint, token_id, verify, TokenKind};
+use kindred_store::token::{hash_secret, mint, token_id, verify, TokenKind};
 
 /// How long a verified token is trusted without a lookup (revocation
 /// takes effect within this time).
 const AUTH_CACHE_TTL: Duration = Duration::from_secs(10);
 const AUTH_CACHE_ENTRIES: usize = 10_000;
-use crate::space::SpaceDraft;
-use crate::{now_millis, Result, StoreError};
+use kindred_store::space::SpaceDraft;
+use kindred_store::{now_millis, Result, StoreError};
 
 impl SqliteStore {
     /// Creates a space with default identity settings and fresh
@@ -79,7 +79,7 @@ impl SqliteStore {
             |r| r.get(0),
         )?;
         if live as usize >= MAX_LIVE_TOKENS {
-            return Err(crate::ports::too_many_tokens());
+            return Err(kindred_store::ports::too_many_tokens());
         }
         let token = mint(kind);
         let now = now_millis();

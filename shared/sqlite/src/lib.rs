@@ -35,7 +35,7 @@ pub use queue::{QueueEntry, SqliteQueue};
 pub use sync::{FanOut, SyncWorker};
 pub use worker::{IdentityWorker, WorkerStats};
 
-use crate::Result;
+use kindred_store::Result;
 
 const STORE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS spaces (
@@ -198,12 +198,12 @@ pub struct SqliteStore {
     /// The writer of `sync.db` (destinations and their outboxes).
     sync_writer: Mutex<Connection>,
     /// Seals destination secrets (key in `secrets.key`).
-    sealer: crate::secret::Sealer,
+    sealer: kindred_store::secret::Sealer,
     sync_path: PathBuf,
     sync_readers: Mutex<Vec<Connection>>,
     readers: Mutex<Vec<Connection>>,
     /// Recently verified tokens, keyed by the SHA-256 of the secret.
-    auth_cache: Mutex<HashMap<[u8; 32], (crate::SpaceAuth, Instant)>>,
+    auth_cache: Mutex<HashMap<[u8; 32], (kindred_store::SpaceAuth, Instant)>>,
     /// Bumped (under the cache's lock) whenever cached verdicts may have
     /// gone stale: a lookup that started before is not cached.
     auth_generation: std::sync::atomic::AtomicU64,
@@ -271,7 +271,7 @@ impl SqliteStore {
         compute_writer.pragma_update(Some("s"), "cache_size", -WRITER_CACHE_KIB)?;
         compute_writer.pragma_update(Some("s"), "mmap_size", MMAP_BYTES)?;
         let sync_writer = sync::open_writer(dir, &path, &compute_path)?;
-        let sealer = crate::secret::Sealer::load_or_create(&dir.join("secrets.key"))?;
+        let sealer = kindred_store::secret::Sealer::load_or_create(&dir.join("secrets.key"))?;
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
             path,
@@ -357,10 +357,10 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&SqliteStore) -> Result<T> + Send + 'static,
     {
-        let store = self.me.upgrade().ok_or(crate::StoreError::Closed)?;
+        let store = self.me.upgrade().ok_or(kindred_store::StoreError::Closed)?;
         tokio::task::spawn_blocking(move || f(&store))
             .await
-            .map_err(|_| crate::StoreError::Closed)?
+            .map_err(|_| kindred_store::StoreError::Closed)?
     }
 
     /// Runs `f` in one write transaction over the identity graph (the

@@ -1,7 +1,7 @@
 //! The identity worker drains the durable queue exactly once, and an event
 //! that cannot be applied is set aside instead of blocking the others.
 
-use kindred_store::sqlite::{IdentityWorker, SqliteQueue, SqliteStore};
+use kindred_sqlite::{IdentityWorker, SqliteQueue, SqliteStore};
 use kindred_store::{EventQueue, QueuedEvent};
 use serde_json::json;
 

@@ -32,11 +32,11 @@ use serde_json::Value;
 use tracing::info_span;
 
 use super::SqliteStore;
-use crate::sync::{
+use kindred_store::sync::{
     current_calls, secret_context, Attempt, DeadLetter, DeliveryError, DestinationRecord,
     DestinationStatus, Destinations, Outbox, PendingCall, Target, Targets,
 };
-use crate::{now_millis, Result, StoreError};
+use kindred_store::{now_millis, Result, StoreError};
 
 pub(crate) const SCHEMA: &str = "
 -- Change-log and merge-log entries the fan-out could not decode and

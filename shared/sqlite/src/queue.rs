@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use tracing::error;
 
 use super::{lock, open, open_reader, Durability};
-use crate::ports::{EventQueue, QueuedEvent};
-use crate::{Result, StoreError};
+use kindred_store::ports::{EventQueue, QueuedEvent};
+use kindred_store::{Result, StoreError};
 
 /// The queue is fsynced on every commit: an event is acknowledged only
 /// once it is on disk, so not even a power loss undoes an acknowledgement.

@@ -3,8 +3,8 @@
 
 use kindred_domain::event::Envelope;
 use kindred_domain::{resolve, Event, Identifier, IdentityRules, Incoming, Plan};
+use kindred_sqlite::SqliteStore;
 use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
-use kindred_store::sqlite::SqliteStore;
 use kindred_store::{Applied, EventRecord, IdentityGraph, StoreError};
 use serde_json::json;
 

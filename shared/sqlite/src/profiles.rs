@@ -6,12 +6,12 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
 use super::SqliteStore;
-use crate::ports::{
+use kindred_store::ports::{
     EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
     Profiles, StoredEvent,
 };
-use crate::profile::{assemble, LatestEvent, ProfileReads, RootRecord};
-use crate::Result;
+use kindred_store::profile::{assemble, LatestEvent, ProfileReads, RootRecord};
+use kindred_store::Result;
 
 /// Follows merge pointers from `profile_id` to its root.
 pub(crate) fn root_of(
