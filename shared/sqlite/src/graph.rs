@@ -297,14 +297,6 @@ fn apply_writes(
     sp.prepare_cached("INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)")?
         .execute(params![space_id, event.message_id, record.now])
         .map_err(claim_error)?;
-    let encoding_of = |id: &Identifier| {
-        record
-            .external_ids
-            .iter()
-            .find(|e| &e.id == id)
-            .map(|e| e.encoding.as_str())
-            .unwrap_or("none")
-    };
     let claim = |entries: &[IdentifierEntry], profile_id: &str| -> Result<()> {
         let mut stmt = sp.prepare_cached(
             "INSERT INTO identifiers (space_id, id_type, id_value, profile_id, created_at,
@@ -320,7 +312,7 @@ fn apply_writes(
                 e.added_at,
                 event.message_id,
                 record.source_id,
-                encoding_of(&e.id),
+                record.encoding_of(&e.id),
             ])
             .map_err(claim_error)?;
         }

@@ -313,6 +313,17 @@ pub struct EventRecord<'a> {
     pub now: Millis,
 }
 
+impl EventRecord<'_> {
+    /// The encoding the event sent an identifier with (`externalIds`),
+    /// `"none"` for one it did not send encoded.
+    pub fn encoding_of(&self, id: &Identifier) -> &str {
+        self.external_ids
+            .iter()
+            .find(|e| &e.id == id)
+            .map_or("none", |e| e.encoding.as_str())
+    }
+}
+
 /// One unit of work on a space's identity graph. `apply` is conditional:
 /// it fails with [`crate::StoreError::Conflict`] and writes nothing if an
 /// identifier to claim is owned, a profile is not at the version read or

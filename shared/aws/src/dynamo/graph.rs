@@ -426,14 +426,6 @@ fn transaction_items(
         event,
         Some("attribute_not_exists(pk)"),
     )?];
-    let encoding_of = |id: &Identifier| {
-        record
-            .external_ids
-            .iter()
-            .find(|e| &e.id == id)
-            .map(|e| e.encoding.as_str())
-            .unwrap_or("none")
-    };
     let claim = |items: &mut Vec<TransactWriteItem>, e: &IdentifierEntry, owner: &str| {
         let mut item = key(identifier_key(space_id, &e.id), META);
         item.insert("profile_id".into(), s(owner));
@@ -442,7 +434,7 @@ fn transaction_items(
         item.insert("created_at".into(), n(e.added_at));
         item.insert("first_message_id".into(), s(message_id));
         item.insert("source_id".into(), s(record.source_id));
-        item.insert("encoding".into(), s(encoding_of(&e.id)));
+        item.insert("encoding".into(), s(record.encoding_of(&e.id)));
         items.push(transact_put(table, item, Some("attribute_not_exists(pk)"))?);
         Ok::<_, StoreError>(())
     };
