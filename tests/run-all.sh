@@ -12,11 +12,13 @@ if ! command -v cargo-nextest >/dev/null; then
   cargo install --locked cargo-nextest
 fi
 
-# Segment's real Python client, for the client-compatibility test.
+# Segment's and RudderStack's real Python clients, for the
+# client-compatibility tests.
 venv="$PWD/target/pyclient"
-if ! "$venv/bin/python" -c "import segment.analytics" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import segment.analytics, rudderstack.analytics" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check segment-analytics-python==2.4.0
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    segment-analytics-python==2.4.0 rudder-sdk-python==2.1.9
 fi
 export KINDRED_PYTHON="$venv/bin/python"
 
@@ -36,6 +38,10 @@ if ! command -v node >/dev/null; then
 fi
 if [ ! -d tests/browser/node_modules/@segment/analytics-next ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+# RudderStack's Node.js SDK (pinned in tests/node/package-lock.json).
+if [ ! -d tests/node/node_modules/@rudderstack/rudder-sdk-node ]; then
+  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 export KINDRED_BROWSER_TESTS=1
 

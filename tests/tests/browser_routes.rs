@@ -298,7 +298,7 @@ async fn the_short_routes_are_the_tracking_api() {
         .iter()
         .map(|e| {
             (
-                e["messageId"].as_str().unwrap().to_string(),
+                e["message_id"].as_str().unwrap().to_string(),
                 e["type"].as_str().unwrap().to_string(),
             )
         })
@@ -456,7 +456,7 @@ async fn a_space_may_restrict_the_pages_that_send_its_events() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["messageId"].as_str().unwrap())
+        .map(|e| e["message_id"].as_str().unwrap())
         .collect();
     ids.sort();
     assert_eq!(ids, ["allowed-exact", "allowed-wildcard", "server"]);

@@ -24,8 +24,8 @@ pub(crate) trait Engine: Sync {
     async fn batch(&self, events: Vec<Value>);
     /// Until identity, compute and backfills have nothing left to do.
     async fn settle(&self);
-    /// The Profile API's traits of a profile.
-    async fn traits(&self, lookup: &str, query: &str) -> Value;
+    /// A Profile API call: `resource` of `lookup` with `query`, status and body.
+    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value);
     /// The change log after `since`, once every change so far is served.
     async fn changes(&self, since: i64) -> Vec<Value>;
 
@@ -34,6 +34,13 @@ pub(crate) trait Engine: Sync {
             .admin("PUT", &format!("/{collection}/{key}"), Some(&body))
             .await;
         assert!((200..300).contains(&status), "{key}: {status} {reply}");
+        reply
+    }
+
+    /// The Profile API's traits of a profile.
+    async fn traits(&self, lookup: &str, query: &str) -> Value {
+        let (status, reply) = self.profile_api(lookup, "traits", query).await;
+        assert_eq!(status, 200, "{reply}");
         reply
     }
 
@@ -60,10 +67,9 @@ impl Engine for Server {
         Server::settle(self).await;
     }
 
-    async fn traits(&self, lookup: &str, query: &str) -> Value {
-        let r = self.profile(lookup, &format!("traits?{query}")).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.body
+    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
+        let r = self.profile(lookup, &format!("{resource}?{query}")).await;
+        (r.status.as_u16(), r.body)
     }
 
     async fn changes(&self, since: i64) -> Vec<Value> {
@@ -92,8 +98,8 @@ impl Engine for Deployment {
         Deployment::settle(self).await;
     }
 
-    async fn traits(&self, lookup: &str, query: &str) -> Value {
-        Deployment::traits(self, lookup, query).await
+    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
+        Deployment::profile(self, lookup, resource, query).await
     }
 
     async fn changes(&self, since: i64) -> Vec<Value> {
@@ -340,6 +346,39 @@ async fn lookback_sweep(e: &impl Engine) {
     );
 }
 
+/// A relative date condition on a trait (Segment's "within next N
+/// days") flips by time alone: the sweep finds the profile due then.
+async fn relative_date_conditions_follow_the_clock(e: &impl Engine) {
+    away_from_hour_boundary().await;
+    e.define(
+        "audiences",
+        "trial_ending",
+        json!({"condition": {"trait": {"name": "trial_ends_at", "op": "within_next", "value": {"days": 3}}}}),
+    )
+    .await;
+    let now = kindred_store::now_millis();
+    let ends = now + 5 * 24 * HOUR;
+    e.batch(vec![
+        json!({"type": "identify", "userId": "t1", "traits": {"trial_ends_at": format_millis(ends)}}),
+        json!({"type": "identify", "userId": "t2", "traits": {"trial_ends_at": format_millis(now + HOUR)}}),
+    ])
+    .await;
+    e.settle().await;
+    let member = |body: Value| body["traits"]["trial_ending"] == true;
+    assert!(!member(
+        e.traits("user_id:t1", "include=trial_ending").await
+    ));
+    assert!(member(e.traits("user_id:t2", "include=trial_ending").await));
+    // Two days and an hour later t1's trial ends within three days, and
+    // t2's has ended.
+    assert_eq!(e.lookback(now + 2 * 24 * HOUR + HOUR).await, 2);
+    e.settle().await;
+    assert!(member(e.traits("user_id:t1", "include=trial_ending").await));
+    assert!(!member(
+        e.traits("user_id:t2", "include=trial_ending").await
+    ));
+}
+
 /// A definition created after the events is built from the history
 /// already folded (a stale definition), and again on request.
 async fn stale_definitions_are_rebuilt_from_history(e: &impl Engine) {
@@ -365,6 +404,8 @@ async fn stale_definitions_are_rebuilt_from_history(e: &impl Engine) {
         "type": "most_frequent", "event": "Page Viewed", "property": "category", "lookback": {"days": 30}}))
         .await;
     assert_eq!(created["class"], "computed_trait");
+    let id = created["id"].as_str().unwrap();
+    assert!(id.starts_with("tra_") && id.len() == 28, "{created}");
     e.settle().await;
     let (_, reply) = e
         .admin("GET", "/computed_traits/favourite_category", None)
@@ -461,6 +502,7 @@ crate::common::on_both_stores!(
     definitions,
     folding_and_the_change_log,
     lookback_sweep,
+    relative_date_conditions_follow_the_clock,
     stale_definitions_are_rebuilt_from_history,
     a_merge_combines_states_without_entering_twice,
     racing_definition_writes_never_make_a_cycle,

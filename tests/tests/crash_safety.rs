@@ -214,7 +214,7 @@ async fn sigkill_while_sending_loses_no_acknowledged_event() {
     for &n in &acked {
         loop {
             let r: Value = client
-                .get(format!("{base}/v1/spaces/crash/collections/users/profiles/user_id:u-{n}/events?limit=200"))
+                .get(format!("{base}/v1/spaces/crash/collections/users/profiles/user_id:u-{n}/events?limit=100"))
                 .basic_auth(&access, Some(""))
                 .send()
                 .await
@@ -226,7 +226,7 @@ async fn sigkill_while_sending_loses_no_acknowledged_event() {
                 .as_array()
                 .map(|d| {
                     d.iter()
-                        .map(|e| e["messageId"].as_str().unwrap().to_string())
+                        .map(|e| e["message_id"].as_str().unwrap().to_string())
                         .collect()
                 })
                 .unwrap_or_default();

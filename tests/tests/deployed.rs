@@ -466,7 +466,7 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
     c.until_event(
         "the gzipped event",
         "user_id:dep-user",
-        "messageId",
+        "message_id",
         "m-gzip",
     )
     .await;

@@ -42,9 +42,9 @@ async fn a_future_timestamp_does_not_pin_a_trait() {
     // The Profile API shows the time that was used; the client's is kept.
     let events = s.profile("user_id:u1", "events?sort=asc").await;
     let first = &events.body["data"][0];
-    assert_eq!(first["clientTimestamp"], "3000-01-01T00:00:00Z");
+    assert_eq!(first["client_timestamp"], "3000-01-01T00:00:00Z");
     let used = parse_time(first["timestamp"].as_str().unwrap()).unwrap();
-    let received = parse_time(first["receivedAt"].as_str().unwrap()).unwrap();
+    let received = parse_time(first["received_at"].as_str().unwrap()).unwrap();
     assert_eq!(used, received, "clamped to receivedAt");
     assert!(used >= before && used <= now_ms(), "{first}");
 }
@@ -438,7 +438,7 @@ async fn a_profiles_traits_keep_the_newest_values_within_64_kib() {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|e| e.get("droppedTraits"))
+        .filter_map(|e| e.get("dropped_traits"))
         .collect();
     assert!(!dropped.is_empty(), "{events}");
     let all: Vec<&str> = dropped

@@ -111,7 +111,7 @@ async fn a_shared_email_from_a_second_device_merges_and_newest_traits_win() {
     let traits = s.profile("email:JO@EXAMPLE.COM", "traits").await;
     assert_eq!(traits.body["traits"]["plan"], "pro", "newest value wins");
     assert_eq!(traits.body["traits"]["city"], "Oslo");
-    let events = s.profile("user_id:u1", "events?limit=200").await;
+    let events = s.profile("user_id:u1", "events?limit=100").await;
     assert_eq!(
         events.body["data"].as_array().unwrap().len(),
         4,
@@ -296,16 +296,7 @@ async fn every_profile_api_parameter() {
         .starts_with("src_"));
     let audiences = s.profile("user_id:p1", "traits?class=audience").await.body;
     assert_eq!(audiences["traits"], json!({}));
-    for bad in [
-        "traits?limit=0",
-        "traits?limit=201",
-        "traits?class=nope",
-        "traits?verbose=maybe",
-    ] {
-        let r = s.profile("user_id:p1", bad).await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
-        assert_eq!(r.body["error"]["code"], "invalid_request_error");
-    }
+    // Bad parameters: profile_api_contract::errors_are_segment_s.
 
     // external_ids: include, limit, next.
     let ext = s.profile("user_id:p1", "external_ids").await.body;
@@ -638,7 +629,7 @@ async fn message_ids_deduplicate_and_gzip_bodies_are_accepted() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["messageId"].as_str().unwrap())
+        .map(|e| e["message_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert!(ids.contains(&"dup-1") && ids.contains(&"dup-2"));
@@ -693,6 +684,6 @@ async fn health_and_client_clock_skew() {
     s.settle().await;
     let e = &s.profile("user_id:skew", "events").await.body["data"][0];
     let ts = kindred_domain::event::parse_time(e["timestamp"].as_str().unwrap()).unwrap();
-    let received = kindred_domain::event::parse_time(e["receivedAt"].as_str().unwrap()).unwrap();
+    let received = kindred_domain::event::parse_time(e["received_at"].as_str().unwrap()).unwrap();
     assert_eq!(received - ts, 10_000);
 }

@@ -30,6 +30,13 @@ fn apigw(method: &str, path: &str, query: &str, token: &str, body: Option<&Value
     .unwrap();
     request["rawPath"] = path.into();
     request["rawQueryString"] = query.into();
+    request["queryStringParameters"] = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), Value::from(v.replace("%20", " "))))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     request["headers"]["authorization"] = format!("Basic {}", basic(token)).into();
     request["headers"]["content-type"] = "application/json".into();
     request["requestContext"]["http"]["method"] = method.into();
@@ -161,13 +168,18 @@ impl Deployment {
         reply
     }
 
-    pub(crate) async fn traits(&self, lookup: &str, query: &str) -> Value {
+    /// A Profile API call (`resource` such as `traits`): status and body.
+    pub(crate) async fn profile(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
         let path = format!(
-            "/v1/spaces/{}/collections/users/profiles/{lookup}/traits",
+            "/v1/spaces/{}/collections/users/profiles/{lookup}/{resource}",
             self.space.space_id
         );
         let request = apigw("GET", &path, query, &self.space.access_token, None);
-        let (status, reply) = call(&self.profile_api, request).await;
+        call(&self.profile_api, request).await
+    }
+
+    pub(crate) async fn traits(&self, lookup: &str, query: &str) -> Value {
+        let (status, reply) = self.profile(lookup, "traits", query).await;
         assert_eq!(status, 200, "{reply}");
         reply
     }
@@ -537,12 +549,7 @@ impl Deployment {
     /// A Profile API resource (with its query) read with the access token.
     async fn read(&self, lookup: &str, resource: &str) -> Value {
         let (resource, query) = resource.split_once('?').unwrap_or((resource, ""));
-        let path = format!(
-            "/v1/spaces/{}/collections/users/profiles/{lookup}/{resource}",
-            self.space.space_id
-        );
-        let request = apigw("GET", &path, query, &self.space.access_token, None);
-        let (status, reply) = call(&self.profile_api, request).await;
+        let (status, reply) = self.profile(lookup, resource, query).await;
         assert_eq!(status, 200, "{lookup}/{resource}: {reply}");
         reply
     }
@@ -901,7 +908,7 @@ async fn a_wrong_merge_on_dynamodb_is_split_and_stays_apart() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e["messageId"].as_str().unwrap())
+        .map(|e| e["message_id"].as_str().unwrap())
         .collect();
     assert!(ids.contains(&"m-after"), "{ids:?}");
 

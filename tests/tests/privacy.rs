@@ -388,7 +388,7 @@ async fn a_delete_racing_ingest_of_the_same_person() {
             // Whatever remains was received after the regulation was made.
             if events.status == StatusCode::OK {
                 for e in events.body["data"].as_array().unwrap() {
-                    let received = parse_time(e["receivedAt"].as_str().unwrap()).unwrap();
+                    let received = parse_time(e["received_at"].as_str().unwrap()).unwrap();
                     assert!(
                         received >= made,
                         "{kind}: an event received before the delete survived: {e}"

@@ -182,18 +182,14 @@ async fn changes_reach_two_webhooks_signed_with_the_identifiers_of_each_strategy
         .filter(|c| c["traits"].get("order_count") == Some(&json!(2)))
         .collect();
     assert_eq!(last_count.len(), 2);
-    assert_eq!(
-        last_count[0]["context"]["personas"]["computation_class"],
-        "computed_trait"
-    );
-    assert_eq!(
-        last_count[0]["context"]["personas"]["computation_key"],
-        "order_count"
-    );
-    assert_eq!(
-        last_count[0]["context"]["personas"]["space_id"],
-        json!(s.space.space_id)
-    );
+    // Segment Engage's context.personas.
+    let personas = &last_count[0]["context"]["personas"];
+    assert_eq!(personas["computation_class"], "trait");
+    assert_eq!(personas["computation_key"], "order_count");
+    assert_eq!(personas["space_id"], json!(s.space.space_id));
+    assert_eq!(personas["namespace"], format!("spa_{}", s.space.space_id));
+    let id = personas["computation_id"].as_str().unwrap();
+    assert!(id.starts_with("tra_") && id.len() == 28, "{id}");
     assert_eq!(count_event(&calls, "Audience Entered"), 2);
     assert_eq!(count_event(&calls, "Trait Computed"), 4);
     // Per profile, in log order: order_count 1 before 2.

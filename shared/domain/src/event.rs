@@ -319,10 +319,16 @@ impl Event {
         self.body.get(field).and_then(Value::as_object)
     }
 
-    /// The traits an identify call sets on the profile.
+    /// The traits an identify call sets on the profile: its `traits`, or
+    /// `context.traits` when it has no top-level `traits` (RudderStack's
+    /// SDKs send an identify's traits there only).
     pub fn profile_traits(&self) -> Option<&Map<String, Value>> {
         match self.kind {
-            EventKind::Identify => self.object("traits"),
+            EventKind::Identify => self.object("traits").or_else(|| {
+                self.object("context")
+                    .and_then(|c| c.get("traits"))
+                    .and_then(Value::as_object)
+            }),
             _ => None,
         }
     }
@@ -700,5 +706,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.name.as_deref(), Some("A"));
+    }
+
+    #[test]
+    fn an_identify_without_traits_takes_its_context_traits() {
+        let parse = |v: Value| Event::parse(v, Envelope::received(1_700_000_000_000, "g")).unwrap();
+        // RudderStack's SDKs put an identify's traits in context.traits only.
+        let rudder = parse(json!({"type": "identify", "userId": "u1",
+                                  "context": {"traits": {"plan": "pro"}}}));
+        assert_eq!(rudder.profile_traits().unwrap()["plan"], "pro");
+        let both = parse(
+            json!({"type": "identify", "userId": "u1", "traits": {"plan": "team"},
+                                "context": {"traits": {"plan": "pro"}}}),
+        );
+        assert_eq!(both.profile_traits().unwrap()["plan"], "team");
+        let track = parse(json!({"type": "track", "event": "E", "userId": "u1",
+                                 "context": {"traits": {"plan": "pro"}}}));
+        assert!(track.profile_traits().is_none());
     }
 }

@@ -132,6 +132,17 @@ fn visit_identifiers(event: &Event, f: &mut Visit<'_>) -> Result<(), Rejection> 
             add("email", e, "none", &field)?;
         }
     }
+    if let Some(Value::String(id)) = context
+        .and_then(|c| c.get("traits"))
+        .and_then(|t| t.get("crossDomainId"))
+    {
+        add(
+            "cross_domain_id",
+            id,
+            "none",
+            &"context.traits.crossDomainId",
+        )?;
+    }
     if let Some(device) = context
         .and_then(|c| c.get("device"))
         .and_then(Value::as_object)
@@ -233,7 +244,7 @@ mod tests {
             "type": "identify", "userId": "u1", "anonymousId": "a1",
             "traits": {"email": "  Jane@Example.COM "},
             "context": {
-                "traits": {"email": "jane@example.com"},
+                "traits": {"email": "jane@example.com", "crossDomainId": "xd-1"},
                 "device": {"type": "iOS", "id": "dev-1", "advertisingId": "ad-1",
                            "adTrackingEnabled": true, "token": "tok-1"},
                 "integrations": {"Google Analytics": {"clientId": "ga-1"}},
@@ -249,6 +260,7 @@ mod tests {
                 pair("user_id", "u1"),
                 pair("anonymous_id", "a1"),
                 pair("email", "jane@example.com"),
+                pair("cross_domain_id", "xd-1"),
                 pair("ios.id", "dev-1"),
                 pair("ios.idfa", "ad-1"),
                 pair("ios.push_token", "tok-1"),

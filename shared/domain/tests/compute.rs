@@ -897,3 +897,84 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn relative_date_conditions_on_traits_follow_the_clock() {
+    let day = 24 * HOUR_MS;
+    let trial_ends = T0 + 10 * day;
+    let mut traits = Traits::new();
+    traits.insert(
+        "trial_ends_at".into(),
+        TraitValue {
+            value: json!(kindred_domain::event::format_millis(trial_ends)),
+            updated_at: T0,
+            source_id: "s".into(),
+        },
+    );
+    let days = |n: i64| json!({"days": n});
+    let cases = [
+        // (op, span, [(now, member)])
+        (
+            "within_next",
+            days(3),
+            vec![
+                (T0, false),
+                (trial_ends - 3 * day, true),
+                (trial_ends, true),
+                (trial_ends + 1, false),
+            ],
+        ),
+        (
+            "within_last",
+            days(2),
+            vec![
+                (trial_ends - 1, false),
+                (trial_ends, true),
+                (trial_ends + 2 * day, true),
+                (trial_ends + 2 * day + 1, false),
+            ],
+        ),
+        (
+            "before_last",
+            days(1),
+            vec![(trial_ends + day, false), (trial_ends + day + 1, true)],
+        ),
+        (
+            "after_next",
+            days(7),
+            vec![(T0, true), (trial_ends - 7 * day, false)],
+        ),
+    ];
+    for (op, span, points) in cases {
+        let c = json!({"trait": {"name": "trial_ends_at", "op": op, "value": span}});
+        let r = Ruleset::new(vec![audience("a", c.clone())]).unwrap();
+        let state = r.fresh();
+        for (now, member) in &points {
+            let got = &r.evaluate(&state, &traits, *now)["a"];
+            assert_eq!(got, &json!(member), "{op} at {}", now - T0);
+        }
+        // The scheduler is told when membership flips, by time alone.
+        let (first_now, first) = points[0];
+        let flip = r.next_change(&state, &traits, first_now).unwrap();
+        let after = r.evaluate(&state, &traits, flip)["a"].clone();
+        assert_eq!(after, json!(!first), "{op}: flips at {}", flip - T0);
+        let just_before = r.evaluate(&state, &traits, flip - 1)["a"].clone();
+        assert_eq!(just_before, json!(first), "{op}: not before {}", flip - T0);
+    }
+    // Only trait conditions are relative; a bad span is named.
+    let in_where = Definition::parse(
+        Class::ComputedTrait,
+        "x",
+        1,
+        &json!({"type": "event_counter", "event": "E",
+                "where": [{"property": "at", "op": "within_last", "value": {"days": 1}}]}),
+    );
+    assert_eq!(in_where.unwrap_err().field, "where[0].op");
+    let bad_span = Definition::parse(
+        Class::Audience,
+        "x",
+        1,
+        &json!({"condition": {"trait": {"name": "t", "op": "within_last", "value": 3}}}),
+    );
+    assert_eq!(bad_span.unwrap_err().field, "condition.trait.value");
+}

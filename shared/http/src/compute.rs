@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kindred_domain::compute::Class;
+use kindred_domain::compute::{computation_id, Class};
 use kindred_domain::event::{format_millis, parse_time};
 use kindred_store::token::TokenKind;
 use kindred_store::{Computations, DefinitionRecord, DefinitionStatus};
@@ -63,8 +63,11 @@ async fn admin(
     })
 }
 
-pub fn definition_json(r: &DefinitionRecord) -> Value {
+/// A definition as the Definitions API answers it; `id` is the stable
+/// `tra_…`/`aud_…` id destinations receive as `computation_id`.
+pub fn definition_json(space_id: &str, r: &DefinitionRecord) -> Value {
     let mut out = json!({
+        "id": computation_id(space_id, r.class, &r.key),
         "key": r.key,
         "class": r.class.as_str(),
         "version": r.version,
@@ -95,7 +98,7 @@ async fn list(
     let port = admin(&state, &headers, &space_id).await?;
     let all = port.definitions(&space_id, class).await?;
     Ok(Json(
-        json!({"data": all.iter().map(definition_json).collect::<Vec<_>>()}),
+        json!({"data": all.iter().map(|r| definition_json(&space_id, r)).collect::<Vec<_>>()}),
     ))
 }
 
@@ -110,7 +113,7 @@ async fn read(
         .definition(&space_id, class, &key)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no {} {key:?}", class.as_str())))?;
-    Ok(Json(definition_json(&r)))
+    Ok(Json(definition_json(&space_id, &r)))
 }
 
 async fn put(
@@ -129,7 +132,7 @@ async fn put(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(definition_json(&r))))
+    Ok((status, Json(definition_json(&space_id, &r))))
 }
 
 async fn delete(
@@ -160,7 +163,7 @@ async fn backfill(
         .rebackfill(&space_id, class, &key)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no {} {key:?}", class.as_str())))?;
-    Ok((StatusCode::ACCEPTED, Json(definition_json(&r))))
+    Ok((StatusCode::ACCEPTED, Json(definition_json(&space_id, &r))))
 }
 
 async fn changes(

@@ -223,6 +223,7 @@ fn external_id_records(
                     encoding: r.get(1)?,
                     created_at: r.get(2)?,
                     first_message_id: r.get(3)?,
+                    added_at: entry.added_at,
                 })
             })
             .optional()?;

@@ -198,6 +198,9 @@ pub struct ExternalIdRecord {
     pub encoding: String,
     pub created_at: Millis,
     pub first_message_id: String,
+    /// When the identifier joined the profile: later than `created_at`
+    /// for one that came with a merge (the root's list records it).
+    pub added_at: Millis,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

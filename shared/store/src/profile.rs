@@ -156,6 +156,7 @@ mod tests {
                     encoding: "none".into(),
                     created_at: 1,
                     first_message_id: "m".into(),
+                    added_at: 1,
                 })
                 .collect(),
             latest: vec![

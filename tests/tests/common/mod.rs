@@ -2,6 +2,7 @@
 //! port, driven over real HTTP.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod receiver;
 
 use kindred::config::Config;

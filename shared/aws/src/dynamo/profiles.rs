@@ -188,6 +188,7 @@ impl DynamoStore {
                     encoding: get_s(item, "encoding")?.to_string(),
                     created_at: get_n(item, "created_at")?,
                     first_message_id: get_s(item, "first_message_id")?.to_string(),
+                    added_at: entry.added_at,
                 });
             }
         }

@@ -56,6 +56,35 @@ impl Class {
             _ => None,
         }
     }
+
+    /// The class as Segment's outbound payloads name it
+    /// (`context.personas.computation_class`): `trait` or `audience`.
+    pub fn segment_name(self) -> &'static str {
+        match self {
+            Class::ComputedTrait => "trait",
+            Class::Audience => "audience",
+        }
+    }
+}
+
+/// The stable id of a space's computed trait or audience, `tra_…` or
+/// `aud_…` as Segment's: derived from the space, class and key (so both
+/// stores and every function agree without storing it, and a key that is
+/// deleted and defined again keeps its id).
+pub fn computation_id(space_id: &str, class: Class, key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [space_id, class.as_str(), key] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    let prefix = match class {
+        Class::ComputedTrait => "tra",
+        Class::Audience => "aud",
+    };
+    format!("{prefix}_{hex}")
 }
 
 /// A lookback window, whole hours (SPEC 9: 90 days = the last 2,160 hours).
@@ -89,10 +118,18 @@ pub enum Op {
     After,
     In,
     ContainsAny,
+    /// A date within the last `span` (`now - span <= date <= now`).
+    WithinLast,
+    /// A date within the next `span` (`now <= date <= now + span`).
+    WithinNext,
+    /// A date before the last `span` (`date < now - span`).
+    BeforeLast,
+    /// A date after the next `span` (`date > now + span`).
+    AfterNext,
 }
 
 impl Op {
-    pub const ALL: [(&'static str, Op); 16] = [
+    pub const ALL: [(&'static str, Op); 20] = [
         ("=", Op::Eq),
         ("!=", Op::Ne),
         ("<", Op::Lt),
@@ -109,7 +146,20 @@ impl Op {
         ("after", Op::After),
         ("in", Op::In),
         ("contains_any", Op::ContainsAny),
+        ("within_last", Op::WithinLast),
+        ("within_next", Op::WithinNext),
+        ("before_last", Op::BeforeLast),
+        ("after_next", Op::AfterNext),
     ];
+
+    /// Whether the operator compares a date with the evaluation time
+    /// (Segment's relative date conditions on traits).
+    pub fn is_relative(self) -> bool {
+        matches!(
+            self,
+            Op::WithinLast | Op::WithinNext | Op::BeforeLast | Op::AfterNext
+        )
+    }
 
     pub fn parse(s: &str) -> Option<Op> {
         Op::ALL.iter().find(|(n, _)| *n == s).map(|(_, op)| *op)
@@ -131,6 +181,8 @@ pub struct Test {
     pub value: Value,
     /// The operand of `before` / `after`, parsed once.
     pub instant: Option<Millis>,
+    /// The span of a relative operator (`{"days": 30}`), in milliseconds.
+    pub span: Option<Millis>,
 }
 
 /// One `where` entry: a property of the event and a test on it.
@@ -430,7 +482,7 @@ fn parse_match(obj: &Map<String, Value>, path: &str) -> Result<EventMatch, Defin
                 };
                 check_fields(f, &p, &["property", "op", "value"])?;
                 let property = string_field(f, &p, "property")?;
-                let test = parse_test(f, &p)?;
+                let test = parse_test(f, &p, false)?;
                 filters.push(Filter { property, test });
             }
         }
@@ -439,7 +491,14 @@ fn parse_match(obj: &Map<String, Value>, path: &str) -> Result<EventMatch, Defin
     Ok(EventMatch { event, filters })
 }
 
-fn parse_test(obj: &Map<String, Value>, path: &str) -> Result<Test, DefinitionError> {
+/// A test; `relative` allows the operators that compare with the
+/// evaluation time (trait conditions only: an event's filters are
+/// applied once, when it arrives).
+fn parse_test(
+    obj: &Map<String, Value>,
+    path: &str,
+    relative: bool,
+) -> Result<Test, DefinitionError> {
     let op_name = string_field(obj, path, "op")?;
     let op = Op::parse(&op_name).map_or_else(
         || {
@@ -450,9 +509,16 @@ fn parse_test(obj: &Map<String, Value>, path: &str) -> Result<Test, DefinitionEr
         },
         Ok,
     )?;
+    if op.is_relative() && !relative {
+        return err(
+            &join(path, "op"),
+            format!("{op_name} applies to trait conditions only"),
+        );
+    }
     let vpath = join(path, "value");
     let value = obj.get("value").cloned();
     let mut instant = None;
+    let mut span = None;
     let value = match op {
         Op::Exists | Op::NotExists => value.unwrap_or(Value::Null),
         _ => {
@@ -475,6 +541,9 @@ fn parse_test(obj: &Map<String, Value>, path: &str) -> Result<Test, DefinitionEr
                     }
                     instant = t;
                 }
+                Op::WithinLast | Op::WithinNext | Op::BeforeLast | Op::AfterNext => {
+                    span = Some(parse_window(&v, &vpath)?.millis());
+                }
                 Op::In | Op::ContainsAny => match &v {
                     Value::Array(a) if !a.is_empty() && a.len() <= 1000 => {}
                     _ => return err(&vpath, "must be a non-empty array of at most 1000 values"),
@@ -484,7 +553,12 @@ fn parse_test(obj: &Map<String, Value>, path: &str) -> Result<Test, DefinitionEr
             v
         }
     };
-    Ok(Test { op, value, instant })
+    Ok(Test {
+        op,
+        value,
+        instant,
+        span,
+    })
 }
 
 fn parse_window(v: &Value, path: &str) -> Result<Window, DefinitionError> {
@@ -610,7 +684,7 @@ fn parse_condition(v: &Value, path: &str) -> Result<Condition, DefinitionError> 
             check_fields(o, &p, &["name", "op", "value"])?;
             Ok(Condition::Trait {
                 name: string_field(o, &p, "name")?,
-                test: parse_test(o, &p)?,
+                test: parse_test(o, &p, true)?,
             })
         }
         "audience" => match inner {

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 pub use definition::{
-    evaluation_order, valid_key, Aggregate, Body, Class, ComputedTrait, Condition, Count,
-    Definition, DefinitionError, EventMatch, Filter, Funnel, Op, Span, Test, TraitKind, Window,
-    HOUR_MS, MAX_DEFINITIONS, MAX_EXPRESSIONS, MAX_WHERE_FILTERS,
+    computation_id, evaluation_order, valid_key, Aggregate, Body, Class, ComputedTrait, Condition,
+    Count, Definition, DefinitionError, EventMatch, Filter, Funnel, Op, Span, Test, TraitKind,
+    Window, HOUR_MS, MAX_DEFINITIONS, MAX_EXPRESSIONS, MAX_WHERE_FILTERS,
 };
 pub use state::{hour, Acc, DefState, EventFacts};
 
@@ -248,6 +248,9 @@ impl Ruleset {
             for (leaf, acc) in state::leaves(d).iter().zip(&s.l) {
                 leaf.moments(acc, now, &mut moments);
             }
+            if let Body::Audience(c) = &d.body {
+                relative_moments(c, traits, current, &mut moments);
+            }
             moments.retain(|t| *t > now && first.is_none_or(|f| *t < f));
             moments.sort_unstable();
             moments.dedup();
@@ -265,6 +268,24 @@ impl Ruleset {
             }
         }
         first
+    }
+}
+
+/// The moments at which the relative date conditions on traits in `c`
+/// may change their answer, given the traits and values at hand.
+fn relative_moments(c: &Condition, traits: &Traits, values: &Values, out: &mut Vec<Millis>) {
+    match c {
+        Condition::Trait { name, test } if test.op.is_relative() => {
+            let v = values
+                .get(name)
+                .or_else(|| traits.get(name).map(|t| &t.value));
+            ops::relative_moments(test, v, out);
+        }
+        Condition::And(cs) | Condition::Or(cs) => cs
+            .iter()
+            .for_each(|c| relative_moments(c, traits, values, out)),
+        Condition::Not(c) => relative_moments(c, traits, values, out),
+        _ => {}
     }
 }
 
@@ -336,7 +357,7 @@ impl Env<'_> {
                     .values
                     .get(name)
                     .or_else(|| self.traits.get(name).map(|t| &t.value));
-                ops::test(test, v)
+                ops::test_at(test, v, self.now)
             }
             Condition::Audience(key) => self.values.get(key) == Some(&Value::Bool(true)),
             Condition::And(cs) => {
@@ -422,12 +443,12 @@ impl Change {
     /// with `{key: value}`, and for audiences `Audience Entered` /
     /// `Audience Exited`. Identifiers are filled in by the sync step.
     pub fn payloads(&self, space_id: &str, timestamp: &str) -> Vec<Value> {
-        let personas = json!({
-            "computation_class": self.class.as_str(),
-            "computation_key": self.key,
-            "computation_id": self.key,
-            "space_id": space_id,
-        });
+        let personas = crate::sync::personas(
+            crate::sync::Personas::Segment,
+            space_id,
+            self.class,
+            &self.key,
+        );
         let mut traits = Map::new();
         traits.insert(self.key.clone(), self.new.clone());
         let mut calls = vec![json!({

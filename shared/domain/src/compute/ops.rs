@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use super::definition::{Op, Test};
 use super::state::number;
 use crate::event::parse_time;
+use crate::Millis;
 
 /// A property of an event: `a.b` walks into objects unless a property is
 /// literally named `a.b`.
@@ -37,6 +38,35 @@ fn instant(v: &Value) -> Option<i64> {
         // Epoch milliseconds.
         Value::Number(n) => n.as_i64(),
         _ => None,
+    }
+}
+
+/// [`test`] at the evaluation time `now`, for the relative operators.
+pub(crate) fn test_at(t: &Test, actual: Option<&Value>, now: Millis) -> bool {
+    let (Some(span), true) = (t.span, t.op.is_relative()) else {
+        return test(t, actual);
+    };
+    let Some(date) = actual.and_then(instant) else {
+        return false;
+    };
+    match t.op {
+        Op::WithinLast => now.saturating_sub(span) <= date && date <= now,
+        Op::WithinNext => now <= date && date <= now.saturating_add(span),
+        Op::BeforeLast => date < now.saturating_sub(span),
+        _ => date > now.saturating_add(span),
+    }
+}
+
+/// The moments after which [`test_at`] of a relative operator may answer
+/// differently for `actual`: the date, and the date a span away on
+/// either side (each boundary and the millisecond after it).
+pub(crate) fn relative_moments(t: &Test, actual: Option<&Value>, out: &mut Vec<Millis>) {
+    let (Some(span), true, Some(date)) = (t.span, t.op.is_relative(), actual.and_then(instant))
+    else {
+        return;
+    };
+    for edge in [date.saturating_sub(span), date, date.saturating_add(span)] {
+        out.extend([edge, edge.saturating_add(1)]);
     }
 }
 
@@ -95,6 +125,8 @@ pub(crate) fn test(t: &Test, actual: Option<&Value>) -> bool {
                 _ => false,
             }
         }
+        // Relative to a moment: [`test_at`].
+        Op::WithinLast | Op::WithinNext | Op::BeforeLast | Op::AfterNext => false,
     }
 }
 
@@ -108,6 +140,7 @@ mod tests {
         Test {
             op: Op::parse(op).unwrap(),
             instant: value.as_str().and_then(parse_time),
+            span: None,
             value,
         }
     }

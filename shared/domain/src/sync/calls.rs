@@ -5,7 +5,7 @@
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::compute::Class;
+use crate::compute::{computation_id, Class};
 use crate::resolve::IdentifierEntry;
 
 use super::settings::*;
@@ -151,6 +151,25 @@ impl Address {
     }
 }
 
+/// `context.personas` of a call about `key`, in the given form.
+pub fn personas(form: Personas, space_id: &str, class: Class, key: &str) -> Value {
+    match form {
+        Personas::Segment => json!({
+            "computation_class": class.segment_name(),
+            "computation_id": computation_id(space_id, class, key),
+            "computation_key": key,
+            "namespace": format!("spa_{space_id}"),
+            "space_id": space_id,
+        }),
+        Personas::KindredV1 => json!({
+            "computation_class": class.as_str(),
+            "computation_key": key,
+            "computation_id": key,
+            "space_id": space_id,
+        }),
+    }
+}
+
 /// The Segment-spec calls one change (or current value) becomes for one
 /// destination: for each address of the id-sync strategy, an identify
 /// with `{key: value}` and/or a track (`Audience Entered` / `Audience
@@ -168,13 +187,8 @@ pub fn change_calls(
     if !settings.selects(change.key) {
         return Vec::new();
     }
-    let personas = json!({
-        "computation_class": change.class.as_str(),
-        "computation_key": change.key,
-        "computation_id": change.key,
-        "space_id": space_id,
-        "profile_id": profile_id,
-    });
+    let mut personas = personas(settings.personas, space_id, change.class, change.key);
+    personas["profile_id"] = json!(profile_id);
     let origin = match change.seq {
         Some(seq) => format!("change:{seq}"),
         None => format!("current:{profile_id}:{}:{}", change.key, change.new),

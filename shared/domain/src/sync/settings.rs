@@ -54,6 +54,29 @@ impl Strategy {
     }
 }
 
+/// The form of `context.personas` in the calls a destination receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Personas {
+    /// Segment Engage's: `computation_class` `trait` or `audience`,
+    /// `computation_id` `tra_…`/`aud_…`, `computation_key`, `namespace`
+    /// (`spa_…`) and `space_id`. New destinations get it.
+    Segment,
+    /// Kindred's first form: `computation_class` `computed_trait` or
+    /// `audience` and `computation_id` the key. Destinations stored
+    /// before the setting existed keep it, so their receivers go on
+    /// working; a replace may move them to `segment`.
+    KindredV1,
+}
+
+impl Personas {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Personas::Segment => "segment",
+            Personas::KindredV1 => "kindred_v1",
+        }
+    }
+}
+
 /// A destination's settings, validated. Secrets are not part of it: they
 /// are stored apart, encrypted, and never returned.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +101,7 @@ pub struct Settings {
     /// `{"batch": [...]}`; segment: `/v1/batch` up to this many).
     pub batch_size: usize,
     pub enabled: bool,
+    pub personas: Personas,
 }
 
 /// A settings body that does not validate; names the bad field.
@@ -137,7 +161,7 @@ impl Settings {
         let obj = body
             .as_object()
             .ok_or_else(|| bad("body", "must be a JSON object"))?;
-        const KNOWN: [&str; 13] = [
+        const KNOWN: [&str; 14] = [
             "kind",
             "url",
             "host",
@@ -151,6 +175,7 @@ impl Settings {
             "batch_size",
             "enabled",
             "name",
+            "personas",
         ];
         if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(bad(k, "is not a destination setting"));
@@ -188,6 +213,12 @@ impl Settings {
                 return Err(bad("name", "must be a string"));
             }
         }
+        let personas = match obj.get("personas") {
+            None | Some(Value::Null) => Personas::Segment,
+            Some(v) if v == "segment" => Personas::Segment,
+            Some(v) if v == "kindred_v1" => Personas::KindredV1,
+            Some(_) => return Err(bad("personas", "is not one of segment, kindred_v1")),
+        };
         Ok((
             Settings {
                 kind,
@@ -201,9 +232,21 @@ impl Settings {
                 forward_deletes,
                 batch_size,
                 enabled,
+                personas,
             },
             secret,
         ))
+    }
+
+    /// Settings as an adapter stored them ([`Settings::to_json`]): those
+    /// stored before the `personas` setting existed keep the form their
+    /// receivers were built for.
+    pub fn from_stored(stored: &Value) -> Result<Settings, SettingsError> {
+        let (mut settings, _) = Settings::parse(stored)?;
+        if stored.get("personas").is_none() {
+            settings.personas = Personas::KindredV1;
+        }
+        Ok(settings)
     }
 
     /// The settings as returned by the API (no secret).
@@ -227,6 +270,7 @@ impl Settings {
             "forward_deletes": self.forward_deletes,
             "batch_size": self.batch_size,
             "enabled": self.enabled,
+            "personas": self.personas.as_str(),
         });
         out[self.kind.endpoint_field()] = json!(self.endpoint);
         out

@@ -440,3 +440,58 @@ fn retries_back_off_exponentially_with_jitter_and_honour_retry_after() {
     );
     assert_eq!(parse_retry_after("soon", now), None);
 }
+
+#[test]
+fn personas_are_segment_s_for_new_destinations_and_kept_for_stored_ones() {
+    let body = json!({"kind": "webhook", "url": "http://x/hook"});
+    let new = settings(body.clone());
+    assert_eq!(new.personas, Personas::Segment);
+    let ids = [entry("user_id", "u1", 1)];
+    let t = json!(true);
+    let calls = change_calls("sp", "d1", &new, "prf_1", &ids, &audience_change(&t));
+    let personas = &calls[0]["context"]["personas"];
+    let id = personas["computation_id"].as_str().unwrap();
+    assert_eq!(personas["computation_class"], "audience");
+    assert_eq!(personas["computation_key"], "vip");
+    assert_eq!(personas["namespace"], "spa_sp");
+    assert!(id.starts_with("aud_") && id.len() == 28, "{id}");
+    assert_eq!(
+        id,
+        crate::compute::computation_id("sp", Class::Audience, "vip"),
+        "stable"
+    );
+    let traits = crate::compute::computation_id("sp", Class::ComputedTrait, "vip");
+    assert!(traits.starts_with("tra_") && traits != id);
+    assert_ne!(
+        crate::compute::computation_id("other", Class::Audience, "vip"),
+        id
+    );
+
+    // Stored before the setting existed: Kindred's first form, kept.
+    let old = Settings::from_stored(&body).unwrap();
+    assert_eq!(old.personas, Personas::KindredV1);
+    let calls = change_calls("sp", "d1", &old, "prf_1", &ids, &audience_change(&t));
+    let personas = &calls[0]["context"]["personas"];
+    assert_eq!(personas["computation_id"], "vip");
+    assert!(personas.get("namespace").is_none());
+    let trait_change = ChangeEntry {
+        class: Class::ComputedTrait,
+        ..audience_change(&t)
+    };
+    let calls = change_calls("sp", "d1", &old, "prf_1", &ids, &trait_change);
+    assert_eq!(
+        calls[0]["context"]["personas"]["computation_class"],
+        "computed_trait"
+    );
+    let calls = change_calls("sp", "d1", &new, "prf_1", &ids, &trait_change);
+    assert_eq!(
+        calls[0]["context"]["personas"]["computation_class"],
+        "trait"
+    );
+    // What an adapter stores round-trips.
+    let stored = Settings::from_stored(&new.to_json()).unwrap();
+    assert_eq!(stored, new);
+    assert!(
+        Settings::parse(&json!({"kind": "webhook", "url": "http://x", "personas": "v9"})).is_err()
+    );
+}

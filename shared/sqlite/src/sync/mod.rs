@@ -187,9 +187,8 @@ fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Resul
         let initial_keys = initial_keys.map(|k| serde_json::from_str(&k)).transpose()?;
         let (version, created_at, updated_at, since_change, since_merge, initial_pending) = numbers;
         let stored: Value = serde_json::from_str(&settings)?;
-        let settings = Settings::parse(&stored)
-            .map_err(|e| StoreError::Undecodable(format!("stored destination settings: {e}")))?
-            .0;
+        let settings = Settings::from_stored(&stored)
+            .map_err(|e| StoreError::Undecodable(format!("stored destination settings: {e}")))?;
         out.push(Row {
             space_id,
             destination_id,

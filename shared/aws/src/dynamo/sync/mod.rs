@@ -112,9 +112,8 @@ fn record_of(item: &Item) -> Result<DestinationRecord> {
     Ok(DestinationRecord {
         destination_id: get_s(item, "destination_id")?.to_string(),
         name: opt_s(item, "name").map(str::to_string),
-        settings: Settings::parse(&settings)
-            .map_err(|e| StoreError::Undecodable(format!("stored destination settings: {e}")))?
-            .0,
+        settings: Settings::from_stored(&settings)
+            .map_err(|e| StoreError::Undecodable(format!("stored destination settings: {e}")))?,
         has_secret: item.contains_key("secret"),
         version: get_n(item, "version")? as u64,
         initial_sync_pending: boolean(item, "initial_pending"),

@@ -3,23 +3,27 @@
 //! (and the older `/v1/namespaces/...` prefix), with the merge history as
 //! an extra resource.
 
-use std::collections::{BTreeMap, HashMap};
+mod events;
+mod params;
+
+use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Uri};
 use axum::routing::get;
 use axum::{Json, Router};
 use kindred_domain::compute::Class;
-use kindred_domain::event::{format_millis, parse_time};
+use kindred_domain::event::format_millis;
 use kindred_domain::traits::visible;
 use kindred_domain::Identifier;
 use kindred_store::token::TokenKind;
-use kindred_store::{EventQuery, ProfileDoc, ProfileLookup, ProfileParts};
+use kindred_store::{ProfileDoc, ProfileLookup, ProfileParts, SpaceAuth};
 use serde_json::{json, Map, Value};
 
 use crate::auth::basic_user;
 use crate::error::ApiError;
 use crate::ReadState;
+use params::{cursor, flag, invalid, list, page, Params, MAX_ITEMS, MAX_TRAITS};
 
 pub fn router(state: ReadState) -> Router {
     Router::new()
@@ -41,7 +45,7 @@ pub(crate) async fn authorize(
     headers: &HeaderMap,
     space_id: &str,
     kind: TokenKind,
-) -> Result<(), ApiError> {
+) -> Result<SpaceAuth, ApiError> {
     let Some(token) = basic_user(headers) else {
         return Err(ApiError::unauthorized(format!(
             "an {} is required as the HTTP Basic user name",
@@ -56,7 +60,7 @@ pub(crate) async fn authorize(
                     .take_at(space_id, 1, f64::from(auth.profile_api_rate))
                     .map_err(ApiError::profile_rate_limited)?;
             }
-            Ok(())
+            Ok(auth)
         }
         _ => Err(ApiError::unauthorized(format!(
             "the {} is not valid for this space",
@@ -69,7 +73,12 @@ pub(crate) fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {
     let (kind, value) = raw
         .split_once(':')
         .filter(|(k, v)| !k.is_empty() && !v.is_empty())
-        .ok_or_else(|| ApiError::bad_request("the profile must be named as {type}:{value}"))?;
+        .ok_or_else(|| {
+            invalid(
+                "external_id",
+                "must be {type}:{value}, for example user_id:u1",
+            )
+        })?;
     Ok(if kind == "profile_id" {
         ProfileLookup::ProfileId(value.to_string())
     } else {
@@ -77,65 +86,24 @@ pub(crate) fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {
     })
 }
 
-fn limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {
-    match params.get("limit") {
-        None => Ok(10),
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=200).contains(l))
-            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 200")),
-    }
-}
-
-fn list(params: &HashMap<String, String>, name: &str) -> Vec<String> {
-    params
-        .get(name)
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
-    match params.get(name).map(String::as_str) {
-        None | Some("false") => Ok(false),
-        Some("true") | Some("") => Ok(true),
-        Some(_) => Err(ApiError::bad_request(format!(
-            "{name} must be true or false"
-        ))),
-    }
-}
-
-fn cursor(uri: &Uri, has_more: bool, next: Option<String>, limit: usize) -> Value {
-    let mut c = json!({"url": uri.to_string(), "has_more": has_more, "limit": limit});
-    if let (true, Some(next)) = (has_more, next) {
-        c["next"] = Value::String(next);
-    }
-    c
-}
-
 async fn resource(
     State(state): State<ReadState>,
     Path((space_id, lookup, resource)): Path<(String, String, String)>,
-    Query(params): Query<HashMap<String, String>>,
+    Query(params): Query<Params>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &space_id, TokenKind::Access).await?;
+    let auth = authorize(&state, &headers, &space_id, TokenKind::Access).await?;
     let lookup = parse_lookup(&lookup)?;
     if !matches!(
         resource.as_str(),
         "traits" | "external_ids" | "events" | "metadata" | "links" | "merges"
     ) {
         return Err(ApiError::not_found(format!(
-            "unknown resource {resource:?}"
+            "Resource {resource:?} was not found."
         )));
     }
+    let source_id = auth.source_id.as_str();
     let parts = ProfileParts {
         external_ids: resource == "external_ids",
         links: resource == "links",
@@ -147,31 +115,27 @@ async fn resource(
         .profiles
         .profile(&space_id, &lookup, parts)
         .await?
-        .ok_or_else(|| ApiError::not_found("profile not found"))?;
+        .ok_or_else(|| ApiError::not_found("Profile was not found."))?;
     let body = match resource.as_str() {
         "traits" => traits(&doc, &params, &uri)?,
         "external_ids" => external_ids(&doc, &params, &uri)?,
-        "events" => events(&state, &space_id, &doc, &params, &uri).await?,
-        "metadata" => metadata(&doc),
-        "links" => links(&doc, &params, &uri)?,
+        "events" => events::events(&state, &space_id, source_id, &doc, &params, &uri).await?,
+        "metadata" => metadata(&doc, source_id, &params)?,
+        "links" => links(&doc, source_id, &params, &uri)?,
         _ => merges(&doc, &params, &uri)?,
     };
     Ok(Json(body))
 }
 
-fn traits(
-    doc: &ProfileDoc,
-    params: &HashMap<String, String>,
-    uri: &Uri,
-) -> Result<Value, ApiError> {
-    let limit = limit(params)?;
+fn traits(doc: &ProfileDoc, params: &Params, uri: &Uri) -> Result<Value, ApiError> {
+    let limit = params::limit(params, MAX_TRAITS)?;
     let verbose = flag(params, "verbose")?;
     let include = list(params, "include");
     let class = match params.get("class").map(String::as_str) {
         None => None,
         Some(c) => Some(
             Class::parse(c)
-                .ok_or_else(|| ApiError::bad_request("class must be audience or computed_trait"))?,
+                .ok_or_else(|| invalid("class", "must be audience or computed_trait"))?,
         ),
     };
     let after = params.get("next");
@@ -207,34 +171,9 @@ fn traits(
     Ok(json!({"traits": out, "cursor": cursor(uri, has_more, last, limit)}))
 }
 
-fn offset(params: &HashMap<String, String>) -> Result<usize, ApiError> {
-    params.get("next").map_or(Ok(0), |n| {
-        n.parse()
-            .map_err(|_| ApiError::bad_request("next must be a cursor from a previous response"))
-    })
-}
-
-fn page<T>(
-    items: Vec<T>,
-    params: &HashMap<String, String>,
-    uri: &Uri,
-) -> Result<(Vec<T>, Value), ApiError> {
-    let limit = limit(params)?;
-    let start = offset(params)?;
-    let total = items.len();
-    let page: Vec<T> = items.into_iter().skip(start).take(limit).collect();
-    let end = start + page.len();
-    let has_more = end < total;
-    Ok((page, cursor(uri, has_more, Some(end.to_string()), limit)))
-}
-
-fn external_ids(
-    doc: &ProfileDoc,
-    params: &HashMap<String, String>,
-    uri: &Uri,
-) -> Result<Value, ApiError> {
+fn external_ids(doc: &ProfileDoc, params: &Params, uri: &Uri) -> Result<Value, ApiError> {
     let include = list(params, "include");
-    flag(params, "verbose")?;
+    let verbose = flag(params, "verbose")?;
     let mut ids: Vec<_> = doc
         .external_ids
         .iter()
@@ -243,109 +182,62 @@ fn external_ids(
     ids.sort_by(|a, b| {
         (b.created_at, &a.id.kind, &a.id.value).cmp(&(a.created_at, &b.id.kind, &b.id.value))
     });
-    let (ids, cursor) = page(ids, params, uri)?;
+    let (ids, cursor) = page(ids, params, uri, MAX_ITEMS)?;
     let data: Vec<Value> = ids
         .into_iter()
         .map(|e| {
-            json!({
+            let mut item = json!({
                 "id": e.id.value, "type": e.id.kind, "source_id": e.source_id,
                 "collection": e.collection, "created_at": format_millis(e.created_at),
                 "encoding": e.encoding, "first_message_id": e.first_message_id,
-            })
+            });
+            if verbose {
+                // When it joined this profile (later than created_at for
+                // one that came with a merge).
+                item["added_at"] = format_millis(e.added_at).into();
+            }
+            item
         })
         .collect();
     Ok(json!({"data": data, "cursor": cursor}))
 }
 
-fn time_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
-    params
-        .get(name)
-        .map(|v| {
-            parse_time(v).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "{name} must be an ISO-8601 date-time with a time zone"
-                ))
-            })
-        })
-        .transpose()
-}
-
-async fn events(
-    state: &ReadState,
-    space_id: &str,
-    doc: &ProfileDoc,
-    params: &HashMap<String, String>,
-    uri: &Uri,
-) -> Result<Value, ApiError> {
-    let limit = limit(params)?;
-    let descending = match params.get("sort").map(String::as_str) {
-        None | Some("desc") => true,
-        Some("asc") => false,
-        Some(_) => return Err(ApiError::bad_request("sort must be asc or desc")),
-    };
-    let after = params
-        .get("next")
-        .map(|n| {
-            n.split_once('.')
-                .and_then(|(t, s)| Some((t.parse().ok()?, s.parse().ok()?)))
-                .ok_or_else(|| {
-                    ApiError::bad_request("next must be a cursor from a previous response")
-                })
-        })
-        .transpose()?;
-    let query = EventQuery {
-        start: time_param(params, "start")?,
-        end: time_param(params, "end")?,
-        include: list(params, "include"),
-        exclude: list(params, "exclude"),
-        limit: limit + 1,
-        descending,
-        after,
-    };
-    let mut found = state.profiles.events(space_id, &doc.tree, &query).await?;
-    let has_more = found.len() > limit;
-    found.truncate(limit);
-    let next = found.last().map(|e| format!("{}.{}", e.timestamp, e.seq));
-    let data: Vec<Value> = found
-        .iter()
-        .map(|e| serde_json::from_str(&e.body).unwrap_or(Value::Null))
-        .collect();
-    Ok(json!({"data": data, "cursor": cursor(uri, has_more, next, limit)}))
-}
-
-fn metadata(doc: &ProfileDoc) -> Value {
-    json!({"metadata": {
-        "profile_id": doc.profile_id,
+/// Segment's metadata fields, then Kindred's: `profile_id`,
+/// `merged_profile_ids` and `merges`. A space has one source, so both
+/// source ids are the space's; profiles do not expire (`expires_at`).
+fn metadata(doc: &ProfileDoc, source_id: &str, params: &Params) -> Result<Value, ApiError> {
+    flag(params, "verbose")?;
+    Ok(json!({"metadata": {
         "created_at": format_millis(doc.created_at),
         "updated_at": format_millis(doc.updated_at),
+        "expires_at": null,
         "first_message_id": doc.first_message_id,
+        "first_source_id": source_id,
         "last_message_id": doc.last_message_id,
+        "last_source_id": source_id,
+        "profile_id": doc.profile_id,
         "merged_profile_ids": doc.tree.iter().skip(1).collect::<Vec<_>>(),
         "merges": doc.merges,
-    }})
+    }}))
 }
 
-fn links(doc: &ProfileDoc, params: &HashMap<String, String>, uri: &Uri) -> Result<Value, ApiError> {
-    let (links, cursor) = page(doc.links.iter().collect(), params, uri)?;
+fn links(doc: &ProfileDoc, source_id: &str, params: &Params, uri: &Uri) -> Result<Value, ApiError> {
+    let (links, cursor) = page(doc.links.iter().collect(), params, uri, MAX_ITEMS)?;
     let data: Vec<Value> = links
         .into_iter()
         .map(|l| {
             json!({"to_collection": "accounts", "external_ids": [{
-                "id": l.group_id, "type": "group_id", "collection": "accounts",
-                "encoding": "none", "created_at": format_millis(l.linked_at),
-                "first_message_id": l.message_id,
+                "id": l.group_id, "type": "group_id", "source_id": source_id,
+                "collection": "accounts", "created_at": format_millis(l.linked_at),
+                "encoding": "none", "first_message_id": l.message_id,
             }]})
         })
         .collect();
     Ok(json!({"data": data, "cursor": cursor}))
 }
 
-fn merges(
-    doc: &ProfileDoc,
-    params: &HashMap<String, String>,
-    uri: &Uri,
-) -> Result<Value, ApiError> {
-    let (merges, cursor) = page(doc.merge_history.iter().collect(), params, uri)?;
+fn merges(doc: &ProfileDoc, params: &Params, uri: &Uri) -> Result<Value, ApiError> {
+    let (merges, cursor) = page(doc.merge_history.iter().collect(), params, uri, MAX_ITEMS)?;
     let data: Vec<Value> = merges
         .into_iter()
         .map(|m| {
