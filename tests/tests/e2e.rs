@@ -16,6 +16,7 @@ mod dynamodb_costs;
 mod fan_out_contract;
 mod hardening;
 mod http_api;
+mod identity_contract;
 mod identity_races;
 mod lambda_compute;
 mod lambda_pipeline;

@@ -157,6 +157,53 @@ async fn changes_and_one_alias_reach_a_signed_webhook(e: &impl Delivering) {
     assert_eq!(count_event(&calls, "Audience Exited"), 0, "{calls:#?}");
 }
 
+/// A member gains a second email: the destination, which syncs every
+/// email, sends that email the membership it already has, once, and
+/// nothing again to the first.
+async fn a_member_s_new_email_gets_the_current_membership(e: &impl Delivering) {
+    let r = Receiver::start().await;
+    buyers(e).await;
+    destination(
+        e,
+        "mail",
+        json!({"kind": "webhook", "url": r.url("/mail"), "secret": "s", "calls": ["identify"],
+               "id_sync": {"strategy": "all", "types": ["email"]}}),
+    )
+    .await;
+    e.batch(vec![
+        json!({"type": "identify", "userId": "m1", "traits": {"email": "first@x.io"}}),
+        bought(("userId", "m1")),
+        // Not a member: its new email gets nothing.
+        json!({"type": "identify", "userId": "m2", "traits": {"email": "other@x.io"}}),
+    ])
+    .await;
+    e.settle().await;
+    let to = |calls: &[Value], email: &str| -> usize {
+        calls
+            .iter()
+            .filter(|c| c["traits"]["email"] == email && c["traits"]["buyers"] == true)
+            .count()
+    };
+    e.deliver_until("the entry", || to(&r.accepted(), "first@x.io") == 1)
+        .await;
+    e.batch(vec![
+        json!({"type": "identify", "userId": "m1", "traits": {"email": "second@x.io"}}),
+        json!({"type": "identify", "userId": "m2", "traits": {"email": "other2@x.io"}}),
+    ])
+    .await;
+    e.settle().await;
+    e.deliver_until("the second email's membership", || {
+        to(&r.accepted(), "second@x.io") == 1
+    })
+    .await;
+    wait_status(e, "mail", "nothing left to deliver", quiet).await;
+    let calls = r.accepted();
+    assert_eq!(to(&calls, "first@x.io"), 1, "{calls:#?}");
+    assert_eq!(to(&calls, "second@x.io"), 1, "{calls:#?}");
+    assert_eq!(calls.len(), 2, "nothing for the non-member: {calls:#?}");
+    assert_eq!(calls[1]["userId"], "m1", "{calls:#?}");
+}
+
 /// A receiver that fails for a while: the call is retried until it
 /// lands, and the status shows the failure, then the delivery.
 async fn failed_deliveries_are_retried_until_they_land(e: &impl Delivering) {
@@ -249,4 +296,5 @@ crate::common::on_both_stores!(
     changes_and_one_alias_reach_a_signed_webhook,
     failed_deliveries_are_retried_until_they_land,
     a_new_destination_gets_the_current_values_then_changes,
+    a_member_s_new_email_gets_the_current_membership,
 );

@@ -73,13 +73,14 @@ pub async fn handle(
             let before = store.usage();
             let outcome = Box::pin(identify(store, &queued)).await?;
             let usage = store.usage().since(before);
-            let (profile_id, created, merged) = match &outcome {
+            let (profile_id, created, merged, claimed) = match &outcome {
                 Outcome::Recorded {
                     profile_id,
                     created,
                     merged,
-                } => (profile_id.as_str(), *created, *merged),
-                _ => ("", false, 0),
+                    claimed,
+                } => (profile_id.as_str(), *created, *merged, claimed.as_slice()),
+                _ => ("", false, 0, &[][..]),
             };
             // Ids and counts only: never the event or its traits.
             info!(
@@ -109,6 +110,21 @@ pub async fn handle(
                         space_id: queued.space_id.clone(),
                         profile_id: profile_id.to_string(),
                         message_id: message_id.clone(),
+                    },
+                ));
+            }
+            // New identifiers of an existing profile are announced (its
+            // current values are sent to them). A redelivered event whose
+            // announcement failed is a duplicate by then: that
+            // announcement is not made again.
+            if !claimed.is_empty() {
+                merges.push((
+                    sqs_id.clone(),
+                    SyncMessage::Identified {
+                        space_id: queued.space_id.clone(),
+                        profile_id: profile_id.to_string(),
+                        identifiers: claimed.to_vec(),
+                        at: kindred_store::now_millis(),
                     },
                 ));
             }

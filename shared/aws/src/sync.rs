@@ -22,11 +22,12 @@ use async_trait::async_trait;
 use kindred_domain::event::format_millis;
 use kindred_domain::resolve::IdentifierEntry;
 use kindred_domain::sync::{alias_call, change_calls, ChangeEntry, Settings};
+use kindred_domain::Identifier;
 use kindred_store::ports::{ProfileLookup, ProfileParts, Profiles};
 use kindred_store::token::random_base62;
 use kindred_store::{
-    current_calls, now_millis, DeadLetter, DestinationRecord, DestinationStatus, Destinations,
-    Outbox, Result,
+    current_calls, current_calls_to, now_millis, DeadLetter, DestinationRecord, DestinationStatus,
+    Destinations, Outbox, Result,
 };
 use kindred_sync::{Deliverer, Step};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,14 @@ pub enum SyncMessage {
         space_id: String,
         profile_id: String,
         message_id: String,
+    },
+    /// An existing profile gained identifiers new to Kindred (at `at`):
+    /// destinations that sync their types get its current values.
+    Identified {
+        space_id: String,
+        profile_id: String,
+        identifiers: Vec<Identifier>,
+        at: i64,
     },
     Deliver {
         space_id: String,
@@ -130,6 +139,15 @@ impl SyncStep {
                     profile_id,
                     message_id,
                 }) => self.merge(&space_id, &profile_id, &message_id).await,
+                Ok(SyncMessage::Identified {
+                    space_id,
+                    profile_id,
+                    identifiers,
+                    at,
+                }) => {
+                    self.identified(&space_id, &profile_id, &identifiers, at)
+                        .await
+                }
                 Ok(SyncMessage::Deliver {
                     space_id,
                     destination_id,
@@ -410,6 +428,60 @@ impl SyncStep {
                     self.wake(space_id, &d.destination_id, 0).await?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The current values of `profile_id`, to its new identifiers, for
+    /// each destination that syncs their types.
+    async fn identified(
+        &self,
+        space_id: &str,
+        profile_id: &str,
+        claimed: &[Identifier],
+        at: i64,
+    ) -> Result<()> {
+        let types = || claimed.iter().map(|i| i.kind.as_str());
+        let dests: Vec<DestinationRecord> = self
+            .store
+            .destination_items(space_id)
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.position()
+                    .receives_identifiers(&d.record.settings, types())
+            })
+            .map(|d| d.record)
+            .collect();
+        if dests.is_empty() {
+            return Ok(());
+        }
+        let Some((root, ids)) = root_ids(&self.store, space_id, profile_id).await? else {
+            return Ok(());
+        };
+        let values = self.store.computed_values(space_id, &root).await?;
+        if values.is_empty() {
+            return Ok(());
+        }
+        for d in &dests {
+            let calls = current_calls_to(
+                space_id,
+                &d.destination_id,
+                &d.settings,
+                &root,
+                &ids,
+                &values,
+                &format_millis(at),
+                Some(claimed),
+            );
+            if calls.is_empty() {
+                continue;
+            }
+            let calls = calls.into_iter().map(|c| (root.clone(), c)).collect();
+            self.store
+                .enqueue(space_id, &d.destination_id, calls)
+                .await?;
+            self.wake(space_id, &d.destination_id, 0).await?;
         }
         Ok(())
     }

@@ -70,6 +70,55 @@ pub fn extract_identifiers(event: &Event) -> Vec<ExternalId> {
     out
 }
 
+/// [`extract_identifiers`], then the custom types a space reads from
+/// traits or properties (`(type, source)` pairs of
+/// [`crate::IdentityRules::sources`]): a string or integer value at the
+/// source becomes an identifier of that type. A value over the size
+/// limit is not one (the event is already accepted).
+pub fn extract_identifiers_with<'a>(
+    event: &Event,
+    sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<ExternalId> {
+    let mut out = extract_identifiers(event);
+    for (kind, path) in sources {
+        let value = if let Some(key) = path.strip_prefix("context.traits.") {
+            event
+                .object("context")
+                .and_then(|c| c.get("traits"))
+                .and_then(|t| t.get(key))
+        } else if let Some(key) = path.strip_prefix("traits.") {
+            event.profile_traits().and_then(|t| t.get(key))
+        } else if let Some(key) = path.strip_prefix("properties.") {
+            match event.kind {
+                EventKind::Track | EventKind::Page | EventKind::Screen => {
+                    event.object("properties").and_then(|p| p.get(key))
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let value = match value {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            _ => continue,
+        };
+        let id = Identifier::new(kind, value);
+        if id.value.trim().is_empty()
+            || id.value.len() > MAX_IDENTIFIER_BYTES
+            || out.iter().any(|e| e.id == id)
+        {
+            continue;
+        }
+        out.push(ExternalId {
+            id,
+            collection: "users".into(),
+            encoding: "none".into(),
+        });
+    }
+    out
+}
+
 /// Refuses an event one of whose identifiers is over the size limits
 /// (values of at most 1,024 bytes, types of at most 128), naming the field.
 pub fn check_identifier_sizes(event: &Event) -> Result<(), Rejection> {
@@ -290,5 +339,41 @@ mod tests {
     fn lookups_are_normalized_like_extraction() {
         assert_eq!(normalize_lookup("email", " A@B.co"), "a@b.co");
         assert_eq!(normalize_lookup("user_id", "AbC"), "AbC");
+    }
+
+    #[test]
+    fn a_space_s_custom_types_are_read_from_traits_and_properties() {
+        let event = |v: Value| Event::parse(v, Envelope::received(1_700_000_000_000, "g")).unwrap();
+        let sources = [
+            ("phone", "traits.phone"),
+            ("crm_id", "properties.crm_id"),
+            ("crm_id", "context.traits.crm_id"),
+        ];
+        let pairs = |e: &Event| -> Vec<(String, String)> {
+            extract_identifiers_with(e, sources)
+                .into_iter()
+                .map(|x| (x.id.kind, x.id.value))
+                .collect()
+        };
+        let identify = event(json!({"type": "identify", "userId": "u1",
+            "traits": {"phone": "+4712345678"}, "context": {"traits": {"crm_id": 42}}}));
+        assert_eq!(
+            pairs(&identify),
+            vec![
+                pair("user_id", "u1"),
+                pair("phone", "+4712345678"),
+                pair("crm_id", "42")
+            ]
+        );
+        let track = event(json!({"type": "track", "event": "E", "anonymousId": "a1",
+            "properties": {"crm_id": "C-7", "phone": "not a trait"}}));
+        assert_eq!(
+            pairs(&track),
+            vec![pair("anonymous_id", "a1"), pair("crm_id", "C-7")]
+        );
+        // Objects, floats, blanks and the same value twice are not identifiers.
+        let odd = event(json!({"type": "identify", "userId": "u1",
+            "traits": {"phone": {"n": 1}}, "context": {"traits": {"crm_id": 1.5}}}));
+        assert_eq!(pairs(&odd), vec![pair("user_id", "u1")]);
     }
 }

@@ -43,12 +43,37 @@ pub struct Limit {
     pub frequency: Frequency,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TypeRule {
     /// 1 is the highest priority.
     pub priority: u32,
     pub limit: Limit,
+    /// Where a custom type's values are read from, besides
+    /// `context.externalIds` (Segment's identity onboarding): `traits.KEY`
+    /// (an identify's traits), `context.traits.KEY` (any call's) or
+    /// `properties.KEY` (a track, page or screen call's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+}
+
+/// Most `from` sources of one type.
+pub const MAX_SOURCES: usize = 10;
+
+/// Types Kindred extracts itself, which cannot take `from` sources.
+fn is_built_in(kind: &str) -> bool {
+    matches!(kind, "user_id" | "email" | "group_id" | "cross_domain_id")
+        || BUILT_IN_TYPES.contains(&kind)
+}
+
+/// Whether `path` names a source a custom type can be read from.
+fn valid_source(path: &str) -> bool {
+    ["traits.", "context.traits.", "properties."]
+        .iter()
+        .any(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|k| !k.is_empty() && k.len() <= 256)
+        })
 }
 
 /// A value that is never used as an identifier. `types` empty means every type.
@@ -177,6 +202,7 @@ impl Default for IdentitySettings {
                     count: 1,
                     frequency: Frequency::Ever,
                 },
+                from: Vec::new(),
             },
         );
         types.insert("email".to_string(), TypeRule::fallback(2));
@@ -226,6 +252,7 @@ impl TypeRule {
                 count: 5,
                 frequency: Frequency::Annually,
             },
+            from: Vec::new(),
         }
     }
 }
@@ -243,7 +270,8 @@ pub struct SettingsError {
 pub struct IdentityRules {
     settings: IdentitySettings,
     blocked: Vec<(Matcher, Vec<String>)>,
-    fallback_priority: u32,
+    /// The rule of an unseen custom type.
+    fallback: TypeRule,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +307,23 @@ impl IdentityRules {
                     format!("types.{kind}.limit.count"),
                     "a limit must allow at least one value",
                 ));
+            }
+            if !rule.from.is_empty() && is_built_in(kind) {
+                return Err(bad(
+                    format!("types.{kind}.from"),
+                    "only custom types are read from other fields",
+                ));
+            }
+            if rule.from.len() > MAX_SOURCES {
+                return Err(bad(format!("types.{kind}.from"), "at most 10 sources"));
+            }
+            for (i, path) in rule.from.iter().enumerate() {
+                if !valid_source(path) {
+                    return Err(bad(
+                        format!("types.{kind}.from[{i}]"),
+                        "must be traits.KEY, context.traits.KEY or properties.KEY",
+                    ));
+                }
             }
         }
         if settings.future_tolerance_seconds > MAX_FUTURE_TOLERANCE_SECONDS {
@@ -348,7 +393,7 @@ impl IdentityRules {
         Ok(Self {
             settings,
             blocked,
-            fallback_priority,
+            fallback: TypeRule::fallback(fallback_priority),
         })
     }
 
@@ -356,14 +401,19 @@ impl IdentityRules {
         &self.settings
     }
 
-    /// The rule of a type; an unseen custom type gets the defaults and
-    /// ranks below every configured type.
-    pub fn rule(&self, kind: &str) -> TypeRule {
+    /// The `(type, source)` pairs of the custom types read from traits
+    /// or properties.
+    pub fn sources(&self) -> impl Iterator<Item = (&str, &str)> {
         self.settings
             .types
-            .get(kind)
-            .copied()
-            .unwrap_or(TypeRule::fallback(self.fallback_priority))
+            .iter()
+            .flat_map(|(kind, rule)| rule.from.iter().map(move |p| (kind.as_str(), p.as_str())))
+    }
+
+    /// The rule of a type; an unseen custom type gets the defaults and
+    /// ranks below every configured type.
+    pub fn rule(&self, kind: &str) -> &TypeRule {
+        self.settings.types.get(kind).unwrap_or(&self.fallback)
     }
 
     /// Exact blocked values match case-insensitively (`None` from Python

@@ -274,6 +274,7 @@ fn merges_stop_at_the_cap_but_events_still_resolve() {
                 count: 1000,
                 frequency: Frequency::Ever,
             },
+            from: Vec::new(),
         },
     );
     settings.types.get_mut("anonymous_id").unwrap().limit = Limit {

@@ -113,6 +113,16 @@ CREATE TABLE IF NOT EXISTS merge_log (
     parent_id TEXT NOT NULL,
     merged_at INTEGER NOT NULL
 );
+-- Identifiers new to Kindred that an existing profile gained, for the
+-- sync step (destinations send them the profile's current values); rows
+-- older than a week are pruned.
+CREATE TABLE IF NOT EXISTS identifier_log (
+    seq INTEGER PRIMARY KEY,
+    space_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    identifiers TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS links (
     space_id TEXT NOT NULL,
     profile_id TEXT NOT NULL,

@@ -239,11 +239,26 @@ impl IdentityWorker {
                     complete_now(process_event(&mut graph, &rules, &job, new_profile_id))?;
                 match outcome {
                     Outcome::Recorded {
-                        created, merged, ..
+                        profile_id,
+                        created,
+                        merged,
+                        claimed,
                     } => {
                         stats.recorded += 1;
                         stats.created += created as u64;
                         stats.merged += merged as u64;
+                        if !claimed.is_empty() {
+                            tx.prepare_cached(
+                                "INSERT INTO identifier_log (space_id, profile_id, identifiers, at)
+                                 VALUES (?1, ?2, ?3, ?4)",
+                            )?
+                            .execute(rusqlite::params![
+                                e.space_id,
+                                profile_id,
+                                serde_json::to_string(&claimed)?,
+                                now
+                            ])?;
+                        }
                     }
                     Outcome::Unresolved => stats.unresolved += 1,
                     Outcome::Duplicate => stats.duplicates += 1,
@@ -269,6 +284,12 @@ impl IdentityWorker {
             writer.execute(
                 "DELETE FROM messages WHERE seen_at < ?1",
                 [now_millis() - DEDUP_RETENTION_MS],
+            )?;
+            // Fan-out reads the log within seconds; a week covers a sync
+            // worker that was down.
+            writer.execute(
+                "DELETE FROM identifier_log WHERE at < ?1",
+                [now_millis() - 7 * 86_400_000],
             )?;
             SqliteStore::expire_suppressions(&writer, now_millis())?;
             // Keep the query planner's statistics current as tables grow.

@@ -2,8 +2,9 @@
 //! conditional apply, re-planned on conflict. Adapter-agnostic; the rules
 //! live in the domain.
 
+use kindred_domain::identifier::extract_identifiers_with;
 use kindred_domain::identifier::group_link;
-use kindred_domain::{extract_identifiers, resolve, Event, IdentityRules, Incoming, Plan};
+use kindred_domain::{resolve, Event, Identifier, IdentityRules, Incoming, Plan};
 use tracing::{debug, warn};
 
 use crate::ports::{Applied, EventRecord, IdentityGraph};
@@ -25,6 +26,10 @@ pub enum Outcome {
         profile_id: String,
         created: bool,
         merged: usize,
+        /// Identifiers new to Kindred that an existing profile gained
+        /// (a member's second email): destinations send them the
+        /// profile's current values.
+        claimed: Vec<Identifier>,
     },
     /// Recorded, but every identifier was blocked: attached to no profile.
     Unresolved,
@@ -63,7 +68,7 @@ pub async fn process_event<G: IdentityGraph>(
         body_json,
         now,
     } = *job;
-    let external_ids = extract_identifiers(event);
+    let external_ids = extract_identifiers_with(event, rules.rules.sources());
     let ids: Vec<_> = external_ids.iter().map(|e| e.id.clone()).collect();
     // Before anything is read or written: a suppressed person's event
     // leaves no trace, not even its message id.
@@ -142,11 +147,13 @@ pub async fn process_event<G: IdentityGraph>(
                         profile_id: c.profile_id.clone(),
                         created: true,
                         merged: 0,
+                        claimed: Vec::new(),
                     },
                     Plan::Attach(a) => Outcome::Recorded {
                         profile_id: a.profile_id.clone(),
                         created: false,
                         merged: a.children.len(),
+                        claimed: a.claims.iter().map(|c| c.id.clone()).collect(),
                     },
                 });
             }

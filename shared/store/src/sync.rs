@@ -6,7 +6,8 @@
 
 use async_trait::async_trait;
 use kindred_domain::resolve::IdentifierEntry;
-use kindred_domain::sync::{change_calls, worth_initial_sync, ChangeEntry, Settings};
+use kindred_domain::sync::{change_calls_to, worth_initial_sync, ChangeEntry, Settings};
+use kindred_domain::Identifier;
 use kindred_domain::Millis;
 use serde_json::Value;
 
@@ -29,6 +30,32 @@ pub fn current_calls(
     values: &ComputedValues,
     at: &str,
 ) -> Vec<Value> {
+    current_calls_to(
+        space_id,
+        destination_id,
+        settings,
+        root,
+        ids,
+        values,
+        at,
+        None,
+    )
+}
+
+/// [`current_calls`] only to the addresses of `only` when given: what a
+/// profile's new identifiers are sent when it gains them (a member's
+/// second email learns its memberships).
+#[allow(clippy::too_many_arguments)]
+pub fn current_calls_to(
+    space_id: &str,
+    destination_id: &str,
+    settings: &Settings,
+    root: &str,
+    ids: &[IdentifierEntry],
+    values: &ComputedValues,
+    at: &str,
+    only: Option<&[Identifier]>,
+) -> Vec<Value> {
     let mut calls = Vec::new();
     for (key, v) in values {
         if !worth_initial_sync(v.class, &v.value) {
@@ -41,13 +68,14 @@ pub fn current_calls(
             new: &v.value,
             at,
         };
-        calls.extend(change_calls(
+        calls.extend(change_calls_to(
             space_id,
             destination_id,
             settings,
             root,
             ids,
             &change,
+            only,
         ));
     }
     calls

@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 
 use crate::compute::{computation_id, Class};
 use crate::resolve::IdentifierEntry;
+use crate::Identifier;
 
 use super::settings::*;
 
@@ -184,6 +185,28 @@ pub fn change_calls(
     ids: &[IdentifierEntry],
     change: &ChangeEntry<'_>,
 ) -> Vec<Value> {
+    change_calls_to(
+        space_id,
+        destination_id,
+        settings,
+        profile_id,
+        ids,
+        change,
+        None,
+    )
+}
+
+/// [`change_calls`], only to the addresses that carry one of `only` (the
+/// identifiers a profile just gained) when given.
+pub fn change_calls_to(
+    space_id: &str,
+    destination_id: &str,
+    settings: &Settings,
+    profile_id: &str,
+    ids: &[IdentifierEntry],
+    change: &ChangeEntry<'_>,
+    only: Option<&[Identifier]>,
+) -> Vec<Value> {
     if !settings.selects(change.key) {
         return Vec::new();
     }
@@ -194,7 +217,15 @@ pub fn change_calls(
         None => format!("current:{profile_id}:{}:{}", change.key, change.new),
     };
     let mut calls = Vec::new();
-    for address in addresses(settings, ids) {
+    let wanted = |a: &Address| {
+        only.is_none_or(|only| {
+            a.label.split('|').any(|l| {
+                only.iter()
+                    .any(|id| l.split_once(':') == Some((&id.kind, &id.value)))
+            })
+        })
+    };
+    for address in addresses(settings, ids).into_iter().filter(wanted) {
         let id_of =
             |call: &str| message_id(&[space_id, destination_id, &origin, call, &address.label]);
         if settings.identify {

@@ -34,6 +34,16 @@ impl SyncPosition {
         self.live(settings) && seq > self.since_change && settings.selects(key)
     }
 
+    /// Whether a profile's new identifiers of `types` are sent its
+    /// current values: live, and syncing one of those types.
+    pub fn receives_identifiers<'a>(
+        &self,
+        settings: &Settings,
+        mut types: impl Iterator<Item = &'a str>,
+    ) -> bool {
+        self.live(settings) && types.any(|t| settings.id_types.iter().any(|s| s == t))
+    }
+
     /// Whether a merge is sent (as an `alias` call).
     pub fn receives_alias(&self, settings: &Settings) -> bool {
         self.live(settings) && settings.alias_on_merge

@@ -138,8 +138,10 @@ impl SqliteStore {
             };
             fan.merges(&mut out)?;
             fan.changes(&mut out)?;
-            out.more =
-                out.changes >= CHANGES_PER_STEP as u64 || out.merges >= MERGES_PER_STEP as u64;
+            let identified = fan.identifiers(&mut out)?;
+            out.more = out.changes >= CHANGES_PER_STEP as u64
+                || out.merges >= MERGES_PER_STEP as u64
+                || identified >= MERGES_PER_STEP;
             Ok(out)
         })
     }
@@ -160,7 +162,19 @@ fn keep_cursors_at_the_ends(tx: &Transaction<'_>) -> Result<()> {
     if cursor(tx, MERGES_CURSOR)? != merges {
         set_cursor(tx, MERGES_CURSOR, merges)?;
     }
+    let identified = identifier_log_end(tx)?;
+    if cursor(tx, IDENTIFIERS_CURSOR)? != identified {
+        set_cursor(tx, IDENTIFIERS_CURSOR, identified)?;
+    }
     Ok(())
+}
+
+fn identifier_log_end(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT coalesce(max(seq), 0) FROM s.identifier_log",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// One fan-out transaction's live destinations by space, and its caches.
@@ -240,6 +254,84 @@ impl Fan<'_, '_> {
         }
 
         Ok(())
+    }
+
+    /// The identifiers profiles gained after the cursor: each destination
+    /// that syncs their type gets the profile's current values, addressed
+    /// to them. Returns how many entries were read.
+    fn identifiers(&mut self, out: &mut FanOut) -> Result<usize> {
+        let Fan {
+            tx,
+            by_space,
+            ids,
+            insert,
+        } = self;
+        let tx = *tx;
+        let after = cursor(tx, IDENTIFIERS_CURSOR)?;
+        let mut last = after;
+        let mut read = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, space_id, profile_id, identifiers, at FROM s.identifier_log
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let entries = stmt.query_map(params![after, MERGES_PER_STEP as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            for entry in entries {
+                let (seq, space_id, profile_id, claimed, at) = entry?;
+                last = seq;
+                read += 1;
+                let Some(dests) = by_space.get(space_id.as_str()) else {
+                    continue;
+                };
+                let mut one = || -> Result<()> {
+                    let claimed: Vec<Identifier> = serde_json::from_str(&claimed)?;
+                    let types = || claimed.iter().map(|i| i.kind.as_str());
+                    let mut values = None;
+                    for d in dests
+                        .iter()
+                        .filter(|d| d.position().receives_identifiers(&d.settings, types()))
+                    {
+                        let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
+                        if values.is_none() {
+                            values = Some(crate::compute::live_values(tx, &space_id, &root)?);
+                        }
+                        for call in current_calls_to(
+                            &space_id,
+                            &d.destination_id,
+                            &d.settings,
+                            &root,
+                            &root_ids,
+                            values.as_ref().expect("read above"),
+                            &format_millis(at),
+                            Some(&claimed),
+                        ) {
+                            insert.call(d, &root, &call)?;
+                            out.calls += 1;
+                        }
+                    }
+                    Ok(())
+                };
+                set_aside_if_undecodable(
+                    tx,
+                    "identifiers",
+                    seq,
+                    &space_id,
+                    crate::health::catch_panic(&mut one),
+                )?;
+            }
+        }
+        if last > after {
+            set_cursor(tx, IDENTIFIERS_CURSOR, last)?;
+        }
+        Ok(read)
     }
 
     /// The changes after the cursor, as the calls of each destination
@@ -520,6 +612,7 @@ impl SyncWorker {
         )?;
         Ok(!pending
             && cursor(&conn, CHANGES_CURSOR)? >= changes
-            && cursor(&conn, MERGES_CURSOR)? >= merges)
+            && cursor(&conn, MERGES_CURSOR)? >= merges
+            && cursor(&conn, IDENTIFIERS_CURSOR)? >= identifier_log_end(&conn)?)
     }
 }

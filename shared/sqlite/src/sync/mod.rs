@@ -27,14 +27,15 @@ use kindred_domain::resolve::IdentifierEntry;
 use kindred_domain::sync::{
     alias_call, change_calls, check_secret, ChangeEntry, Settings, SyncPosition,
 };
+use kindred_domain::Identifier;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
 use tracing::info_span;
 
 use super::SqliteStore;
 use kindred_store::sync::{
-    current_calls, secret_context, Attempt, DeadLetter, DeliveryError, DestinationRecord,
-    DestinationStatus, Destinations, Outbox, PendingCall, Target, Targets,
+    current_calls, current_calls_to, secret_context, Attempt, DeadLetter, DeliveryError,
+    DestinationRecord, DestinationStatus, Destinations, Outbox, PendingCall, Target, Targets,
 };
 use kindred_store::{now_millis, Result, StoreError};
 
@@ -103,6 +104,7 @@ const CHANGES_PER_STEP: usize = 2048;
 const MERGES_PER_STEP: usize = 512;
 const CHANGES_CURSOR: &str = "changes";
 const MERGES_CURSOR: &str = "merges";
+const IDENTIFIERS_CURSOR: &str = "identifiers";
 
 fn cursor(conn: &Connection, name: &str) -> Result<i64> {
     Ok(conn
