@@ -24,8 +24,27 @@ pub(crate) trait Engine: Sync {
     async fn batch(&self, events: Vec<Value>);
     /// Until identity, compute and backfills have nothing left to do.
     async fn settle(&self);
-    /// A Profile API call: `resource` of `lookup` with `query`, status and body.
-    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value);
+    /// A Profile API call in `collection`: `resource` of `lookup` with
+    /// `query`, status and body.
+    async fn collection_api(
+        &self,
+        collection: &str,
+        lookup: &str,
+        resource: &str,
+        query: &str,
+    ) -> (u16, Value);
+
+    /// A Profile API call about a user.
+    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
+        self.collection_api("users", lookup, resource, query).await
+    }
+
+    /// A Profile API call about the account `group_id:{group}`.
+    async fn account_api(&self, group: &str, resource: &str, query: &str) -> (u16, Value) {
+        let lookup = format!("group_id:{group}");
+        self.collection_api("accounts", &lookup, resource, query)
+            .await
+    }
     /// The change log after `since`, once every change so far is served.
     async fn changes(&self, since: i64) -> Vec<Value>;
 
@@ -67,8 +86,18 @@ impl Engine for Server {
         Server::settle(self).await;
     }
 
-    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
-        let r = self.profile(lookup, &format!("{resource}?{query}")).await;
+    async fn collection_api(
+        &self,
+        collection: &str,
+        lookup: &str,
+        resource: &str,
+        query: &str,
+    ) -> (u16, Value) {
+        let path = format!(
+            "/v1/spaces/{}/collections/{collection}/profiles/{lookup}/{resource}?{query}",
+            self.space.space_id
+        );
+        let r = self.get_as(&path, Some(&self.space.access_token)).await;
         (r.status.as_u16(), r.body)
     }
 
@@ -98,8 +127,14 @@ impl Engine for Deployment {
         Deployment::settle(self).await;
     }
 
-    async fn profile_api(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
-        Deployment::profile(self, lookup, resource, query).await
+    async fn collection_api(
+        &self,
+        collection: &str,
+        lookup: &str,
+        resource: &str,
+        query: &str,
+    ) -> (u16, Value) {
+        Deployment::collection(self, collection, lookup, resource, query).await
     }
 
     async fn changes(&self, since: i64) -> Vec<Value> {

@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex};
 use kindred::bench::workload::Workload;
 use kindred_aws::dynamo::DynamoGraph;
 use kindred_aws::DynamoStore;
+use kindred_domain::account::{account_update, Account};
 use kindred_domain::event::Envelope;
 use kindred_domain::{Event, Facts, Identifier, IdentityRules, Plan};
 use kindred_sqlite::{GraphAudit, OptimisticGraph, SqliteStore};
 use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
-use kindred_store::ports::{Applied, EventRecord, IdentityGraph};
+use kindred_store::ports::{AccountDoc, Applied, EventRecord, IdentityGraph, Profiles};
 use kindred_store::token::new_profile_id;
 use kindred_store::Result;
 use kindred_tests::{assert_serializable, emulators, fresh_dynamo};
@@ -39,6 +40,8 @@ trait Racer: Send + Sync + 'static {
     async fn work(self: Arc<Self>, events: Vec<Event>) -> Tally;
     /// The space's graph, its events in commit order.
     async fn audit(&self) -> GraphAudit;
+    /// One account of the space.
+    async fn account(&self, group_id: &str) -> AccountDoc;
 }
 
 fn job<'a>(space_id: &'a str, event: &'a Event, body: &'a str) -> Job<'a> {
@@ -137,6 +140,15 @@ impl Racer for Sqlite {
             .audit(&self.space_id)
             .unwrap()
     }
+
+    async fn account(&self, group_id: &str) -> AccountDoc {
+        let store = SqliteStore::open(self.dir.path()).unwrap();
+        store
+            .account(&self.space_id, group_id)
+            .await
+            .unwrap()
+            .unwrap()
+    }
 }
 
 /// Notes the order in which applies succeed, and counts conflicts.
@@ -191,6 +203,16 @@ impl IdentityGraph for Recording<'_> {
     async fn backoff(&mut self, wait: std::time::Duration) {
         self.inner.backoff(wait).await;
     }
+    async fn record_account(
+        &mut self,
+        space_id: &str,
+        record: &EventRecord<'_>,
+        profile_id: Option<&str>,
+    ) -> Result<()> {
+        self.inner
+            .record_account(space_id, record, profile_id)
+            .await
+    }
 }
 
 struct Dynamo {
@@ -237,6 +259,54 @@ impl Racer for Dynamo {
         audit.events.sort_by_key(|e| position[&e.message_id]);
         audit
     }
+
+    async fn account(&self, group_id: &str) -> AccountDoc {
+        let config = kindred_tests::aws_config().await;
+        let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), &self.table);
+        store
+            .account(&self.space_id, group_id)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// Group calls of 24 people for one account, with overlapping trait keys
+/// and shuffled times, dealt out to the workers and applied at once: the
+/// account ends as the serial application of every call gives (newest
+/// value per key, earliest and latest event), with every user linked.
+async fn race_accounts<R: Racer>(racer: Arc<R>, seed: u64, calls: usize) {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let all: Vec<Event> = (0..calls)
+        .map(|i| {
+            let at = NOW - rand::Rng::random_range(&mut rng, 0..1_000_000i64);
+            parse(serde_json::json!({
+                "type": "group", "userId": format!("member-{}", i % 24), "groupId": "acme",
+                "messageId": format!("grp-{i}"),
+                "timestamp": kindred_domain::event::format_millis(at),
+                "traits": {format!("k{}", i % 5): i, "seats": i}
+            }))
+        })
+        .collect();
+    let updates: Vec<_> = all
+        .iter()
+        .map(|e| account_update(e, SOURCE).unwrap())
+        .collect();
+    let mut serial = Account::new(&updates[0]);
+    for u in &updates {
+        serial.apply(u);
+    }
+    let workers = (0..WORKERS).map(|w| {
+        let share = all.iter().skip(w).step_by(WORKERS).cloned().collect();
+        Arc::clone(&racer).work(share)
+    });
+    futures::future::join_all(workers).await;
+    let stored = racer.account("acme").await;
+    assert_eq!(
+        stored.account, serial,
+        "the account of a serial application"
+    );
+    assert_eq!(stored.users.len(), 24, "every member linked once");
 }
 
 fn parse(value: serde_json::Value) -> Event {
@@ -278,4 +348,31 @@ async fn eight_workers_racing_on_dynamodb_equal_a_serial_replay() {
         order: Arc::default(),
     };
     race(Arc::new(racer), 7, 60, 2_400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_workers_updating_one_account_on_sqlite_equal_a_serial_application() {
+    let dir = tempfile::tempdir().unwrap();
+    let space_id = SqliteStore::open(dir.path())
+        .unwrap()
+        .create_space("race")
+        .unwrap()
+        .space_id;
+    race_accounts(Arc::new(Sqlite { dir, space_id }), 3, 800).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_workers_updating_one_account_on_dynamodb_equal_a_serial_application() {
+    let name = "eight_workers_updating_one_account_on_dynamodb_equal_a_serial_application";
+    if !emulators(name) {
+        return;
+    }
+    let setup = fresh_dynamo().await;
+    let space_id = setup.create_space("race").await.unwrap().space_id;
+    let racer = Dynamo {
+        table: setup.table().to_string(),
+        space_id,
+        order: Arc::default(),
+    };
+    race_accounts(Arc::new(racer), 5, 400).await;
 }

@@ -168,10 +168,22 @@ impl Deployment {
         reply
     }
 
-    /// A Profile API call (`resource` such as `traits`): status and body.
+    /// A Profile API call (`resource` such as `traits`) about a user:
+    /// status and body.
     pub(crate) async fn profile(&self, lookup: &str, resource: &str, query: &str) -> (u16, Value) {
+        self.collection("users", lookup, resource, query).await
+    }
+
+    /// A Profile API call in `collection`: status and body.
+    pub(crate) async fn collection(
+        &self,
+        collection: &str,
+        lookup: &str,
+        resource: &str,
+        query: &str,
+    ) -> (u16, Value) {
         let path = format!(
-            "/v1/spaces/{}/collections/users/profiles/{lookup}/{resource}",
+            "/v1/spaces/{}/collections/{collection}/profiles/{lookup}/{resource}",
             self.space.space_id
         );
         let request = apigw("GET", &path, query, &self.space.access_token, None);

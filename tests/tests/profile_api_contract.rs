@@ -268,5 +268,131 @@ async fn errors_are_segment_s(e: &impl Engine) {
     );
 }
 
+async fn account(e: &impl Engine, group: &str, resource: &str, query: &str) -> Value {
+    let (status, body) = e.account_api(group, resource, query).await;
+    assert_eq!(status, 200, "{group}/{resource}?{query}: {body}");
+    body
+}
+
+/// Segment's `accounts` collection: group calls make and update an
+/// account (newest trait wins), a call with `context.groupId` is one of
+/// its events, and the account and its users link both ways.
+async fn accounts_are_served_like_segment_s(e: &impl Engine) {
+    let at = |m: u32| format!("2026-03-02T10:{m:02}:00.000Z");
+    e.batch(vec![
+        json!({"type": "identify", "userId": "u1", "traits": {"email": "u1@acme.io"}, "timestamp": at(0)}),
+        json!({"type": "group", "userId": "u1", "groupId": "g1", "messageId": "g-1", "timestamp": at(1),
+               "traits": {"name": "Acme", "plan": "team"}}),
+        json!({"type": "group", "userId": "u2", "groupId": "g1", "messageId": "g-2", "timestamp": at(3),
+               "traits": {"plan": "enterprise"}}),
+        // Older than the plan above: it does not win.
+        json!({"type": "group", "userId": "u3", "groupId": "g1", "messageId": "g-3", "timestamp": at(2),
+               "traits": {"plan": "free", "region": "eu"}}),
+        json!({"type": "track", "userId": "u1", "event": "Seat Added", "messageId": "t-1",
+               "timestamp": at(4), "context": {"groupId": "g1"}}),
+        json!({"type": "group", "userId": "u1", "groupId": "g2", "messageId": "g-4", "timestamp": at(5)}),
+    ])
+    .await;
+    e.settle().await;
+    let traits = account(e, "g1", "traits", "").await;
+    same_shape("", &documented("traits"), &traits);
+    assert_eq!(
+        traits["traits"],
+        json!({"name": "Acme", "plan": "enterprise", "region": "eu"})
+    );
+    let verbose = account(e, "g1", "traits", "verbose=true&include=plan").await;
+    assert_eq!(verbose["traits"]["plan"]["updated_at"], at(3));
+    let ids = account(e, "g1", "external_ids", "").await;
+    same_shape("", &documented("external_ids"), &ids);
+    assert_eq!(
+        (
+            &ids["data"][0]["id"],
+            &ids["data"][0]["type"],
+            &ids["data"][0]["collection"]
+        ),
+        (&json!("g1"), &json!("group_id"), &json!("accounts"))
+    );
+    let meta = account(e, "g1", "metadata", "").await;
+    same_shape("", &documented("metadata"), &meta);
+    assert_eq!(
+        (
+            &meta["metadata"]["first_message_id"],
+            &meta["metadata"]["last_message_id"]
+        ),
+        (&json!("g-1"), &json!("t-1"))
+    );
+    let events = account(e, "g1", "events", "sort=asc").await;
+    let ids: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["g-1", "g-3", "g-2", "t-1"]);
+    assert_eq!(events["data"][0]["related"], json!({"accounts": "g1"}));
+    let tracks = account(e, "g1", "events", "include=Seat%20Added").await;
+    assert_eq!(tracks["data"][0]["event"], "Seat Added", "{tracks}");
+    // Linked both ways: the account's users, and each user's accounts.
+    let links = account(e, "g1", "links", "").await;
+    let users: Vec<Vec<String>> = links["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert_eq!(l["to_collection"], "users");
+            l["external_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}:{}",
+                        i["type"].as_str().unwrap(),
+                        i["id"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(users.len(), 3, "{links}");
+    assert!(
+        users
+            .iter()
+            .any(|u| u.contains(&"email:u1@acme.io".to_string())),
+        "{links}"
+    );
+    let (_, of_user) = e.profile_api("user_id:u1", "links", "").await;
+    let groups: Vec<&Value> = of_user["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["external_ids"][0]["id"])
+        .collect();
+    assert_eq!(groups, [&json!("g1"), &json!("g2")]);
+
+    // Segment's errors.
+    let (status, body) = e.account_api("nope", "traits", "").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["message"], "Profile was not found.");
+    let (status, body) = e
+        .collection_api("accounts", "user_id:u1", "traits", "")
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("validation_error"))
+    );
+    let (status, body) = e
+        .collection_api("things", "group_id:g1", "traits", "")
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("validation_error"))
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`collection`"));
+}
+
 crate::common::on_both_stores!("profile_api_contract", crate::common::Server::start();
-    shapes_are_segment_s, errors_are_segment_s);
+    shapes_are_segment_s, errors_are_segment_s, accounts_are_served_like_segment_s);

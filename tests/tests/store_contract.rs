@@ -400,6 +400,7 @@ async fn a_plan_from_stale_facts_is_refused_whole<A: Adapter>(a: &A, space: &str
         source_id: "src",
         external_ids: &[],
         group_id: None,
+        account: None,
         now: 0,
     };
     let outcome = graph.apply(space, &plan, &record).await;

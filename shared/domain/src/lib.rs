@@ -4,6 +4,7 @@
 //! adapters gather facts, call these functions, and execute the plans they
 //! return atomically.
 
+pub mod account;
 pub mod compute;
 pub mod event;
 pub mod identifier;

@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use kindred_domain::account::{Account, AccountUpdate};
 use kindred_domain::{Condition, Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -255,6 +256,16 @@ impl IdentityGraph for TxGraph<'_> {
         // but waiting keeps the behaviour the same as other adapters.
         std::thread::sleep(wait);
     }
+
+    async fn record_account(
+        &mut self,
+        _space_id: &str,
+        _record: &EventRecord<'_>,
+        _profile_id: Option<&str>,
+    ) -> Result<()> {
+        // Written with the event ([`write_account`]).
+        Ok(())
+    }
 }
 
 /// Fails with a conflict unless every condition of the plan holds.
@@ -465,6 +476,62 @@ fn insert_event(
             event.message_id
         ])?;
     }
+    if let Some(update) = &record.account {
+        // A group call links its user to the account.
+        let user = profile_id.filter(|_| record.group_id.is_some());
+        write_account(sp, space_id, user, update, sp.last_insert_rowid())?;
+    }
+    Ok(())
+}
+
+/// The event's account, its event index row and its link to the user, in
+/// the event's own transaction (so [`IdentityGraph::record_account`] has
+/// nothing left to do here).
+fn write_account(
+    sp: &Transaction<'_>,
+    space_id: &str,
+    profile_id: Option<&str>,
+    update: &AccountUpdate<'_>,
+    event_seq: i64,
+) -> Result<()> {
+    let stored: Option<String> = sp
+        .prepare_cached("SELECT account FROM accounts WHERE space_id = ?1 AND group_id = ?2")?
+        .query_row(params![space_id, update.group_id], |r| r.get(0))
+        .optional()?;
+    let account = match stored {
+        None => Some(Account::new(update)),
+        Some(json) => {
+            let mut account: Account = serde_json::from_str(&json)?;
+            account.apply(update).then_some(account)
+        }
+    };
+    if let Some(account) = account {
+        sp.prepare_cached(
+            "INSERT INTO accounts (space_id, group_id, account) VALUES (?1, ?2, ?3)
+             ON CONFLICT (space_id, group_id) DO UPDATE SET account = excluded.account",
+        )?
+        .execute(params![
+            space_id,
+            update.group_id,
+            serde_json::to_string(&account)?
+        ])?;
+    }
+    sp.prepare_cached(
+        "INSERT INTO account_events (space_id, group_id, ts, seq) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        space_id,
+        update.group_id,
+        update.timestamp,
+        event_seq
+    ])?;
+    if let Some(profile_id) = profile_id {
+        sp.prepare_cached(
+            "INSERT INTO account_users (space_id, group_id, profile_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![space_id, update.group_id, profile_id])?;
+    }
     Ok(())
 }
 
@@ -534,5 +601,15 @@ impl IdentityGraph for OptimisticGraph<'_> {
 
     async fn backoff(&mut self, wait: std::time::Duration) {
         std::thread::sleep(wait);
+    }
+
+    async fn record_account(
+        &mut self,
+        _space_id: &str,
+        _record: &EventRecord<'_>,
+        _profile_id: Option<&str>,
+    ) -> Result<()> {
+        // Written with the event ([`write_account`]).
+        Ok(())
     }
 }

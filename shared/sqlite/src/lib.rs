@@ -123,6 +123,27 @@ CREATE TABLE IF NOT EXISTS identifier_log (
     identifiers TEXT NOT NULL,
     at INTEGER NOT NULL
 );
+-- Accounts (kindred_domain::account), written with the events that name
+-- them: the account as JSON, its events (by events.seq) and its users.
+CREATE TABLE IF NOT EXISTS accounts (
+    space_id TEXT NOT NULL,
+    group_id TEXT NOT NULL,
+    account TEXT NOT NULL,
+    PRIMARY KEY (space_id, group_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_events (
+    space_id TEXT NOT NULL,
+    group_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (space_id, group_id, ts, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account_users (
+    space_id TEXT NOT NULL,
+    group_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    PRIMARY KEY (space_id, group_id, profile_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS links (
     space_id TEXT NOT NULL,
     profile_id TEXT NOT NULL,

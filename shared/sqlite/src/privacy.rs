@@ -771,7 +771,13 @@ fn delete_person(
         ),
         params_from_iter(&args),
     )?;
-    for table in ["links", "profiles", "violations"] {
+    for table in [
+        "links",
+        "profiles",
+        "violations",
+        "identifier_log",
+        "account_users",
+    ] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE space_id = ?1 AND profile_id IN ({list})"),
             params_from_iter(&args),

@@ -7,8 +7,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
 use super::SqliteStore;
 use kindred_store::ports::{
-    EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
-    Profiles, StoredEvent,
+    AccountDoc, EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup,
+    ProfileParts, Profiles, StoredEvent,
 };
 use kindred_store::profile::{assemble, LatestEvent, ProfileReads, RootRecord};
 use kindred_store::Result;
@@ -242,12 +242,44 @@ fn load_events(
         "SELECT ts, seq, body FROM events INDEXED BY events_by_profile WHERE space_id = ?",
     );
     let mut args: Vec<SqlValue> = vec![SqlValue::Text(space_id.to_string())];
-    let placeholders = |n: usize| vec!["?"; n].join(", ");
     sql.push_str(&format!(
         " AND profile_id IN ({})",
         placeholders(tree.len())
     ));
     args.extend(tree.iter().map(|t| SqlValue::Text(t.clone())));
+    select_events(conn, sql, args, q)
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// The events of one account, through its index.
+fn load_account_events(
+    conn: &Connection,
+    space_id: &str,
+    group_id: &str,
+    q: &EventQuery,
+) -> Result<Vec<StoredEvent>> {
+    let sql = String::from(
+        "SELECT ts, seq, body FROM account_events JOIN events USING (seq, ts, space_id)
+         WHERE space_id = ? AND group_id = ?",
+    );
+    let args = vec![
+        SqlValue::Text(space_id.to_string()),
+        SqlValue::Text(group_id.to_string()),
+    ];
+    select_events(conn, sql, args, q)
+}
+
+/// `sql` (selecting `ts, seq, body` from rows that `args` pick) with the
+/// query's filters, order, cursor and limit.
+fn select_events(
+    conn: &Connection,
+    mut sql: String,
+    mut args: Vec<SqlValue>,
+    q: &EventQuery,
+) -> Result<Vec<StoredEvent>> {
     if let Some(start) = q.start {
         sql.push_str(" AND ts >= ?");
         args.push(SqlValue::Integer(start));
@@ -313,4 +345,43 @@ impl Profiles for SqliteStore {
         self.blocking(move |s| load_events(&*s.reader()?, &space_id, &tree, &query))
             .await
     }
+
+    async fn account(&self, space_id: &str, group_id: &str) -> Result<Option<AccountDoc>> {
+        let (space_id, group_id) = (space_id.to_string(), group_id.to_string());
+        self.blocking(move |s| load_account(&*s.reader()?, &space_id, &group_id))
+            .await
+    }
+
+    async fn account_events(
+        &self,
+        space_id: &str,
+        group_id: &str,
+        query: &EventQuery,
+    ) -> Result<Vec<StoredEvent>> {
+        let (space_id, group_id, query) =
+            (space_id.to_string(), group_id.to_string(), query.clone());
+        self.blocking(move |s| load_account_events(&*s.reader()?, &space_id, &group_id, &query))
+            .await
+    }
+}
+
+fn load_account(conn: &Connection, space_id: &str, group_id: &str) -> Result<Option<AccountDoc>> {
+    let Some(json) = conn
+        .prepare_cached("SELECT account FROM accounts WHERE space_id = ?1 AND group_id = ?2")?
+        .query_row(params![space_id, group_id], |r| r.get::<_, String>(0))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let users = conn
+        .prepare_cached(
+            "SELECT profile_id FROM account_users WHERE space_id = ?1 AND group_id = ?2
+             ORDER BY profile_id",
+        )?
+        .query_map(params![space_id, group_id], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(AccountDoc {
+        account: serde_json::from_str(&json)?,
+        users,
+    }))
 }

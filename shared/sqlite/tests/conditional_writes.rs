@@ -29,6 +29,7 @@ fn record<'a>(e: &'a Event, body: &'a str) -> EventRecord<'a> {
         source_id: "src",
         external_ids: &[],
         group_id: None,
+        account: None,
         now: 1_000,
     }
 }

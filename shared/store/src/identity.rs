@@ -2,8 +2,8 @@
 //! conditional apply, re-planned on conflict. Adapter-agnostic; the rules
 //! live in the domain.
 
-use kindred_domain::identifier::extract_identifiers_with;
-use kindred_domain::identifier::group_link;
+use kindred_domain::account::account_update;
+use kindred_domain::identifier::{extract_identifiers_with, group_link};
 use kindred_domain::{resolve, Event, Identifier, IdentityRules, Incoming, Plan};
 use tracing::{debug, warn};
 
@@ -86,10 +86,12 @@ pub async fn process_event<G: IdentityGraph>(
         source_id,
         external_ids: &external_ids,
         group_id: group_link(event),
+        account: account_update(event, source_id),
         now,
     };
     for attempt in 0..MAX_ATTEMPTS {
         if graph.is_duplicate(space_id, &event.message_id).await? {
+            graph.record_account(space_id, &record, None).await?;
             return Ok(Outcome::Duplicate);
         }
         let facts = graph.facts(space_id, &ids).await?;
@@ -115,8 +117,14 @@ pub async fn process_event<G: IdentityGraph>(
             }
         };
         match graph.apply(space_id, &resolution.plan, &record).await {
-            Ok(Applied::Duplicate) => return Ok(Outcome::Duplicate),
+            Ok(Applied::Duplicate) => {
+                graph.record_account(space_id, &record, None).await?;
+                return Ok(Outcome::Duplicate);
+            }
             Ok(Applied::Recorded) => {
+                graph
+                    .record_account(space_id, &record, resolution.plan.profile_id())
+                    .await?;
                 if !resolution.refusals.is_empty() {
                     let profile_id = resolution.plan.profile_id();
                     let violations: Vec<Violation> = resolution

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use kindred_domain::account::{Account, AccountUpdate};
 use kindred_domain::compute::Class;
 use kindred_domain::{
     Event, ExternalId, Facts, Identifier, IdentitySettings, Millis, Plan, Traits,
@@ -279,8 +280,26 @@ impl ProfileParts {
     };
 }
 
+/// An account (Segment's `accounts` collection) and the profiles its
+/// group calls linked to it (as linked: some may since have merged).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountDoc {
+    pub account: Account,
+    pub users: Vec<String>,
+}
+
 #[async_trait]
 pub trait Profiles: Send + Sync {
+    /// The account of `group_id`.
+    async fn account(&self, space_id: &str, group_id: &str) -> Result<Option<AccountDoc>>;
+    /// The events that named the account, in `(timestamp, seq)` order, at
+    /// most `query.limit`.
+    async fn account_events(
+        &self,
+        space_id: &str,
+        group_id: &str,
+        query: &EventQuery,
+    ) -> Result<Vec<StoredEvent>>;
     /// The resolved root profile; parts not asked for are left empty.
     async fn profile(
         &self,
@@ -312,6 +331,8 @@ pub struct EventRecord<'a> {
     pub source_id: &'a str,
     pub external_ids: &'a [ExternalId],
     pub group_id: Option<&'a str>,
+    /// What the event does to the account it names.
+    pub account: Option<AccountUpdate<'a>>,
     /// Processing time (dedup records expire relative to it).
     pub now: Millis,
 }
@@ -366,6 +387,18 @@ pub trait IdentityGraph {
     ) -> Result<Applied>;
     /// Waits before the next attempt after repeated conflicts.
     async fn backoff(&mut self, wait: std::time::Duration);
+    /// Applies the event's account update ([`EventRecord::account`]) and
+    /// links the account to `profile_id`, after the event is recorded,
+    /// and again when it turns out a duplicate (`profile_id` then
+    /// `None`): the update is idempotent, so a store that cannot make it
+    /// with the event's own writes heals on the retry. A store that makes
+    /// it with the event's writes does nothing here.
+    async fn record_account(
+        &mut self,
+        space_id: &str,
+        record: &EventRecord<'_>,
+        profile_id: Option<&str>,
+    ) -> Result<()>;
 }
 
 /// A computed trait's or audience's value on a profile.

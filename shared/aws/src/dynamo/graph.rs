@@ -298,6 +298,20 @@ impl IdentityGraph for DynamoGraph<'_> {
     async fn backoff(&mut self, wait: std::time::Duration) {
         tokio::time::sleep(wait).await;
     }
+
+    async fn record_account(
+        &mut self,
+        space_id: &str,
+        record: &EventRecord<'_>,
+        profile_id: Option<&str>,
+    ) -> Result<()> {
+        let Some(update) = &record.account else {
+            return Ok(());
+        };
+        // A group call links its user to the account.
+        let user = profile_id.filter(|_| record.group_id.is_some());
+        self.store.record_account(space_id, update, user).await
+    }
 }
 
 impl DynamoGraph<'_> {

@@ -7,6 +7,7 @@
 //! `TransactWriteItems`. An event item is keyed by its message id and put
 //! with `attribute_not_exists`, so it is also the dedup record.
 
+pub(crate) mod accounts;
 mod audit;
 pub mod compute;
 mod graph;

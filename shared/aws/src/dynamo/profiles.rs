@@ -5,8 +5,8 @@
 use async_trait::async_trait;
 use kindred_domain::IdentifierEntry;
 use kindred_store::ports::{
-    EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup, ProfileParts,
-    Profiles, StoredEvent,
+    AccountDoc, EventQuery, ExternalIdRecord, LinkRecord, MergeRecord, ProfileDoc, ProfileLookup,
+    ProfileParts, Profiles, StoredEvent,
 };
 use kindred_store::profile::{assemble, LatestEvent, ProfileReads, RootRecord};
 use kindred_store::{Result, StoreError};
@@ -223,6 +223,19 @@ pub(crate) fn bounds(q: &EventQuery) -> (String, String) {
 
 #[async_trait]
 impl Profiles for DynamoStore {
+    async fn account(&self, space_id: &str, group_id: &str) -> Result<Option<AccountDoc>> {
+        self.account_doc(space_id, group_id).await
+    }
+
+    async fn account_events(
+        &self,
+        space_id: &str,
+        group_id: &str,
+        query: &EventQuery,
+    ) -> Result<Vec<StoredEvent>> {
+        self.account_event_page(space_id, group_id, query).await
+    }
+
     async fn profile(
         &self,
         space_id: &str,

@@ -5,7 +5,7 @@
 use axum::http::Uri;
 use kindred_domain::event::{format_millis, Event, EventKind};
 use kindred_domain::identifier::extract_identifiers;
-use kindred_store::{EventQuery, ProfileDoc};
+use kindred_store::{EventQuery, ProfileDoc, StoredEvent};
 use serde_json::{json, Map, Value};
 
 use super::params::{self, invalid, Params, MAX_ITEMS};
@@ -62,14 +62,9 @@ pub(crate) fn segment_shape(event: &Event, source_id: &str, profile_id: &str) ->
     out
 }
 
-pub(crate) async fn events(
-    state: &ReadState,
-    space_id: &str,
-    source_id: &str,
-    doc: &ProfileDoc,
-    params: &Params,
-    uri: &Uri,
-) -> Result<Value, ApiError> {
+/// The `EventQuery` of the parameters (one more than `limit`, to know
+/// whether there is a next page), and `limit`.
+pub(crate) fn event_query(params: &Params) -> Result<(EventQuery, usize), ApiError> {
     let limit = params::limit(params, MAX_ITEMS)?;
     let descending = match params.get("sort").map(String::as_str) {
         None | Some("desc") => true,
@@ -92,7 +87,17 @@ pub(crate) async fn events(
         descending,
         after,
     };
-    let mut found = state.profiles.events(space_id, &doc.tree, &query).await?;
+    Ok((query, limit))
+}
+
+/// One page of `found` (read with [`event_query`]), each event shaped
+/// by `shape`, and its cursor.
+pub(crate) fn shaped_page(
+    mut found: Vec<StoredEvent>,
+    limit: usize,
+    uri: &Uri,
+    shape: impl Fn(&Event) -> Value,
+) -> Result<Value, ApiError> {
     let has_more = found.len() > limit;
     found.truncate(limit);
     let next = found
@@ -100,12 +105,24 @@ pub(crate) async fn events(
         .map(|e| params::encode_next(&format!("{}.{}", e.timestamp, e.seq)));
     let data = found
         .iter()
-        .map(|e| {
-            let event = kindred_store::compute::parse_stored_event(&e.body)?;
-            Ok(segment_shape(&event, source_id, &doc.profile_id))
-        })
+        .map(|e| Ok(shape(&kindred_store::compute::parse_stored_event(&e.body)?)))
         .collect::<Result<Vec<Value>, kindred_store::StoreError>>()?;
     Ok(json!({"data": data, "cursor": params::cursor(uri, has_more, next, limit)}))
+}
+
+pub(crate) async fn events(
+    state: &ReadState,
+    space_id: &str,
+    source_id: &str,
+    doc: &ProfileDoc,
+    params: &Params,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
+    let (query, limit) = event_query(params)?;
+    let found = state.profiles.events(space_id, &doc.tree, &query).await?;
+    shaped_page(found, limit, uri, |event| {
+        segment_shape(event, source_id, &doc.profile_id)
+    })
 }
 
 #[cfg(test)]

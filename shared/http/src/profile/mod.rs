@@ -3,6 +3,7 @@
 //! (and the older `/v1/namespaces/...` prefix), with the merge history as
 //! an extra resource.
 
+mod accounts;
 mod events;
 mod params;
 
@@ -28,11 +29,11 @@ use params::{cursor, flag, invalid, list, page, Params, MAX_ITEMS, MAX_TRAITS};
 pub fn router(state: ReadState) -> Router {
     Router::new()
         .route(
-            "/v1/spaces/{space_id}/collections/users/profiles/{lookup}/{resource}",
+            "/v1/spaces/{space_id}/collections/{collection}/profiles/{lookup}/{resource}",
             get(resource),
         )
         .route(
-            "/v1/namespaces/{space_id}/collections/users/profiles/{lookup}/{resource}",
+            "/v1/namespaces/{space_id}/collections/{collection}/profiles/{lookup}/{resource}",
             get(resource),
         )
         .with_state(state)
@@ -88,22 +89,29 @@ pub(crate) fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {
 
 async fn resource(
     State(state): State<ReadState>,
-    Path((space_id, lookup, resource)): Path<(String, String, String)>,
+    Path((space_id, collection, lookup, resource)): Path<(String, String, String, String)>,
     Query(params): Query<Params>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
     let auth = authorize(&state, &headers, &space_id, TokenKind::Access).await?;
-    let lookup = parse_lookup(&lookup)?;
-    if !matches!(
-        resource.as_str(),
-        "traits" | "external_ids" | "events" | "metadata" | "links" | "merges"
-    ) {
-        return Err(ApiError::not_found(format!(
-            "Resource {resource:?} was not found."
-        )));
-    }
     let source_id = auth.source_id.as_str();
+    let known = ["traits", "external_ids", "events", "metadata", "links"];
+    let unknown = || ApiError::not_found(format!("Resource {resource:?} was not found."));
+    match collection.as_str() {
+        "users" if known.contains(&resource.as_str()) || resource == "merges" => {}
+        "accounts" if known.contains(&resource.as_str()) => {
+            let group_id = accounts::group_id(&lookup)?;
+            let body = accounts::resource(
+                &state, &space_id, source_id, group_id, &resource, &params, &uri,
+            )
+            .await?;
+            return Ok(Json(body));
+        }
+        "users" | "accounts" => return Err(unknown()),
+        _ => return Err(invalid("collection", "must be users or accounts")),
+    }
+    let lookup = parse_lookup(&lookup)?;
     let parts = ProfileParts {
         external_ids: resource == "external_ids",
         links: resource == "links",
