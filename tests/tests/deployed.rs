@@ -156,24 +156,8 @@ impl Client {
     /// args, kwargs]`) to the API URL.
     async fn send(&self, calls: Value) {
         let python = std::env::var("KINDRED_PYTHON").unwrap_or_else(|_| "python3".into());
-        let script = workspace().join("tests/python/send_deployed.py");
-        let (key, host) = (self.token("write_key"), self.api.clone());
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(python)
-                .arg(script)
-                .arg(key)
-                .arg(host)
-                .arg(calls.to_string())
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "the Python client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args = vec![self.token("write_key"), self.api.clone(), calls.to_string()];
+        crate::common::clients::run(python, "python/send_deployed.py", args).await;
     }
 
     async fn call(

@@ -185,6 +185,75 @@ struct Fan<'t, 'd> {
     insert: Inserter<'t>,
 }
 
+/// One log the fan-out reads: its name (for `fan_out_set_aside`), its
+/// cursor and the query of its entries after the cursor (`?1`), at most
+/// `?2`, selecting `seq` and `space_id` first.
+struct Log {
+    name: &'static str,
+    cursor: &'static str,
+    sql: &'static str,
+    per_step: usize,
+}
+
+const MERGE_LOG: Log = Log {
+    name: "merges",
+    cursor: MERGES_CURSOR,
+    sql: "SELECT seq, space_id, child_id, parent_id, merged_at FROM s.merge_log
+          WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    per_step: MERGES_PER_STEP,
+};
+
+const CHANGE_LOG: Log = Log {
+    name: "changes",
+    cursor: CHANGES_CURSOR,
+    sql: "SELECT seq, space_id, profile_id, key, class, new, at FROM c.changes
+          WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    per_step: CHANGES_PER_STEP,
+};
+
+const IDENTIFIER_LOG: Log = Log {
+    name: "identifiers",
+    cursor: IDENTIFIERS_CURSOR,
+    sql: "SELECT seq, space_id, profile_id, identifiers, at FROM s.identifier_log
+          WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    per_step: MERGES_PER_STEP,
+};
+
+/// Hands each entry of `log` after its cursor to `handle` with the live
+/// destinations of its space (entries of spaces without any are passed
+/// over), sets aside an entry `handle` cannot decode, and moves the
+/// cursor. Returns how many entries were read.
+fn each_entry(
+    tx: &Transaction<'_>,
+    by_space: &HashMap<&str, Vec<&Row>>,
+    log: &Log,
+    mut handle: impl FnMut(&rusqlite::Row<'_>, i64, &str, &[&Row]) -> Result<()>,
+) -> Result<usize> {
+    let after = cursor(tx, log.cursor)?;
+    let mut last = after;
+    let mut read = 0;
+    {
+        let mut stmt = tx.prepare_cached(log.sql)?;
+        let mut rows = stmt.query(params![after, log.per_step as i64])?;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            let space_id: String = row.get(1)?;
+            last = seq;
+            read += 1;
+            let Some(dests) = by_space.get(space_id.as_str()) else {
+                continue;
+            };
+            let outcome =
+                crate::health::catch_panic(|| handle(row, seq, &space_id, dests.as_slice()));
+            set_aside_if_undecodable(tx, log.name, seq, &space_id, outcome)?;
+        }
+    }
+    if last > after {
+        set_cursor(tx, log.cursor, last)?;
+    }
+    Ok(read)
+}
+
 impl Fan<'_, '_> {
     /// The merges after the cursor, as `alias` calls.
     fn merges(&mut self, out: &mut FanOut) -> Result<()> {
@@ -195,64 +264,76 @@ impl Fan<'_, '_> {
             insert,
         } = self;
         let tx = *tx;
-        let after = cursor(tx, MERGES_CURSOR)?;
-        let mut last = after;
-        {
-            let mut stmt = tx.prepare_cached(
-                "SELECT seq, space_id, child_id, parent_id, merged_at FROM s.merge_log
-             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let merges = stmt.query_map(params![after, MERGES_PER_STEP as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?;
-            for m in merges {
-                let (seq, space_id, child, parent, at) = m?;
-                last = seq;
-                let Some(dests) = by_space.get(space_id.as_str()) else {
-                    continue;
-                };
-                let mut one = || -> Result<()> {
-                    for d in dests
-                        .iter()
-                        .filter(|d| d.position().receives_alias(&d.settings))
-                        .filter(|d| seq > d.since_merge)
-                    {
-                        let child_ids = ids.own(tx, &space_id, &child)?;
-                        let parent_ids = ids.own(tx, &space_id, &parent)?;
-                        if let Some(call) = alias_call(
-                            &space_id,
-                            &d.destination_id,
-                            seq,
-                            &child_ids,
-                            &parent_ids,
-                            &format_millis(at),
-                        ) {
-                            insert.call(d, &parent, &call)?;
-                            out.calls += 1;
-                        }
-                    }
-                    Ok(())
-                };
-                set_aside_if_undecodable(
-                    tx,
-                    "merges",
+        out.merges += each_entry(tx, by_space, &MERGE_LOG, |row, seq, space_id, dests| {
+            let (child, parent): (String, String) = (row.get(2)?, row.get(3)?);
+            let at: i64 = row.get(4)?;
+            for d in dests
+                .iter()
+                .filter(|d| d.position().receives_alias(&d.settings))
+                .filter(|d| seq > d.since_merge)
+            {
+                let child_ids = ids.own(tx, space_id, &child)?;
+                let parent_ids = ids.own(tx, space_id, &parent)?;
+                if let Some(call) = alias_call(
+                    space_id,
+                    &d.destination_id,
                     seq,
-                    &space_id,
-                    crate::health::catch_panic(&mut one),
-                )?;
-                out.merges += 1;
+                    &child_ids,
+                    &parent_ids,
+                    &format_millis(at),
+                ) {
+                    insert.call(d, &parent, &call)?;
+                    out.calls += 1;
+                }
             }
-        }
-        if last > after {
-            set_cursor(tx, MERGES_CURSOR, last)?;
-        }
+            Ok(())
+        })? as u64;
+        Ok(())
+    }
 
+    /// The changes after the cursor, as the calls of each destination
+    /// that receives them.
+    fn changes(&mut self, out: &mut FanOut) -> Result<()> {
+        let Fan {
+            tx,
+            by_space,
+            ids,
+            insert,
+        } = self;
+        let tx = *tx;
+        out.changes += each_entry(tx, by_space, &CHANGE_LOG, |row, seq, space_id, dests| {
+            let (profile_id, key): (String, String) = (row.get(2)?, row.get(3)?);
+            let class: String = row.get(4)?;
+            let class = Class::parse(&class)
+                .ok_or_else(|| StoreError::Undecodable(format!("unknown class {class:?}")))?;
+            let new: Value = serde_json::from_str(&row.get::<_, String>(5)?)?;
+            let at = format_millis(row.get(6)?);
+            let change = ChangeEntry {
+                seq: Some(seq),
+                key: &key,
+                class,
+                new: &new,
+                at: &at,
+            };
+            for d in dests
+                .iter()
+                .filter(|d| d.position().receives_change(&d.settings, seq, &key))
+            {
+                let (root, root_ids) = ids.root(tx, space_id, &profile_id)?;
+                for call in change_calls(
+                    space_id,
+                    &d.destination_id,
+                    &d.settings,
+                    &root,
+                    &root_ids,
+                    &change,
+                ) {
+                    insert.call(d, &root, &call)?;
+                    out.calls += 1;
+                }
+            }
+            Ok(())
+        })? as u64;
         Ok(())
     }
 
@@ -267,161 +348,36 @@ impl Fan<'_, '_> {
             insert,
         } = self;
         let tx = *tx;
-        let after = cursor(tx, IDENTIFIERS_CURSOR)?;
-        let mut last = after;
-        let mut read = 0;
-        {
-            let mut stmt = tx.prepare_cached(
-                "SELECT seq, space_id, profile_id, identifiers, at FROM s.identifier_log
-                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let entries = stmt.query_map(params![after, MERGES_PER_STEP as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })?;
-            for entry in entries {
-                let (seq, space_id, profile_id, claimed, at) = entry?;
-                last = seq;
-                read += 1;
-                let Some(dests) = by_space.get(space_id.as_str()) else {
-                    continue;
-                };
-                let mut one = || -> Result<()> {
-                    let claimed: Vec<Identifier> = serde_json::from_str(&claimed)?;
-                    let types = || claimed.iter().map(|i| i.kind.as_str());
-                    let mut values = None;
-                    for d in dests
-                        .iter()
-                        .filter(|d| d.position().receives_identifiers(&d.settings, types()))
-                    {
-                        let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
-                        if values.is_none() {
-                            values = Some(crate::compute::live_values(tx, &space_id, &root)?);
-                        }
-                        for call in current_calls_to(
-                            &space_id,
-                            &d.destination_id,
-                            &d.settings,
-                            &root,
-                            &root_ids,
-                            values.as_ref().expect("read above"),
-                            &format_millis(at),
-                            Some(&claimed),
-                        ) {
-                            insert.call(d, &root, &call)?;
-                            out.calls += 1;
-                        }
-                    }
-                    Ok(())
-                };
-                set_aside_if_undecodable(
-                    tx,
-                    "identifiers",
-                    seq,
-                    &space_id,
-                    crate::health::catch_panic(&mut one),
-                )?;
-            }
-        }
-        if last > after {
-            set_cursor(tx, IDENTIFIERS_CURSOR, last)?;
-        }
-        Ok(read)
-    }
-
-    /// The changes after the cursor, as the calls of each destination
-    /// that receives them.
-    fn changes(&mut self, out: &mut FanOut) -> Result<()> {
-        let Fan {
-            tx,
-            by_space,
-            ids,
-            insert,
-        } = self;
-        let tx = *tx;
-        let after = cursor(tx, CHANGES_CURSOR)?;
-        let mut last = after;
-        {
-            let mut stmt = tx.prepare_cached(
-                "SELECT seq, space_id, profile_id, key, class, new, at FROM c.changes
-             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let changes = stmt.query_map(params![after, CHANGES_PER_STEP as i64], |r| {
-                Ok(LoggedChange {
-                    seq: r.get(0)?,
-                    space_id: r.get(1)?,
-                    profile_id: r.get(2)?,
-                    key: r.get(3)?,
-                    class: r.get(4)?,
-                    new: r.get(5)?,
-                    at: r.get(6)?,
-                })
-            })?;
-            for c in changes {
-                let LoggedChange {
-                    seq,
+        each_entry(tx, by_space, &IDENTIFIER_LOG, |row, _, space_id, dests| {
+            let profile_id: String = row.get(2)?;
+            let claimed: Vec<Identifier> = serde_json::from_str(&row.get::<_, String>(3)?)?;
+            let at = format_millis(row.get(4)?);
+            let types = || claimed.iter().map(|i| i.kind.as_str());
+            let mut values = None;
+            for d in dests
+                .iter()
+                .filter(|d| d.position().receives_identifiers(&d.settings, types()))
+            {
+                let (root, root_ids) = ids.root(tx, space_id, &profile_id)?;
+                if values.is_none() {
+                    values = Some(crate::compute::live_values(tx, space_id, &root)?);
+                }
+                for call in current_calls_to(
                     space_id,
-                    profile_id,
-                    key,
-                    class,
-                    new,
-                    at,
-                } = c?;
-                last = seq;
-                out.changes += 1;
-                let Some(dests) = by_space.get(space_id.as_str()) else {
-                    continue;
-                };
-                let mut one = || -> Result<()> {
-                    let class = Class::parse(&class).ok_or_else(|| {
-                        StoreError::Undecodable(format!("unknown class {class:?}"))
-                    })?;
-                    let new: Value = serde_json::from_str(&new)?;
-                    let at = format_millis(at);
-                    let change = ChangeEntry {
-                        seq: Some(seq),
-                        key: &key,
-                        class,
-                        new: &new,
-                        at: &at,
-                    };
-                    for d in dests
-                        .iter()
-                        .filter(|d| d.position().receives_change(&d.settings, seq, &key))
-                    {
-                        let (root, root_ids) = ids.root(tx, &space_id, &profile_id)?;
-                        for call in change_calls(
-                            &space_id,
-                            &d.destination_id,
-                            &d.settings,
-                            &root,
-                            &root_ids,
-                            &change,
-                        ) {
-                            insert.call(d, &root, &call)?;
-                            out.calls += 1;
-                        }
-                    }
-                    Ok(())
-                };
-                set_aside_if_undecodable(
-                    tx,
-                    "changes",
-                    seq,
-                    &space_id,
-                    crate::health::catch_panic(&mut one),
-                )?;
+                    &d.destination_id,
+                    &d.settings,
+                    &root,
+                    &root_ids,
+                    values.as_ref().expect("read above"),
+                    &at,
+                    Some(&claimed),
+                ) {
+                    insert.call(d, &root, &call)?;
+                    out.calls += 1;
+                }
             }
-        }
-        if last > after {
-            set_cursor(tx, CHANGES_CURSOR, last)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

@@ -210,18 +210,6 @@ fn rows(conn: &Connection, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Resul
     Ok(out)
 }
 
-/// A row of the change log, as fan-out reads it.
-struct LoggedChange {
-    seq: i64,
-    space_id: String,
-    profile_id: String,
-    key: String,
-    class: String,
-    /// The new value, as JSON.
-    new: String,
-    at: i64,
-}
-
 /// What one fan-out step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FanOut {
