@@ -685,6 +685,15 @@ async fn a_regulation_deletes_a_person_from_the_whole_table_through_the_function
     })
     .await;
 
+    let (_, meta) = d.profile("user_id:gdpr-user-7f3", "metadata", "").await;
+    let profile_id = meta["metadata"]["profile_id"].as_str().unwrap().to_string();
+    let (_, users) = d.collection("accounts", "group_id:acme", "links", "").await;
+    assert_eq!(
+        users["data"][0]["profile_id"],
+        profile_id.as_str(),
+        "{users}"
+    );
+
     let before = d.sync_step.store.usage();
     let done = d.regulate("SUPPRESS_WITH_DELETE", &["gdpr-user-7f3"]).await;
     assert_eq!(done["profiles_deleted"], 2, "{done}");
@@ -724,6 +733,11 @@ async fn a_regulation_deletes_a_person_from_the_whole_table_through_the_function
     ];
     assert_eq!(
         table_leftovers(&d.store, &person).await,
+        Vec::<String>::new()
+    );
+    // Nor the profile's id: the account's link back to it went too.
+    assert_eq!(
+        table_leftovers(&d.store, &[profile_id.as_str()]).await,
         Vec::<String>::new()
     );
     assert!(!table_leftovers(&d.store, &["keep@example.com"])

@@ -247,7 +247,7 @@ impl DynamoStore {
 
     /// Deletes every item of a person's profiles: the identifiers they own
     /// (free to claim again), each member's profile partition (profile,
-    /// merge records, account links), events, computed state and due
+    /// merge records, account links, and the accounts' links back), events, computed state and due
     /// entry, their change log entries and their calls queued or dead at
     /// any destination. Calls queued under `keep` (a regulation's own
     /// farewell calls) stay.
@@ -267,7 +267,14 @@ impl DynamoStore {
                 .items_with_prefix(profile_key(space_id, member), "", true)
                 .await?
             {
-                keys.push(key(get_s(&item, PK)?.to_string(), get_s(&item, SK)?));
+                let sort = get_s(&item, SK)?;
+                // A link to an account has its twin in the account's
+                // partition, naming this profile as one of its users.
+                if let Some(group_id) = sort.strip_prefix("LINK#") {
+                    let account = super::accounts::account_key(space_id, group_id);
+                    keys.push(key(account, &format!("USER#{member}")));
+                }
+                keys.push(key(get_s(&item, PK)?.to_string(), sort));
             }
             let mut events = Vec::new();
             self.walk_member(space_id, member, ("0", "~"), false, 500, |item| {
