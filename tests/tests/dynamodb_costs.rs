@@ -1,6 +1,6 @@
 //! DynamoDB requests and capacity units per event, as DynamoDB Local
 //! reports them (`ReturnConsumedCapacity=TOTAL`), for the three kinds of
-//! event that matter for cost. Prints the figures BENCHMARKS.md quotes and
+//! event that matter for cost and for calls that name an account. Prints the figures BENCHMARKS.md quotes and
 //! holds the design's bound for the common case: an event from a known
 //! identity costs at most one read request and two write units.
 
@@ -90,12 +90,27 @@ async fn requests_and_capacity_units_per_event() {
         "{outcome:?}"
     );
 
+    // A group call of a known user (its account made, then updated), and
+    // a track naming the account in context.groupId.
+    let group = |id: &str, plan: &str| {
+        json!({"type": "group", "messageId": id, "userId": "u-1", "groupId": "acme",
+               "traits": {"plan": plan}, "timestamp": at})
+    };
+    let (_, group_new) = cost(&store, &queued(&space, group("g1", "team"))).await;
+    let (_, group_update) = cost(&store, &queued(&space, group("g2", "enterprise"))).await;
+    let in_account = json!({"type": "track", "event": "Seat Added", "messageId": "g3",
+                            "userId": "u-1", "context": {"groupId": "acme"}, "timestamp": at});
+    let (_, account_event) = cost(&store, &queued(&space, in_account)).await;
+
     println!();
     show("(a) known identity, warm worker", a_warm);
     show("(a) known identity, cold worker", a_cold);
     show("(b) new identity (3 identifiers)", b);
     show("(c) merge of two profiles", c);
     show("repeated messageId (dropped)", dup);
+    show("group call, new account", group_new);
+    show("group call, account updated", group_update);
+    show("track with context.groupId", account_event);
 
     // DynamoDB Local reports capacity as AWS would; without it the bound
     // below could not fail, so its presence is part of the check.
