@@ -19,6 +19,9 @@ analytics.page("py-user", "Docs", "Getting Started", {"path": "/docs"})
 analytics.screen("py-user", "Onboarding", "Welcome")
 analytics.group("py-user", "acct-py", {"name": "Py Inc"})
 analytics.alias("py-anon-2", "py-user")
+# A second user of the same account, on another plan.
+analytics.identify("py-user-2", {"email": "py.two@example.com", "plan": "free"})
+analytics.group("py-user-2", "acct-py", {"industry": "software"})
 analytics.flush()
 analytics.shutdown()
 

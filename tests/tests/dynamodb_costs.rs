@@ -141,6 +141,7 @@ async fn compute_requests_and_capacity_units_per_event() {
     let defs = DynamoComputations {
         store: store.clone(),
         queue: queue.clone(),
+        sync: None,
     };
     for i in 0..10 {
         let trait_def = json!({"type": "event_counter", "event": format!("Event {i}"), "lookback": {"days": 30}});

@@ -290,6 +290,206 @@ async fn a_new_destination_gets_the_current_values_then_changes(e: &impl Deliver
     );
 }
 
+/// Account-level audiences and computed traits (Segment's): an account
+/// is in "any buyer" when one of its users is in the user audience, in
+/// "all buyers" when every one is; its computed trait counts all its
+/// users' events; its own traits count too. The account pass runs with
+/// the lookback run; each user of an account that enters gets the
+/// audience with `context.groupId`.
+async fn account_audiences_reach_each_user_with_the_group_id(e: &impl Delivering) {
+    let r = Receiver::start().await;
+    buyers(e).await;
+    let accounts = |condition: Value| json!({"collection": "accounts", "condition": condition});
+    e.define(
+        "audiences",
+        "any_buyer",
+        accounts(json!({"users": {"any": {"audience": "buyers"}}})),
+    )
+    .await;
+    e.define(
+        "audiences",
+        "all_buyers",
+        accounts(json!({"users": {"all": {"audience": "buyers"}}})),
+    )
+    .await;
+    e.define(
+        "audiences",
+        "big_spenders",
+        accounts(json!({"and": [
+            {"trait": {"name": "plan", "op": "=", "value": "enterprise"}},
+            {"performed": {"event": "Order Completed", "count": {"at_least": 2}}}]})),
+    )
+    .await;
+    e.define(
+        "computed_traits",
+        "account_orders",
+        json!({"collection": "accounts", "type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    destination(
+        e,
+        "crm",
+        json!({"kind": "webhook", "url": r.url("/crm"), "secret": "s",
+               "calls": ["identify", "track"], "keys": ["any_buyer", "all_buyers"]}),
+    )
+    .await;
+    // (Its initial sync, of no values yet, is done first.)
+    let start = Instant::now();
+    while e.admin("GET", "/destinations/crm", None).await.1["initial_sync"] != "done" {
+        assert!(start.elapsed() < WAIT, "the initial sync");
+        e.drain().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let group = |user: &str, account: &str, traits: Value| json!({"type": "group", "userId": user, "groupId": account, "traits": traits});
+    e.batch(vec![
+        group("ua", "acme", json!({"plan": "enterprise", "name": "Acme"})),
+        group("ub", "acme", json!({})),
+        group("uc", "solo", json!({"plan": "free"})),
+        bought(("userId", "ua")),
+        bought(("userId", "uc")),
+    ])
+    .await;
+    e.settle().await;
+    let (status, run) = e.admin("POST", "/lookback/run", Some(&json!({}))).await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["accounts_computed"], 2, "{run}");
+    let traits = |group: &'static str| async move {
+        let (status, body) = e.account_api(group, "traits", "").await;
+        assert_eq!(status, 200, "{body}");
+        body["traits"].clone()
+    };
+    let acme = traits("acme").await;
+    assert_eq!(acme["name"], "Acme", "{acme}");
+    assert_eq!(acme["any_buyer"], true, "{acme}");
+    assert!(acme.get("all_buyers").is_none(), "never a member: {acme}");
+    assert_eq!(acme["account_orders"], 1, "{acme}");
+    assert!(acme.get("big_spenders").is_none(), "{acme}");
+    let solo = traits("solo").await;
+    assert_eq!(
+        (
+            &solo["any_buyer"],
+            &solo["all_buyers"],
+            &solo["account_orders"]
+        ),
+        (&json!(true), &json!(true), &json!(1)),
+        "{solo}"
+    );
+    let (_, only) = e.account_api("acme", "traits", "class=audience").await;
+    assert_eq!(only["traits"], json!({"any_buyer": true}), "{only}");
+
+    // Each of acme's users gets its entry, with the account's groupId.
+    let entered = |calls: &[Value], key: &str, group: &str| -> Vec<String> {
+        let mut users: Vec<String> = calls
+            .iter()
+            .filter(|c| c["event"] == "Audience Entered" && c["properties"]["audience_key"] == key)
+            .filter(|c| c["context"]["groupId"] == group)
+            .map(|c| c["userId"].as_str().unwrap_or_default().to_string())
+            .collect();
+        users.sort();
+        users
+    };
+    e.deliver_until("acme's users enter any_buyer", || {
+        entered(&r.accepted(), "any_buyer", "acme").len() == 2
+    })
+    .await;
+    assert_eq!(entered(&r.accepted(), "any_buyer", "acme"), ["ua", "ub"]);
+    let calls = r.accepted();
+    let identify = calls
+        .iter()
+        .find(|c| c["type"] == "identify" && c["traits"]["any_buyer"] == true)
+        .expect("an identify with the membership");
+    assert_eq!(identify["context"]["groupId"], "acme", "{identify}");
+    assert_eq!(
+        identify["context"]["personas"]["computation_class"],
+        "audience"
+    );
+
+    // A destination added now gets the accounts' current values in its
+    // initial sync, to each of their users.
+    let late = Receiver::start().await;
+    destination(
+        e,
+        "late",
+        json!({"kind": "webhook", "url": late.url("/late"), "secret": "s",
+               "calls": ["identify"], "keys": ["any_buyer"]}),
+    )
+    .await;
+    let members = |calls: &[Value]| -> Vec<String> {
+        let mut m: Vec<String> = (calls.iter())
+            .filter(|c| c["traits"]["any_buyer"] == true)
+            .map(|c| {
+                format!(
+                    "{}@{}",
+                    c["userId"].as_str().unwrap_or("?"),
+                    c["context"]["groupId"]
+                )
+            })
+            .collect();
+        m.sort();
+        m
+    };
+    e.deliver_until("the late destination's initial sync", || {
+        members(&late.accepted()).len() >= 3
+    })
+    .await;
+    assert_eq!(
+        members(&late.accepted()),
+        ["ua@\"acme\"", "ub@\"acme\"", "uc@\"solo\""],
+        "{:#?}",
+        late.accepted()
+    );
+
+    // ub buys too: acme's users are all buyers now, and it has two orders.
+    e.batch(vec![bought(("userId", "ub"))]).await;
+    e.settle().await;
+    // Four passes race: each account's values are written conditionally
+    // on the version read, so each change is logged once.
+    let body = json!({});
+    let run = || e.admin("POST", "/lookback/run", Some(&body));
+    let runs = tokio::join!(run(), run(), run(), run());
+    let runs = [runs.0, runs.1, runs.2, runs.3];
+    assert!(runs.iter().all(|(status, _)| *status == 200), "{runs:?}");
+    let logged: u64 = (runs.iter())
+        .map(|(_, r)| r["account_changes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        logged, 3,
+        "all_buyers, account_orders, big_spenders once: {runs:?}"
+    );
+    let acme = traits("acme").await;
+    assert_eq!(
+        (
+            &acme["all_buyers"],
+            &acme["account_orders"],
+            &acme["big_spenders"]
+        ),
+        (&json!(true), &json!(2), &json!(true)),
+        "{acme}"
+    );
+    e.deliver_until("acme's users enter all_buyers", || {
+        entered(&r.accepted(), "all_buyers", "acme").len() == 2
+    })
+    .await;
+    wait_status(e, "crm", "nothing left to deliver", quiet).await;
+    let calls = r.accepted();
+    assert_eq!(
+        entered(&calls, "any_buyer", "acme").len(),
+        2,
+        "once each: {calls:#?}"
+    );
+    // The change log names the account, not a profile.
+    let changes = e.changes(0).await;
+    let all_buyers: Vec<&Value> = changes
+        .iter()
+        .filter(|c| c["key"] == "all_buyers" && c["group_id"] == "acme")
+        .collect();
+    assert_eq!(all_buyers.len(), 1, "{changes:#?}");
+    assert_eq!(all_buyers[0]["profile_id"], Value::Null);
+    // A run with nothing new changes nothing.
+    let (_, run) = e.admin("POST", "/lookback/run", Some(&json!({}))).await;
+    assert_eq!(run["account_changes"], 0, "{run}");
+}
+
 crate::common::on_both_stores!(
     "fan_out_contract",
     crate::common::Server::start_for_local_receivers();
@@ -297,4 +497,5 @@ crate::common::on_both_stores!(
     failed_deliveries_are_retried_until_they_land,
     a_new_destination_gets_the_current_values_then_changes,
     a_member_s_new_email_gets_the_current_membership,
+    account_audiences_reach_each_user_with_the_group_id,
 );

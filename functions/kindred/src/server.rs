@@ -173,6 +173,10 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
     );
     // Regulations a stop interrupted carry on.
     local.store.start_regulations();
+    tokio::spawn(account_passes(
+        local.store.clone(),
+        Arc::clone(&stop_worker),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -322,6 +326,45 @@ async fn serve_http(
         tracing::warn!("connections still open 30 s after the stop; closing them");
     }
     Ok(())
+}
+
+/// Computes account-level traits and audiences every hour (as Segment
+/// does), as the hourly lookback sweep runs for users; a lookback run
+/// through the API computes them at once too.
+async fn account_passes(store: Arc<kindred_sqlite::SqliteStore>, stop: Arc<AtomicBool>) {
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    hourly.tick().await;
+    loop {
+        hourly.tick().await;
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let spaces = {
+            let store = Arc::clone(&store);
+            tokio::task::spawn_blocking(move || store.definition_spaces()).await
+        };
+        let spaces = match spaces {
+            Ok(Ok(spaces)) => spaces,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "listing spaces for the account pass failed");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        for space_id in spaces {
+            let now = kindred_store::now_millis();
+            match kindred_store::accounts::run(store.as_ref(), store.as_ref(), &space_id, now).await
+            {
+                Ok(p) => tracing::info!(
+                    space_id,
+                    accounts = p.accounts,
+                    changes = p.changes,
+                    "hourly account pass"
+                ),
+                Err(e) => tracing::error!(space_id, error = %e, "hourly account pass failed"),
+            }
+        }
+    }
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {

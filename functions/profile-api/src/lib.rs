@@ -43,6 +43,8 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         computations: Some(Arc::new(DynamoComputations {
             store: store.clone(),
             queue: compute.clone(),
+            sync: (config.sync_queue_url.as_ref())
+                .map(|url| Arc::new(SqsQueue::new(aws_sdk_sqs::Client::new(sdk), url))),
         })),
         destinations,
         allow_private_destinations: config.allow_private_destinations,

@@ -27,6 +27,9 @@ const FOLD_ATTEMPTS: u32 = 8;
 pub struct DynamoComputations {
     pub store: Arc<DynamoStore>,
     pub queue: Arc<SqsQueue>,
+    /// The sync queue, told when an account pass logs changes (none where
+    /// destinations are not deployed).
+    pub sync: Option<Arc<SqsQueue>>,
 }
 
 impl DynamoComputations {
@@ -136,6 +139,41 @@ impl Computations for DynamoComputations {
             return Err(StoreError::NotFound);
         }
         sweep_space(&self.store, &self.queue, space_id, as_of).await
+    }
+
+    async fn account_ids(&self, space_id: &str, after: &str, limit: usize) -> Result<Vec<String>> {
+        self.store.account_ids(space_id, after, limit).await
+    }
+
+    async fn account_values(
+        &self,
+        space_id: &str,
+        group_id: &str,
+    ) -> Result<(kindred_store::ComputedValues, i64)> {
+        self.store.account_values(space_id, group_id).await
+    }
+
+    async fn write_account_values(
+        &self,
+        space_id: &str,
+        group_id: &str,
+        version: i64,
+        values: &kindred_store::ComputedValues,
+        changes: &[kindred_domain::compute::Change],
+        at: Millis,
+    ) -> Result<bool> {
+        let written = self
+            .store
+            .write_account_values(space_id, group_id, version, values, changes, at)
+            .await?;
+        if let (true, false, Some(sync)) = (written, changes.is_empty(), &self.sync) {
+            let tick = crate::sync::SyncMessage::Changes {
+                space_id: space_id.to_string(),
+            };
+            sync.send_delayed(&tick, crate::sync::CHANGES_DELAY_SECS)
+                .await?;
+        }
+        Ok(written)
     }
 }
 

@@ -26,8 +26,8 @@ use kindred_domain::Identifier;
 use kindred_store::ports::{ProfileLookup, ProfileParts, Profiles};
 use kindred_store::token::random_base62;
 use kindred_store::{
-    current_calls, current_calls_to, now_millis, DeadLetter, DestinationRecord, DestinationStatus,
-    Destinations, Outbox, Result,
+    account_current_calls, current_calls, current_calls_to, now_millis, DeadLetter,
+    DestinationRecord, DestinationStatus, Destinations, Outbox, Result, User,
 };
 use kindred_sync::{Deliverer, Step};
 use serde::{Deserialize, Serialize};
@@ -245,31 +245,49 @@ impl SyncStep {
                 class: c.class,
                 new: &c.new,
                 at: &at,
+                group_id: c.group_id.as_deref(),
             };
-            for state in &dests {
+            let receivers: Vec<_> = dests
+                .iter()
+                .filter(|state| {
+                    (state.position()).receives_change(&state.record.settings, c.seq, &c.key)
+                })
+                .collect();
+            if receivers.is_empty() {
+                continue;
+            }
+            // A user's change goes to the user; an account's to each of
+            // its users (as linked now, each root once).
+            let roots = match &c.group_id {
+                None => {
+                    if !ids.contains_key(&c.profile_id) {
+                        let found = root_ids(&self.store, space_id, &c.profile_id).await?;
+                        ids.insert(c.profile_id.clone(), found);
+                    }
+                    ids.get(&c.profile_id)
+                        .cloned()
+                        .flatten()
+                        .into_iter()
+                        .collect()
+                }
+                Some(g) => self.account_roots(space_id, g).await?,
+            };
+            for state in receivers {
                 let d = &state.record;
-                if !state.position().receives_change(&d.settings, c.seq, &c.key) {
-                    continue;
+                for (root, root_ids) in &roots {
+                    let calls = change_calls(
+                        space_id,
+                        &d.destination_id,
+                        &d.settings,
+                        root,
+                        root_ids,
+                        &change,
+                    );
+                    queued
+                        .entry(d.destination_id.clone())
+                        .or_default()
+                        .extend(calls.into_iter().map(|call| (root.clone(), call)));
                 }
-                if !ids.contains_key(&c.profile_id) {
-                    let found = root_ids(&self.store, space_id, &c.profile_id).await?;
-                    ids.insert(c.profile_id.clone(), found);
-                }
-                let Some(Some((root, root_ids))) = ids.get(&c.profile_id) else {
-                    continue;
-                };
-                let calls = change_calls(
-                    space_id,
-                    &d.destination_id,
-                    &d.settings,
-                    root,
-                    root_ids,
-                    &change,
-                );
-                queued
-                    .entry(d.destination_id.clone())
-                    .or_default()
-                    .extend(calls.into_iter().map(|call| (root.clone(), call)));
             }
         }
         for (destination_id, calls) in queued {
@@ -301,6 +319,69 @@ impl SyncStep {
             "fanned out"
         );
         Ok(())
+    }
+
+    /// The current values of every account of the space with values, to
+    /// each of its users, for an initial sync.
+    async fn account_values_calls(
+        &self,
+        space_id: &str,
+        state: &DestinationState,
+        now: &str,
+        calls: &mut Vec<(String, Value)>,
+    ) -> Result<()> {
+        let d = &state.record;
+        let mut after = String::new();
+        loop {
+            let page = self.store.account_ids(space_id, &after, 500).await?;
+            for group_id in &page {
+                let (mut values, _) = self.store.account_values(space_id, group_id).await?;
+                if let Some(keys) = &state.initial_keys {
+                    values.retain(|k, _| keys.contains(k));
+                }
+                if values.is_empty() {
+                    continue;
+                }
+                let users = self.account_roots(space_id, group_id).await?;
+                let users: Vec<User<'_>> = (users.iter())
+                    .map(|(root, ids)| User { root, ids })
+                    .collect();
+                calls.extend(account_current_calls(
+                    space_id,
+                    &d.destination_id,
+                    &d.settings,
+                    group_id,
+                    &users,
+                    &values,
+                    now,
+                ));
+            }
+            match page.last() {
+                Some(last) if page.len() == 500 => after = last.clone(),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// The root profiles (each once) of an account's linked users, with
+    /// their identifiers.
+    async fn account_roots(
+        &self,
+        space_id: &str,
+        group_id: &str,
+    ) -> Result<Vec<(String, Vec<IdentifierEntry>)>> {
+        let linked = (self.store.account(space_id, group_id).await?)
+            .map(|doc| doc.users)
+            .unwrap_or_default();
+        let mut roots: Vec<(String, Vec<IdentifierEntry>)> = Vec::new();
+        for profile_id in &linked {
+            if let Some(found) = root_ids(&self.store, space_id, profile_id).await? {
+                if !roots.iter().any(|(r, _)| *r == found.0) {
+                    roots.push(found);
+                }
+            }
+        }
+        Ok(roots)
     }
 
     /// Queues the current values of one stretch of the space's root
@@ -352,11 +433,16 @@ impl SyncStep {
             );
             calls.extend(current.into_iter().map(|call| (root.clone(), call)));
         }
+        let done = next.is_none();
+        if done {
+            // The last stretch sends the accounts' values too.
+            self.account_values_calls(space_id, state, &now, &mut calls)
+                .await?;
+        }
         let n = calls.len();
         self.store
             .enqueue(space_id, &d.destination_id, calls)
             .await?;
-        let done = next.is_none();
         let recorded = self
             .store
             .initial_sync_progress(

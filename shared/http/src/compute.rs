@@ -202,7 +202,7 @@ async fn changes(
                 old: c.old.clone(),
                 new: c.new.clone(),
             };
-            json!({
+            let mut out = json!({
                 "seq": c.seq,
                 "profile_id": c.profile_id,
                 "key": c.key,
@@ -211,7 +211,16 @@ async fn changes(
                 "new": c.new,
                 "at": at,
                 "payloads": change.payloads(&space_id, &at),
-            })
+            });
+            if let Some(g) = &c.group_id {
+                // An account's change (account-level definitions).
+                out["profile_id"] = Value::Null;
+                out["group_id"] = json!(g);
+                for p in out["payloads"].as_array_mut().into_iter().flatten() {
+                    p["context"]["groupId"] = json!(g);
+                }
+            }
+            out
         })
         .collect();
     Ok(Json(
@@ -243,7 +252,15 @@ async fn run_lookback(
         }
     };
     let n = port.run_lookback(&space_id, as_of).await?;
-    Ok(Json(
-        json!({"as_of": format_millis(as_of), "profiles_enqueued": n}),
-    ))
+    // Account-level definitions are computed in this pass (Segment's are
+    // batched too): over the users' values as they stand now.
+    let accounts =
+        kindred_store::accounts::run(state.profiles.as_ref(), port.as_ref(), &space_id, as_of)
+            .await?;
+    Ok(Json(json!({
+        "as_of": format_millis(as_of),
+        "profiles_enqueued": n,
+        "accounts_computed": accounts.accounts,
+        "account_changes": accounts.changes,
+    })))
 }

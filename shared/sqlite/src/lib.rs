@@ -295,6 +295,7 @@ impl SqliteStore {
         let compute_path = dir.join("compute.db");
         let compute_writer = open(&compute_path, Durability::Normal)?;
         compute_writer.execute_batch(compute::SCHEMA)?;
+        compute::migrate(&compute_writer)?;
         compute_writer.execute("ATTACH DATABASE ?1 AS s", [path.to_string_lossy()])?;
         // An attached database has its own page cache and memory map, which
         // start at SQLite's defaults (2 MB, none): the compute writer reads

@@ -151,6 +151,37 @@ pub fn decode_state(bytes: &[u8]) -> Result<ProfileState> {
     }
 }
 
+/// The plain values of stored ones.
+pub fn plain(stored: &ComputedValues) -> Values {
+    stored
+        .iter()
+        .map(|(k, v)| (k.clone(), v.value.clone()))
+        .collect()
+}
+
+/// Settled values as stored: a value that did not change keeps the time
+/// it was set; a new one is stamped `now`.
+pub fn stamp(
+    settled: Values,
+    mut stored: ComputedValues,
+    now: Millis,
+    class_of: impl Fn(&str) -> Option<Class>,
+) -> ComputedValues {
+    let mut values = ComputedValues::new();
+    for (k, v) in settled {
+        let entry = match stored.remove(&k) {
+            Some(old) if old.value == v => old,
+            _ => ComputedValue {
+                class: class_of(&k).unwrap_or(Class::ComputedTrait),
+                value: v,
+                updated_at: now,
+            },
+        };
+        values.insert(k, entry);
+    }
+    values
+}
+
 /// A profile's state evaluated at a moment.
 #[derive(Debug)]
 pub struct Recomputed {
@@ -167,30 +198,18 @@ pub struct Recomputed {
 pub fn recompute(
     ruleset: &Ruleset,
     state: &mut ProfileState,
-    mut stored: ComputedValues,
+    stored: ComputedValues,
     traits: &Traits,
     now: Millis,
 ) -> Recomputed {
     ruleset.retain_known(state);
     ruleset.prune(state, now);
     let computed = ruleset.evaluate(state, traits, now);
-    let plain: Values = stored
-        .iter()
-        .map(|(k, v)| (k.clone(), v.value.clone()))
-        .collect();
+    let plain = plain(&stored);
     let (settled, changes) = settle(ruleset, &plain, &computed);
-    let mut values = ComputedValues::new();
-    for (k, v) in settled {
-        let entry = match stored.remove(&k) {
-            Some(old) if old.value == v => old,
-            _ => ComputedValue {
-                class: ruleset.get(&k).map_or(Class::ComputedTrait, |d| d.class()),
-                value: v,
-                updated_at: now,
-            },
-        };
-        values.insert(k, entry);
-    }
+    let values = stamp(settled, stored, now, |k| {
+        ruleset.get(k).map(Definition::class)
+    });
     let due = ruleset.next_change_from(state, traits, now, &computed);
     Recomputed {
         values,

@@ -6,6 +6,7 @@
 //! Data model: the DynamoDB single-table design of `ARCHITECTURE.md`;
 //! the SQLite adapter keeps one table per item type of it.
 
+pub mod accounts;
 pub mod audit;
 pub mod compute;
 pub mod identity;

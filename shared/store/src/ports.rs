@@ -441,7 +441,10 @@ pub struct DefinitionRecord {
 pub struct ChangeRecord {
     /// Position in the space's log; `since` continues after it.
     pub seq: i64,
+    /// The profile whose value changed; empty for an account's change.
     pub profile_id: String,
+    /// The account whose value changed (account-level definitions).
+    pub group_id: Option<String>,
     pub key: String,
     pub class: Class,
     pub old: Option<Value>,
@@ -485,6 +488,23 @@ pub trait Computations: Send + Sync {
     /// Enqueues a recompute, as of `as_of`, of exactly the profiles whose
     /// next change by time has come; returns how many.
     async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64>;
+    /// Group ids of the space's accounts after `after`, in order, at most `limit`.
+    async fn account_ids(&self, space_id: &str, after: &str, limit: usize) -> Result<Vec<String>>;
+    /// An account's computed values and their version (0: none stored yet).
+    async fn account_values(&self, space_id: &str, group_id: &str)
+        -> Result<(ComputedValues, i64)>;
+    /// Stores an account's computed values and logs `changes` (at `at`),
+    /// both at once and only if the stored values are still at `version`;
+    /// `false` if another writer moved them first.
+    async fn write_account_values(
+        &self,
+        space_id: &str,
+        group_id: &str,
+        version: i64,
+        values: &ComputedValues,
+        changes: &[kindred_domain::compute::Change],
+        at: Millis,
+    ) -> Result<bool>;
 }
 
 /// Storage requests and capacity a request consumed (what an adapter that

@@ -239,6 +239,7 @@ impl Farewell<'_> {
                 class: v.class,
                 new: &exited,
                 at: self.at,
+                group_id: None,
             };
             calls.extend(change_calls(
                 self.space_id,

@@ -56,6 +56,67 @@ pub fn current_calls_to(
     at: &str,
     only: Option<&[Identifier]>,
 ) -> Vec<Value> {
+    let user = User { root, ids };
+    values_calls(
+        space_id,
+        destination_id,
+        settings,
+        user,
+        values,
+        at,
+        only,
+        None,
+    )
+}
+
+/// One user a call is about: its root profile and identifiers.
+#[derive(Clone, Copy)]
+pub struct User<'a> {
+    pub root: &'a str,
+    pub ids: &'a [IdentifierEntry],
+}
+
+/// The calls that bring a destination up to an account's current values
+/// (its initial sync): for each of the account's `users`, the calls of
+/// each value with `context.groupId`, as its changes are sent. Each call
+/// comes with the root profile it is about.
+pub fn account_current_calls(
+    space_id: &str,
+    destination_id: &str,
+    settings: &Settings,
+    group_id: &str,
+    users: &[User<'_>],
+    values: &ComputedValues,
+    at: &str,
+) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for user in users {
+        let calls = values_calls(
+            space_id,
+            destination_id,
+            settings,
+            *user,
+            values,
+            at,
+            None,
+            Some(group_id),
+        );
+        out.extend(calls.into_iter().map(|c| (user.root.to_string(), c)));
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn values_calls(
+    space_id: &str,
+    destination_id: &str,
+    settings: &Settings,
+    User { root, ids }: User<'_>,
+    values: &ComputedValues,
+    at: &str,
+    only: Option<&[Identifier]>,
+    account: Option<&str>,
+) -> Vec<Value> {
     let mut calls = Vec::new();
     for (key, v) in values {
         if !worth_initial_sync(v.class, &v.value) {
@@ -67,6 +128,7 @@ pub fn current_calls_to(
             class: v.class,
             new: &v.value,
             at,
+            group_id: account,
         };
         calls.extend(change_calls_to(
             space_id,

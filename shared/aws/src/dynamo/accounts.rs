@@ -12,8 +12,9 @@ use kindred_domain::account::{Account, AccountUpdate};
 use kindred_store::ports::{AccountDoc, EventQuery, StoredEvent};
 use kindred_store::{Result, StoreError};
 
+use super::compute::accounts_partition;
 use super::profiles::bounds;
-use super::{event_order, event_seq, get_n, get_s, key, n, opt_s, s, DynamoStore, META};
+use super::{event_order, event_seq, get_n, get_s, key, n, opt_s, s, DynamoStore, GPK, GSK, META};
 
 pub(crate) fn account_key(space_id: &str, group_id: &str) -> String {
     format!("ACT#{space_id}#{group_id}")
@@ -55,6 +56,8 @@ impl DynamoStore {
                         s(serde_json::to_string(&Account::new(update))?),
                     );
                     item.insert("version".into(), n(1));
+                    item.insert(GPK.into(), s(accounts_partition(space_id)));
+                    item.insert(GSK.into(), s(update.group_id));
                     self.put_if_absent(item).await?
                 }
                 Some(item) => {
@@ -67,11 +70,15 @@ impl DynamoStore {
                         (":a".to_string(), s(serde_json::to_string(&account)?)),
                         (":v".to_string(), n(version)),
                         (":next".to_string(), n(version + 1)),
+                        (":gpk".to_string(), s(accounts_partition(space_id))),
+                        (":gsk".to_string(), s(update.group_id)),
                     ]);
+                    // (The index entry is set again for accounts made
+                    // before the index listed them.)
                     self.update_if(
                         &pk,
                         META,
-                        "SET account = :a, version = :next",
+                        "SET account = :a, version = :next, gpk = :gpk, gsk = :gsk",
                         "version = :v",
                         values,
                     )

@@ -67,6 +67,35 @@ impl Class {
     }
 }
 
+/// Which profiles a definition computes over: users (the default) or
+/// accounts (Segment's account-level computed traits and audiences).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Collection {
+    #[default]
+    Users,
+    Accounts,
+}
+
+impl Collection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Collection::Users => "users",
+            Collection::Accounts => "accounts",
+        }
+    }
+}
+
+/// How many of an account's users a `users` condition asks to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantifier {
+    /// At least one user matches (an account without users does not).
+    Any,
+    /// Every user matches, and there is at least one.
+    All,
+    /// No user matches (true for an account without users).
+    None,
+}
+
 /// The stable id of a space's computed trait or audience, `tra_…` or
 /// `aud_…` as Segment's: derived from the space, class and key (so both
 /// stores and every function agree without storing it, and a key that is
@@ -282,6 +311,13 @@ pub enum Condition {
         test: Test,
     },
     Audience(String),
+    /// An account condition on its users: `of` is a user-level audience
+    /// (its condition evaluated on each user, with that user's events,
+    /// traits and computed values), `quantifier` how many must match.
+    Users {
+        quantifier: Quantifier,
+        of: Box<Definition>,
+    },
     And(Vec<Condition>),
     Or(Vec<Condition>),
     Not(Box<Condition>),
@@ -295,6 +331,10 @@ impl Condition {
                 1 + cs.iter().map(Condition::expressions).sum::<usize>()
             }
             Condition::Not(c) => 1 + c.expressions(),
+            Condition::Users { of, .. } => match &of.body {
+                Body::Audience(c) => 1 + c.expressions(),
+                Body::Trait(_) => 1,
+            },
             _ => 1,
         }
     }
@@ -328,6 +368,7 @@ pub struct Definition {
     /// Bumped on every replace; states of an older version are rebuilt.
     pub version: u64,
     pub body: Body,
+    pub collection: Collection,
 }
 
 impl Definition {
@@ -354,6 +395,15 @@ impl Definition {
         let Value::Object(obj) = json else {
             return err("body", "must be a JSON object");
         };
+        let collection = match obj.get("collection") {
+            None => Collection::Users,
+            Some(Value::String(c)) if c == "users" => Collection::Users,
+            Some(Value::String(c)) if c == "accounts" => Collection::Accounts,
+            Some(_) => return err("collection", "must be \"users\" or \"accounts\""),
+        };
+        let mut obj = obj.clone();
+        obj.remove("collection");
+        let obj = &obj;
         let body = match class {
             Class::ComputedTrait => Body::Trait(parse_trait(obj)?),
             Class::Audience => {
@@ -361,7 +411,7 @@ impl Definition {
                 let c = obj
                     .get("condition")
                     .map_or_else(|| err("condition", "is required"), Ok)?;
-                let condition = parse_condition(c, "condition")?;
+                let condition = parse_condition(c, "condition", collection)?;
                 if condition.expressions() > MAX_EXPRESSIONS {
                     return err(
                         "condition",
@@ -375,6 +425,7 @@ impl Definition {
             key: key.to_string(),
             version,
             body,
+            collection,
         })
     }
 }
@@ -628,14 +679,20 @@ fn parse_span(obj: &Map<String, Value>, path: &str) -> Result<Span, DefinitionEr
     }
 }
 
-fn parse_condition(v: &Value, path: &str) -> Result<Condition, DefinitionError> {
+/// A condition; `users` conditions only in account definitions
+/// (`collection`), and not inside one another.
+fn parse_condition(
+    v: &Value,
+    path: &str,
+    collection: Collection,
+) -> Result<Condition, DefinitionError> {
     let Value::Object(obj) = v else {
         return err(path, "must be an object with one condition");
     };
     let [(kind, inner)] = obj.iter().collect::<Vec<_>>()[..] else {
         return err(
             path,
-            "must have exactly one of performed, not_performed, trait, audience, and, or, not",
+            "must have exactly one of performed, not_performed, trait, audience, users, and, or, not",
         );
     };
     let p = join(path, kind);
@@ -704,7 +761,7 @@ fn parse_condition(v: &Value, path: &str) -> Result<Condition, DefinitionError> 
             let cs = items
                 .iter()
                 .enumerate()
-                .map(|(i, c)| parse_condition(c, &format!("{p}[{i}]")))
+                .map(|(i, c)| parse_condition(c, &format!("{p}[{i}]"), collection))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(if kind == "and" {
                 Condition::And(cs)
@@ -712,10 +769,40 @@ fn parse_condition(v: &Value, path: &str) -> Result<Condition, DefinitionError> 
                 Condition::Or(cs)
             })
         }
-        "not" => Ok(Condition::Not(Box::new(parse_condition(inner, &p)?))),
+        "not" => Ok(Condition::Not(Box::new(parse_condition(
+            inner, &p, collection,
+        )?))),
+        "users" if collection == Collection::Accounts => {
+            let Value::Object(o) = inner else {
+                return err(&p, "must be an object with one of any, all, none");
+            };
+            let [(q, c)] = o.iter().collect::<Vec<_>>()[..] else {
+                return err(&p, "must have exactly one of any, all, none");
+            };
+            let quantifier = match q.as_str() {
+                "any" => Quantifier::Any,
+                "all" => Quantifier::All,
+                "none" => Quantifier::None,
+                _ => return err(&join(&p, q), "is not one of any, all, none"),
+            };
+            let condition = parse_condition(c, &join(&p, q), Collection::Users)?;
+            Ok(Condition::Users {
+                quantifier,
+                of: Box::new(Definition {
+                    key: p.clone(),
+                    version: 0,
+                    body: Body::Audience(condition),
+                    collection: Collection::Users,
+                }),
+            })
+        }
+        "users" => err(
+            &p,
+            "applies to account audiences only (\"collection\": \"accounts\")",
+        ),
         _ => err(
             &p,
-            "is not one of performed, not_performed, trait, audience, and, or, not",
+            "is not one of performed, not_performed, trait, audience, users, and, or, not",
         ),
     }
 }
@@ -809,6 +896,47 @@ pub fn evaluation_order(defs: &[Definition]) -> Result<Vec<usize>, DefinitionErr
         visit(i, defs, &deps, &mut mark, &mut order)?;
     }
     Ok(order)
+}
+
+/// Checks that every `users` condition of the account definitions
+/// `accounts` refers only to audiences among the user-level `users`.
+pub fn check_user_conditions(
+    accounts: &[Definition],
+    users: &[Definition],
+) -> Result<(), DefinitionError> {
+    fn walk(c: &Condition, users: &[Definition], key: &str) -> Result<(), DefinitionError> {
+        match c {
+            Condition::Users { of, .. } => {
+                let mut refs = BTreeSet::new();
+                if let Body::Audience(inner) = &of.body {
+                    audience_refs(inner, &mut refs);
+                }
+                for r in refs {
+                    if !users
+                        .iter()
+                        .any(|u| u.key == r && u.class() == Class::Audience)
+                    {
+                        return err(
+                            "condition",
+                            format!("user audience {r:?} referenced by {key:?} does not exist"),
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Condition::And(cs) | Condition::Or(cs) => {
+                cs.iter().try_for_each(|c| walk(c, users, key))
+            }
+            Condition::Not(c) => walk(c, users, key),
+            _ => Ok(()),
+        }
+    }
+    for d in accounts {
+        if let Body::Audience(c) = &d.body {
+            walk(c, users, &d.key)?;
+        }
+    }
+    Ok(())
 }
 
 fn audience_refs(c: &Condition, out: &mut BTreeSet<String>) {

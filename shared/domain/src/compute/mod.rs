@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 pub use definition::{
-    computation_id, evaluation_order, valid_key, Aggregate, Body, Class, ComputedTrait, Condition,
-    Count, Definition, DefinitionError, EventMatch, Filter, Funnel, Op, Span, Test, TraitKind,
-    Window, HOUR_MS, MAX_DEFINITIONS, MAX_EXPRESSIONS, MAX_WHERE_FILTERS,
+    check_user_conditions, computation_id, evaluation_order, valid_key, Aggregate, Body, Class,
+    Collection, ComputedTrait, Condition, Count, Definition, DefinitionError, EventMatch, Filter,
+    Funnel, Op, Quantifier, Span, Test, TraitKind, Window, HOUR_MS, MAX_DEFINITIONS,
+    MAX_EXPRESSIONS, MAX_WHERE_FILTERS,
 };
 pub use state::{hour, Acc, DefState, EventFacts};
 
@@ -57,10 +58,13 @@ pub struct ProfileState {
     pub defs: BTreeMap<String, DefState>,
 }
 
-/// A space's definitions, in evaluation order.
+/// A space's definitions, in evaluation order: the user-level ones (which
+/// every method but the `account` ones works with) and the account-level
+/// ones.
 #[derive(Clone, Debug, Default)]
 pub struct Ruleset {
     defs: Vec<Definition>,
+    accounts: Vec<Definition>,
     /// Each definition's position in `defs`, by key.
     index: HashMap<String, usize>,
     /// The keys, sorted (the order of a state's map).
@@ -72,10 +76,18 @@ pub struct Ruleset {
 impl Ruleset {
     /// Checks references and cycles and orders the definitions.
     pub fn new(defs: Vec<Definition>) -> Result<Ruleset, DefinitionError> {
-        let order = evaluation_order(&defs)?;
-        let mut slots: Vec<Option<Definition>> = defs.into_iter().map(Some).collect();
+        let (accounts, defs): (Vec<_>, Vec<_>) = defs
+            .into_iter()
+            .partition(|d| d.collection == Collection::Accounts);
+        check_user_conditions(&accounts, &defs)?;
+        let ordered = |defs: Vec<Definition>| -> Result<Vec<Definition>, DefinitionError> {
+            let order = evaluation_order(&defs)?;
+            let mut slots: Vec<Option<Definition>> = defs.into_iter().map(Some).collect();
+            Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
+        };
         let mut ruleset = Ruleset {
-            defs: order.into_iter().filter_map(|i| slots[i].take()).collect(),
+            defs: ordered(defs)?,
+            accounts: ordered(accounts)?,
             index: HashMap::new(),
             sorted_keys: Vec::new(),
             reads_custom: false,
@@ -97,6 +109,53 @@ impl Ruleset {
 
     pub fn definitions(&self) -> &[Definition] {
         &self.defs
+    }
+
+    /// The account-level definitions, in evaluation order.
+    pub fn account_definitions(&self) -> &[Definition] {
+        &self.accounts
+    }
+
+    /// Whether some account definition reads events: its own (counted
+    /// over all its users' events) or a user's in a `users` condition.
+    pub fn accounts_read_events(&self) -> bool {
+        fn reads(c: &Condition) -> bool {
+            match c {
+                Condition::Performed { .. } | Condition::NotPerformed { .. } => true,
+                Condition::Users { of, .. } => match &of.body {
+                    Body::Audience(c) => reads(c),
+                    Body::Trait(_) => true,
+                },
+                Condition::And(cs) | Condition::Or(cs) => cs.iter().any(reads),
+                Condition::Not(c) => reads(c),
+                Condition::Trait { .. } | Condition::Audience(_) => false,
+            }
+        }
+        self.accounts.iter().any(|d| match &d.body {
+            Body::Trait(_) => true,
+            Body::Audience(c) => reads(c),
+        })
+    }
+
+    /// Every account definition's value at `now`, for an account with
+    /// `traits` and these users. Account computed traits and `performed`
+    /// conditions count the events of all its users together (as
+    /// Segment's do); a `users` condition is evaluated on each user with
+    /// that user's own events, traits and computed values.
+    pub fn evaluate_account(&self, traits: &Traits, members: &[Member<'_>], now: Millis) -> Values {
+        let mut all: Vec<EventFacts<'_>> = members
+            .iter()
+            .flat_map(|m| m.events.iter().copied())
+            .collect();
+        all.sort_by_key(|e| e.timestamp);
+        let mut values = Values::new();
+        for d in &self.accounts {
+            let s = rebuild(d, all.iter().copied());
+            if let Some(v) = evaluate_in(d, &s, traits, &values, now, members) {
+                values.insert(d.key.clone(), v);
+            }
+        }
+        values
     }
 
     /// Whether some audience reads a trait that no definition computes
@@ -304,12 +363,36 @@ pub fn rebuild<'a>(d: &Definition, events: impl IntoIterator<Item = EventFacts<'
     s
 }
 
+/// One user of an account, as account conditions see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Member<'a> {
+    pub traits: &'a Traits,
+    /// The user's computed traits and audiences.
+    pub values: &'a Values,
+    /// The user's events, oldest first (empty when no account definition
+    /// reads events: see [`Ruleset::accounts_read_events`]).
+    pub events: &'a [EventFacts<'a>],
+}
+
 fn evaluate_one(
     d: &Definition,
     s: &DefState,
     traits: &Traits,
     values: &Values,
     now: Millis,
+) -> Option<Value> {
+    evaluate_in(d, s, traits, values, now, &[])
+}
+
+/// [`evaluate_one`] of an account definition, whose `users` conditions
+/// look at `members`.
+fn evaluate_in(
+    d: &Definition,
+    s: &DefState,
+    traits: &Traits,
+    values: &Values,
+    now: Millis,
+    members: &[Member<'_>],
 ) -> Option<Value> {
     let leaves = state::leaves(d);
     match &d.body {
@@ -322,6 +405,7 @@ fn evaluate_one(
                 traits,
                 values,
                 now,
+                members,
             };
             Some(Value::Bool(env.holds(c, &mut next)))
         }
@@ -334,6 +418,7 @@ struct Env<'a> {
     traits: &'a Traits,
     values: &'a Values,
     now: Millis,
+    members: &'a [Member<'a>],
 }
 
 impl Env<'_> {
@@ -360,6 +445,17 @@ impl Env<'_> {
                 ops::test_at(test, v, self.now)
             }
             Condition::Audience(key) => self.values.get(key) == Some(&Value::Bool(true)),
+            Condition::Users { quantifier, of } => {
+                let mut matching = self.members.iter().map(|m| {
+                    let s = rebuild(of, m.events.iter().copied());
+                    evaluate_one(of, &s, m.traits, m.values, self.now) == Some(Value::Bool(true))
+                });
+                match quantifier {
+                    Quantifier::Any => matching.any(|b| b),
+                    Quantifier::All => !self.members.is_empty() && matching.all(|b| b),
+                    Quantifier::None => !matching.any(|b| b),
+                }
+            }
             Condition::And(cs) => {
                 let all: Vec<bool> = cs.iter().map(|c| self.holds(c, next)).collect();
                 all.into_iter().all(|b| b)
@@ -411,9 +507,22 @@ fn is_blank(v: &Value) -> bool {
 /// a value does not get (or announce) a blank one (`false`, `0`, `[]`);
 /// keys of deleted definitions are dropped silently.
 pub fn settle(ruleset: &Ruleset, stored: &Values, computed: &Values) -> (Values, Vec<Change>) {
+    settle_over(ruleset.definitions(), stored, computed)
+}
+
+/// [`settle`] for an account's values (its account definitions).
+pub fn settle_account(
+    ruleset: &Ruleset,
+    stored: &Values,
+    computed: &Values,
+) -> (Values, Vec<Change>) {
+    settle_over(ruleset.account_definitions(), stored, computed)
+}
+
+fn settle_over(defs: &[Definition], stored: &Values, computed: &Values) -> (Values, Vec<Change>) {
     let mut out = Values::new();
     let mut changes = Vec::new();
-    for d in ruleset.definitions() {
+    for d in defs {
         let old = stored.get(&d.key);
         let new = computed.get(&d.key);
         match (old, new) {
@@ -472,5 +581,170 @@ impl Change {
             }));
         }
         calls
+    }
+}
+
+#[cfg(test)]
+mod account_tests {
+    use super::*;
+    use crate::traits::TraitValue;
+
+    fn def(class: Class, key: &str, body: Value) -> Definition {
+        Definition::parse(class, key, 1, &body).unwrap()
+    }
+
+    fn traits(pairs: &[(&str, Value)]) -> Traits {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                let t = TraitValue {
+                    value: v.clone(),
+                    updated_at: 0,
+                    source_id: "src".into(),
+                };
+                (k.to_string(), t)
+            })
+            .collect()
+    }
+
+    const NOW: Millis = 1_800_000_000_000;
+
+    #[test]
+    fn account_audiences_quantify_over_users_and_read_account_traits() {
+        let users = vec![def(
+            Class::Audience,
+            "power_user",
+            json!({"condition": {"performed": {"event": "Report Built", "count": {"at_least": 2}}}}),
+        )];
+        let accounts = vec![
+            def(
+                Class::Audience,
+                "any_admin",
+                json!({"collection": "accounts",
+                       "condition": {"users": {"any": {"trait": {"name": "role", "op": "=", "value": "admin"}}}}}),
+            ),
+            def(
+                Class::Audience,
+                "all_power",
+                json!({"collection": "accounts", "condition": {"users": {"all": {"audience": "power_user"}}}}),
+            ),
+            def(
+                Class::Audience,
+                "no_churned",
+                json!({"collection": "accounts",
+                       "condition": {"and": [
+                           {"users": {"none": {"performed": {"event": "Churned"}}}},
+                           {"trait": {"name": "plan", "op": "=", "value": "enterprise"}}]}}),
+            ),
+            def(
+                Class::ComputedTrait,
+                "reports",
+                json!({"collection": "accounts", "type": "event_counter", "event": "Report Built",
+                       "lookback": {"days": 30}}),
+            ),
+        ];
+        let mut all = users.clone();
+        all.extend(accounts);
+        let r = Ruleset::new(all).unwrap();
+        assert_eq!(r.definitions().len(), 1);
+        assert_eq!(r.account_definitions().len(), 4);
+        assert!(r.accounts_read_events());
+
+        let admin = traits(&[("role", json!("admin"))]);
+        let member = traits(&[("role", json!("member"))]);
+        let power = Values::from([("power_user".to_string(), json!(true))]);
+        let none = Values::new();
+        let report = EventFacts {
+            name: "Report Built",
+            timestamp: NOW - HOUR_MS,
+            properties: None,
+        };
+        let old = EventFacts {
+            timestamp: NOW - 40 * 24 * HOUR_MS,
+            ..report
+        };
+        let churn = EventFacts {
+            name: "Churned",
+            ..report
+        };
+        let e1 = [report, old];
+        let e2 = [report];
+        let account = traits(&[("plan", json!("enterprise"))]);
+        let members = [
+            Member {
+                traits: &admin,
+                values: &power,
+                events: &e1,
+            },
+            Member {
+                traits: &member,
+                values: &power,
+                events: &e2,
+            },
+        ];
+        let v = r.evaluate_account(&account, &members, NOW);
+        assert_eq!(v["any_admin"], json!(true));
+        assert_eq!(v["all_power"], json!(true));
+        assert_eq!(v["no_churned"], json!(true));
+        // Counted over both users' events, within the lookback.
+        assert_eq!(v["reports"], json!(2));
+
+        let e3 = [churn];
+        let members = [
+            Member {
+                traits: &member,
+                values: &power,
+                events: &e3,
+            },
+            Member {
+                traits: &member,
+                values: &none,
+                events: &[],
+            },
+        ];
+        let v = r.evaluate_account(&account, &members, NOW);
+        assert_eq!(v["any_admin"], json!(false));
+        assert_eq!(v["all_power"], json!(false));
+        assert_eq!(v["no_churned"], json!(false));
+
+        // No users: "all" does not hold, "none" does.
+        let v = r.evaluate_account(&account, &[], NOW);
+        assert_eq!(v["all_power"], json!(false));
+        assert_eq!(v["no_churned"], json!(true));
+    }
+
+    #[test]
+    fn users_conditions_are_checked() {
+        let bad = Definition::parse(
+            Class::Audience,
+            "a",
+            1,
+            &json!({"condition": {"users": {"any": {"audience": "x"}}}}),
+        )
+        .unwrap_err();
+        assert_eq!(bad.field, "condition.users");
+        let bad = Definition::parse(
+            Class::Audience,
+            "a",
+            1,
+            &json!({"collection": "accounts", "condition": {"users": {"most": {"audience": "x"}}}}),
+        )
+        .unwrap_err();
+        assert_eq!(bad.field, "condition.users.most");
+        let bad = Definition::parse(
+            Class::Audience,
+            "a",
+            1,
+            &json!({"collection": "teams", "condition": {"audience": "x"}}),
+        )
+        .unwrap_err();
+        assert_eq!(bad.field, "collection");
+        let dangling = def(
+            Class::Audience,
+            "a",
+            json!({"collection": "accounts", "condition": {"users": {"any": {"audience": "missing"}}}}),
+        );
+        let e = Ruleset::new(vec![dangling]).unwrap_err();
+        assert!(e.message.contains("missing"), "{e}");
     }
 }

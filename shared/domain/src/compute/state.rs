@@ -123,7 +123,9 @@ fn leaves_of<'a>(c: &'a Condition, out: &mut Vec<Leaf<'a>>) {
         }),
         Condition::And(cs) | Condition::Or(cs) => cs.iter().for_each(|c| leaves_of(c, out)),
         Condition::Not(c) => leaves_of(c, out),
-        Condition::Trait { .. } | Condition::Audience(_) => {}
+        // (A `users` condition's events are each user's, folded when it
+        // is evaluated.)
+        Condition::Trait { .. } | Condition::Audience(_) | Condition::Users { .. } => {}
     }
 }
 

@@ -21,6 +21,10 @@ pub struct ChangeEntry<'a> {
     pub class: Class,
     pub new: &'a Value,
     pub at: &'a str,
+    /// The account of an account-level change: its calls go to each of
+    /// the account's users with `context.groupId` (as Segment sends
+    /// account audiences).
+    pub group_id: Option<&'a str>,
 }
 
 /// A deterministic messageId: the same (change, destination, identifier)
@@ -213,8 +217,12 @@ pub fn change_calls_to(
     let mut personas = personas(settings.personas, space_id, change.class, change.key);
     personas["profile_id"] = json!(profile_id);
     let origin = match change.seq {
+        Some(seq) if change.group_id.is_some() => format!("change:{seq}:{profile_id}"),
         Some(seq) => format!("change:{seq}"),
-        None => format!("current:{profile_id}:{}:{}", change.key, change.new),
+        None => match change.group_id {
+            Some(g) => format!("current:{profile_id}:{g}:{}:{}", change.key, change.new),
+            None => format!("current:{profile_id}:{}:{}", change.key, change.new),
+        },
     };
     let mut calls = Vec::new();
     let wanted = |a: &Address| {
@@ -235,7 +243,7 @@ pub fn change_calls_to(
             call.insert("traits".into(), json!({ change.key: change.new }));
             address.fill(&mut call, "traits");
             call.insert("timestamp".into(), json!(change.at));
-            call.insert("context".into(), json!({"personas": personas}));
+            call.insert("context".into(), context(&personas, change.group_id));
             calls.push(Value::Object(call));
         }
         if settings.track {
@@ -261,7 +269,7 @@ pub fn change_calls_to(
             address.fill(&mut call, "context_traits");
             let context_traits = call.remove("context_traits");
             call.insert("timestamp".into(), json!(change.at));
-            let mut context = json!({"personas": personas});
+            let mut context = context(&personas, change.group_id);
             if let Some(t) = context_traits {
                 context["traits"] = t;
             }
@@ -270,6 +278,16 @@ pub fn change_calls_to(
         }
     }
     calls
+}
+
+/// A change call's `context`: its `personas`, and the account's
+/// `groupId` for an account-level change.
+fn context(personas: &Value, group_id: Option<&str>) -> Value {
+    let mut context = json!({ "personas": personas });
+    if let Some(g) = group_id {
+        context["groupId"] = json!(g);
+    }
+    context
 }
 
 /// Whether an initial sync sends this current value: audience members,

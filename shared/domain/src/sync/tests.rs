@@ -104,6 +104,7 @@ fn audience_change<'a>(new: &'a Value) -> ChangeEntry<'a> {
         class: Class::Audience,
         new,
         at: "2026-11-29T10:00:00.000Z",
+        group_id: None,
     }
 }
 
@@ -191,6 +192,7 @@ fn traits_become_identify_and_trait_computed() {
         class: Class::ComputedTrait,
         new: &v,
         at: "2026-11-29T10:00:00.000Z",
+        group_id: None,
     };
     let calls = change_calls("sp", "d", &s, "p", &[entry("user_id", "u", 1)], &change);
     assert_eq!(calls[0]["traits"]["ltv"], 42.5);

@@ -6,14 +6,12 @@
 use std::collections::BTreeSet;
 
 use axum::http::Uri;
-use kindred_domain::compute::Class;
 use kindred_domain::event::format_millis;
-use kindred_domain::traits::visible;
 use kindred_store::{AccountDoc, ProfileLookup, ProfileParts};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::events::{event_query, segment_shape, shaped_page};
-use super::params::{cursor, flag, invalid, list, page, Params, MAX_ITEMS, MAX_TRAITS};
+use super::params::{flag, invalid, list, page, Params, MAX_ITEMS};
 use crate::error::ApiError;
 use crate::ReadState;
 
@@ -43,7 +41,7 @@ pub(crate) async fn resource(
         .await?
         .ok_or_else(|| ApiError::not_found("Profile was not found."))?;
     match resource {
-        "traits" => traits(&doc, params, uri),
+        "traits" => traits(state, space_id, &doc, params, uri).await,
         "external_ids" => external_ids(&doc, source_id, params, uri),
         "metadata" => metadata(&doc, source_id, params),
         "links" => links(state, space_id, source_id, &doc, params, uri).await,
@@ -51,33 +49,20 @@ pub(crate) async fn resource(
     }
 }
 
-fn traits(doc: &AccountDoc, params: &Params, uri: &Uri) -> Result<Value, ApiError> {
-    let limit = super::params::limit(params, MAX_TRAITS)?;
-    let verbose = flag(params, "verbose")?;
-    let include = list(params, "include");
-    if let Some(c) = params.get("class") {
-        Class::parse(c).ok_or_else(|| invalid("class", "must be audience or computed_trait"))?;
-        // Account computed traits and audiences are not built yet.
-        return Ok(json!({"traits": {}, "cursor": cursor(uri, false, None, limit)}));
-    }
-    let after = params.get("next");
-    let mut selected = visible(&doc.account.traits)
-        .filter(|(k, _)| include.is_empty() || include.contains(k))
-        .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a.as_str()));
-    let mut out = Map::new();
-    let mut last = None;
-    for (key, t) in selected.by_ref().take(limit) {
-        let value = if verbose {
-            json!({"value": t.value, "source_id": t.source_id,
-                   "updated_at": format_millis(t.updated_at)})
-        } else {
-            t.value.clone()
-        };
-        out.insert(key.clone(), value);
-        last = Some(key.clone());
-    }
-    let has_more = selected.next().is_some();
-    Ok(json!({"traits": out, "cursor": cursor(uri, has_more, last, limit)}))
+/// The account's traits, with its account-level computed traits and
+/// audiences (as Segment shows them).
+async fn traits(
+    state: &ReadState,
+    space_id: &str,
+    doc: &AccountDoc,
+    params: &Params,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
+    let computed = match &state.computations {
+        Some(c) => c.account_values(space_id, &doc.account.group_id).await?.0,
+        None => Default::default(),
+    };
+    super::trait_page(&doc.account.traits, &computed, params, uri)
 }
 
 fn external_ids(

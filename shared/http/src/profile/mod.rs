@@ -136,6 +136,17 @@ async fn resource(
 }
 
 fn traits(doc: &ProfileDoc, params: &Params, uri: &Uri) -> Result<Value, ApiError> {
+    trait_page(&doc.traits, &doc.computed, params, uri)
+}
+
+/// A page of a profile's (or an account's) traits: custom traits and
+/// computed values in one key order, filtered by `class` and `include`.
+pub(crate) fn trait_page(
+    traits: &kindred_domain::Traits,
+    computed: &kindred_store::ComputedValues,
+    params: &Params,
+    uri: &Uri,
+) -> Result<Value, ApiError> {
     let limit = params::limit(params, MAX_TRAITS)?;
     let verbose = flag(params, "verbose")?;
     let include = list(params, "include");
@@ -151,11 +162,11 @@ fn traits(doc: &ProfileDoc, params: &Params, uri: &Uri) -> Result<Value, ApiErro
     // value wins over a custom trait of the same name.
     let mut all: BTreeMap<&String, (&Value, &str, i64)> = BTreeMap::new();
     if class.is_none() {
-        for (k, t) in visible(&doc.traits) {
+        for (k, t) in visible(traits) {
             all.insert(k, (&t.value, t.source_id.as_str(), t.updated_at));
         }
     }
-    for (k, c) in &doc.computed {
+    for (k, c) in computed {
         if class.is_none_or(|class| class == c.class) {
             all.insert(k, (&c.value, "kindred:compute", c.updated_at));
         }

@@ -232,15 +232,17 @@ impl SqliteStore {
     }
 
     /// Sweeps every space as of `as_of`.
+    /// The spaces that have (or had) definitions.
+    pub fn definition_spaces(&self) -> Result<Vec<String>> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare("SELECT space_id FROM c.definition_sets")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn sweep_all(&self, as_of: Millis) -> Result<u64> {
-        let spaces: Vec<String> = {
-            let conn = self.reader()?;
-            let mut stmt = conn.prepare("SELECT space_id FROM definition_sets")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
         let mut n = 0;
-        for space in spaces {
+        for space in self.definition_spaces()? {
             n += self.sweep(&space, as_of)?;
         }
         Ok(n)
@@ -315,8 +317,9 @@ impl Computations for SqliteStore {
         self.blocking(move |s| {
             let conn = s.reader()?;
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, profile_id, key, class, old, new, at FROM changes
-                 WHERE space_id = ?1 AND seq > ?2 AND profile_id <> '' ORDER BY seq LIMIT ?3",
+                "SELECT seq, profile_id, key, class, old, new, at, group_id FROM changes
+                 WHERE space_id = ?1 AND seq > ?2 AND (profile_id <> '' OR group_id IS NOT NULL)
+                 ORDER BY seq LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![space_id, since, limit as i64], |r| {
                 Ok((
@@ -327,14 +330,16 @@ impl Computations for SqliteStore {
                     r.get::<_, Option<String>>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, i64>(6)?,
+                    r.get::<_, Option<String>>(7)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (seq, profile_id, key, class, old, new, at) = row?;
+                let (seq, profile_id, key, class, old, new, at, group_id) = row?;
                 out.push(ChangeRecord {
                     seq,
                     profile_id,
+                    group_id,
                     key,
                     class: class_of(&class)?,
                     old: old.map(|o| serde_json::from_str(&o)).transpose()?,
@@ -350,5 +355,98 @@ impl Computations for SqliteStore {
     async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64> {
         let space_id = space_id.to_string();
         self.blocking(move |s| s.sweep(&space_id, as_of)).await
+    }
+
+    async fn account_ids(&self, space_id: &str, after: &str, limit: usize) -> Result<Vec<String>> {
+        let (space_id, after) = (space_id.to_string(), after.to_string());
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT group_id FROM accounts WHERE space_id = ?1 AND group_id > ?2
+                 ORDER BY group_id LIMIT ?3",
+            )?;
+            let ids = stmt
+                .query_map(params![space_id, after, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn account_values(
+        &self,
+        space_id: &str,
+        group_id: &str,
+    ) -> Result<(ComputedValues, i64)> {
+        let (space_id, group_id) = (space_id.to_string(), group_id.to_string());
+        self.blocking(move |s| {
+            let row: Option<(String, i64)> = s
+                .reader()?
+                .prepare_cached(
+                    "SELECT computed, version FROM c.account_values
+                     WHERE space_id = ?1 AND group_id = ?2",
+                )?
+                .query_row(params![space_id, group_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match row {
+                Some((json, version)) => Ok((serde_json::from_str(&json)?, version)),
+                None => Ok((ComputedValues::new(), 0)),
+            }
+        })
+        .await
+    }
+
+    async fn write_account_values(
+        &self,
+        space_id: &str,
+        group_id: &str,
+        version: i64,
+        values: &ComputedValues,
+        changes: &[kindred_domain::compute::Change],
+        at: Millis,
+    ) -> Result<bool> {
+        let (space_id, group_id) = (space_id.to_string(), group_id.to_string());
+        let computed = serde_json::to_string(values)?;
+        let changes = changes.to_vec();
+        self.blocking(move |s| {
+            let mut conn = s.compute_writer();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let stored: i64 = tx
+                .prepare_cached(
+                    "SELECT version FROM account_values WHERE space_id = ?1 AND group_id = ?2",
+                )?
+                .query_row(params![space_id, group_id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            if stored != version {
+                return Ok(false);
+            }
+            tx.prepare_cached(
+                "INSERT INTO account_values (space_id, group_id, computed, version)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (space_id, group_id)
+                 DO UPDATE SET computed = excluded.computed, version = excluded.version",
+            )?
+            .execute(params![space_id, group_id, computed, version + 1])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO changes (space_id, profile_id, key, class, old, new, at, group_id)
+                 VALUES (?1, '', ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for c in &changes {
+                insert.execute(params![
+                    space_id,
+                    c.key,
+                    c.class.as_str(),
+                    c.old.as_ref().map(Value::to_string),
+                    c.new.to_string(),
+                    at,
+                    group_id
+                ])?;
+            }
+            drop(insert);
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
     }
 }

@@ -103,6 +103,15 @@ CREATE TABLE IF NOT EXISTS changes (
     at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_space ON changes (space_id, seq);
+-- Account-level computed values (`kindred_store::accounts`), written
+-- conditionally on `version`.
+CREATE TABLE IF NOT EXISTS account_values (
+    space_id TEXT NOT NULL,
+    group_id TEXT NOT NULL,
+    computed TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (space_id, group_id)
+) WITHOUT ROWID;
 -- A regulation blanks a deleted person's entries.
 CREATE INDEX IF NOT EXISTS changes_by_profile ON changes (space_id, profile_id);
 CREATE TABLE IF NOT EXISTS compute_cursors (
@@ -117,6 +126,20 @@ SELECT c.seq, '', '', 0 FROM compute_cursors c
 WHERE c.name = 'compute_requests'
   AND c.seq > coalesce((SELECT max(seq) FROM compute_requests), 0);
 ";
+
+/// Brings a `compute.db` from before account-level definitions up to date:
+/// its change log gains the account a change is about.
+pub(crate) fn migrate(conn: &Connection) -> Result<()> {
+    let has_group: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('changes') WHERE name = 'group_id')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_group {
+        conn.execute("ALTER TABLE changes ADD COLUMN group_id TEXT", [])?;
+    }
+    Ok(())
+}
 
 const EVENTS_CURSOR: &str = "compute";
 const REQUESTS_CURSOR: &str = "compute_requests";

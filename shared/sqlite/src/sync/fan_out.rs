@@ -110,6 +110,42 @@ impl SqliteStore {
                 }
             }
         }
+        drop(states);
+        drop(stmt);
+        // Accounts' values, to each of their users.
+        let mut stmt = snapshot
+            .prepare("SELECT group_id, computed FROM c.account_values WHERE space_id = ?1")?;
+        let mut accounts = stmt.query([&d.space_id])?;
+        while let Some(row) = accounts.next()? {
+            let group_id: String = row.get(0)?;
+            let mut computed: kindred_store::ComputedValues =
+                serde_json::from_str(&row.get::<_, String>(1)?)?;
+            if let Some(keys) = &d.initial_keys {
+                computed.retain(|k, _| keys.contains(k));
+            }
+            if computed.is_empty() {
+                continue;
+            }
+            let users = account_roots(&snapshot, &mut ids, "", &d.space_id, &group_id)?;
+            let users: Vec<User<'_>> = (users.iter())
+                .map(|(root, ids)| User { root, ids })
+                .collect();
+            buffer.extend(account_current_calls(
+                &d.space_id,
+                &d.destination_id,
+                &d.settings,
+                &group_id,
+                &users,
+                &computed,
+                &now,
+            ));
+            if buffer.len() >= CHUNK {
+                queued += buffer.len() as u64;
+                if !flush(&mut buffer, false)? {
+                    return Ok(queued);
+                }
+            }
+        }
         queued += buffer.len() as u64;
         flush(&mut buffer, true)?;
         Ok(queued)
@@ -206,7 +242,7 @@ const MERGE_LOG: Log = Log {
 const CHANGE_LOG: Log = Log {
     name: "changes",
     cursor: CHANGES_CURSOR,
-    sql: "SELECT seq, space_id, profile_id, key, class, new, at FROM c.changes
+    sql: "SELECT seq, space_id, profile_id, key, class, new, at, group_id FROM c.changes
           WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     per_step: CHANGES_PER_STEP,
 };
@@ -308,28 +344,41 @@ impl Fan<'_, '_> {
                 .ok_or_else(|| StoreError::Undecodable(format!("unknown class {class:?}")))?;
             let new: Value = serde_json::from_str(&row.get::<_, String>(5)?)?;
             let at = format_millis(row.get(6)?);
+            let group_id: Option<String> = row.get(7)?;
             let change = ChangeEntry {
                 seq: Some(seq),
                 key: &key,
                 class,
                 new: &new,
                 at: &at,
+                group_id: group_id.as_deref(),
             };
-            for d in dests
+            let receivers: Vec<&&Row> = dests
                 .iter()
                 .filter(|d| d.position().receives_change(&d.settings, seq, &key))
-            {
-                let (root, root_ids) = ids.root(tx, space_id, &profile_id)?;
-                for call in change_calls(
-                    space_id,
-                    &d.destination_id,
-                    &d.settings,
-                    &root,
-                    &root_ids,
-                    &change,
-                ) {
-                    insert.call(d, &root, &call)?;
-                    out.calls += 1;
+                .collect();
+            if receivers.is_empty() {
+                return Ok(());
+            }
+            // A user's change goes to the user; an account's to each of
+            // its users (as linked now, each root once).
+            let roots = match &group_id {
+                None => vec![ids.root(tx, space_id, &profile_id)?],
+                Some(group_id) => account_roots(tx, ids, "s.", space_id, group_id)?,
+            };
+            for d in receivers {
+                for (root, root_ids) in &roots {
+                    for call in change_calls(
+                        space_id,
+                        &d.destination_id,
+                        &d.settings,
+                        root,
+                        root_ids,
+                        &change,
+                    ) {
+                        insert.call(d, root, &call)?;
+                        out.calls += 1;
+                    }
                 }
             }
             Ok(())
@@ -379,6 +428,33 @@ impl Fan<'_, '_> {
             Ok(())
         })
     }
+}
+
+/// The root profiles (each once) of the profiles group calls linked to
+/// an account, with their identifiers; `schema` is how the connection
+/// names `store.db` (`"s."` on the sync writer, `""` on a reader).
+fn account_roots(
+    conn: &Connection,
+    ids: &mut IdCache,
+    schema: &str,
+    space_id: &str,
+    group_id: &str,
+) -> Result<Vec<RootIds>> {
+    let linked: Vec<String> = conn
+        .prepare_cached(&format!(
+            "SELECT profile_id FROM {schema}account_users WHERE space_id = ?1 AND group_id = ?2
+             ORDER BY profile_id"
+        ))?
+        .query_map(params![space_id, group_id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut roots: Vec<RootIds> = Vec::new();
+    for profile_id in linked {
+        let found = ids.root(conn, space_id, &profile_id)?;
+        if !roots.iter().any(|(r, _)| *r == found.0) {
+            roots.push(found);
+        }
+    }
+    Ok(roots)
 }
 
 /// Passes a storage error on (the step is retried); records any other

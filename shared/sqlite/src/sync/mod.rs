@@ -34,8 +34,9 @@ use tracing::info_span;
 
 use super::SqliteStore;
 use kindred_store::sync::{
-    current_calls, current_calls_to, secret_context, Attempt, DeadLetter, DeliveryError,
-    DestinationRecord, DestinationStatus, Destinations, Outbox, PendingCall, Target, Targets,
+    account_current_calls, current_calls, current_calls_to, secret_context, Attempt, DeadLetter,
+    DeliveryError, DestinationRecord, DestinationStatus, Destinations, Outbox, PendingCall, Target,
+    Targets, User,
 };
 use kindred_store::{now_millis, Result, StoreError};
 

@@ -61,6 +61,7 @@ impl DynamoStore {
                 out.push(ChangeRecord {
                     seq,
                     profile_id: get_s(item, "profile_id")?.to_string(),
+                    group_id: opt_s(item, "group_id").map(str::to_string),
                     key: c.key,
                     class: c.class,
                     old: c.old,

@@ -8,6 +8,9 @@
 //! version it read, deletes the states of profiles merged into it and
 //! appends the change-log item.
 
+mod account_values;
+
+pub(crate) use account_values::accounts_partition;
 mod changes;
 mod definitions;
 mod fold;
