@@ -300,12 +300,25 @@ async fn account_audiences_reach_each_user_with_the_group_id(e: &impl Delivering
     let r = Receiver::start().await;
     buyers(e).await;
     let accounts = |condition: Value| json!({"collection": "accounts", "condition": condition});
-    e.define(
-        "audiences",
-        "any_buyer",
-        accounts(json!({"users": {"any": {"audience": "buyers"}}})),
-    )
-    .await;
+    let any_buyer = e
+        .define(
+            "audiences",
+            "any_buyer",
+            accounts(json!({"users": {"any": {"audience": "buyers"}}})),
+        )
+        .await;
+    assert_eq!(any_buyer["collection"], "accounts", "{any_buyer}");
+    assert!(any_buyer["id"].as_str().unwrap().starts_with("aud_"));
+    // A users condition only in account audiences, named in the error.
+    let (status, refused) = e
+        .admin(
+            "PUT",
+            "/audiences/bad",
+            Some(&json!({"condition": {"users": {"any": {"audience": "buyers"}}}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused.to_string().contains("condition.users"), "{refused}");
     e.define(
         "audiences",
         "all_buyers",

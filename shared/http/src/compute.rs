@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kindred_domain::compute::{computation_id, Class};
+use kindred_domain::compute::{computation_id, Class, Collection};
 use kindred_domain::event::{format_millis, parse_time};
 use kindred_store::token::TokenKind;
 use kindred_store::{Computations, DefinitionRecord, DefinitionStatus};
@@ -70,6 +70,7 @@ pub fn definition_json(space_id: &str, r: &DefinitionRecord) -> Value {
         "id": computation_id(space_id, r.class, &r.key),
         "key": r.key,
         "class": r.class.as_str(),
+        "collection": Collection::of_body(&r.body).unwrap_or_default().as_str(),
         "version": r.version,
         "definition": r.body,
         "created_at": format_millis(r.created_at),

@@ -257,15 +257,8 @@ impl IdentityGraph for TxGraph<'_> {
         std::thread::sleep(wait);
     }
 
-    async fn record_account(
-        &mut self,
-        _space_id: &str,
-        _record: &EventRecord<'_>,
-        _profile_id: Option<&str>,
-    ) -> Result<()> {
-        // Written with the event ([`write_account`]).
-        Ok(())
-    }
+    // (`record_account`: the trait's no-op; accounts are written with
+    // the event, in [`write_account`].)
 }
 
 /// Fails with a conflict unless every condition of the plan holds.
@@ -603,13 +596,6 @@ impl IdentityGraph for OptimisticGraph<'_> {
         std::thread::sleep(wait);
     }
 
-    async fn record_account(
-        &mut self,
-        _space_id: &str,
-        _record: &EventRecord<'_>,
-        _profile_id: Option<&str>,
-    ) -> Result<()> {
-        // Written with the event ([`write_account`]).
-        Ok(())
-    }
+    // (`record_account`: the trait's no-op; accounts are written with
+    // the event, in [`write_account`].)
 }

@@ -284,14 +284,7 @@ impl SqliteStore {
         writer.execute_batch(STORE_SCHEMA)?;
         writer.execute_batch(privacy::SCHEMA)?;
         // Data directories from before token labels.
-        let has_label: bool = writer.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('tokens') WHERE name = 'label')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_label {
-            writer.execute("ALTER TABLE tokens ADD COLUMN label TEXT", [])?;
-        }
+        add_column_if_missing(&writer, "tokens", "label", "TEXT")?;
         let compute_path = dir.join("compute.db");
         let compute_writer = open(&compute_path, Durability::Normal)?;
         compute_writer.execute_batch(compute::SCHEMA)?;
@@ -406,5 +399,64 @@ impl SqliteStore {
         };
         tx.commit()?;
         Ok(out)
+    }
+}
+
+/// Adds `column` to `table` of a data directory from before it existed.
+pub(crate) fn add_column_if_missing(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    declaration: &str,
+) -> Result<()> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        rusqlite::params![table, column],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        conn.execute(
+            &format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"),
+            [],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    /// A data directory from before account-level definitions: its change
+    /// log gains `group_id`, and its entries still read.
+    #[tokio::test]
+    async fn an_older_change_log_gains_the_account_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join("compute.db")).unwrap();
+            old.execute_batch(
+                "CREATE TABLE changes (seq INTEGER PRIMARY KEY, space_id TEXT NOT NULL,
+                     profile_id TEXT NOT NULL, key TEXT NOT NULL, class TEXT NOT NULL,
+                     old TEXT, new TEXT NOT NULL, at INTEGER NOT NULL);
+                 INSERT INTO changes (space_id, profile_id, key, class, old, new, at)
+                 VALUES ('sp', 'prf_1', 'vip', 'audience', NULL, 'true', 1);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        use kindred_store::ports::Computations;
+        let changes = store.changes("sp", 0, 10).await.unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (
+                changes[0].profile_id.as_str(),
+                changes[0].group_id.as_deref()
+            ),
+            ("prf_1", None)
+        );
+        // Opening it again (the column is there now) changes nothing.
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.changes("sp", 0, 10).await.unwrap(), changes);
     }
 }

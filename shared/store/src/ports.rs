@@ -251,6 +251,17 @@ pub struct EventQuery {
     pub after: Option<(Millis, i64)>,
 }
 
+impl EventQuery {
+    /// Whether an event of this name passes `include` and `exclude`
+    /// (an event without a name, such as an identify, only when
+    /// `include` is empty).
+    pub fn keeps(&self, name: Option<&str>) -> bool {
+        let included =
+            self.include.is_empty() || name.is_some_and(|n| self.include.iter().any(|i| i == n));
+        included && !name.is_some_and(|n| self.exclude.iter().any(|e| e == n))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredEvent {
     pub timestamp: Millis,
@@ -398,7 +409,10 @@ pub trait IdentityGraph {
         space_id: &str,
         record: &EventRecord<'_>,
         profile_id: Option<&str>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let _ = (space_id, record, profile_id);
+        Ok(())
+    }
 }
 
 /// A computed trait's or audience's value on a profile.

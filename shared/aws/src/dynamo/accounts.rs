@@ -151,11 +151,7 @@ impl DynamoStore {
             // In index order; an event deleted since (privacy) is skipped.
             for id in &ids {
                 let Some(item) = events.get(id) else { continue };
-                let name = opt_s(item, "name");
-                let included =
-                    q.include.is_empty() || name.is_some_and(|n| q.include.iter().any(|i| i == n));
-                let excluded = name.is_some_and(|n| q.exclude.iter().any(|e| e == n));
-                if included && !excluded && out.len() < q.limit {
+                if q.keeps(opt_s(item, "name")) && out.len() < q.limit {
                     out.push(StoredEvent {
                         timestamp: get_n(item, "ts")?,
                         seq: get_n(item, "seq")?,

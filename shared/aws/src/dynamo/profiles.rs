@@ -147,11 +147,7 @@ impl DynamoStore {
         }
         let page = (q.limit.max(1) * 2).min(1_000) as i32;
         self.walk_member(space_id, member, bounds, q.descending, page, |item| {
-            let name = opt_s(item, "name");
-            let included =
-                q.include.is_empty() || name.is_some_and(|n| q.include.iter().any(|i| i == n));
-            let excluded = name.is_some_and(|n| q.exclude.iter().any(|e| e == n));
-            if included && !excluded {
+            if q.keeps(opt_s(item, "name")) {
                 events.push(StoredEvent {
                     timestamp: get_n(item, "ts")?,
                     seq: get_n(item, "seq")?,

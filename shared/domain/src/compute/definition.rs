@@ -83,6 +83,17 @@ impl Collection {
             Collection::Accounts => "accounts",
         }
     }
+
+    /// The collection a definition's JSON body names (`users` when it
+    /// names none); `None` when it names another.
+    pub fn of_body(body: &Value) -> Option<Collection> {
+        match body.get("collection") {
+            None => Some(Collection::Users),
+            Some(Value::String(c)) if c == "users" => Some(Collection::Users),
+            Some(Value::String(c)) if c == "accounts" => Some(Collection::Accounts),
+            Some(_) => None,
+        }
+    }
 }
 
 /// How many of an account's users a `users` condition asks to match.
@@ -395,11 +406,8 @@ impl Definition {
         let Value::Object(obj) = json else {
             return err("body", "must be a JSON object");
         };
-        let collection = match obj.get("collection") {
-            None => Collection::Users,
-            Some(Value::String(c)) if c == "users" => Collection::Users,
-            Some(Value::String(c)) if c == "accounts" => Collection::Accounts,
-            Some(_) => return err("collection", "must be \"users\" or \"accounts\""),
+        let Some(collection) = Collection::of_body(json) else {
+            return err("collection", "must be \"users\" or \"accounts\"");
         };
         let mut obj = obj.clone();
         obj.remove("collection");

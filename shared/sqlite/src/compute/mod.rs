@@ -130,15 +130,7 @@ WHERE c.name = 'compute_requests'
 /// Brings a `compute.db` from before account-level definitions up to date:
 /// its change log gains the account a change is about.
 pub(crate) fn migrate(conn: &Connection) -> Result<()> {
-    let has_group: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('changes') WHERE name = 'group_id')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_group {
-        conn.execute("ALTER TABLE changes ADD COLUMN group_id TEXT", [])?;
-    }
-    Ok(())
+    crate::add_column_if_missing(conn, "changes", "group_id", "TEXT")
 }
 
 const EVENTS_CURSOR: &str = "compute";

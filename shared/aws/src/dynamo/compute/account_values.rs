@@ -78,20 +78,7 @@ impl DynamoStore {
         let mut item = key(values_key(space_id, group_id), META);
         item.insert("computed".into(), s(serde_json::to_string(values)?));
         item.insert("version".into(), n(version + 1));
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression(if version == 0 {
-                "attribute_not_exists(pk)"
-            } else {
-                "version = :v"
-            })
-            .set_expression_attribute_values(
-                (version > 0).then(|| HashMap::from([(":v".to_string(), n(version))])),
-            )
-            .build()
-            .map_err(service)?;
-        let mut writes = vec![TransactWriteItem::builder().put(put).build()];
+        let mut writes = vec![versioned_put(&self.table, item, version)?];
         if !changes.is_empty() {
             let base = change_base(now_millis(), &format!("account:{group_id}"), version);
             let mut entry = key(changes_key(space_id), &change_sort(base));

@@ -237,20 +237,7 @@ impl DynamoStore {
         if let Some(due) = due {
             item.insert("due".into(), n(due));
         }
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression(if read_version == 0 {
-                "attribute_not_exists(pk)"
-            } else {
-                "version = :v"
-            })
-            .set_expression_attribute_values(
-                (read_version > 0).then(|| HashMap::from([(":v".to_string(), n(read_version))])),
-            )
-            .build()
-            .map_err(service)?;
-        let mut writes = vec![TransactWriteItem::builder().put(put).build()];
+        let mut writes = vec![versioned_put(&self.table, item, read_version)?];
         // The due index holds a small item of its own, written only when
         // the due time moves (the state is not copied into the index).
         if due != root.due {

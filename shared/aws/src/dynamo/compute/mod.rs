@@ -94,6 +94,25 @@ fn change_base(at: Millis, profile_id: &str, version: i64) -> i64 {
     at * 1_000_000 + spread * 1_000
 }
 
+/// A transaction's put of an item that carries a `version`: only if the
+/// stored one is still at `read_version` (0: none is stored yet).
+fn versioned_put(table: &str, item: Item, read_version: i64) -> Result<TransactWriteItem> {
+    let put = Put::builder()
+        .table_name(table)
+        .set_item(Some(item))
+        .condition_expression(if read_version == 0 {
+            "attribute_not_exists(pk)"
+        } else {
+            "version = :v"
+        })
+        .set_expression_attribute_values(
+            (read_version > 0).then(|| HashMap::from([(":v".to_string(), n(read_version))])),
+        )
+        .build()
+        .map_err(service)?;
+    Ok(TransactWriteItem::builder().put(put).build())
+}
+
 /// A message on the compute queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
