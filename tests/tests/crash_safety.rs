@@ -394,3 +394,189 @@ async fn a_regulation_killed_mid_run_resumes_after_a_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Sends batches `first, first + step, …` until `stop` is set or the
+/// server is gone, adding each acknowledged one to `acked`.
+async fn send_into(
+    client: reqwest::Client,
+    base: String,
+    key: String,
+    (first, step): (usize, usize),
+    acked: std::sync::Arc<std::sync::Mutex<BTreeSet<usize>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut n = first;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let sent = client
+            .post(format!("{base}/v1/batch"))
+            .basic_auth(&key, Some(""))
+            .json(&batch(n))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                acked.lock().unwrap().insert(n);
+            }
+            _ => return,
+        }
+        n += step;
+    }
+}
+
+/// Waits until the server has applied everything it acknowledged.
+async fn wait_applied(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let h: Value = client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["queue_lag_events"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not applied: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kindred(args: &[&str], dirs: &[&Path]) -> std::process::Output {
+    let mut cmd = Command::new(kindred_bin());
+    cmd.args(args);
+    for d in dirs {
+        cmd.arg(d);
+    }
+    cmd.output().unwrap()
+}
+
+/// `kindred backup` of a running server while clients send: restored
+/// into a new data directory, every event acknowledged before the
+/// backup began is there, applied exactly once, and the restored server
+/// goes on numbering and applying new events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_every_event_acknowledged_before_it() {
+    const LANES: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let out = kindred(
+        &["space", "create", "backed-up", "--data-dir"],
+        &[dir.path()],
+    );
+    assert!(out.status.success());
+    let space: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let write_key = space["write_key"].as_str().unwrap().to_string();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut child = serve(dir.path(), port);
+    wait_healthy(&client, &base).await;
+
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lanes: Vec<_> = (0..LANES)
+        .map(|lane| {
+            tokio::spawn(send_into(
+                client.clone(),
+                base.clone(),
+                write_key.clone(),
+                (lane, LANES),
+                acked.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before: BTreeSet<usize> = acked.lock().unwrap().clone();
+    let backup = tempfile::tempdir().unwrap();
+    let dest = backup.path().join("snapshot");
+    let (data, to) = (dir.path().to_path_buf(), dest.clone());
+    let out =
+        tokio::task::spawn_blocking(move || kindred(&["backup", "--data-dir"], &[&data, &to]))
+            .await
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let during = acked.lock().unwrap().len() - before.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for lane in lanes {
+        lane.await.unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    println!(
+        "{} batches acknowledged before the backup, {during} while it ran",
+        before.len()
+    );
+    assert!(
+        !before.is_empty() && during > 0,
+        "the backup ran under load"
+    );
+
+    // A restore refuses a data directory with data in it, and a
+    // directory that is not a backup, naming them.
+    let refused = |out: std::process::Output, why: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && stderr.contains(why), "{stderr}");
+    };
+    refused(
+        kindred(&["restore", "--data-dir"], &[dir.path(), &dest]),
+        "is not empty",
+    );
+    let restored = tempfile::tempdir().unwrap();
+    let target = restored.path().join("data");
+    refused(
+        kindred(&["restore", "--data-dir"], &[&target, dir.path()]),
+        "is not a Kindred backup",
+    );
+    let out = kindred(&["restore", "--data-dir"], &[&target, &dest]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = serve(&target, port);
+    wait_healthy(&client, &base).await;
+    wait_applied(&client, &base).await;
+    // New events after the restore are numbered after what was applied.
+    let fresh = 1_000_000;
+    let r = client
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(&write_key, Some(""))
+        .json(&batch(fresh))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    wait_applied(&client, &base).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let stored = applied(&target);
+    let missing: Vec<&usize> = before
+        .iter()
+        .filter(|n| of_batch(&stored, **n) < EVENTS_PER_BATCH)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged before the backup, lost: {missing:?}"
+    );
+    assert_eq!(of_batch(&stored, fresh), EVENTS_PER_BATCH, "the new batch");
+    let conn = rusqlite::Connection::open(target.join("store.db")).unwrap();
+    let (all, distinct): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), count(DISTINCT message_id) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(all, distinct, "each event once");
+}

@@ -48,6 +48,20 @@ enum Command {
     /// Delete and suppress people (GDPR, CCPA), or lift a suppression,
     /// on a running Kindred; list and show regulations.
     Regulations(regulations::RegulationsArgs),
+    /// Take a consistent online snapshot of a data directory (a server
+    /// may be running on it) into DEST, a new directory.
+    Backup {
+        dest: PathBuf,
+        #[arg(long, env = "KINDRED_DATA_DIR", default_value = "./kindred-data")]
+        data_dir: PathBuf,
+    },
+    /// Restore a snapshot taken by `kindred backup` into a new (empty)
+    /// data directory; then start `kindred serve` on it.
+    Restore {
+        backup: PathBuf,
+        #[arg(long, env = "KINDRED_DATA_DIR", default_value = "./kindred-data")]
+        data_dir: PathBuf,
+    },
     /// Bring the DynamoDB table of a deployment made by an older Kindred
     /// up to this version's layout (today: index its root profiles, one
     /// scan of the table). Safe to run again and while the functions run.
@@ -122,6 +136,26 @@ fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => Err(e).context("creating the space"),
             }
+        }
+        Command::Backup { dest, data_dir } => {
+            let report = kindred_sqlite::backup::backup(&data_dir, &dest)
+                .with_context(|| format!("backing up {}", data_dir.display()))?;
+            for (name, bytes) in &report.files {
+                println!("{name}: {bytes} bytes");
+            }
+            println!("backed up {} into {}", data_dir.display(), dest.display());
+            Ok(())
+        }
+        Command::Restore { backup, data_dir } => {
+            kindred_sqlite::backup::restore(&backup, &data_dir)
+                .with_context(|| format!("restoring {}", backup.display()))?;
+            println!(
+                "restored {} into {}; start it with: kindred serve --data-dir {}",
+                backup.display(),
+                data_dir.display(),
+                data_dir.display()
+            );
+            Ok(())
         }
         Command::Backfill(args) => block_on(backfill::run(args))?,
         Command::Destinations(args) => block_on(destinations::run(args))?,

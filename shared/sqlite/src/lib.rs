@@ -9,6 +9,7 @@
 //! and primary-key inserts.
 
 mod audit;
+pub mod backup;
 mod compute;
 mod graph;
 mod health;

@@ -19,7 +19,7 @@ use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRu
 use kindred_store::token::new_profile_id;
 use kindred_store::{now_millis, Result, StoreError};
 
-const CURSOR: &str = "identity";
+pub(crate) const CURSOR: &str = "identity";
 /// How long message ids are remembered for deduplication (SPEC: >= 24 h).
 pub const DEDUP_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
 
