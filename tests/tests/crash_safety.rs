@@ -248,21 +248,7 @@ async fn sigkill_while_sending_loses_no_acknowledged_event() {
         }
     }
     // Everything queued is applied once the identity step has no lag.
-    loop {
-        let health: Value = client
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if health["queue_lag_events"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{health}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_applied(&client, &base, deadline).await;
     child.kill().unwrap();
     child.wait().unwrap();
     let stored = applied(dir.path());
@@ -423,9 +409,9 @@ async fn send_into(
     }
 }
 
-/// Waits until the server has applied everything it acknowledged.
-async fn wait_applied(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
+/// Waits until the server has applied everything it acknowledged (fails
+/// after `deadline`).
+async fn wait_applied(client: &reqwest::Client, base: &str, deadline: Instant) {
     loop {
         let h: Value = client
             .get(format!("{base}/healthz"))
@@ -545,7 +531,7 @@ async fn a_backup_taken_under_load_restores_every_event_acknowledged_before_it()
     let base = format!("http://127.0.0.1:{port}");
     let mut child = serve(&target, port);
     wait_healthy(&client, &base).await;
-    wait_applied(&client, &base).await;
+    wait_applied(&client, &base, Instant::now() + Duration::from_secs(120)).await;
     // New events after the restore are numbered after what was applied.
     let fresh = 1_000_000;
     let r = client
@@ -556,7 +542,7 @@ async fn a_backup_taken_under_load_restores_every_event_acknowledged_before_it()
         .await
         .unwrap();
     assert!(r.status().is_success());
-    wait_applied(&client, &base).await;
+    wait_applied(&client, &base, Instant::now() + Duration::from_secs(120)).await;
     child.kill().unwrap();
     child.wait().unwrap();
 

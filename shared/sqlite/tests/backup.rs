@@ -1,28 +1,18 @@
 //! A restore numbers new events after what the copy of `store.db` has
 //! applied, even when the queue's copy (taken first) ends before it.
 
+mod common;
+
 use kindred_sqlite::backup::{backup, restore};
 use kindred_sqlite::{IdentityWorker, SqliteQueue, SqliteStore};
 use kindred_store::{EventQueue, QueuedEvent};
 use serde_json::json;
 
 fn queued(n: usize) -> QueuedEvent {
-    let event = kindred_domain::Event::parse(
+    common::queued(
+        "s",
         json!({"type": "identify", "userId": format!("u{n}"), "messageId": format!("m{n}")}),
-        kindred_domain::Envelope {
-            kind: None,
-            received_at: 1_767_225_600_000,
-            batch_sent_at: None,
-            generated_message_id: "unused",
-            future_tolerance: kindred_domain::event::DEFAULT_FUTURE_TOLERANCE,
-        },
     )
-    .unwrap();
-    QueuedEvent {
-        space_id: "s".into(),
-        source_id: "src".into(),
-        body: serde_json::Value::Object(event.body).to_string(),
-    }
 }
 
 fn message_ids(dir: &std::path::Path) -> Vec<String> {

@@ -2,27 +2,11 @@
 //! that cannot be applied is set aside instead of blocking the others.
 
 use kindred_sqlite::{IdentityWorker, SqliteQueue, SqliteStore};
-use kindred_store::{EventQueue, QueuedEvent};
-use serde_json::json;
+mod common;
 
-fn queued(space: &str, body: serde_json::Value) -> QueuedEvent {
-    let event = kindred_domain::Event::parse(
-        body,
-        kindred_domain::Envelope {
-            kind: None,
-            received_at: 1_767_225_600_000,
-            batch_sent_at: None,
-            generated_message_id: "unused",
-            future_tolerance: kindred_domain::event::DEFAULT_FUTURE_TOLERANCE,
-        },
-    )
-    .unwrap();
-    QueuedEvent {
-        space_id: space.into(),
-        source_id: "src".into(),
-        body: serde_json::Value::Object(event.body).to_string(),
-    }
-}
+use common::queued;
+use kindred_store::EventQueue;
+use serde_json::json;
 
 fn drain_with_retries(worker: &IdentityWorker, queue: &SqliteQueue) {
     for _ in 0..50 {
