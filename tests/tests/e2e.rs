@@ -23,6 +23,7 @@ mod lambda_pipeline;
 mod privacy;
 mod profile_api_contract;
 mod queue_contract;
+mod reference_workload;
 mod rudderstack_clients;
 mod segment_python_client;
 mod store_contract;
