@@ -188,9 +188,15 @@ const MMAP_BYTES: i64 = 1 << 30;
 /// Idle read connections kept for reuse.
 const MAX_IDLE_READERS: usize = 16;
 
+/// How long a connection waits for another's lock before failing.
+pub(crate) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A WAL that a checkpoint has emptied is cut back to this size, so a
+/// burst does not leave a WAL file at its largest behind it.
+const WAL_KEPT_BYTES: i64 = 16 << 20;
+
 pub(crate) fn open(path: &Path, durability: Durability) -> Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // Larger pages: fewer B-tree levels and page fetches per lookup (takes
     // effect when the database file is created).
     conn.pragma_update(None, "page_size", 16_384)?;
@@ -208,6 +214,7 @@ pub(crate) fn open(path: &Path, durability: Durability) -> Result<Connection> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Fewer, larger checkpoints: pages rewritten between two are written once.
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_KEPT_BYTES)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }

@@ -205,11 +205,37 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, last_seq: Arc<
             }
         }
         if let Some(seq) = truncate {
-            if let Err(e) = conn.execute("DELETE FROM queue WHERE seq <= ?1", [seq]) {
+            if let Err(e) = truncate_and_reclaim(&conn, seq) {
                 error!(error = %e, "queue truncation failed");
             }
         }
     }
+}
+
+/// Free pages in `queue.db` beyond which an emptied queue gives them back.
+const RECLAIM_BYTES: i64 = 16 << 20;
+
+/// Deletes the entries through `seq`. When that empties the queue and
+/// it holds more than [`RECLAIM_BYTES`] of free pages (a burst that has
+/// been applied), the file is rebuilt (cheap: nothing is left in it) and
+/// its WAL emptied, so the space goes back to the file system instead of
+/// staying in `queue.db` for the next burst.
+fn truncate_and_reclaim(conn: &Connection, seq: i64) -> Result<()> {
+    conn.execute("DELETE FROM queue WHERE seq <= ?1", [seq])?;
+    let (empty, free): (bool, i64) = conn.query_row(
+        "SELECT NOT EXISTS (SELECT 1 FROM queue),
+                (SELECT freelist_count FROM pragma_freelist_count)
+                  * (SELECT page_size FROM pragma_page_size)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if empty && free > RECLAIM_BYTES {
+        // VACUUM keeps AUTOINCREMENT's high-water mark (sqlite_sequence),
+        // so sequence numbers still only grow.
+        conn.execute_batch("VACUUM")?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(())
 }
 
 type Pending = (Vec<QueuedEvent>, oneshot::Sender<Result<()>>);

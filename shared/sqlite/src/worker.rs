@@ -50,6 +50,8 @@ struct State {
     rules: HashMap<String, (i64, Arc<SpaceRules>)>,
     stats: WorkerStats,
     last_truncate: Option<Instant>,
+    /// The last sequence number whose queue rows were handed to truncation.
+    truncated_through: i64,
     last_cleanup: Option<Instant>,
     /// Consecutive failed steps.
     failures: u32,
@@ -273,6 +275,7 @@ impl IdentityWorker {
         state.stats = stats;
         if truncate {
             state.last_truncate = Some(Instant::now());
+            state.truncated_through = last;
             self.queue.truncate_through(last);
         }
         if state
@@ -296,6 +299,32 @@ impl IdentityWorker {
             writer.execute_batch("PRAGMA optimize")?;
         }
         Ok(entries.len())
+    }
+
+    /// When the queue has been applied: checkpoints `store.db` into its
+    /// file and empties its WAL (a completed checkpoint fsyncs the
+    /// database, so everything applied is on disk), then lets the queue
+    /// drop what was applied since the last truncation. Without it, the
+    /// last seconds of a burst would stay in `queue.db`, and the WAL at
+    /// its largest, until the next event. Waits at most a moment for
+    /// readers; if they hold the WAL, it tries again when next idle.
+    pub fn settle(&self) -> Result<()> {
+        let mut state = lock(&self.state);
+        let cursor = self.load_cursor(&mut state)?;
+        if cursor <= state.truncated_through {
+            return Ok(());
+        }
+        let conn = self.store.writer();
+        conn.busy_timeout(Duration::from_millis(100))?;
+        let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        });
+        conn.busy_timeout(super::BUSY_TIMEOUT)?;
+        if busy? == 0 {
+            state.truncated_through = cursor;
+            self.queue.truncate_through(cursor);
+        }
+        Ok(())
     }
 
     /// Processes until the queue is empty as of the call.
@@ -322,6 +351,7 @@ impl IdentityWorker {
             .spawn(move || {
                 super::supervise(&health, &stop, || {
                     if worker.run_once()? == 0 {
+                        worker.settle()?;
                         let cursor = worker.cursor()?;
                         worker.queue.wait_after(cursor, Duration::from_millis(200));
                     }

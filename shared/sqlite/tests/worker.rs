@@ -88,3 +88,72 @@ async fn a_poisoned_event_is_dead_lettered_and_the_rest_applied_once() {
     );
     assert!(!error.is_empty());
 }
+
+/// After a burst is applied, an idle worker's `settle` leaves no queue
+/// rows, gives the queue's pages back to the file system and empties
+/// `store.db`'s WAL; and the queue goes on numbering after the rebuild.
+#[tokio::test]
+async fn a_settled_burst_leaves_neither_queue_pages_nor_a_wal_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let queue = SqliteQueue::open(dir.path()).unwrap();
+    store.create_space("s").unwrap();
+    let worker = IdentityWorker::new(store.clone(), queue.clone());
+    let padding = "x".repeat(1_000);
+    for batch in 0..40 {
+        let events = (0..1_000)
+            .map(|i| {
+                queued(
+                    "s",
+                    json!({"type": "track", "event": "E", "userId": format!("u{}", i % 50),
+                           "messageId": format!("m{batch}-{i}"), "properties": {"p": padding}}),
+                )
+            })
+            .collect();
+        queue.enqueue(events).await.unwrap();
+    }
+    let size = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    assert!(size("queue.db") + size("queue.db-wal") > 40_000_000);
+    worker.drain().unwrap();
+    assert!(size("store.db-wal") > 0, "the burst went through the WAL");
+    let last = queue.last_seq();
+
+    worker.settle().unwrap();
+    // The queue's writer thread truncates; wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !queue.read_after(0, 1).unwrap().is_empty()
+        || size("queue.db") > 4_000_000
+        || size("queue.db-wal") > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue was not reclaimed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(size("store.db-wal"), 0, "the store's WAL checkpointed away");
+    assert_eq!(
+        store.audit("s").unwrap().events.len(),
+        40_000,
+        "every event still applied"
+    );
+
+    queue
+        .enqueue(vec![queued(
+            "s",
+            json!({"type": "track", "event": "E", "userId": "u1", "messageId": "after"}),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.last_seq(),
+        last + 1,
+        "numbering goes on past the rebuild"
+    );
+    worker.drain().unwrap();
+    assert_eq!(store.audit("s").unwrap().events.len(), 40_001);
+}
