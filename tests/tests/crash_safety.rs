@@ -566,3 +566,29 @@ async fn a_backup_taken_under_load_restores_every_event_acknowledged_before_it()
         .unwrap();
     assert_eq!(all, distinct, "each event once");
 }
+
+/// `kindred serve` on a data directory from a newer Kindred stops at
+/// once with a message that says what to run, instead of changing it.
+#[test]
+fn serve_refuses_a_data_directory_from_a_newer_kindred() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
+    raw.pragma_update(None, "user_version", kindred_sqlite::DATA_FORMAT + 1)
+        .unwrap();
+    let port = free_port().to_string();
+    let out = Command::new(kindred_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("written by a newer Kindred"), "{stderr}");
+    assert!(stderr.contains("kindred restore"), "{stderr}");
+}

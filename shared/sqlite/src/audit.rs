@@ -70,7 +70,7 @@ impl SqliteStore {
                 audit.events.push(AuditEvent {
                     seq: r.get(0)?,
                     message_id: r.get(1)?,
-                    body: r.get(2)?,
+                    body: r.get::<_, crate::body::StoredBody>(2)?.0,
                     root: profile.map(|p| root(&p)),
                 });
             }

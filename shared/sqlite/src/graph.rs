@@ -454,7 +454,7 @@ fn insert_event(
         event.timestamp,
         event.message_id,
         event.name,
-        record.body_json,
+        super::body::encode(record.body_json)?,
     ])?;
     if let (Some(profile_id), Some(group_id)) = (profile_id, record.group_id) {
         sp.prepare_cached(

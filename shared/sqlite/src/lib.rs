@@ -10,6 +10,7 @@
 
 mod audit;
 pub mod backup;
+mod body;
 mod compute;
 mod graph;
 mod health;
@@ -289,6 +290,7 @@ impl SqliteStore {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
+        upgrade(&writer)?;
         writer.execute_batch(STORE_SCHEMA)?;
         writer.execute_batch(privacy::SCHEMA)?;
         // Data directories from before token labels.
@@ -408,6 +410,32 @@ impl SqliteStore {
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// The layout of the data directory this build writes, kept in
+/// `store.db`'s `user_version`:
+/// - 0: before the marker (event bodies stored as JSON text);
+/// - 1: event bodies compressed ([`body`]); text bodies still read.
+pub const DATA_FORMAT: i64 = 1;
+
+/// Brings an older data directory up to [`DATA_FORMAT`] when the store
+/// opens, or refuses one written by a newer Kindred before anything in
+/// it is touched.
+fn upgrade(conn: &Connection) -> Result<()> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > DATA_FORMAT {
+        return Err(kindred_store::StoreError::DataFormat(format!(
+            "this data directory was written by a newer Kindred (data format {found}; this \
+             build reads formats 0 to {DATA_FORMAT}): run that version of `kindred serve` on \
+             it, or `kindred restore` a backup taken before the upgrade into a new directory"
+        )));
+    }
+    // 0 -> 1: nothing to rewrite; older text bodies are read as they are
+    // and new events are stored compressed.
+    if found < DATA_FORMAT {
+        conn.pragma_update(None, "user_version", DATA_FORMAT)?;
+    }
+    Ok(())
 }
 
 /// Adds `column` to `table` of a data directory from before it existed.

@@ -21,6 +21,7 @@
 //! A fan-out or compute step that starts after step 2 finds no profile
 //! and writes nothing about the person.
 
+use crate::body::StoredBody;
 use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
@@ -729,7 +730,7 @@ fn replay_traits(
     ))?;
     let events = stmt
         .query_map(params_from_iter(space_and(space_id, members)), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, StoredBody>(2)?.0))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     kindred_store::privacy::replay_traits(events, source_id)
@@ -809,7 +810,7 @@ fn delete_unattached(
                 "SELECT seq, body FROM {table} WHERE {filter}space_id = ?1"
             ))?;
             let rows = stmt.query_map([space_id], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                Ok((r.get::<_, i64>(0)?, r.get::<_, StoredBody>(1)?.0))
             })?;
             let mut found = Vec::new();
             for row in rows {

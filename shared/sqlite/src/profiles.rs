@@ -1,5 +1,6 @@
 //! Profile reads on the embedded store (the Profile API's port).
 
+use crate::body::StoredBody;
 use async_trait::async_trait;
 use kindred_domain::{Identifier, IdentifierEntry};
 use rusqlite::types::Value as SqlValue;
@@ -316,7 +317,7 @@ fn select_events(
         Ok(StoredEvent {
             timestamp: r.get(0)?,
             seq: r.get(1)?,
-            body: r.get(2)?,
+            body: r.get::<_, StoredBody>(2)?.0,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

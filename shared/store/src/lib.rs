@@ -54,6 +54,10 @@ pub enum StoreError {
     /// operator's to fix, shown to the admin API's caller.
     #[error("not configured: {0}")]
     Config(String),
+    /// The data directory is in a layout this build cannot use (written
+    /// by a newer Kindred): says what to run instead.
+    #[error("{0}")]
+    DataFormat(String),
     /// A local file or thread could not be used.
     #[error("I/O failure")]
     Io(#[from] std::io::Error),

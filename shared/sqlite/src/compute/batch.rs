@@ -125,10 +125,11 @@ impl Batch<'_> {
                  WHERE space_id = ?1 AND profile_id = ?2 AND seq < ?3",
             )?;
             for member in tree.iter().map(String::as_str) {
-                let rows =
-                    stmt.query_map(params![space_id, member, history_before], |r| r.get(0))?;
+                let rows = stmt.query_map(params![space_id, member, history_before], |r| {
+                    r.get::<_, crate::body::StoredBody>(0)
+                })?;
                 for body in rows {
-                    history.push(body?);
+                    history.push(body?.0);
                 }
             }
             self.stats.rebuilt += rebuild_stale(ruleset, &mut loaded.state, &history)? as u64;

@@ -29,14 +29,10 @@ impl ComputeWorker {
         )?;
         let served = cursor(&conn, REQUESTS_CURSOR)?;
         let oldest: Option<String> = if events > folded {
-            conn.prepare_cached(
-                "SELECT CASE WHEN json_valid(body) THEN json_extract(body, '$.receivedAt') END
-                 FROM events WHERE seq > ?1
-                 ORDER BY seq LIMIT 1",
-            )?
-            .query_row([folded], |r| r.get(0))
-            .optional()?
-            .flatten()
+            conn.prepare_cached("SELECT body FROM events WHERE seq > ?1 ORDER BY seq LIMIT 1")?
+                .query_row([folded], |r| r.get::<_, crate::body::StoredBody>(0))
+                .optional()?
+                .and_then(|body| crate::body::received_at(&body.0))
         } else {
             None
         };
@@ -120,7 +116,7 @@ impl ComputeWorker {
             let rows = stmt.query_map(params![after, limit as i64], |r| {
                 let space_id: String = r.get(1)?;
                 let body = if active.contains(&space_id) {
-                    r.get(3)?
+                    r.get::<_, Option<crate::body::StoredBody>>(3)?.map(|b| b.0)
                 } else {
                     None
                 };
