@@ -184,8 +184,14 @@ const WRITER_CACHE_KIB: i64 = 65_536;
 const READER_CACHE_KIB: i64 = 8_192;
 /// Database pages are read through a memory map (up to this much of each
 /// file): a page that is not in a connection's cache is then a memory
-/// read, not a system call and a copy.
-const MMAP_BYTES: i64 = 1 << 30;
+/// read, not a system call and a copy. Mapped pages count in the
+/// process's RSS (a 1 GiB map took the 1M-event run's RSS to 880 MB).
+const MMAP_BYTES: i64 = 64 << 20;
+/// `store.db`'s WAL is checkpointed into the database every this many
+/// pages (1 GiB of 16 KiB pages): a page that many transactions rewrite
+/// is copied into the database once per checkpoint instead of once per
+/// few transactions. The idle worker empties the WAL after a burst.
+const STORE_CHECKPOINT_PAGES: i64 = 65_536;
 /// Idle read connections kept for reuse.
 const MAX_IDLE_READERS: usize = 16;
 
@@ -291,6 +297,7 @@ impl SqliteStore {
         let path = dir.join("store.db");
         let writer = open(&path, Durability::Normal)?;
         upgrade(&writer)?;
+        writer.pragma_update(None, "wal_autocheckpoint", STORE_CHECKPOINT_PAGES)?;
         writer.execute_batch(STORE_SCHEMA)?;
         writer.execute_batch(privacy::SCHEMA)?;
         // Data directories from before token labels.

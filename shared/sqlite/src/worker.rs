@@ -67,7 +67,13 @@ impl IdentityWorker {
         Arc::new(Self {
             store,
             queue,
-            batch: 2048,
+            // Larger batches dirty fewer pages per event: each commit
+            // writes every page it touched to the WAL, and the graph's
+            // keys (message ids, identifiers, profile ids) are random, so
+            // a batch of 2,048 rewrote about one page per event in each
+            // index. 16,384 (with store.db's larger checkpoints) applied
+            // the bench workload ~65% faster (BENCHMARKS.md, issue 19).
+            batch: 16_384,
             // Housekeeping (dedup expiry, planner statistics) first runs an
             // hour after start, when the tables hold representative data.
             state: Mutex::new(State {
