@@ -72,6 +72,13 @@ pub(crate) fn decode(stored: &[u8]) -> Result<String, String> {
             stored.first()
         ));
     };
+    // The frame records its decoded size (the compressor always knows
+    // it): the buffer is allocated to that, not to the bound.
+    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(size)) if size <= MAX_DECODED as u64 => size as usize,
+        Ok(Some(size)) => return Err(format!("a stored body of {size} bytes is over the bound")),
+        _ => return Err("a stored body without its size".into()),
+    };
     let bytes = DECOMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         let decompressor = match cell.as_mut() {
@@ -80,7 +87,7 @@ pub(crate) fn decode(stored: &[u8]) -> Result<String, String> {
                 decoder_dictionary(),
             )?),
         };
-        decompressor.decompress(frame, MAX_DECODED)
+        decompressor.decompress(frame, size)
     });
     let bytes = bytes.map_err(|e| format!("decompressing a stored body: {e}"))?;
     String::from_utf8(bytes).map_err(|e| format!("a stored body is not UTF-8: {e}"))
@@ -128,7 +135,13 @@ mod tests {
             stored.len(),
             json.len()
         );
-        assert_eq!(decode(&stored).unwrap(), json);
+        let decoded = decode(&stored).unwrap();
+        assert_eq!(decoded, json);
+        assert_eq!(
+            decoded.capacity(),
+            json.len(),
+            "allocated to the body's size, not to the bound"
+        );
     }
 
     #[test]
