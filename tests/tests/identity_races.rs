@@ -10,7 +10,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use kindred::bench::workload::Workload;
-use kindred_aws::dynamo::DynamoGraph;
 use kindred_aws::DynamoStore;
 use kindred_domain::account::{account_update, Account};
 use kindred_domain::event::Envelope;
@@ -126,68 +125,13 @@ impl Sqlite {
     }
 }
 
-/// On two cores the SQLite workers' threads may, by chance, never be
-/// switched between a read of the graph and its apply, and then nothing
-/// races. So each worker's first [`LOCKSTEP_ROUNDS`] reads wait for all
-/// the others' at a barrier: the workers plan from one snapshot and
-/// apply together, as Lambda instances do. Every worker waits exactly
-/// that many times (re-plans included), so none waits forever.
-struct Lockstep<'a> {
-    inner: OptimisticGraph<'a>,
-    barrier: Arc<std::sync::Barrier>,
-    rounds: usize,
-}
-
-impl IdentityGraph for Lockstep<'_> {
-    async fn drop_if_suppressed(
-        &mut self,
-        space_id: &str,
-        ids: &[Identifier],
-        received_at: kindred_domain::Millis,
-    ) -> Result<Option<Identifier>> {
-        self.inner
-            .drop_if_suppressed(space_id, ids, received_at)
-            .await
-    }
-    async fn record_violations(
-        &mut self,
-        space_id: &str,
-        violations: &[kindred_store::privacy::Violation],
-    ) -> Result<()> {
-        self.inner.record_violations(space_id, violations).await
-    }
-    async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
-        self.inner.is_duplicate(space_id, message_id).await
-    }
-    async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
-        let facts = self.inner.facts(space_id, ids).await;
-        if self.rounds > 0 {
-            self.rounds -= 1;
-            self.barrier.wait();
-        }
-        facts
-    }
-    async fn apply(
-        &mut self,
-        space_id: &str,
-        plan: &Plan,
-        record: &EventRecord<'_>,
-    ) -> Result<Applied> {
-        self.inner.apply(space_id, plan, record).await
-    }
-    async fn backoff(&mut self, wait: std::time::Duration) {
-        self.inner.backoff(wait).await;
-    }
-}
-
 impl Racer for Sqlite {
     async fn work(self: Arc<Self>, events: Vec<Event>) -> Tally {
         tokio::task::spawn_blocking(move || {
             let store = SqliteStore::open(self.dir.path()).unwrap();
-            let mut graph = Lockstep {
-                inner: OptimisticGraph::new(&store),
-                barrier: Arc::clone(&self.barrier),
-                rounds: self.lockstep,
+            let mut graph = Watched {
+                lockstep: Some((Arc::clone(&self.barrier), self.lockstep)),
+                ..Watched::new(OptimisticGraph::new(&store))
             };
             let mut tally = Tally::default();
             for event in &events {
@@ -198,7 +142,7 @@ impl Racer for Sqlite {
                         .unwrap();
                 count(&mut tally, outcome);
             }
-            tally.conflicts = graph.inner.conflicts as usize;
+            tally.conflicts = graph.conflicts;
             tally
         })
         .await
@@ -223,14 +167,35 @@ impl Racer for Sqlite {
     }
 }
 
-/// Notes the order in which applies succeed, and counts conflicts.
-struct Recording<'a> {
-    inner: DynamoGraph<'a>,
-    order: Arc<Mutex<Vec<String>>>,
+/// A worker's graph as the scenario watches it: counts the applies
+/// refused by a condition, notes the order in which applies succeed (for
+/// a store without a commit sequence), and can hold reads in lockstep.
+///
+/// Lockstep: on two cores the SQLite workers' threads may, by chance,
+/// never be switched between a read of the graph and its apply, and then
+/// nothing races. So each worker's first `rounds` reads wait for all the
+/// others' at a barrier: the workers plan from one snapshot and apply
+/// together, as Lambda instances do. Every worker waits exactly that many
+/// times (re-plans included), so none waits forever.
+struct Watched<G> {
+    inner: G,
     conflicts: usize,
+    order: Option<Arc<Mutex<Vec<String>>>>,
+    lockstep: Option<(Arc<std::sync::Barrier>, usize)>,
 }
 
-impl IdentityGraph for Recording<'_> {
+impl<G> Watched<G> {
+    fn new(inner: G) -> Self {
+        Self {
+            inner,
+            conflicts: 0,
+            order: None,
+            lockstep: None,
+        }
+    }
+}
+
+impl<G: IdentityGraph> IdentityGraph for Watched<G> {
     async fn drop_if_suppressed(
         &mut self,
         space_id: &str,
@@ -252,7 +217,14 @@ impl IdentityGraph for Recording<'_> {
         self.inner.is_duplicate(space_id, message_id).await
     }
     async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
-        self.inner.facts(space_id, ids).await
+        let facts = self.inner.facts(space_id, ids).await;
+        if let Some((barrier, rounds)) = &mut self.lockstep {
+            if *rounds > 0 {
+                *rounds -= 1;
+                barrier.wait();
+            }
+        }
+        facts
     }
     async fn apply(
         &mut self,
@@ -261,13 +233,11 @@ impl IdentityGraph for Recording<'_> {
         record: &EventRecord<'_>,
     ) -> Result<Applied> {
         let outcome = self.inner.apply(space_id, plan, record).await;
-        match &outcome {
-            Ok(Applied::Recorded) => self
-                .order
-                .lock()
-                .unwrap()
-                .push(record.event.message_id.clone()),
-            Err(kindred_store::StoreError::Conflict) => self.conflicts += 1,
+        match (&outcome, &self.order) {
+            (Ok(Applied::Recorded), Some(order)) => {
+                order.lock().unwrap().push(record.event.message_id.clone())
+            }
+            (Err(kindred_store::StoreError::Conflict), _) => self.conflicts += 1,
             _ => {}
         }
         outcome
@@ -297,10 +267,9 @@ impl Racer for Dynamo {
     async fn work(self: Arc<Self>, events: Vec<Event>) -> Tally {
         let config = kindred_tests::aws_config().await;
         let store = DynamoStore::new(aws_sdk_dynamodb::Client::new(&config), &self.table);
-        let mut graph = Recording {
-            inner: store.graph(),
-            order: Arc::clone(&self.order),
-            conflicts: 0,
+        let mut graph = Watched {
+            order: Some(Arc::clone(&self.order)),
+            ..Watched::new(store.graph())
         };
         let mut tally = Tally::default();
         for event in &events {
