@@ -44,9 +44,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     pub api_seconds: u64,
     /// Seconds to wait between ingest and the latency phase (lets the OS
-    /// finish writing back what ingest dirtied).
+    /// finish writing back what ingest dirtied); with
+    /// `--api-during-ingest`, between the first batch and the phase.
     #[arg(long, default_value_t = 0)]
     pub api_delay: u64,
+    /// Run the latency phase while ingest goes on at full speed (mixed
+    /// load) instead of after it.
+    #[arg(long)]
+    pub api_during_ingest: bool,
     /// Data directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
@@ -197,6 +202,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>(accepted)
         }));
     }
+    let phase = LatencyPhase {
+        client: client.clone(),
+        base: base.clone(),
+        space_id: space.space_id.clone(),
+        token: space.access_token.clone(),
+        users,
+        rate: args.api_rate.max(1),
+        seconds: args.api_seconds.max(1),
+    };
+    let delay = Duration::from_secs(args.api_delay);
+    let phase = if args.api_during_ingest {
+        Phase::During(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            phase.run().await
+        }))
+    } else {
+        Phase::After(phase)
+    };
     let mut accepted = 0;
     for s in senders {
         accepted += s.await??;
@@ -243,91 +266,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await?;
     }
 
-    tokio::time::sleep(Duration::from_secs(args.api_delay)).await;
-    println!();
-    println!(
-        "dirty page cache before the latency phase: {} MiB (after a {} s wait)",
-        dirty_mib().map_or("?".into(), |d| format!("{d:.0}")),
-        args.api_delay
-    );
-
-    // Profile API at a fixed rate; latency measured from the scheduled
-    // send time, so a slow response delays no measurement.
-    let api_rate = args.api_rate.max(1);
-    let total = api_rate as u64 * args.api_seconds;
-    let interval = Duration::from_secs_f64(1.0 / f64::from(api_rate));
-    let resources = ["traits", "external_ids", "metadata", "events?limit=10"];
-    let mut tasks = Vec::with_capacity(total as usize);
-    let api_started = Instant::now();
-    for i in 0..total {
-        let due = api_started + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
-        let user = (i as usize * 7919) % users;
-        let url = format!(
-            "{base}/v1/spaces/{}/collections/users/profiles/user_id:user-{user}/{}",
-            space.space_id,
-            resources[i as usize % resources.len()]
-        );
-        let (client, token) = (client.clone(), space.access_token.clone());
-        tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let response = client.get(&url).basic_auth(&token, Some("")).send().await;
-            let ok = match response {
-                Ok(r) => {
-                    let status = r.status();
-                    let _ = r.bytes().await;
-                    status.is_success() || status == reqwest::StatusCode::NOT_FOUND
-                }
-                Err(_) => false,
-            };
-            (i, due.elapsed(), sent.elapsed(), ok)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(tasks.len());
-    let mut per_second: Vec<Vec<Duration>> = vec![Vec::new(); args.api_seconds.max(1) as usize];
-    let mut from_send = Vec::with_capacity(tasks.len());
-    let mut failures = 0;
-    for t in tasks {
-        let (i, latency, service, ok) = t.await?;
-        latencies.push(latency);
-        from_send.push(service);
-        per_second[(i / u64::from(api_rate)) as usize].push(latency);
-        failures += usize::from(!ok);
-    }
-    let api_elapsed = api_started.elapsed();
-    latencies.sort();
-    from_send.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!();
-    println!(
-        "Profile API at {api_rate} requests/s for {} s (traits, external_ids, metadata, events)",
-        args.api_seconds
-    );
-    println!(
-        "  requests {}, failed {failures}, achieved {:.0}/s",
-        latencies.len(),
-        latencies.len() as f64 / api_elapsed.as_secs_f64()
-    );
-    println!(
-        "  latency from the scheduled send: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-        ms(percentile(&latencies, 0.50)),
-        ms(percentile(&latencies, 0.99)),
-        ms(percentile(&latencies, 0.999)),
-        ms(percentile(&latencies, 1.0))
-    );
-    println!(
-        "  from the request's send (the runtime's timer fires up to 1 ms after the scheduled time): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
-        ms(percentile(&from_send, 0.50)),
-        ms(percentile(&from_send, 0.99)),
-        ms(percentile(&from_send, 0.999)),
-    );
-    println!("  p99 per second of the phase (ms):");
-    let mut line = String::from("   ");
-    for second in &mut per_second {
-        second.sort();
-        line.push_str(&format!(" {:.1}", ms(percentile(second, 0.99))));
-    }
-    println!("{line}");
+    let latency = match phase {
+        Phase::During(during) => {
+            println!();
+            println!(
+                "(the latency phase below ran while ingest did, from {} s after the first batch)",
+                args.api_delay
+            );
+            during.await??
+        }
+        Phase::After(phase) => {
+            tokio::time::sleep(delay).await;
+            println!();
+            println!(
+                "dirty page cache before the latency phase: {} MiB (after a {} s wait)",
+                dirty_mib().map_or("?".into(), |d| format!("{d:.0}")),
+                args.api_delay
+            );
+            phase.run().await?
+        }
+    };
+    latency.print();
     println!();
     println!(
         "peak RSS: {:.0} MiB after ingest, {:.0} MiB at the end (server and load generator in one process)",
@@ -339,7 +298,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         json!({
             "events": accepted, "end_to_end_events_per_s": rate.round(),
             "peak_rss_mib": peak_rss_mib().map(f64::round),
-            "api_p50_ms": ms(percentile(&latencies, 0.50)), "api_p99_ms": ms(percentile(&latencies, 0.99)),
+            "api_p50_ms": ms(percentile(&latency.latencies, 0.50)),
+            "api_p99_ms": ms(percentile(&latency.latencies, 0.99)),
+            "api_during_ingest": args.api_during_ingest,
         })
     );
     running.stop().await?;
@@ -347,6 +308,136 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&temp);
     }
     Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Profile API requests at a fixed rate; latency is measured from each
+/// request's scheduled send time, so a slow response delays no
+/// measurement.
+struct LatencyPhase {
+    client: reqwest::Client,
+    base: String,
+    space_id: String,
+    token: String,
+    users: usize,
+    rate: u32,
+    seconds: u64,
+}
+
+/// The latency phase, started alongside ingest or waiting for its end.
+enum Phase {
+    During(tokio::task::JoinHandle<anyhow::Result<Latency>>),
+    After(LatencyPhase),
+}
+
+/// What a latency phase measured.
+struct Latency {
+    rate: u32,
+    seconds: u64,
+    /// From the scheduled send, sorted.
+    latencies: Vec<Duration>,
+    /// From the actual send, sorted.
+    from_send: Vec<Duration>,
+    per_second: Vec<Vec<Duration>>,
+    failures: usize,
+    elapsed: Duration,
+}
+
+impl LatencyPhase {
+    async fn run(self) -> anyhow::Result<Latency> {
+        let total = u64::from(self.rate) * self.seconds;
+        let interval = Duration::from_secs_f64(1.0 / f64::from(self.rate));
+        let resources = ["traits", "external_ids", "metadata", "events?limit=10"];
+        let mut tasks = Vec::with_capacity(total as usize);
+        let started = Instant::now();
+        for i in 0..total {
+            let due = started + interval * i as u32;
+            tokio::time::sleep_until(due.into()).await;
+            let user = (i as usize * 7919) % self.users;
+            let url = format!(
+                "{}/v1/spaces/{}/collections/users/profiles/user_id:user-{user}/{}",
+                self.base,
+                self.space_id,
+                resources[i as usize % resources.len()]
+            );
+            let (client, token) = (self.client.clone(), self.token.clone());
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let response = client.get(&url).basic_auth(&token, Some("")).send().await;
+                let ok = match response {
+                    Ok(r) => {
+                        let status = r.status();
+                        let _ = r.bytes().await;
+                        status.is_success() || status == reqwest::StatusCode::NOT_FOUND
+                    }
+                    Err(_) => false,
+                };
+                (i, due.elapsed(), sent.elapsed(), ok)
+            }));
+        }
+        let mut latency = Latency {
+            rate: self.rate,
+            seconds: self.seconds,
+            latencies: Vec::with_capacity(tasks.len()),
+            from_send: Vec::with_capacity(tasks.len()),
+            per_second: vec![Vec::new(); self.seconds as usize],
+            failures: 0,
+            elapsed: Duration::ZERO,
+        };
+        for t in tasks {
+            let (i, scheduled, sent, ok) = t.await?;
+            latency.latencies.push(scheduled);
+            latency.from_send.push(sent);
+            latency.per_second[(i / u64::from(self.rate)) as usize].push(scheduled);
+            latency.failures += usize::from(!ok);
+        }
+        latency.elapsed = started.elapsed();
+        latency.latencies.sort();
+        latency.from_send.sort();
+        for second in &mut latency.per_second {
+            second.sort();
+        }
+        Ok(latency)
+    }
+}
+
+impl Latency {
+    fn print(&self) {
+        println!();
+        println!(
+            "Profile API at {} requests/s for {} s (traits, external_ids, metadata, events)",
+            self.rate, self.seconds
+        );
+        println!(
+            "  requests {}, failed {}, achieved {:.0}/s",
+            self.latencies.len(),
+            self.failures,
+            self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+        );
+        let at = |sorted: &[Duration], p| ms(percentile(sorted, p));
+        println!(
+            "  latency from the scheduled send: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            at(&self.latencies, 0.50),
+            at(&self.latencies, 0.99),
+            at(&self.latencies, 0.999),
+            at(&self.latencies, 1.0)
+        );
+        println!(
+            "  from the request's send (the runtime's timer fires up to 1 ms after the scheduled time): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+            at(&self.from_send, 0.50),
+            at(&self.from_send, 0.99),
+            at(&self.from_send, 0.999),
+        );
+        println!("  p99 per second of the phase (ms):");
+        let mut line = String::from("   ");
+        for second in &self.per_second {
+            line.push_str(&format!(" {:.1}", at(second, 0.99)));
+        }
+        println!("{line}");
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
