@@ -385,33 +385,48 @@ async fn lookback_sweep(e: &impl Engine) {
 /// days") flips by time alone: the sweep finds the profile due then.
 async fn relative_date_conditions_follow_the_clock(e: &impl Engine) {
     away_from_hour_boundary().await;
-    e.define(
-        "audiences",
-        "trial_ending",
-        json!({"condition": {"trait": {"name": "trial_ends_at", "op": "within_next", "value": {"days": 3}}}}),
-    )
-    .await;
+    // Segment's four relative conditions, three days wide.
+    for (key, name, op) in [
+        ("trial_ending", "trial_ends_at", "within_next"),
+        ("trial_far", "trial_ends_at", "after_next"),
+        ("recent_signup", "signed_up_at", "within_last"),
+        ("old_signup", "signed_up_at", "before_last"),
+    ] {
+        e.define(
+            "audiences",
+            key,
+            json!({"condition": {"trait": {"name": name, "op": op, "value": {"days": 3}}}}),
+        )
+        .await;
+    }
     let now = kindred_store::now_millis();
-    let ends = now + 5 * 24 * HOUR;
+    let day = 24 * HOUR;
     e.batch(vec![
-        json!({"type": "identify", "userId": "t1", "traits": {"trial_ends_at": format_millis(ends)}}),
-        json!({"type": "identify", "userId": "t2", "traits": {"trial_ends_at": format_millis(now + HOUR)}}),
+        json!({"type": "identify", "userId": "t1", "traits": {
+            "trial_ends_at": format_millis(now + 5 * day), "signed_up_at": format_millis(now - HOUR)}}),
+        json!({"type": "identify", "userId": "t2", "traits": {
+            "trial_ends_at": format_millis(now + HOUR), "signed_up_at": format_millis(now - 2 * day)}}),
     ])
     .await;
     e.settle().await;
-    let member = |body: Value| body["traits"]["trial_ending"] == true;
-    assert!(!member(
-        e.traits("user_id:t1", "include=trial_ending").await
-    ));
-    assert!(member(e.traits("user_id:t2", "include=trial_ending").await));
-    // Two days and an hour later t1's trial ends within three days, and
-    // t2's has ended.
-    assert_eq!(e.lookback(now + 2 * 24 * HOUR + HOUR).await, 2);
+    let audiences = |user: &'static str| async move {
+        let traits = e.traits(&format!("user_id:{user}"), "class=audience").await;
+        let mut keys: Vec<String> = (traits["traits"].as_object().unwrap().iter())
+            .filter(|(_, member)| **member == true)
+            .map(|(key, _)| key.clone())
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(audiences("t1").await, ["recent_signup", "trial_far"]);
+    assert_eq!(audiences("t2").await, ["recent_signup", "trial_ending"]);
+    // Two days and an hour later t1's trial ends within three days (no
+    // longer after them), t2's has ended, and t2 signed up more than
+    // three days ago.
+    assert_eq!(e.lookback(now + 2 * day + HOUR).await, 2);
     e.settle().await;
-    assert!(member(e.traits("user_id:t1", "include=trial_ending").await));
-    assert!(!member(
-        e.traits("user_id:t2", "include=trial_ending").await
-    ));
+    assert_eq!(audiences("t1").await, ["recent_signup", "trial_ending"]);
+    assert_eq!(audiences("t2").await, ["old_signup"]);
 }
 
 /// A definition created after the events is built from the history

@@ -1,6 +1,7 @@
 //! Segment's real Python client, pointed at Kindred with `host=`, works
 //! unchanged: its events show up in the Profile API, its group calls make
-//! accounts, and account audiences over them reach a destination.
+//! accounts, and account audiences over them ("any user" and "all users")
+//! reach a destination.
 
 use std::time::{Duration, Instant};
 
@@ -53,7 +54,7 @@ async fn the_segment_python_client_works_unchanged() {
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     let args = vec![s.space.write_key.clone(), s.base.clone()];
-    run(python, "python/send_with_segment_client.py", args).await;
+    run(python.clone(), "python/send_with_segment_client.py", args).await;
     s.settle().await;
 
     let traits = s.profile("email:py.user@example.com", "traits").await;
@@ -97,8 +98,8 @@ async fn the_segment_python_client_works_unchanged() {
     assert!(linked("py-user") && linked("py-user-2"), "{users}");
     // The account pass (hourly, and with a lookback run): one of the two
     // users is on the pro plan.
-    let run = s.admin("POST", "/lookback/run", Some(&json!({}))).await;
-    assert_eq!(run.status, StatusCode::OK, "{}", run.body);
+    let pass = s.admin("POST", "/lookback/run", Some(&json!({}))).await;
+    assert_eq!(pass.status, StatusCode::OK, "{}", pass.body);
     let traits = s.get_as(&account("traits"), token).await.body;
     assert_eq!(traits["traits"]["industry"], "software", "{traits}");
     assert_eq!(traits["traits"]["any_pro"], true, "{traits}");
@@ -108,27 +109,58 @@ async fn the_segment_python_client_works_unchanged() {
         .await;
     assert_eq!(audiences.body["traits"], json!({"any_pro": true}));
     // Both users of the account get the entry, with its groupId.
-    let start = Instant::now();
-    let entered = || -> Vec<String> {
+    let entered = |key: &str| -> Vec<String> {
         let mut users: Vec<String> = (r.accepted().iter())
-            .filter(|c| c["event"] == "Audience Entered" && c["context"]["groupId"] == "acct-py")
+            .filter(|c| {
+                c["event"] == "Audience Entered"
+                    && c["properties"]["audience_key"] == key
+                    && c["context"]["groupId"] == "acct-py"
+            })
             .map(|c| c["userId"].as_str().unwrap_or_default().to_string())
             .collect();
         users.sort();
         users
     };
-    while entered().len() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{:#?}",
-            r.accepted()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(entered(), ["py-user", "py-user-2"], "{:#?}", r.accepted());
+    let both_entered = |key: &'static str| {
+        let (entered, r) = (&entered, &r);
+        async move {
+            let start = Instant::now();
+            while entered(key).len() < 2 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "{key}: {:#?}",
+                    r.accepted()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                entered(key),
+                ["py-user", "py-user-2"],
+                "{:#?}",
+                r.accepted()
+            );
+        }
+    };
+    both_entered("any_pro").await;
     let call = &r.accepted()[0];
     assert_eq!(call["properties"]["audience_key"], "any_pro", "{call}");
     assert_eq!(call["context"]["personas"]["computation_class"], "audience");
+    assert!(entered("all_pro").is_empty(), "{:#?}", r.accepted());
+    // The second user moves to the pro plan: now all users of the account
+    // are, and the next pass puts it in `all_pro` too.
+    let args = vec![s.space.write_key.clone(), s.base.clone(), "upgrade".into()];
+    run(python.clone(), "python/send_with_segment_client.py", args).await;
+    s.settle().await;
+    let pass = s.admin("POST", "/lookback/run", Some(&json!({}))).await;
+    assert_eq!(pass.status, StatusCode::OK, "{}", pass.body);
+    let audiences = s
+        .get_as(&format!("{}?class=audience", account("traits")), token)
+        .await;
+    assert_eq!(
+        audiences.body["traits"],
+        json!({"any_pro": true, "all_pro": true})
+    );
+    both_entered("all_pro").await;
     // The alias linked the second anonymous id to the user.
     let via_alias = s.profile("anonymous_id:py-anon-2", "metadata").await;
     assert_eq!(via_alias.status, StatusCode::OK);
