@@ -7,6 +7,7 @@ pub mod auth;
 pub mod browser;
 pub mod compute;
 pub mod cors;
+mod cpu;
 pub mod destinations;
 pub mod error;
 pub mod privacy;

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use kindred_domain::event::{
     strip_write_key, BatchBody, Envelope, MAX_BATCH_BYTES, MAX_EVENT_BYTES,
 };
-use kindred_domain::{Event, EventKind};
+use kindred_domain::{Event, EventKind, Millis};
 use kindred_store::token::{random_base62, TokenKind};
 use kindred_store::{now_millis, QueuedEvent, SpaceAuth};
 use serde_json::{json, Value};
@@ -211,6 +211,7 @@ async fn single(
                 format!("{}: {}", r.code, r.message),
             )
         })?;
+        let event = queued(&auth.space_id, &auth.source_id, event);
         enqueue(&state, &auth, vec![event]).await?;
         Ok::<_, ApiError>(Json(json!({"success": true})))
     }
@@ -223,36 +224,27 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
     let result = async {
         let header_auth = authenticate_header(&state, &parts.headers).await?;
         let bytes = read_body(&parts.headers, body).await?;
-        let parsed = BatchBody::parse(&bytes).ok_or_else(malformed)?;
+        // A first look (the items are not parsed yet): the key and how many.
+        let (write_key, count) = {
+            let parsed = BatchBody::parse(&bytes).ok_or_else(malformed)?;
+            let items = parsed
+                .batch
+                .as_deref()
+                .ok_or_else(|| ApiError::bad_request("batch must be an array of events"))?;
+            (parsed.write_key, items.len())
+        };
         let auth = match header_auth {
             Some(auth) => auth,
-            None => authenticate(&state, parsed.write_key.as_deref()).await?,
+            None => authenticate(&state, write_key.as_deref()).await?,
         };
         check_origin(&auth, &parts.headers)?;
-        let items = parsed
-            .batch
-            .as_deref()
-            .ok_or_else(|| ApiError::bad_request("batch must be an array of events"))?;
-        check_rate(&state, &auth, items.len().max(1))?;
-        let received_at = now_millis();
-        let mut accepted = Vec::with_capacity(items.len());
-        let mut rejected = Vec::new();
-        for (index, raw) in items.iter().enumerate() {
-            let generated = generated_message_id();
-            let outcome = parsed.event(
-                raw,
-                Envelope {
-                    future_tolerance: auth.future_tolerance,
-                    ..Envelope::received(received_at, &generated)
-                },
-            );
-            match outcome {
-                Ok(event) => accepted.push(event),
-                Err(r) => {
-                    rejected.push(json!({"index": index, "code": r.code, "message": r.message}))
-                }
-            }
-        }
+        check_rate(&state, &auth, count.max(1))?;
+        let (space_id, source_id) = (auth.space_id.clone(), auth.source_id.clone());
+        let tolerance = auth.future_tolerance;
+        let (accepted, rejected) = crate::cpu::run(move || {
+            read_events(&bytes, tolerance, |e| queued(&space_id, &source_id, e))
+        })
+        .await??;
         if accepted.is_empty() && !rejected.is_empty() {
             return Err(ApiError::bad_request("no event in the batch is valid")
                 .with_details(json!({"rejected": rejected})));
@@ -267,6 +259,35 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
     respond(result)
 }
 
+/// A batch's events, each read on its own: the valid ones (as `keep`
+/// makes them) and what was wrong with the others, by index.
+fn read_events<T>(
+    bytes: &[u8],
+    future_tolerance: Millis,
+    keep: impl Fn(Event) -> T,
+) -> Result<(Vec<T>, Vec<Value>), ApiError> {
+    let parsed = BatchBody::parse(bytes).ok_or_else(malformed)?;
+    let items = parsed.batch.as_deref().unwrap_or_default();
+    let received_at = now_millis();
+    let mut accepted = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (index, raw) in items.iter().enumerate() {
+        let generated = generated_message_id();
+        let outcome = parsed.event(
+            raw,
+            Envelope {
+                future_tolerance,
+                ..Envelope::received(received_at, &generated)
+            },
+        );
+        match outcome {
+            Ok(event) => accepted.push(keep(event)),
+            Err(r) => rejected.push(json!({"index": index, "code": r.code, "message": r.message})),
+        }
+    }
+    Ok((accepted, rejected))
+}
+
 fn check_rate(state: &TrackingState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {
     state
         .rate_limiter
@@ -274,21 +295,22 @@ fn check_rate(state: &TrackingState, auth: &SpaceAuth, n: usize) -> Result<(), A
         .map_err(ApiError::rate_limited)
 }
 
+/// The event as the queue keeps it.
+fn queued(space_id: &str, source_id: &str, event: Event) -> QueuedEvent {
+    QueuedEvent {
+        space_id: space_id.to_string(),
+        source_id: source_id.to_string(),
+        body: Value::Object(event.body).to_string(),
+    }
+}
+
 async fn enqueue(
     state: &TrackingState,
     auth: &SpaceAuth,
-    events: Vec<Event>,
+    events: Vec<QueuedEvent>,
 ) -> Result<(), ApiError> {
     let count = events.len();
-    let queued = events
-        .into_iter()
-        .map(|e| QueuedEvent {
-            space_id: auth.space_id.clone(),
-            source_id: auth.source_id.clone(),
-            body: Value::Object(e.body).to_string(),
-        })
-        .collect();
-    state.queue.enqueue(queued).await?;
+    state.queue.enqueue(events).await?;
     debug!(space_id = %auth.space_id, events = count, "events accepted");
     Ok(())
 }

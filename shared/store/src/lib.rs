@@ -11,6 +11,7 @@ pub mod audit;
 pub mod compute;
 pub mod identity;
 pub mod ports;
+pub mod priority;
 pub mod privacy;
 pub mod profile;
 pub mod secret;

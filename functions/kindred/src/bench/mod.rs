@@ -154,6 +154,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
     let (events, batch_size, seed) = (args.events, args.batch_size.max(1), args.seed);
     let generator = std::thread::spawn(move || {
+        // The generator stands for clients on other machines: it gives way
+        // to the server's serving threads, as the ingest threads do.
+        kindred_store::priority::lower_to("load generator", kindred_store::priority::INGEST);
         let mut workload = Workload::new(seed, users);
         let mut sent = 0;
         while sent < events {
@@ -203,7 +206,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }));
     }
     let phase = LatencyPhase {
-        client: client.clone(),
         base: base.clone(),
         space_id: space.space_id.clone(),
         token: space.access_token.clone(),
@@ -213,10 +215,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let delay = Duration::from_secs(args.api_delay);
     let phase = if args.api_during_ingest {
-        Phase::During(tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            phase.run().await
-        }))
+        Phase::During(phase.start_apart(delay))
     } else {
         Phase::After(phase)
     };
@@ -273,7 +272,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "(the latency phase below ran while ingest did, from {} s after the first batch)",
                 args.api_delay
             );
-            during.await??
+            LatencyPhase::finished(during).await?
         }
         Phase::After(phase) => {
             tokio::time::sleep(delay).await;
@@ -283,7 +282,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 dirty_mib().map_or("?".into(), |d| format!("{d:.0}")),
                 args.api_delay
             );
-            phase.run().await?
+            LatencyPhase::finished(phase.start_apart(Duration::ZERO)).await?
         }
     };
     latency.print();
@@ -318,7 +317,6 @@ fn ms(d: Duration) -> f64 {
 /// request's scheduled send time, so a slow response delays no
 /// measurement.
 struct LatencyPhase {
-    client: reqwest::Client,
     base: String,
     space_id: String,
     token: String,
@@ -329,7 +327,7 @@ struct LatencyPhase {
 
 /// The latency phase, started alongside ingest or waiting for its end.
 enum Phase {
-    During(tokio::task::JoinHandle<anyhow::Result<Latency>>),
+    During(std::thread::JoinHandle<anyhow::Result<Latency>>),
     After(LatencyPhase),
 }
 
@@ -347,7 +345,29 @@ struct Latency {
 }
 
 impl LatencyPhase {
+    /// Starts the phase after `delay` on a thread and runtime of its own,
+    /// as a client on another machine: the server's tasks (and the ingest
+    /// senders') never hold up its timers or the reading of its replies.
+    fn start_apart(self, delay: Duration) -> std::thread::JoinHandle<anyhow::Result<Latency>> {
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(self.run())
+        })
+    }
+
+    async fn finished(
+        phase: std::thread::JoinHandle<anyhow::Result<Latency>>,
+    ) -> anyhow::Result<Latency> {
+        tokio::task::spawn_blocking(move || phase.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the latency phase panicked"))?
+    }
+
     async fn run(self) -> anyhow::Result<Latency> {
+        let client = reqwest::Client::new();
         let total = u64::from(self.rate) * self.seconds;
         let interval = Duration::from_secs_f64(1.0 / f64::from(self.rate));
         let resources = ["traits", "external_ids", "metadata", "events?limit=10"];
@@ -363,7 +383,7 @@ impl LatencyPhase {
                 self.space_id,
                 resources[i as usize % resources.len()]
             );
-            let (client, token) = (self.client.clone(), self.token.clone());
+            let (client, token) = (client.clone(), self.token.clone());
             tasks.push(tokio::spawn(async move {
                 let sent = Instant::now();
                 let response = client.get(&url).basic_auth(&token, Some("")).send().await;

@@ -322,16 +322,7 @@ type Root = (Arc<Ruleset>, String, String, Millis);
 /// thread gives way (niceness 9 on Linux) and uses what is left; on an
 /// idle machine it runs at full speed.
 fn give_way_to_identity() {
-    use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
-    let result = ThreadPriorityValue::try_from(25u8)
-        .map_err(|e| e.to_string())
-        .and_then(|p| {
-            set_current_thread_priority(ThreadPriority::Crossplatform(p))
-                .map_err(|e| format!("{e:?}"))
-        });
-    if let Err(e) = result {
-        info!(error = %e, "the compute thread keeps the default priority");
-    }
+    kindred_store::priority::lower_to("compute", kindred_store::priority::COMPUTE);
 }
 
 fn add(total: &mut ComputeStats, s: &ComputeStats) {
