@@ -218,13 +218,25 @@ impl Running {
         self.wait_compute().await
     }
 
-    /// Waits until the identity worker has applied everything queued so far.
+    /// Waits until the identity worker has applied everything queued so
+    /// far, however long that takes while it makes progress (a 5M-event
+    /// bench queues minutes of work); an error once it has applied nothing
+    /// for [`WAIT_LIMIT`].
     pub async fn wait_identity(&self) -> anyhow::Result<()> {
         let target = self.local.queue.last_seq();
-        until("the identity worker to apply the queue", 2, || {
-            Ok(self.local.worker.cursor()? >= target)
-        })
-        .await
+        let mut seen = self.local.worker.cursor()?;
+        loop {
+            let progressed = move |cursor: i64| cursor > seen;
+            until("the identity worker to apply a batch", 2, || {
+                let cursor = self.local.worker.cursor()?;
+                Ok(cursor >= target || progressed(cursor))
+            })
+            .await?;
+            seen = self.local.worker.cursor()?;
+            if seen >= target {
+                return Ok(());
+            }
+        }
     }
 
     /// Waits until the compute worker has folded in every recorded event,
