@@ -226,10 +226,9 @@ impl Running {
         let target = self.local.queue.last_seq();
         let mut seen = self.local.worker.cursor()?;
         loop {
-            let progressed = move |cursor: i64| cursor > seen;
             until("the identity worker to apply a batch", 2, || {
                 let cursor = self.local.worker.cursor()?;
-                Ok(cursor >= target || progressed(cursor))
+                Ok(cursor >= target || cursor > seen)
             })
             .await?;
             seen = self.local.worker.cursor()?;

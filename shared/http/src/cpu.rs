@@ -9,7 +9,7 @@
 //! full speed.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use kindred_store::priority;
 use tokio::sync::oneshot;
@@ -20,17 +20,17 @@ use crate::error::ApiError;
 type Job = Box<dyn FnOnce() + Send>;
 
 struct Pool {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let (jobs, rx) = mpsc::channel::<Job>();
-        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let rx = Arc::new(Mutex::new(rx));
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         for i in 0..threads {
-            let rx = std::sync::Arc::clone(&rx);
+            let rx = Arc::clone(&rx);
             let spawned = std::thread::Builder::new()
                 .name(format!("kindred-ingest-{i}"))
                 .spawn(move || {
@@ -52,9 +52,7 @@ fn pool() -> &'static Pool {
                 error!(error = %e, "could not start an ingest thread");
             }
         }
-        Pool {
-            jobs: Mutex::new(jobs),
-        }
+        Pool { jobs }
     })
 }
 
@@ -67,11 +65,7 @@ pub(crate) async fn run<T: Send + 'static>(
     let job: Job = Box::new(move || {
         let _ = tx.send(work());
     });
-    let sent = match pool().jobs.lock() {
-        Ok(jobs) => jobs.send(job).is_ok(),
-        Err(poisoned) => poisoned.into_inner().send(job).is_ok(),
-    };
-    if !sent {
+    if pool().jobs.send(job).is_err() {
         error!("no ingest thread is running");
         return Err(ApiError::internal());
     }
