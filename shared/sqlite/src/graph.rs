@@ -21,6 +21,9 @@ pub struct TxGraph<'a> {
     observed: Observed,
     /// Which spaces have a suppression list, read once per transaction.
     suppressing: super::privacy::SuppressionCache,
+    /// The event being applied as its queue entry holds it: its JSON and
+    /// that JSON already compressed ([`TxGraph::queued`]).
+    queued: Option<(&'a str, &'a [u8])>,
 }
 
 /// What reads in this transaction established since its last write. In
@@ -60,7 +63,24 @@ impl<'a> TxGraph<'a> {
             tx,
             observed: Observed::default(),
             suppressing: Default::default(),
+            queued: None,
         }
+    }
+
+    /// Names the body of the event about to be applied, and its stored
+    /// form as the queue already compressed it: an event recorded with
+    /// exactly that body is stored with those bytes instead of being
+    /// compressed again (one annotated on the way, with the traits a
+    /// profile dropped, is compressed afresh).
+    pub fn queued(&mut self, body_json: &'a str, encoded: &'a [u8]) {
+        self.queued = Some((body_json, encoded));
+    }
+
+    /// The stored form of `body_json`, if it is the queued body.
+    fn encoded(&self, body_json: &str) -> Option<&'a [u8]> {
+        self.queued
+            .filter(|(json, _)| std::ptr::eq(*json, body_json))
+            .map(|(_, encoded)| encoded)
     }
 }
 
@@ -245,7 +265,8 @@ impl IdentityGraph for TxGraph<'_> {
             check_conditions(self.tx, space_id, plan)?;
         }
         self.observed = Observed::default();
-        apply_writes(self.tx, space_id, plan, record).map_err(|e| match e {
+        let encoded = self.encoded(record.body_json);
+        apply_writes(self.tx, space_id, plan, record, encoded).map_err(|e| match e {
             StoreError::Conflict => StoreError::Invariant("a checked condition failed on write"),
             other => other,
         })
@@ -296,6 +317,7 @@ fn apply_writes(
     space_id: &str,
     plan: &Plan,
     record: &EventRecord<'_>,
+    encoded: Option<&[u8]>,
 ) -> Result<Applied> {
     let event = record.event;
     sp.prepare_cached("INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)")?
@@ -354,7 +376,7 @@ fn apply_writes(
             Some(a.profile_id.as_str())
         }
     };
-    insert_event(sp, space_id, profile_id, record)?;
+    insert_event(sp, space_id, profile_id, record, encoded)?;
     Ok(Applied::Recorded)
 }
 
@@ -436,14 +458,20 @@ fn update_root(
     Ok(())
 }
 
-/// The event itself, on its profile, and the group it links to.
+/// The event itself, on its profile, and the group it links to;
+/// `encoded` is its body already compressed, if it is at hand.
 fn insert_event(
     sp: &Transaction<'_>,
     space_id: &str,
     profile_id: Option<&str>,
     record: &EventRecord<'_>,
+    encoded: Option<&[u8]>,
 ) -> Result<()> {
     let event = record.event;
+    let body = match encoded {
+        Some(bytes) => std::borrow::Cow::Borrowed(bytes),
+        None => std::borrow::Cow::Owned(super::body::encode(record.body_json)?),
+    };
     sp.prepare_cached(
         "INSERT INTO events (space_id, profile_id, ts, message_id, name, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -454,7 +482,7 @@ fn insert_event(
         event.timestamp,
         event.message_id,
         event.name,
-        super::body::encode(record.body_json)?,
+        body,
     ])?;
     if let (Some(profile_id), Some(group_id)) = (profile_id, record.group_id) {
         sp.prepare_cached(

@@ -422,8 +422,10 @@ impl SqliteStore {
 /// The layout of the data directory this build writes, kept in
 /// `store.db`'s `user_version`:
 /// - 0: before the marker (event bodies stored as JSON text);
-/// - 1: event bodies compressed ([`body`]); text bodies still read.
-pub const DATA_FORMAT: i64 = 1;
+/// - 1: event bodies compressed ([`body`]); text bodies still read;
+/// - 2: the queue (`queue.db`) holds bodies compressed the same way, and
+///   `store.db` takes them as they are; text entries still read.
+pub const DATA_FORMAT: i64 = 2;
 
 /// Brings an older data directory up to [`DATA_FORMAT`] when the store
 /// opens, or refuses one written by a newer Kindred before anything in
@@ -437,8 +439,10 @@ fn upgrade(conn: &Connection) -> Result<()> {
              it, or `kindred restore` a backup taken before the upgrade into a new directory"
         )));
     }
-    // 0 -> 1: nothing to rewrite; older text bodies are read as they are
-    // and new events are stored compressed.
+    // 0 -> 1 and 1 -> 2: nothing to rewrite; older text bodies (in
+    // `store.db` and in the queue) are read as they are, and what is
+    // written from now on is compressed. The mark is what makes an older
+    // build, which could not read a compressed queue entry, refuse it.
     if found < DATA_FORMAT {
         conn.pragma_update(None, "user_version", DATA_FORMAT)?;
     }

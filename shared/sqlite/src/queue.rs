@@ -16,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::error;
 
+use super::body::{encode, received_at, StoredBody};
 use super::{lock, open, open_reader, Durability};
 use kindred_store::ports::{EventQueue, QueuedEvent};
 use kindred_store::{Result, StoreError};
@@ -33,6 +34,9 @@ CREATE TABLE IF NOT EXISTS queue (
     source_id TEXT NOT NULL,
     body TEXT NOT NULL
 );";
+// `body` holds the event compressed as `store.db` keeps it (a BLOB,
+// [`crate::body`]) since data format 2; entries queued by an older build
+// are JSON text, and both are read.
 
 /// Requests waiting together are committed in one transaction, up to this
 /// many events.
@@ -42,6 +46,10 @@ const GROUP_COMMIT_EVENTS: usize = 20_000;
 pub struct QueueEntry {
     pub seq: i64,
     pub event: QueuedEvent,
+    /// The body as queued, compressed: `store.db` takes it as it is, so
+    /// the identity worker does not compress it again. `None` for an
+    /// entry queued by an older build (JSON text).
+    pub encoded: Option<Vec<u8>>,
 }
 
 enum Command {
@@ -80,7 +88,14 @@ impl SqliteQueue {
             let last_seq = Arc::clone(&last_seq);
             std::thread::Builder::new()
                 .name("kindred-queue-writer".into())
-                .spawn(move || writer_loop(writer, rx, last_seq))?;
+                .spawn(move || {
+                    // Appending is ingest work, compression included.
+                    kindred_store::priority::lower_to(
+                        "queue writer",
+                        kindred_store::priority::INGEST,
+                    );
+                    writer_loop(writer, rx, last_seq)
+                })?;
         }
         Ok(Arc::new(Self {
             commands: Mutex::new(commands),
@@ -96,13 +111,19 @@ impl SqliteQueue {
             "SELECT seq, space_id, source_id, body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, max as i64], |r| {
+            let encoded = match r.get_ref(3)? {
+                rusqlite::types::ValueRef::Blob(blob) => Some(blob.to_vec()),
+                _ => None,
+            };
+            let StoredBody(body) = r.get(3)?;
             Ok(QueueEntry {
                 seq: r.get(0)?,
                 event: QueuedEvent {
                     space_id: r.get(1)?,
                     source_id: r.get(2)?,
-                    body: r.get(3)?,
+                    body,
                 },
+                encoded,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -130,16 +151,13 @@ impl SqliteQueue {
     /// `receivedAt`), if there is one.
     pub fn oldest_after(&self, after: i64) -> Result<Option<i64>> {
         let conn = lock(&self.reader);
-        let received: Option<String> = conn
-            .prepare_cached(
-                "SELECT CASE WHEN json_valid(body) THEN json_extract(body, '$.receivedAt') END
-                 FROM queue WHERE seq > ?1
-                 ORDER BY seq LIMIT 1",
-            )?
+        let body: Option<StoredBody> = conn
+            .prepare_cached("SELECT body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT 1")?
             .query_row([after], |r| r.get(0))
-            .optional()?
-            .flatten();
-        Ok(received.and_then(|r| kindred_domain::event::parse_time(&r)))
+            .optional()?;
+        Ok(body
+            .and_then(|StoredBody(json)| received_at(&json))
+            .and_then(|r| kindred_domain::event::parse_time(&r)))
     }
 
     /// Blocks until an entry after `after` is committed or `timeout` passes;
@@ -241,14 +259,20 @@ fn truncate_and_reclaim(conn: &Connection, seq: i64) -> Result<()> {
 type Pending = (Vec<QueuedEvent>, oneshot::Sender<Result<()>>);
 
 fn append_all(conn: &mut Connection, appends: &[Pending]) -> Result<i64> {
+    // Compressed before the transaction opens, on this thread (below the
+    // Profile API's priority), and once: the identity worker stores these
+    // bytes as they are.
+    let encoded = appends
+        .iter()
+        .flat_map(|(events, _)| events)
+        .map(|e| Ok((e, encode(&e.body)?)))
+        .collect::<Result<Vec<_>>>()?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut stmt =
             tx.prepare_cached("INSERT INTO queue (space_id, source_id, body) VALUES (?1, ?2, ?3)")?;
-        for (events, _) in appends {
-            for e in events {
-                stmt.execute(params![e.space_id, e.source_id, e.body])?;
-            }
+        for (e, body) in &encoded {
+            stmt.execute(params![e.space_id, e.source_id, body])?;
         }
     }
     let last = tx.last_insert_rowid();

@@ -102,3 +102,66 @@ fn a_data_directory_from_a_newer_kindred_is_refused_before_anything_is_created()
         .unwrap();
     assert_eq!(tables, 0, "nothing created in it");
 }
+
+#[tokio::test]
+async fn a_queue_from_before_format_2_is_applied_and_new_entries_are_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.create_space("s").unwrap();
+        SqliteQueue::open(dir.path()).unwrap();
+    }
+    // An entry as format 1 queued it: the event's JSON as text, not yet
+    // applied when that build stopped.
+    let old = queued(
+        "s",
+        json!({"type": "identify", "userId": "u1", "messageId": "m-old",
+               "traits": {"plan": "pro"}}),
+    );
+    let queue_db = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    queue_db
+        .execute(
+            "INSERT INTO queue (space_id, source_id, body) VALUES (?1, ?2, ?3)",
+            [&old.space_id, &old.source_id, &old.body],
+        )
+        .unwrap();
+    let raw = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
+    raw.pragma_update(None, "user_version", 1).unwrap();
+
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let queue = SqliteQueue::open(dir.path()).unwrap();
+    let format: i64 = raw
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(format, DATA_FORMAT);
+    queue
+        .enqueue(vec![queued(
+            "s",
+            json!({"type": "track", "event": "Signed In", "userId": "u1", "messageId": "m-new"}),
+        )])
+        .await
+        .unwrap();
+    let queued_kinds: Vec<String> = queue_db
+        .prepare("SELECT typeof(body) FROM queue ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        queued_kinds,
+        ["text", "blob"],
+        "new entries queued compressed"
+    );
+
+    IdentityWorker::new(store.clone(), queue.clone())
+        .drain()
+        .unwrap();
+    let events = bodies(&store);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].0, "m-old");
+    assert!(events[0].1.contains("\"plan\":\"pro\""), "{:?}", events[0]);
+    assert_eq!(events[1].0, "m-new");
+    assert!(events[1].1.contains("\"Signed In\""), "{:?}", events[1]);
+    assert_eq!(kinds(&raw), ["blob", "blob"], "both stored compressed");
+}

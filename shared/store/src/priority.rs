@@ -8,7 +8,8 @@
 use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
 use tracing::info;
 
-/// The Tracking API's parsing of batches (niceness 4).
+/// The Tracking API's parsing of batches, and the local queue's writer,
+/// which compresses what it appends (niceness 4).
 pub const INGEST: u8 = 38;
 /// The compute worker (niceness 9): identity resolution comes first,
 /// computed values may lag.
