@@ -21,9 +21,10 @@ pub struct TxGraph<'a> {
     observed: Observed,
     /// Which spaces have a suppression list, read once per transaction.
     suppressing: super::privacy::SuppressionCache,
-    /// The event being applied as its queue entry holds it: its JSON and
-    /// that JSON already compressed ([`TxGraph::queued`]).
-    queued: Option<(&'a str, &'a [u8])>,
+    /// The event being applied as its queue entry holds it: where its
+    /// JSON is (address and length) and that JSON already compressed
+    /// ([`TxGraph::queued`]).
+    queued: Option<((usize, usize), &'a [u8])>,
 }
 
 /// What reads in this transaction established since its last write. In
@@ -68,20 +69,28 @@ impl<'a> TxGraph<'a> {
     }
 
     /// Names the body of the event about to be applied, and its stored
-    /// form as the queue already compressed it: an event recorded with
-    /// exactly that body is stored with those bytes instead of being
-    /// compressed again (one annotated on the way, with the traits a
-    /// profile dropped, is compressed afresh).
-    pub fn queued(&mut self, body_json: &'a str, encoded: &'a [u8]) {
-        self.queued = Some((body_json, encoded));
+    /// form as the queue already compressed it (`None`: not at hand): an
+    /// event recorded with exactly that body (the same string, not an
+    /// equal one) is stored with those bytes instead of being compressed
+    /// again; one annotated on the way, with the traits a profile
+    /// dropped, is a new string and is compressed afresh.
+    pub fn queued(&mut self, body_json: &str, compressed: Option<&'a [u8]>) {
+        self.queued = compressed.map(|c| (address(body_json), c));
     }
 
     /// The stored form of `body_json`, if it is the queued body.
-    fn encoded(&self, body_json: &str) -> Option<&'a [u8]> {
+    fn compressed(&self, body_json: &str) -> Option<&'a [u8]> {
         self.queued
-            .filter(|(json, _)| std::ptr::eq(*json, body_json))
-            .map(|(_, encoded)| encoded)
+            .filter(|(at, _)| *at == address(body_json))
+            .map(|(_, compressed)| compressed)
     }
+}
+
+/// Where a string is: compared, never followed (the queued body is
+/// alive for as long as its event is applied, so no other string can be
+/// at its address then).
+fn address(s: &str) -> (usize, usize) {
+    (s.as_ptr() as usize, s.len())
 }
 
 /// Turns "no row matched" or a key collision into a conflict.
@@ -265,8 +274,8 @@ impl IdentityGraph for TxGraph<'_> {
             check_conditions(self.tx, space_id, plan)?;
         }
         self.observed = Observed::default();
-        let encoded = self.encoded(record.body_json);
-        apply_writes(self.tx, space_id, plan, record, encoded).map_err(|e| match e {
+        let compressed = self.compressed(record.body_json);
+        apply_writes(self.tx, space_id, plan, record, compressed).map_err(|e| match e {
             StoreError::Conflict => StoreError::Invariant("a checked condition failed on write"),
             other => other,
         })
@@ -317,7 +326,7 @@ fn apply_writes(
     space_id: &str,
     plan: &Plan,
     record: &EventRecord<'_>,
-    encoded: Option<&[u8]>,
+    compressed: Option<&[u8]>,
 ) -> Result<Applied> {
     let event = record.event;
     sp.prepare_cached("INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)")?
@@ -376,7 +385,7 @@ fn apply_writes(
             Some(a.profile_id.as_str())
         }
     };
-    insert_event(sp, space_id, profile_id, record, encoded)?;
+    insert_event(sp, space_id, profile_id, record, compressed)?;
     Ok(Applied::Recorded)
 }
 
@@ -459,16 +468,16 @@ fn update_root(
 }
 
 /// The event itself, on its profile, and the group it links to;
-/// `encoded` is its body already compressed, if it is at hand.
+/// `compressed` is its body already compressed, if it is at hand.
 fn insert_event(
     sp: &Transaction<'_>,
     space_id: &str,
     profile_id: Option<&str>,
     record: &EventRecord<'_>,
-    encoded: Option<&[u8]>,
+    compressed: Option<&[u8]>,
 ) -> Result<()> {
     let event = record.event;
-    let body = match encoded {
+    let body = match compressed {
         Some(bytes) => std::borrow::Cow::Borrowed(bytes),
         None => std::borrow::Cow::Owned(super::body::encode(record.body_json)?),
     };

@@ -12,11 +12,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 use tracing::error;
 
-use super::body::{encode, received_at, StoredBody};
+use super::body::{decode, encode, received_at, StoredBody};
 use super::{lock, open, open_reader, Durability};
 use kindred_store::ports::{EventQueue, QueuedEvent};
 use kindred_store::{Result, StoreError};
@@ -46,10 +47,54 @@ const GROUP_COMMIT_EVENTS: usize = 20_000;
 pub struct QueueEntry {
     pub seq: i64,
     pub event: QueuedEvent,
-    /// The body as queued, compressed: `store.db` takes it as it is, so
-    /// the identity worker does not compress it again. `None` for an
-    /// entry queued by an older build (JSON text).
-    pub encoded: Option<Vec<u8>>,
+}
+
+/// A queue entry as `queue.db` holds it: the body still in its stored
+/// form, decoded only when it is about to be applied, so a large batch
+/// does not hold every body twice.
+pub(crate) struct StoredEntry {
+    pub seq: i64,
+    pub space_id: String,
+    pub source_id: String,
+    body: StoredForm,
+}
+
+enum StoredForm {
+    /// Compressed as `store.db` keeps it ([`crate::body`]): `store.db`
+    /// takes these bytes as they are.
+    Compressed(Vec<u8>),
+    /// JSON text, as a build before data format 2 queued it.
+    Json(String),
+}
+
+impl StoredEntry {
+    /// The event's JSON.
+    pub fn json(&self) -> Result<String> {
+        match &self.body {
+            StoredForm::Compressed(bytes) => decode(bytes).map_err(StoreError::Undecodable),
+            StoredForm::Json(json) => Ok(json.clone()),
+        }
+    }
+
+    /// The body already compressed, if the queue holds it so.
+    pub fn compressed(&self) -> Option<&[u8]> {
+        match &self.body {
+            StoredForm::Compressed(bytes) => Some(bytes),
+            StoredForm::Json(_) => None,
+        }
+    }
+
+    pub fn decoded(self) -> Result<QueueEntry> {
+        let body = self.json()?;
+        Ok(QueueEntry {
+            seq: self.seq,
+            event: QueuedEvent {
+                space_id: self.space_id,
+                source_id: self.source_id,
+                body,
+            },
+        })
+    }
 }
 
 enum Command {
@@ -106,27 +151,40 @@ impl SqliteQueue {
 
     /// Up to `max` entries after `after`, in order.
     pub fn read_after(&self, after: i64, max: usize) -> Result<Vec<QueueEntry>> {
+        self.read_stored_after(after, max)?
+            .into_iter()
+            .map(StoredEntry::decoded)
+            .collect()
+    }
+
+    /// Up to `max` entries after `after`, in order, bodies as stored.
+    pub(crate) fn read_stored_after(&self, after: i64, max: usize) -> Result<Vec<StoredEntry>> {
         let conn = lock(&self.reader);
         let mut stmt = conn.prepare_cached(
             "SELECT seq, space_id, source_id, body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, max as i64], |r| {
-            let encoded = match r.get_ref(3)? {
-                rusqlite::types::ValueRef::Blob(blob) => Some(blob.to_vec()),
-                _ => None,
+            let body = match r.get_ref(3)? {
+                ValueRef::Blob(blob) => StoredForm::Compressed(blob.to_vec()),
+                _ => StoredForm::Json(r.get(3)?),
             };
-            let StoredBody(body) = r.get(3)?;
-            Ok(QueueEntry {
+            Ok(StoredEntry {
                 seq: r.get(0)?,
-                event: QueuedEvent {
-                    space_id: r.get(1)?,
-                    source_id: r.get(2)?,
-                    body,
-                },
-                encoded,
+                space_id: r.get(1)?,
+                source_id: r.get(2)?,
+                body,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The sequence number of the last of up to `max` entries after `after`.
+    pub(crate) fn last_of(&self, after: i64, max: usize) -> Result<Option<i64>> {
+        Ok(lock(&self.reader)
+            .prepare_cached(
+                "SELECT max(seq) FROM (SELECT seq FROM queue WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
+            )?
+            .query_row(params![after, max as i64], |r| r.get(0))?)
     }
 
     /// Removes every entry up to and including `seq` (all consumers are past it).

@@ -52,6 +52,9 @@ struct State {
     last_truncate: Option<Instant>,
     /// The last sequence number whose queue rows were handed to truncation.
     truncated_through: i64,
+    /// The last sequence number applied when `settle` last emptied
+    /// `store.db`'s WAL.
+    settled_through: i64,
     last_cleanup: Option<Instant>,
     /// Consecutive failed steps.
     failures: u32,
@@ -72,8 +75,13 @@ impl IdentityWorker {
             // keys (message ids, identifiers, profile ids) are random, so
             // a batch of 2,048 rewrote about one page per event in each
             // index. 16,384 (with store.db's larger checkpoints) applied
-            // the bench workload ~65% faster (BENCHMARKS.md, issue 19).
-            batch: 16_384,
+            // the bench workload ~65% faster, and 65,536 ~20% faster again
+            // than 16,384 (32,768: ~12%), RSS about 30 MB higher with the
+            // bodies decoded one at a time (BENCHMARKS.md, issue 19). A
+            // batch is what is queued, up to this: under light load it is
+            // small, and under full load an event is applied at most a
+            // few seconds after it was acknowledged.
+            batch: 65_536,
             // Housekeeping (dedup expiry, planner statistics) first runs an
             // hour after start, when the tables hold representative data.
             state: Mutex::new(State {
@@ -150,7 +158,7 @@ impl IdentityWorker {
                 Ok(n)
             }
             Err(e) => {
-                let failed_until = self.queue.read_after(cursor, limit)?.last().map(|e| e.seq);
+                let failed_until = self.queue.last_of(cursor, limit)?;
                 let mut state = lock(&self.state);
                 state.failures += 1;
                 // Only an entry that cannot be applied is set aside; I/O and
@@ -174,8 +182,14 @@ impl IdentityWorker {
     fn dead_letter_next(&self, error: &kindred_store::StoreError) -> Result<()> {
         let mut state = lock(&self.state);
         let cursor = self.load_cursor(&mut state)?;
-        let Some(entry) = self.queue.read_after(cursor, 1)?.pop() else {
+        let Some(entry) = self.queue.read_stored_after(cursor, 1)?.pop() else {
             return Ok(());
+        };
+        // A body that cannot even be decoded is kept as `{}`, and the
+        // error says why: the entry must not block the ones behind it.
+        let (body, error) = match entry.json() {
+            Ok(body) => (body, error.to_string()),
+            Err(undecodable) => ("{}".to_string(), format!("{error}; {undecodable}")),
         };
         let mut conn = self.store.writer();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -184,16 +198,16 @@ impl IdentityWorker {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
             params![
                 entry.seq,
-                entry.event.space_id,
-                entry.event.source_id,
-                entry.event.body,
-                error.to_string(),
+                entry.space_id,
+                entry.source_id,
+                body,
+                error,
                 now_millis()
             ],
         )?;
         set_cursor(&tx, entry.seq)?;
         tx.commit()?;
-        error!(space_id = %entry.event.space_id, seq = entry.seq, error = %error, "event moved to dead_letters");
+        error!(space_id = %entry.space_id, seq = entry.seq, error = %error, "event moved to dead_letters");
         state.cursor = Some(entry.seq);
         state.stats.dead_lettered += 1;
         Ok(())
@@ -202,7 +216,7 @@ impl IdentityWorker {
     fn run_batch(&self, limit: usize) -> Result<usize> {
         let mut state = lock(&self.state);
         let cursor = self.load_cursor(&mut state)?;
-        let entries = self.queue.read_after(cursor, limit)?;
+        let entries = self.queue.read_stored_after(cursor, limit)?;
         let Some(last) = entries.last().map(|e| e.seq) else {
             return Ok(0);
         };
@@ -226,26 +240,24 @@ impl IdentityWorker {
             let mut graph = TxGraph::new(&tx);
             let now = now_millis();
             for entry in &entries {
-                let e = &entry.event;
                 // Debug level: an info span is formatted for every event
                 // (1.6 % of this thread's time in a profile of the bench).
                 let _span =
-                    debug_span!("identity", space_id = %e.space_id, seq = entry.seq).entered();
-                let rules = rules_for(&tx, &mut state.rules, &e.space_id)?;
+                    debug_span!("identity", space_id = %entry.space_id, seq = entry.seq).entered();
+                let rules = rules_for(&tx, &mut state.rules, &entry.space_id)?;
                 let Some(rules) = rules else {
                     return Err(StoreError::Internal(
                         "the event's space does not exist".into(),
                     ));
                 };
-                let event = kindred_store::compute::parse_stored_event(&e.body)?;
-                if let Some(encoded) = &entry.encoded {
-                    graph.queued(&e.body, encoded);
-                }
+                let body = entry.json()?;
+                let event = kindred_store::compute::parse_stored_event(&body)?;
+                graph.queued(&body, entry.compressed());
                 let job = Job {
-                    space_id: &e.space_id,
-                    source_id: &e.source_id,
+                    space_id: &entry.space_id,
+                    source_id: &entry.source_id,
                     event: &event,
-                    body_json: &e.body,
+                    body_json: &body,
                     now,
                 };
                 let outcome =
@@ -266,7 +278,7 @@ impl IdentityWorker {
                                  VALUES (?1, ?2, ?3, ?4)",
                             )?
                             .execute(rusqlite::params![
-                                e.space_id,
+                                entry.space_id,
                                 profile_id,
                                 serde_json::to_string(&claimed)?,
                                 now
@@ -322,7 +334,10 @@ impl IdentityWorker {
     pub fn settle(&self) -> Result<()> {
         let mut state = lock(&self.state);
         let cursor = self.load_cursor(&mut state)?;
-        if cursor <= state.truncated_through {
+        // (Not `truncated_through`: a burst applied in one batch was
+        // handed to truncation by that batch, and its pages still fill
+        // the WAL.)
+        if cursor <= state.settled_through {
             return Ok(());
         }
         let conn = self.store.writer();
@@ -332,8 +347,11 @@ impl IdentityWorker {
         });
         conn.busy_timeout(super::BUSY_TIMEOUT)?;
         if busy? == 0 {
-            state.truncated_through = cursor;
-            self.queue.truncate_through(cursor);
+            state.settled_through = cursor;
+            if cursor > state.truncated_through {
+                state.truncated_through = cursor;
+                self.queue.truncate_through(cursor);
+            }
         }
         Ok(())
     }
