@@ -14,7 +14,7 @@ use super::SqliteStore;
 
 use kindred_store::identity::complete_now;
 use kindred_store::ports::{Applied, EventRecord, IdentityGraph};
-use kindred_store::{Result, StoreError};
+use kindred_store::{now_millis, Result, StoreError};
 
 pub struct TxGraph<'a> {
     tx: &'a Transaction<'a>,
@@ -25,6 +25,11 @@ pub struct TxGraph<'a> {
     /// JSON is (address and length) and that JSON already compressed
     /// ([`TxGraph::queued`]).
     queued: Option<((usize, usize), &'a [u8])>,
+    /// The message id (space, id) this transaction claimed for the event
+    /// being applied: [`IdentityGraph::is_duplicate`] inserts it as it
+    /// checks (one B-tree descent instead of a read and then an insert),
+    /// and the event's writes then leave it out.
+    claimed: Option<(String, String)>,
 }
 
 /// What reads in this transaction established since its last write. In
@@ -65,7 +70,14 @@ impl<'a> TxGraph<'a> {
             observed: Observed::default(),
             suppressing: Default::default(),
             queued: None,
+            claimed: None,
         }
+    }
+
+    fn claimed(&self, space_id: &str, message_id: &str) -> bool {
+        self.claimed
+            .as_ref()
+            .is_some_and(|(s, m)| s == space_id && m == message_id)
     }
 
     /// Names the body of the event about to be applied, and its stored
@@ -117,6 +129,17 @@ fn is_duplicate(conn: &Connection, space_id: &str, message_id: &str) -> Result<b
     let mut stmt =
         conn.prepare_cached("SELECT 1 FROM messages WHERE space_id = ?1 AND message_id = ?2")?;
     Ok(stmt.exists(params![space_id, message_id])?)
+}
+
+/// Records a message id as seen; `false` if it already was.
+fn claim_message(conn: &Connection, space_id: &str, message_id: &str, now: i64) -> Result<bool> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![space_id, message_id, now])?;
+    Ok(inserted == 1)
 }
 
 fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
@@ -226,8 +249,16 @@ impl IdentityGraph for TxGraph<'_> {
     }
 
     async fn is_duplicate(&mut self, space_id: &str, message_id: &str) -> Result<bool> {
-        let seen = is_duplicate(self.tx, space_id, message_id)?;
+        // Asked again after a conflict: the claim is this event's.
+        if self.claimed(space_id, message_id) {
+            return Ok(false);
+        }
+        // The claim is the check. Every way on from a "not seen" either
+        // records the event (the claim is then its message row) or fails
+        // the transaction, which takes the claim back with it.
+        let seen = !claim_message(self.tx, space_id, message_id, now_millis())?;
         if !seen {
+            self.claimed = Some((space_id.to_string(), message_id.to_string()));
             if self.observed.space_id != space_id {
                 self.observed = Observed {
                     space_id: space_id.to_string(),
@@ -267,18 +298,25 @@ impl IdentityGraph for TxGraph<'_> {
         // repeat the conditions; one failing now means the store broke an
         // invariant, and the error aborts the whole transaction.
         let message_id = &record.event.message_id;
+        let claimed = self.claimed(space_id, message_id);
         if !self.observed.vouches_for(space_id, message_id, plan) {
-            if is_duplicate(self.tx, space_id, message_id)? {
+            if !claimed && is_duplicate(self.tx, space_id, message_id)? {
                 return Ok(Applied::Duplicate);
             }
             check_conditions(self.tx, space_id, plan)?;
         }
         self.observed = Observed::default();
         let compressed = self.compressed(record.body_json);
-        apply_writes(self.tx, space_id, plan, record, compressed).map_err(|e| match e {
-            StoreError::Conflict => StoreError::Invariant("a checked condition failed on write"),
-            other => other,
-        })
+        let applied = apply_writes(self.tx, space_id, plan, record, claimed, compressed).map_err(
+            |e| match e {
+                StoreError::Conflict => {
+                    StoreError::Invariant("a checked condition failed on write")
+                }
+                other => other,
+            },
+        )?;
+        self.claimed = None;
+        Ok(applied)
     }
 
     async fn backoff(&mut self, wait: std::time::Duration) {
@@ -326,12 +364,13 @@ fn apply_writes(
     space_id: &str,
     plan: &Plan,
     record: &EventRecord<'_>,
+    message_claimed: bool,
     compressed: Option<&[u8]>,
 ) -> Result<Applied> {
     let event = record.event;
-    sp.prepare_cached("INSERT INTO messages (space_id, message_id, seen_at) VALUES (?1, ?2, ?3)")?
-        .execute(params![space_id, event.message_id, record.now])
-        .map_err(claim_error)?;
+    if !message_claimed && !claim_message(sp, space_id, &event.message_id, record.now)? {
+        return Err(StoreError::Conflict);
+    }
     let claim = |entries: &[IdentifierEntry], profile_id: &str| -> Result<()> {
         let mut stmt = sp.prepare_cached(
             "INSERT INTO identifiers (space_id, id_type, id_value, profile_id, created_at,
