@@ -209,10 +209,13 @@ impl SqliteQueue {
     /// `receivedAt`), if there is one.
     pub fn oldest_after(&self, after: i64) -> Result<Option<i64>> {
         let conn = lock(&self.reader);
+        // A body that cannot be read has no time to tell (the worker
+        // sets its entry aside); the lag is then reported without an age.
         let body: Option<StoredBody> = conn
             .prepare_cached("SELECT body FROM queue WHERE seq > ?1 ORDER BY seq LIMIT 1")?
-            .query_row([after], |r| r.get(0))
-            .optional()?;
+            .query_row([after], |r| Ok(r.get(0).ok()))
+            .optional()?
+            .flatten();
         Ok(body
             .and_then(|StoredBody(json)| received_at(&json))
             .and_then(|r| kindred_domain::event::parse_time(&r)))

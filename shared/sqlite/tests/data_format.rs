@@ -19,13 +19,19 @@ fn bodies(store: &SqliteStore) -> Vec<(String, String)> {
         .collect()
 }
 
-fn kinds(raw: &rusqlite::Connection) -> Vec<String> {
-    raw.prepare("SELECT typeof(body) FROM events ORDER BY seq")
+/// The one text column `sql` selects, row by row.
+fn strings(raw: &rusqlite::Connection, sql: &str) -> Vec<String> {
+    raw.prepare(sql)
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()
+}
+
+/// How each stored event's body is kept (`text` or `blob`).
+fn kinds(raw: &rusqlite::Connection) -> Vec<String> {
+    strings(raw, "SELECT typeof(body) FROM events ORDER BY seq")
 }
 
 #[tokio::test]
@@ -141,15 +147,8 @@ async fn a_queue_from_before_format_2_is_applied_and_new_entries_are_compressed(
         )])
         .await
         .unwrap();
-    let queued_kinds: Vec<String> = queue_db
-        .prepare("SELECT typeof(body) FROM queue ORDER BY seq")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
     assert_eq!(
-        queued_kinds,
+        strings(&queue_db, "SELECT typeof(body) FROM queue ORDER BY seq"),
         ["text", "blob"],
         "new entries queued compressed"
     );
