@@ -85,7 +85,10 @@ impl StoredEntry {
     }
 
     pub fn decoded(self) -> Result<QueueEntry> {
-        let body = self.json()?;
+        let body = match self.body {
+            StoredForm::Compressed(bytes) => decode(&bytes).map_err(StoreError::Undecodable)?,
+            StoredForm::Json(json) => json,
+        };
         Ok(QueueEntry {
             seq: self.seq,
             event: QueuedEvent {
