@@ -169,3 +169,82 @@ async fn a_settled_burst_leaves_neither_queue_pages_nor_a_wal_behind() {
     worker.drain().unwrap();
     assert_eq!(store.audit("s").unwrap().events.len(), 40_001);
 }
+
+/// The profile event `message_id` was recorded on.
+fn profile_of(raw: &rusqlite::Connection, message_id: &str) -> String {
+    raw.query_row(
+        "SELECT profile_id FROM events WHERE space_id = 's' AND message_id = ?1",
+        [message_id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// The worker keeps the resolved graph between batches: a split and an
+/// identifier removal made through the store between two batches must be
+/// what the next batch resolves against, not the worker's copy.
+#[tokio::test]
+async fn the_worker_resolves_against_a_split_and_a_removal_made_between_its_batches() {
+    use kindred_store::privacy::{Privacy, SplitOutcome};
+    use kindred_store::ProfileLookup;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let queue = SqliteQueue::open(dir.path()).unwrap();
+    store.create_space("s").unwrap();
+    let worker = IdentityWorker::new(store.clone(), queue.clone());
+    let raw = rusqlite::Connection::open(dir.path().join("store.db")).unwrap();
+    let send = |body: serde_json::Value| {
+        let queue = queue.clone();
+        let worker = worker.clone();
+        async move {
+            queue.enqueue(vec![queued("s", body)]).await.unwrap();
+            worker.drain().unwrap();
+        }
+    };
+    send(json!({"type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m1"})).await;
+    send(json!({"type": "track", "event": "E", "anonymousId": "a2", "messageId": "m2"})).await;
+    // a2's profile merges into u1's.
+    send(json!({"type": "identify", "userId": "u1", "anonymousId": "a2", "messageId": "m3"})).await;
+    let (u1s, a2s) = (profile_of(&raw, "m1"), profile_of(&raw, "m2"));
+    assert_ne!(u1s, a2s);
+    let parent = profile_of(&raw, "m3");
+    let child = if parent == u1s { &a2s } else { &u1s };
+    send(json!({"type": "track", "event": "E", "anonymousId": "a2", "messageId": "m4"})).await;
+    assert_eq!(
+        profile_of(&raw, "m4"),
+        parent,
+        "merged: a2's events go to the root"
+    );
+
+    let user = |v: &str, kind: &str| kindred_domain::Identifier {
+        kind: kind.into(),
+        value: v.into(),
+    };
+    let split = store
+        .split("s", &ProfileLookup::ProfileId(parent.clone()), child)
+        .await
+        .unwrap();
+    assert!(matches!(split, SplitOutcome::Split { .. }), "{split:?}");
+    send(json!({"type": "track", "event": "E", "anonymousId": "a2", "messageId": "m5"})).await;
+    assert_eq!(
+        profile_of(&raw, "m5"),
+        a2s,
+        "split: a2 is its first profile's again"
+    );
+
+    let removed = store
+        .remove_identifiers(
+            "s",
+            &ProfileLookup::Identifier(user("u1", "user_id")),
+            &[user("a1", "anonymous_id")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(removed, Some(vec![user("a1", "anonymous_id")]));
+    send(json!({"type": "track", "event": "E", "anonymousId": "a1", "messageId": "m6"})).await;
+    let fresh = profile_of(&raw, "m6");
+    assert!(
+        fresh != u1s && fresh != a2s,
+        "a1 was free again: a new profile"
+    );
+}
