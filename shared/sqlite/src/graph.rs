@@ -7,10 +7,9 @@
 use std::collections::{HashMap, HashSet};
 
 use kindred_domain::account::{Account, AccountUpdate};
-use kindred_domain::{Condition, Facts, Identifier, IdentifierEntry, Plan, ProfileFacts};
+use kindred_domain::{Condition, Facts, Identifier, IdentifierEntry, Plan, ProfileFacts, Traits};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::graph_cache::{GraphCache, Node};
 use super::SqliteStore;
 
 use kindred_store::identity::complete_now;
@@ -31,9 +30,6 @@ pub struct TxGraph<'a> {
     /// checks (one B-tree descent instead of a read and then an insert),
     /// and the event's writes then leave it out.
     claimed: Option<(String, String)>,
-    /// The identity worker's copy of the graph, if this transaction is
-    /// one of its batches ([`TxGraph::cached`]).
-    cache: Option<&'a mut GraphCache>,
 }
 
 /// What reads in this transaction established since its last write. In
@@ -75,18 +71,6 @@ impl<'a> TxGraph<'a> {
             suppressing: Default::default(),
             queued: None,
             claimed: None,
-            cache: None,
-        }
-    }
-
-    /// A graph whose facts come from `cache` where it has them, and which
-    /// keeps `cache` in step with what it writes. The caller vouches that
-    /// `cache` agrees with the store as this transaction began
-    /// ([`GraphCache::begin`]).
-    pub(crate) fn cached(tx: &'a Transaction<'a>, cache: &'a mut GraphCache) -> Self {
-        Self {
-            cache: Some(cache),
-            ..Self::new(tx)
         }
     }
 
@@ -158,48 +142,7 @@ fn claim_message(conn: &Connection, space_id: &str, message_id: &str, now: i64) 
     Ok(inserted == 1)
 }
 
-/// Profile `profile_id` as resolution walks it.
-fn read_node(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    space_id: &str,
-    profile_id: &str,
-) -> Result<Node> {
-    let row = stmt
-        .query_row(params![space_id, profile_id], |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })
-        .optional()?;
-    let Some((parent, version, created_at, merges, identifiers, traits)) = row else {
-        return Err(StoreError::NotFound);
-    };
-    Ok(match parent {
-        Some(parent) => Node::Merged(parent),
-        None => Node::Root(ProfileFacts {
-            id: profile_id.to_string(),
-            version: version as u64,
-            created_at,
-            merges: merges as u32,
-            identifiers: serde_json::from_str(&identifiers)?,
-            traits: serde_json::from_str(&traits)?,
-        }),
-    })
-}
-
-/// The facts around `ids`, from `cache` where it has them (and what is
-/// read from `store.db` is added to it).
-fn read_facts(
-    conn: &Connection,
-    space_id: &str,
-    ids: &[Identifier],
-    mut cache: Option<&mut GraphCache>,
-) -> Result<Facts> {
+fn read_facts(conn: &Connection, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
     let mut facts = Facts::default();
     let mut owner_stmt = conn.prepare_cached(
         "SELECT profile_id FROM identifiers WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
@@ -210,18 +153,9 @@ fn read_facts(
     )?;
     let mut roots: HashMap<String, String> = HashMap::new();
     for id in ids {
-        let owner = match cache.as_deref_mut().and_then(|c| c.owner(space_id, id)) {
-            Some(owner) => Some(owner),
-            None => {
-                let owner: Option<String> = owner_stmt
-                    .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
-                    .optional()?;
-                if let (Some(cache), Some(owner)) = (cache.as_deref_mut(), &owner) {
-                    cache.learn_owner(space_id, id, owner);
-                }
-                owner
-            }
-        };
+        let owner: Option<String> = owner_stmt
+            .query_row(params![space_id, id.kind, id.value], |r| r.get(0))
+            .optional()?;
         let Some(mut current) = owner else { continue };
         if let Some(root) = roots.get(&current) {
             facts.owners.insert(id.clone(), root.clone());
@@ -230,23 +164,39 @@ fn read_facts(
         let start = current.clone();
         // Follow merge pointers to the root.
         loop {
-            let node = match cache
-                .as_deref_mut()
-                .and_then(|c| c.node(space_id, &current))
-            {
-                Some(node) => node,
-                None => {
-                    let node = read_node(&mut profile_stmt, space_id, &current)?;
-                    if let Some(cache) = cache.as_deref_mut() {
-                        cache.learn_node(space_id, &current, node.clone());
-                    }
-                    node
-                }
+            let row = profile_stmt
+                .query_row(params![space_id, current], |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .optional()?;
+            let Some((parent, version, created_at, merges, identifiers, traits)) = row else {
+                return Err(StoreError::NotFound);
             };
-            match node {
-                Node::Merged(parent) => current = parent,
-                Node::Root(profile) => {
-                    facts.profiles.entry(current.clone()).or_insert(profile);
+            match parent {
+                Some(p) => current = p,
+                None => {
+                    if !facts.profiles.contains_key(&current) {
+                        let identifiers: Vec<IdentifierEntry> = serde_json::from_str(&identifiers)?;
+                        let traits: Traits = serde_json::from_str(&traits)?;
+                        facts.profiles.insert(
+                            current.clone(),
+                            ProfileFacts {
+                                id: current.clone(),
+                                version: version as u64,
+                                created_at,
+                                merges: merges as u32,
+                                identifiers,
+                                traits,
+                            },
+                        );
+                    }
                     break;
                 }
             }
@@ -321,7 +271,7 @@ impl IdentityGraph for TxGraph<'_> {
     }
 
     async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
-        let facts = read_facts(self.tx, space_id, ids, self.cache.as_deref_mut())?;
+        let facts = read_facts(self.tx, space_id, ids)?;
         if self.observed.space_id == space_id {
             self.observed.roots = facts
                 .profiles
@@ -365,9 +315,6 @@ impl IdentityGraph for TxGraph<'_> {
                 other => other,
             },
         )?;
-        if let Some(cache) = self.cache.as_deref_mut() {
-            cache.applied(space_id, plan);
-        }
         self.claimed = None;
         Ok(applied)
     }
@@ -703,7 +650,7 @@ impl IdentityGraph for OptimisticGraph<'_> {
     async fn facts(&mut self, space_id: &str, ids: &[Identifier]) -> Result<Facts> {
         let reader = self.store.reader()?;
         let tx = reader.unchecked_transaction()?;
-        read_facts(&tx, space_id, ids, None)
+        read_facts(&tx, space_id, ids)
     }
 
     async fn apply(

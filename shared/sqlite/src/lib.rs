@@ -13,7 +13,6 @@ pub mod backup;
 mod body;
 mod compute;
 mod graph;
-mod graph_cache;
 mod health;
 mod parallel;
 mod privacy;
@@ -179,13 +178,9 @@ pub(crate) enum Durability {
     Normal,
 }
 
-/// Page cache per connection: a writer keeps the pages its writes descend
-/// through; readers share the OS page cache and stay small, since there
-/// may be many. The identity worker keeps the graph it resolves against
-/// itself ([`graph_cache`]): with that, 32 MiB applied the 1M-event bench
-/// as fast as 64 MiB did (30,223 and 30,009 events/s) for 70 MiB less
-/// RSS; 16 MiB was 2 % slower (BENCHMARKS.md, issue 19).
-const WRITER_CACHE_KIB: i64 = 32_768;
+/// Page cache per connection: the writer keeps the hot graph in memory;
+/// readers share the OS page cache and stay small, since there may be many.
+const WRITER_CACHE_KIB: i64 = 65_536;
 const READER_CACHE_KIB: i64 = 8_192;
 /// Database pages are read through a memory map (up to this much of each
 /// file): a page that is not in a connection's cache is then a memory
@@ -244,10 +239,6 @@ pub struct SqliteStore {
     path: PathBuf,
     compute_path: PathBuf,
     writer: Mutex<Connection>,
-    /// How many times `store.db`'s writer was taken by anything but the
-    /// identity worker (bumped while holding it): the worker's copy of
-    /// the graph is good only while this stays where it was.
-    writer_epoch: std::sync::atomic::AtomicU64,
     /// The writer of `compute.db` (computed traits and audiences).
     compute_writer: Mutex<Connection>,
     /// The writer of `sync.db` (destinations and their outboxes).
@@ -328,7 +319,6 @@ impl SqliteStore {
             path,
             compute_path,
             writer: Mutex::new(writer),
-            writer_epoch: std::sync::atomic::AtomicU64::new(0),
             compute_writer: Mutex::new(compute_writer),
             sync_writer: Mutex::new(sync_writer),
             sealer,
@@ -383,22 +373,8 @@ impl SqliteStore {
         })
     }
 
-    /// `store.db`'s writer, for anything but the identity worker: it may
-    /// change the graph under the worker's copy, so taking it moves the
-    /// epoch that copy is checked against.
     pub(crate) fn writer(&self) -> MutexGuard<'_, Connection> {
-        let conn = lock(&self.writer);
-        self.writer_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        conn
-    }
-
-    /// `store.db`'s writer for the identity worker, with the epoch it is
-    /// taken at (see [`graph_cache`]).
-    pub(crate) fn identity_writer(&self) -> (MutexGuard<'_, Connection>, u64) {
-        let conn = lock(&self.writer);
-        let epoch = self.writer_epoch.load(std::sync::atomic::Ordering::SeqCst);
-        (conn, epoch)
+        lock(&self.writer)
     }
 
     /// Makes `store.db`'s writer refuse every write (`query_only`), or

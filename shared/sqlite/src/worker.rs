@@ -13,7 +13,6 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use tracing::{debug_span, error};
 
 use super::graph::TxGraph;
-use super::graph_cache::GraphCache;
 use super::queue::SqliteQueue;
 use super::{lock, SqliteStore};
 use kindred_store::identity::{complete_now, process_event, Job, Outcome, SpaceRules};
@@ -61,8 +60,6 @@ struct State {
     failures: u32,
     /// After a failed batch: go one entry at a time up to this sequence number.
     careful_until: Option<i64>,
-    /// The resolved graph as the last committed batch left it.
-    graph: GraphCache,
 }
 
 /// Failures of a single entry before it is dead-lettered.
@@ -231,32 +228,23 @@ impl IdentityWorker {
         let truncate = state
             .last_truncate
             .is_none_or(|t| t.elapsed() > Duration::from_secs(5));
-        let (mut conn, epoch) = self.store.identity_writer();
+        let mut conn = self.store.writer();
         conn.pragma_update(
             None,
             "synchronous",
             if truncate { "FULL" } else { "NORMAL" },
         )?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Read under the write lock: no other connection can commit now.
-        let data_version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
-        let mark = (epoch, data_version);
         let mut stats = state.stats.clone();
-        let State {
-            rules: rule_cache,
-            graph: graph_cache,
-            ..
-        } = &mut *state;
-        graph_cache.begin(mark);
         {
-            let mut graph = TxGraph::cached(&tx, graph_cache);
+            let mut graph = TxGraph::new(&tx);
             let now = now_millis();
             for entry in &entries {
                 // Debug level: an info span is formatted for every event
                 // (1.6 % of this thread's time in a profile of the bench).
                 let _span =
                     debug_span!("identity", space_id = %entry.space_id, seq = entry.seq).entered();
-                let rules = rules_for(&tx, rule_cache, &entry.space_id)?;
+                let rules = rules_for(&tx, &mut state.rules, &entry.space_id)?;
                 let Some(rules) = rules else {
                     return Err(StoreError::Internal(
                         "the event's space does not exist".into(),
@@ -306,7 +294,6 @@ impl IdentityWorker {
         set_cursor(&tx, last)?;
         tx.commit()?;
         drop(conn);
-        state.graph.committed(mark);
         state.cursor = Some(last);
         state.stats = stats;
         if truncate {
@@ -319,8 +306,7 @@ impl IdentityWorker {
             .is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
         {
             state.last_cleanup = Some(Instant::now());
-            // (Messages, the log and suppressions: not the graph.)
-            let (writer, _) = self.store.identity_writer();
+            let writer = self.store.writer();
             writer.execute(
                 "DELETE FROM messages WHERE seen_at < ?1",
                 [now_millis() - DEDUP_RETENTION_MS],
@@ -354,7 +340,7 @@ impl IdentityWorker {
         if cursor <= state.settled_through {
             return Ok(());
         }
-        let (conn, _) = self.store.identity_writer();
+        let conn = self.store.writer();
         conn.busy_timeout(Duration::from_millis(100))?;
         let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             r.get::<_, i64>(0)
