@@ -20,6 +20,7 @@ mod identity_contract;
 mod identity_races;
 mod lambda_compute;
 mod lambda_pipeline;
+mod metrics;
 mod privacy;
 mod profile_api_contract;
 mod queue_contract;

@@ -49,6 +49,12 @@ pub struct ServeArgs {
     /// (localhost when listening on every interface).
     #[arg(long, env = "KINDRED_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics, like
+    /// 127.0.0.1:9464 (off by default). They cover every space, so the
+    /// address is the operator's alone: bind it where only the scraper
+    /// reaches it.
+    #[arg(long, env = "KINDRED_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// What the HTTP server allows a client.
@@ -83,6 +89,8 @@ pub struct Config {
     pub limits: ServerLimits,
     /// Where browsers reach this server; `None`: from the listen address.
     pub public_url: Option<kindred_http::PublicUrl>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -110,6 +118,15 @@ impl Config {
             args.sync_max_attempts > 0,
             "--sync-max-attempts must be at least 1"
         );
+        let metrics_listen = args
+            .metrics_listen
+            .as_deref()
+            .map(|a| {
+                a.parse().with_context(|| {
+                    format!("--metrics-listen {a:?} is not an address like 127.0.0.1:9464")
+                })
+            })
+            .transpose()?;
         let public_url = args
             .public_url
             .as_deref()
@@ -117,6 +134,7 @@ impl Config {
             .transpose()
             .map_err(|e| anyhow::anyhow!("--public-url: {e}"))?;
         Ok(Self {
+            metrics_listen,
             data_dir: args.data_dir,
             public_url,
             listen,

@@ -5,6 +5,7 @@ pub mod backfill;
 pub mod bench;
 pub mod config;
 pub mod destinations;
+pub mod metrics;
 pub mod regulations;
 pub mod server;
 pub mod tokens;

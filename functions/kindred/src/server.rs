@@ -138,6 +138,8 @@ pub fn open(config: &Config) -> anyhow::Result<Local> {
 /// their threads.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served (`--metrics-listen`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     pub local: Local,
     stop_worker: Arc<AtomicBool>,
     worker: Option<std::thread::JoinHandle<()>>,
@@ -146,6 +148,8 @@ pub struct Running {
     deliverer: Option<tokio::task::JoinHandle<()>>,
     stop_http: Option<oneshot::Sender<()>>,
     http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    stop_metrics: Option<oneshot::Sender<()>>,
+    metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// Opens the store, creates the `default` space on an empty one (its
@@ -194,9 +198,31 @@ pub async fn start(config: &Config) -> anyhow::Result<(Running, Option<kindred_s
         config.limits.request_timeout,
     );
     let http = tokio::spawn(serve_http(listener, app, config.limits, stopped));
+    let (mut metrics_addr, mut stop_metrics, mut metrics) = (None, None, None);
+    if let Some(at) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("listening for metrics on {at}"))?;
+        metrics_addr = Some(listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = kindred_http::with_request_timeout(
+            crate::metrics::router(crate::metrics::Sources::of(&local, &config.data_dir)),
+            config.limits.request_timeout,
+        );
+        stop_metrics = Some(stop);
+        metrics = Some(tokio::spawn(serve_http(
+            listener,
+            app,
+            config.limits,
+            stopped,
+        )));
+    }
     Ok((
         Running {
             addr,
+            metrics_addr,
+            stop_metrics,
+            metrics,
             local,
             stop_worker,
             worker: Some(worker),
@@ -263,6 +289,12 @@ impl Running {
         }
         if let Some(http) = self.http.take() {
             http.await??;
+        }
+        if let Some(tx) = self.stop_metrics.take() {
+            let _ = tx.send(());
+        }
+        if let Some(metrics) = self.metrics.take() {
+            metrics.await??;
         }
         self.stop_worker.store(true, Ordering::Relaxed);
         if let Some(d) = self.deliverer.take() {
@@ -386,6 +418,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     info!(address = %running.addr, data_dir = %config.data_dir.display(), "kindred serving");
     println!("Kindred is listening on http://{}", running.addr);
+    if let Some(at) = running.metrics_addr {
+        println!("Prometheus metrics at http://{at}/metrics");
+    }
     shutdown_signal().await;
     running.stop().await?;
     info!("kindred stopped");

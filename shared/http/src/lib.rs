@@ -124,6 +124,12 @@ async fn request_id(request: Request, next: Next) -> Response {
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let started = std::time::Instant::now();
     let mut response = next.run(request).await;
+    kindred_store::metrics::global().request(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     tracing::debug!(
         request_id = %id,
         %method,

@@ -3,6 +3,7 @@
 //! and the short routes of Segment's browser library (`/v1/i|t|p|s|g|a`,
 //! `/v1/b` for a batch), all with CORS ([`crate::cors`]).
 
+use kindred_store::metrics;
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Mutex;
@@ -205,6 +206,7 @@ async fn single(
             future_tolerance: auth.future_tolerance,
         };
         let event = Event::parse(strip_write_key(value), envelope).map_err(|r| {
+            metrics::global().event_refused(r.code);
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -216,7 +218,7 @@ async fn single(
         Ok::<_, ApiError>(Json(json!({"success": true})))
     }
     .await;
-    respond(result)
+    respond(counted(result))
 }
 
 async fn batch(State(state): State<TrackingState>, request: Request) -> Response {
@@ -256,7 +258,7 @@ async fn batch(State(state): State<TrackingState>, request: Request) -> Response
         ))
     }
     .await;
-    respond(result)
+    respond(counted(result))
 }
 
 /// A batch's events, each read on its own: the valid ones (as `keep`
@@ -282,10 +284,21 @@ fn read_events<T>(
         );
         match outcome {
             Ok(event) => accepted.push(keep(event)),
-            Err(r) => rejected.push(json!({"index": index, "code": r.code, "message": r.message})),
+            Err(r) => {
+                metrics::global().event_refused(r.code);
+                rejected.push(json!({"index": index, "code": r.code, "message": r.message}));
+            }
         }
     }
     Ok((accepted, rejected))
+}
+
+/// Counts a Tracking API request refused whole, by its error code.
+fn counted<T>(result: Result<T, ApiError>) -> Result<T, ApiError> {
+    if let Err(e) = &result {
+        metrics::global().tracking_request_refused(e.code);
+    }
+    result
 }
 
 fn check_rate(state: &TrackingState, auth: &SpaceAuth, n: usize) -> Result<(), ApiError> {
@@ -311,6 +324,9 @@ async fn enqueue(
 ) -> Result<(), ApiError> {
     let count = events.len();
     state.queue.enqueue(events).await?;
+    metrics::global()
+        .events_accepted
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
     debug!(space_id = %auth.space_id, events = count, "events accepted");
     Ok(())
 }

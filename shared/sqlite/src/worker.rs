@@ -214,6 +214,7 @@ impl IdentityWorker {
     }
 
     fn run_batch(&self, limit: usize) -> Result<usize> {
+        let started = Instant::now();
         let mut state = lock(&self.state);
         let cursor = self.load_cursor(&mut state)?;
         let entries = self.queue.read_stored_after(cursor, limit)?;
@@ -294,6 +295,9 @@ impl IdentityWorker {
         set_cursor(&tx, last)?;
         tx.commit()?;
         drop(conn);
+        kindred_store::metrics::global()
+            .identity_batch
+            .observe(started.elapsed());
         state.cursor = Some(last);
         state.stats = stats;
         if truncate {

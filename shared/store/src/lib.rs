@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod audit;
 pub mod compute;
 pub mod identity;
+pub mod metrics;
 pub mod ports;
 pub mod priority;
 pub mod privacy;

@@ -73,6 +73,7 @@ impl Server {
             allow_private_destinations,
             limits,
             public_url: None,
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         };
         let (running, created) = start(&config).await.unwrap();
         let base = format!("http://{}", running.addr);

@@ -114,6 +114,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         allow_private_destinations: true,
         limits: crate::config::ServerLimits::default(),
         public_url: None,
+        metrics_listen: None,
     };
     let (running, created) = start(&config).await?;
     let space = match created {
