@@ -8,29 +8,33 @@ use prometheus_parse::{Scrape, Value as Prom};
 use reqwest::StatusCode;
 use serde_json::json;
 
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+/// The values of `metric`'s series that carry these labels.
+fn series<'a>(
+    scrape: &'a Scrape,
+    metric: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = &'a Prom> {
     scrape
         .samples
         .iter()
-        .filter(|s| s.metric == metric)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .find_map(|s| match s.value {
-            Prom::Counter(v) | Prom::Gauge(v) | Prom::Untyped(v) => Some(v),
-            _ => None,
-        })
+        .filter(move |s| s.metric == metric)
+        .filter(move |s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| &s.value)
+}
+
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    series(scrape, metric, labels).find_map(|v| match v {
+        Prom::Counter(v) | Prom::Gauge(v) | Prom::Untyped(v) => Some(*v),
+        _ => None,
+    })
 }
 
 /// Observations in a histogram's series with these labels.
 fn observations(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .find_map(|s| match &s.value {
-            Prom::Histogram(buckets) => buckets.last().map(|b| b.count),
-            _ => None,
-        })
+    series(scrape, metric, labels).find_map(|v| match v {
+        Prom::Histogram(buckets) => buckets.last().map(|b| b.count),
+        _ => None,
+    })
 }
 
 async fn scrape(s: &Server) -> (Scrape, String) {

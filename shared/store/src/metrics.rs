@@ -90,15 +90,7 @@ pub struct Metrics {
     pub identity_batch: Histogram,
 }
 
-static GLOBAL: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    events_accepted: AtomicU64::new(0),
-    events_refused: Mutex::new(BTreeMap::new()),
-    tracking_refused: Mutex::new(BTreeMap::new()),
-    http: Mutex::new(BTreeMap::new()),
-    identity_batch: Histogram::new(&[
-        0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ]),
-});
+static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// This process's metrics.
 pub fn global() -> &'static Metrics {
@@ -120,6 +112,18 @@ fn status_class(status: u16) -> &'static str {
 }
 
 impl Metrics {
+    fn new() -> Self {
+        Self {
+            events_accepted: AtomicU64::new(0),
+            events_refused: Mutex::new(BTreeMap::new()),
+            tracking_refused: Mutex::new(BTreeMap::new()),
+            http: Mutex::new(BTreeMap::new()),
+            identity_batch: Histogram::new(&[
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        }
+    }
+
     pub fn event_refused(&self, reason: &'static str) {
         *lock(&self.events_refused).entry(reason).or_default() += 1;
     }
@@ -138,6 +142,11 @@ impl Metrics {
             .filter(|c| *c != '}')
             .map(|c| if c == '{' { ':' } else { c })
             .collect();
+        // A client may send any method name: the others share one series.
+        let method = match method {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => method,
+            _ => "other",
+        };
         let key = (method.to_string(), route, status_class(status));
         lock(&self.http)
             .entry(key)
@@ -152,23 +161,15 @@ impl Metrics {
             "Events accepted by the Tracking API (durable when counted).",
             &[(vec![], self.events_accepted.load(Ordering::Relaxed) as f64)],
         );
-        let refused: Vec<_> = lock(&self.events_refused)
-            .iter()
-            .map(|(reason, n)| (vec![("reason", reason.to_string())], *n as f64))
-            .collect();
         out.counter(
             "kindred_events_refused_total",
             "Events the Tracking API refused, by reason.",
-            &refused,
+            &by_label("reason", &self.events_refused),
         );
-        let requests: Vec<_> = lock(&self.tracking_refused)
-            .iter()
-            .map(|(code, n)| (vec![("code", code.to_string())], *n as f64))
-            .collect();
         out.counter(
             "kindred_tracking_requests_refused_total",
             "Tracking API requests refused whole (nothing in them accepted), by error code.",
-            &requests,
+            &by_label("code", &self.tracking_refused),
         );
         out.help(
             "kindred_http_request_duration_seconds",
@@ -195,6 +196,14 @@ impl Metrics {
         self.identity_batch
             .render(&mut out.text, "kindred_identity_batch_duration_seconds", "");
     }
+}
+
+/// One sample per key of `counts`, labelled `label`.
+fn by_label(label: &'static str, counts: &Mutex<BTreeMap<&'static str, u64>>) -> Vec<Sample> {
+    lock(counts)
+        .iter()
+        .map(|(value, n)| (vec![(label, value.to_string())], *n as f64))
+        .collect()
 }
 
 /// A Prometheus text exposition being written.
@@ -260,6 +269,28 @@ mod tests {
             out,
             "x_bucket{a=\"b\",le=\"0.01\"} 1\nx_bucket{a=\"b\",le=\"0.1\"} 2\n\
              x_bucket{a=\"b\",le=\"+Inf\"} 3\nx_sum{a=\"b\"} 1.055\nx_count{a=\"b\"} 3\n"
+        );
+    }
+
+    #[test]
+    fn a_client_cannot_add_series_with_made_up_methods() {
+        let m = Metrics::new();
+        for method in ["GET", "BREW", "PROPFIND", "X-1"] {
+            m.request(method, "unmatched", 404, Duration::from_millis(1));
+        }
+        m.request("GET", "/v1/spaces/{space_id}/tokens", 200, Duration::ZERO);
+        let keys: Vec<_> = lock(&m.http).keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                (
+                    "GET".to_string(),
+                    "/v1/spaces/:space_id/tokens".to_string(),
+                    "2xx"
+                ),
+                ("GET".to_string(), "unmatched".to_string(), "4xx"),
+                ("other".to_string(), "unmatched".to_string(), "4xx"),
+            ]
         );
     }
 
