@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
@@ -84,8 +84,10 @@ pub struct Metrics {
     events_refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Tracking API requests refused whole, by error code.
     tracking_refused: Mutex<BTreeMap<&'static str, u64>>,
-    /// HTTP requests by method, route template and status class.
-    http: Mutex<BTreeMap<(String, String, &'static str), Histogram>>,
+    /// HTTP requests by method, route template and status class. Read-
+    /// locked on every request (the series exist after the first few),
+    /// so a request thread preempted while holding it holds no one up.
+    http: RwLock<BTreeMap<(String, String, &'static str), Histogram>>,
     /// How long each identity batch took to apply and commit.
     pub identity_batch: Histogram,
 }
@@ -117,7 +119,7 @@ impl Metrics {
             events_accepted: AtomicU64::new(0),
             events_refused: Mutex::new(BTreeMap::new()),
             tracking_refused: Mutex::new(BTreeMap::new()),
-            http: Mutex::new(BTreeMap::new()),
+            http: RwLock::new(BTreeMap::new()),
             identity_batch: Histogram::new(&[
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
@@ -148,7 +150,15 @@ impl Metrics {
             _ => "other",
         };
         let key = (method.to_string(), route, status_class(status));
-        lock(&self.http)
+        let series = self.http.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = series.get(&key) {
+            h.observe(took);
+            return;
+        }
+        drop(series);
+        self.http
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
             .entry(key)
             .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
             .observe(took);
@@ -176,7 +186,8 @@ impl Metrics {
             "HTTP requests by method, route template and status class.",
             "histogram",
         );
-        for ((method, route, class), h) in lock(&self.http).iter() {
+        let series = self.http.read().unwrap_or_else(|p| p.into_inner());
+        for ((method, route, class), h) in series.iter() {
             let labels = format!(
                 "method=\"{}\",route=\"{}\",status=\"{class}\"",
                 escape(method),
@@ -279,7 +290,7 @@ mod tests {
             m.request(method, "unmatched", 404, Duration::from_millis(1));
         }
         m.request("GET", "/v1/spaces/{space_id}/tokens", 200, Duration::ZERO);
-        let keys: Vec<_> = lock(&m.http).keys().cloned().collect();
+        let keys: Vec<_> = m.http.read().unwrap().keys().cloned().collect();
         assert_eq!(
             keys,
             [
