@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// The driver's folder, with its npm packages installed, and Chromium:
 /// the test command installs both (KINDRED_BROWSER_TESTS is then set).
-fn browser_tools() -> Option<PathBuf> {
+pub(crate) fn browser_tools() -> Option<PathBuf> {
     let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/browser"));
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let ready = dir.join("node_modules/@segment/analytics-next").is_dir()

@@ -30,3 +30,4 @@ mod segment_python_client;
 mod store_contract;
 mod sync;
 mod sync_contract;
+mod ui;

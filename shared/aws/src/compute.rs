@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kindred_domain::compute::Class;
 use kindred_domain::Millis;
-use kindred_store::ports::{ChangeRecord, Computations, DefinitionRecord};
+use kindred_store::ports::{ChangeRecord, Computations, ComputedValue, DefinitionRecord};
 use kindred_store::{now_millis, Result, StoreError};
 use serde_json::Value;
 use tracing::{info, warn};
@@ -47,6 +47,22 @@ impl DynamoComputations {
 
 #[async_trait]
 impl Computations for DynamoComputations {
+    /// Not kept on DynamoDB yet: profiles' values live under one key per
+    /// profile, and a list by value needs an index written with them.
+    async fn members(
+        &self,
+        _space_id: &str,
+        _key: &str,
+        _after: &str,
+        _limit: usize,
+    ) -> Result<Option<Vec<(String, ComputedValue)>>> {
+        Ok(None)
+    }
+
+    async fn sizes(&self, _space_id: &str) -> Result<Option<BTreeMap<String, u64>>> {
+        Ok(None)
+    }
+
     async fn put_definition(
         &self,
         space_id: &str,

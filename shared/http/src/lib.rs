@@ -13,6 +13,7 @@ pub mod error;
 pub mod privacy;
 pub mod profile;
 pub mod tracking;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -193,7 +194,8 @@ pub fn app(state: AppState) -> Router {
             .merge(admin::router(state.read()))
             .merge(compute::router(state.read()))
             .merge(destinations::router(state.read()))
-            .merge(privacy::router(state.read())),
+            .merge(privacy::router(state.read()))
+            .merge(ui::router(state.read())),
     )
 }
 

@@ -210,7 +210,7 @@ fn external_id_records(
     identifiers: &[IdentifierEntry],
 ) -> Result<Vec<ExternalIdRecord>> {
     let mut id_stmt = conn.prepare_cached(
-        "SELECT source_id, encoding, created_at, first_message_id FROM identifiers
+        "SELECT source_id, encoding, created_at, first_message_id, profile_id FROM identifiers
          WHERE space_id = ?1 AND id_type = ?2 AND id_value = ?3",
     )?;
     let mut records = Vec::with_capacity(identifiers.len());
@@ -225,6 +225,7 @@ fn external_id_records(
                     created_at: r.get(2)?,
                     first_message_id: r.get(3)?,
                     added_at: entry.added_at,
+                    owner: r.get(4)?,
                 })
             })
             .optional()?;

@@ -202,6 +202,9 @@ pub struct ExternalIdRecord {
     /// When the identifier joined the profile: later than `created_at`
     /// for one that came with a merge (the root's list records it).
     pub added_at: Millis,
+    /// The profile of the merge tree that claimed it (the root, or a
+    /// profile merged into it): where it sits in the identity graph.
+    pub owner: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -499,6 +502,20 @@ pub trait Computations: Send + Sync {
     ) -> Result<Option<DefinitionRecord>>;
     /// Changes after `since`, oldest first, at most `limit`.
     async fn changes(&self, space_id: &str, since: i64, limit: usize) -> Result<Vec<ChangeRecord>>;
+    /// The profiles that hold a value of `key` (an audience's members:
+    /// those it holds `true` for), in profile id order after `after`, at
+    /// most `limit`, with the value. `None` where the store keeps no such
+    /// index (the operator's explorer says so instead of a list).
+    async fn members(
+        &self,
+        space_id: &str,
+        key: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<(String, ComputedValue)>>>;
+    /// How many profiles hold a value of each key (an audience's size);
+    /// `None` where the store keeps no such index.
+    async fn sizes(&self, space_id: &str) -> Result<Option<BTreeMap<String, u64>>>;
     /// Enqueues a recompute, as of `as_of`, of exactly the profiles whose
     /// next change by time has come; returns how many.
     async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64>;

@@ -157,6 +157,7 @@ mod tests {
                     created_at: 1,
                     first_message_id: "m".into(),
                     added_at: 1,
+                    owner: "prf_root".into(),
                 })
                 .collect(),
             latest: vec![

@@ -185,6 +185,7 @@ impl DynamoStore {
                     created_at: get_n(item, "created_at")?,
                     first_message_id: get_s(item, "first_message_id")?.to_string(),
                     added_at: entry.added_at,
+                    owner: get_s(item, "profile_id")?.to_string(),
                 });
             }
         }

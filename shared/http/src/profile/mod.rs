@@ -4,7 +4,7 @@
 //! an extra resource.
 
 mod accounts;
-mod events;
+pub(crate) mod events;
 mod params;
 
 use std::collections::BTreeMap;

@@ -312,6 +312,57 @@ impl Computations for SqliteStore {
         .await
     }
 
+    async fn members(
+        &self,
+        space_id: &str,
+        key: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<(String, kindred_store::ComputedValue)>>> {
+        let (space_id, key, after) = (space_id.to_string(), key.to_string(), after.to_string());
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT profile_id, j.value FROM compute_states, json_each(computed) AS j
+                 WHERE space_id = ?1 AND profile_id > ?2 AND j.key = ?3
+                   AND json_type(j.value, '$.v') NOT IN ('null', 'false')
+                 ORDER BY profile_id LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![space_id, after, key, limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (profile_id, value) = row?;
+                out.push((profile_id, serde_json::from_str(&value)?));
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn sizes(&self, space_id: &str) -> Result<Option<BTreeMap<String, u64>>> {
+        let space_id = space_id.to_string();
+        self.blocking(move |s| {
+            let conn = s.reader()?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT j.key, count(*) FROM compute_states, json_each(computed) AS j
+                 WHERE space_id = ?1 AND json_type(j.value, '$.v') NOT IN ('null', 'false')
+                 GROUP BY j.key",
+            )?;
+            let rows = stmt.query_map(params![space_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (key, n) = row?;
+                out.insert(key, n.max(0) as u64);
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
     async fn changes(&self, space_id: &str, since: i64, limit: usize) -> Result<Vec<ChangeRecord>> {
         let space_id = space_id.to_string();
         self.blocking(move |s| {

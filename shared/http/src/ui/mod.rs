@@ -1,0 +1,392 @@
+//! The operator's profile explorer at `/ui`: plain server-rendered HTML
+//! over the same ports and the same shaping as the Profile, Definitions,
+//! Destinations and admin APIs (no rule of its own).
+//!
+//! - Signed in with a space's access token (read) or admin token (read and
+//!   operations): the token is posted once and kept in an `HttpOnly`,
+//!   `SameSite=Strict` cookie scoped to `/ui`, never in a URL. Each page
+//!   authenticates it again, so a revoked token stops working at once.
+//! - Every value is escaped ([`html::esc`]); the pages run no script and
+//!   load nothing from elsewhere, under a Content-Security-Policy that
+//!   forbids both.
+//! - A form that changes something (replay, settings, signing out) is
+//!   refused when the browser says it came from another site.
+
+mod html;
+mod profile;
+mod space;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use kindred_store::token::TokenKind;
+use kindred_store::{ProfileLookup, ProfileParts};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::ReadState;
+use html::{esc, Page};
+
+/// The session cookie: the token itself, readable only by the server.
+const COOKIE: &str = "kindred_session";
+
+/// What every page response carries: no script, no plug-in, no framing,
+/// nothing from another origin; forms post only here.
+const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub fn router(state: ReadState) -> Router {
+    Router::new()
+        .route("/ui", get(home))
+        .route("/ui/style.css", get(style))
+        .route("/ui/icon.svg", get(icon))
+        .route("/ui/session", post(sign_in))
+        .route("/ui/session/end", post(sign_out))
+        .route("/ui/search", get(search))
+        .route("/ui/profiles/{profile_id}", get(profile::page))
+        .route("/ui/computations", get(space::computations))
+        .route("/ui/computations/{class}/{key}", get(space::computation))
+        .route("/ui/changes", get(space::changes))
+        .route("/ui/destinations", get(space::destinations))
+        .route("/ui/destinations/{id}", get(space::destination))
+        .route("/ui/destinations/{id}/replay", post(space::replay))
+        .route(
+            "/ui/settings",
+            get(space::settings).post(space::put_settings),
+        )
+        .layer(axum::middleware::from_fn(guard))
+        .with_state(state)
+}
+
+/// The headers of every `/ui` response, and the cross-site check of
+/// every form post (SameSite=Strict already keeps the cookie off them;
+/// this refuses them even from an older browser).
+async fn guard(request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::POST && cross_site(request.headers()) {
+        return UiError::new(
+            StatusCode::FORBIDDEN,
+            "This form was sent from another site; open Kindred and send it again.",
+        )
+        .into_response();
+    }
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    for (name, value) in [
+        ("content-security-policy", CSP),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("x-frame-options", "DENY"),
+        ("cache-control", "no-store"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Whether the browser says a request came from another origin.
+fn cross_site(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    match (
+        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) {
+        (Some(origin), Some(host)) => {
+            let bare = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            bare != Some(host)
+        }
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// The signed-in space and what the token may do.
+pub(crate) struct Session {
+    pub space_id: String,
+    pub source_id: String,
+    pub admin: bool,
+}
+
+/// A page that could not be shown: an HTML page with the status.
+#[derive(Debug)]
+pub(crate) struct UiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl UiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    fn admin_only() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "This needs the space's admin token; you are signed in with an access token (read only).",
+        )
+    }
+}
+
+impl From<ApiError> for UiError {
+    fn from(e: ApiError) -> Self {
+        Self::new(e.status, e.message)
+    }
+}
+
+impl From<kindred_store::StoreError> for UiError {
+    fn from(e: kindred_store::StoreError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+impl IntoResponse for UiError {
+    fn into_response(self) -> Response {
+        let signed_out = self.status == StatusCode::UNAUTHORIZED;
+        let mut page = Page::new("Kindred", None);
+        page.push(&format!("<p class=\"error\">{}</p>", esc(&self.message)));
+        if signed_out {
+            page.push(&sign_in_form());
+        } else {
+            page.push("<p><a href=\"/ui\">Back to the start</a></p>");
+        }
+        (self.status, page.finish()).into_response()
+    }
+}
+
+/// The session's token, from its cookie.
+fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+        .filter(|v| plausible_token(v))
+}
+
+/// Tokens are short runs of letters, digits and `_`: anything else is not
+/// looked up (nor written into a cookie).
+fn plausible_token(token: &str) -> bool {
+    (8..=128).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The space of a token: an admin token first, then an access token.
+async fn authenticate(state: &ReadState, token: &str) -> Result<Option<Session>, UiError> {
+    for kind in [TokenKind::Admin, TokenKind::Access] {
+        if let Some(auth) = state.spaces.authenticate(token, kind).await? {
+            if kind == TokenKind::Access {
+                // The same per-space budget as the Profile API.
+                state
+                    .profile_rate_limiter
+                    .take_at(&auth.space_id, 1, f64::from(auth.profile_api_rate))
+                    .map_err(ApiError::profile_rate_limited)?;
+            }
+            return Ok(Some(Session {
+                space_id: auth.space_id,
+                source_id: auth.source_id,
+                admin: kind == TokenKind::Admin,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The signed-in session of a request, or the sign-in page (401).
+pub(crate) async fn session(state: &ReadState, headers: &HeaderMap) -> Result<Session, UiError> {
+    let unauthorized = || {
+        UiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Sign in with a token of your space.",
+        )
+    };
+    let token = cookie_token(headers).ok_or_else(unauthorized)?;
+    authenticate(state, token).await?.ok_or_else(unauthorized)
+}
+
+fn sign_in_form() -> String {
+    "<form method=\"post\" action=\"/ui/session\" class=\"signin\">\
+     <label>Access token (read) or admin token (read and operations)\
+     <input type=\"password\" name=\"token\" autocomplete=\"off\" required autofocus></label>\
+     <button type=\"submit\">Sign in</button></form>"
+        .to_string()
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("style.css"),
+    )
+        .into_response()
+}
+
+async fn icon() -> Response {
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\">\
+         <circle cx=\"5\" cy=\"8\" r=\"4\" fill=\"#2f5fd0\"/><circle cx=\"11\" cy=\"8\" r=\"4\" fill=\"#8fa8e8\"/></svg>",
+    )
+        .into_response()
+}
+
+async fn home(State(state): State<ReadState>, headers: HeaderMap) -> Response {
+    let Some(token) = cookie_token(&headers) else {
+        let mut page = Page::new("Sign in", None);
+        page.push("<h1>Kindred</h1>");
+        page.push(&sign_in_form());
+        return page.finish().into_response();
+    };
+    let s = match authenticate(&state, token).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return UiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Sign in with a token of your space.",
+            )
+            .into_response()
+        }
+        Err(e) => return e.into_response(),
+    };
+    let mut page = Page::new("Profiles", Some(&s));
+    page.push("<h1>Find a profile</h1>");
+    page.push(&search_form(""));
+    page.push(
+        "<p class=\"hint\">Any identifier as <code>type:value</code> (for example \
+         <code>email:ann@example.com</code>, <code>user_id:u1</code>, \
+         <code>anonymous_id:…</code>; emails match whatever their case), or a \
+         profile id (<code>prf_…</code>).</p>",
+    );
+    page.finish().into_response()
+}
+
+pub(crate) fn search_form(value: &str) -> String {
+    format!(
+        "<form method=\"get\" action=\"/ui/search\" class=\"search\">\
+         <input type=\"search\" name=\"q\" value=\"{}\" placeholder=\"email:ann@example.com\" required>\
+         <button type=\"submit\">Find</button></form>",
+        esc(value)
+    )
+}
+
+#[derive(Deserialize)]
+struct SignIn {
+    token: String,
+}
+
+/// Checks the token and keeps it in the session cookie.
+async fn sign_in(
+    State(state): State<ReadState>,
+    headers: HeaderMap,
+    Form(form): Form<SignIn>,
+) -> Response {
+    let token = form.token.trim();
+    let session = if plausible_token(token) {
+        authenticate(&state, token).await
+    } else {
+        Ok(None)
+    };
+    match session {
+        Ok(Some(_)) => {
+            let secure = if https(&headers) { "; Secure" } else { "" };
+            let cookie = format!("{COOKIE}={token}; Path=/ui; HttpOnly; SameSite=Strict{secure}");
+            let mut response = Redirect::to("/ui").into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            response
+        }
+        Ok(None) => UiError::new(
+            StatusCode::UNAUTHORIZED,
+            "That token is not valid (unknown, revoked, or a write key).",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Whether the browser reached Kindred over HTTPS (directly or through
+/// API Gateway or a proxy that says so): the cookie is then `Secure`.
+fn https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+}
+
+async fn sign_out() -> Response {
+    let mut response = Redirect::to("/ui").into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "kindred_session=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    response
+}
+
+#[derive(Deserialize)]
+struct Search {
+    #[serde(default)]
+    q: String,
+}
+
+/// Finds the profile of an identifier or profile id and opens its page.
+async fn search(
+    State(state): State<ReadState>,
+    headers: HeaderMap,
+    Query(q): Query<Search>,
+) -> Result<Response, UiError> {
+    let s = session(&state, &headers).await?;
+    let raw = q.q.trim();
+    let lookup = if raw.starts_with("prf_") {
+        ProfileLookup::ProfileId(raw.to_string())
+    } else {
+        match crate::profile::parse_lookup(raw) {
+            Ok(l) => l,
+            Err(_) => {
+                let mut page = Page::new("Profiles", Some(&s));
+                page.push("<h1>Find a profile</h1>");
+                page.push(&search_form(raw));
+                page.push(
+                    "<p class=\"error\">Write an identifier as <code>type:value</code>, \
+                     or a profile id.</p>",
+                );
+                return Ok((StatusCode::BAD_REQUEST, page.finish()).into_response());
+            }
+        }
+    };
+    let doc = state
+        .profiles
+        .profile(&s.space_id, &lookup, ProfileParts::default())
+        .await?;
+    match doc {
+        Some(doc) => Ok(Redirect::to(&format!("/ui/profiles/{}", doc.profile_id)).into_response()),
+        None => {
+            let mut page = Page::new("Profiles", Some(&s));
+            page.push("<h1>Find a profile</h1>");
+            page.push(&search_form(raw));
+            page.push(&format!(
+                "<p class=\"error\">No profile has {}.</p>",
+                esc(raw)
+            ));
+            Ok((StatusCode::NOT_FOUND, page.finish()).into_response())
+        }
+    }
+}

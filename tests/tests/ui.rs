@@ -1,0 +1,368 @@
+//! The operator's explorer (`/ui`) in headless Chromium, driven by
+//! `tests/browser/ui.mjs` as a person would use it: a wrong token
+//! refused, sign in, search a merged profile by its mixed-case email,
+//! both devices and the shared device's refused identifier in the graph,
+//! a trait holding markup shown as text, the audience and its member,
+//! read-only settings for an access token and editable ones for the
+//! admin token. Screenshots go to `target/tmp/ui-screenshots/`; plain
+//! HTTP checks of the same pages follow.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::browser::browser_tools;
+use crate::common::Server;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const SCRIPT: &str = "<script>window.pwned=1</script><img src=x onerror=\"window.pwned=2\">";
+
+async fn send(s: &Server, events: Vec<Value>) {
+    let r = s.track("/v1/batch", &json!({ "batch": events })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    s.settle().await;
+}
+
+/// Ann on her phone, then on her laptop (an order), signed in on both:
+/// the laptop's profile merges into hers through her email. Then Bob
+/// signs in on Ann's phone: merge protection refuses the phone for him.
+async fn scenario(s: &Server) -> (String, String) {
+    let r = s
+        .admin(
+            "PUT",
+            "/audiences/buyers",
+            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    send(
+        s,
+        vec![
+            json!({"type": "identify", "userId": "ann", "anonymousId": "phone",
+        "traits": {"email": "Ann.Lee@Example.com", "name": "Ann", "bio": SCRIPT}}),
+        ],
+    )
+    .await;
+    send(
+        s,
+        vec![
+            json!({"type": "track", "anonymousId": "laptop", "event": "Order Completed",
+        "properties": {"total": 12}}),
+        ],
+    )
+    .await;
+    send(
+        s,
+        vec![json!({"type": "identify", "anonymousId": "laptop",
+        "traits": {"email": "ann.lee@example.com"}})],
+    )
+    .await;
+    send(
+        s,
+        vec![
+            json!({"type": "identify", "userId": "bob", "anonymousId": "phone",
+        "traits": {"name": "Bob"}}),
+        ],
+    )
+    .await;
+    let id = |r: crate::common::Reply| {
+        r.body["metadata"]["profile_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ann = id(s.profile("user_id:ann", "metadata").await);
+    let bob = id(s.profile("user_id:bob", "metadata").await);
+    assert_ne!(ann, bob);
+    (ann, bob)
+}
+
+fn shots() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_TARGET_TMPDIR"), "/ui-screenshots"))
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join("\n"),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audience() {
+    let Some(dir) = browser_tools() else { return };
+    let s = Server::start().await;
+    let (ann, bob) = scenario(&s).await;
+    let args = vec![
+        s.base.clone(),
+        s.space.access_token.clone(),
+        s.space.admin_token.clone(),
+        "email:ANN.Lee@example.COM".to_string(),
+        "user_id:bob".to_string(),
+        shots().display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .current_dir(&dir)
+            .arg("ui.mjs")
+            .args(&args)
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("the driver's report");
+    let step = |name: &str| r["steps"][name].clone();
+
+    // Nothing off this machine, no console error (a CSP violation is
+    // one), and no token in any URL.
+    assert_eq!(r["offsite"], json!([]), "{r}");
+    assert_eq!(r["console"], json!([]), "{r}");
+    for url in r["urls"].as_array().unwrap() {
+        let url = url.as_str().unwrap();
+        assert!(
+            !url.contains(&s.space.access_token) && !url.contains(&s.space.admin_token),
+            "{url}"
+        );
+    }
+
+    let wrong = step("wrong_token");
+    assert_eq!(wrong["status"], 401, "{wrong}");
+    assert!(text(&wrong["text"]).contains("not valid"), "{wrong}");
+    assert_eq!(wrong["cookies"], json!([]), "{wrong}");
+    assert!(text(&wrong["console"]).contains("401"), "{wrong}");
+
+    let signed = step("signed_in");
+    assert_eq!(signed["url"], format!("{}/ui", s.base), "{signed}");
+    assert_eq!(
+        signed["cookies"],
+        json!([{"name": "kindred_session", "httpOnly": true, "sameSite": "Strict", "path": "/ui"}])
+    );
+    assert_eq!(signed["script_can_read_cookie"], "", "{signed}");
+    assert!(text(&signed["header"]).contains("read only"), "{signed}");
+
+    let p = step("profile");
+    assert_eq!(p["status"], 200, "{p}");
+    assert_eq!(p["url"], format!("{}/ui/profiles/{ann}", s.base), "{p}");
+    assert!(text(&p["csp"]).contains("default-src 'none'"), "{p}");
+    let graph = text(&p["graph"]);
+    for expected in [
+        "refused: anonymous_id:phone",
+        "anonymous_id:phone",
+        "anonymous_id:laptop",
+        "email:ann.lee@example.com",
+        "user_id:ann",
+        "merged in",
+        "through",
+    ] {
+        assert!(
+            graph.contains(expected),
+            "{expected} missing from the graph: {graph}"
+        );
+    }
+    let traits = text(&p["traits"]);
+    assert!(
+        traits.contains(SCRIPT),
+        "the markup is shown as text: {traits}"
+    );
+    assert_eq!(p["script_ran"], Value::Null, "{p}");
+    assert_eq!(p["script_elements"], 0, "{p}");
+    assert!(text(&p["computed"]).contains("buyers"), "{p}");
+    assert!(text(&p["events"]).contains("Order Completed"), "{p}");
+    assert!(text(&p["events"]).contains("identify"), "{p}");
+
+    let f = step("filtered");
+    assert!(text(&f["events"]).contains("Order Completed"), "{f}");
+    assert!(!text(&f["events"]).contains("identify"), "{f}");
+
+    // Bob's side of the shared device: the phone refused, owned by Ann.
+    let o = step("other");
+    assert_eq!(o["url"], format!("{}/ui/profiles/{bob}", s.base), "{o}");
+    let refused = format!("{}\n{}", text(&o["graph"]), text(&o["refused"]));
+    assert!(refused.contains("refused: anonymous_id:phone"), "{o}");
+    assert!(text(&o["refused"]).contains(&ann), "{o}");
+
+    let c = step("computations");
+    assert!(text(&c["text"]).contains("buyers"), "{c}");
+    let a = step("audience");
+    assert!(
+        text(&a["url"]).ends_with("/ui/computations/audience/buyers"),
+        "{a}"
+    );
+    assert!(text(&a["text"]).contains(&ann), "{a}");
+    assert!(!text(&a["text"]).contains(&bob), "{a}");
+
+    assert_eq!(step("settings_read")["editable"], 0);
+    assert!(text(&step("settings_read")["text"]).contains("anonymous_id"));
+    assert!(text(&step("destinations_read")["text"]).contains("Destinations"));
+    assert_eq!(step("signed_out")["cookies"], json!([]));
+    let admin = step("settings_admin");
+    assert_eq!(admin["editable"], 1, "{admin}");
+    assert!(text(&admin["header"]).contains("admin"), "{admin}");
+    for name in [
+        "profile",
+        "shared-device",
+        "audience",
+        "settings",
+        "destinations",
+    ] {
+        assert!(shots().join(format!("{name}.png")).is_file(), "{name}.png");
+    }
+}
+
+/// A client that keeps no cookies: each request carries exactly the
+/// headers given.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn session(token: &str) -> String {
+    format!("kindred_session={token}")
+}
+
+/// Signs in over plain HTTP and returns the session cookie it set.
+async fn sign_in(s: &Server, token: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/ui/session", s.base))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_sites() {
+    let s = Server::start().await;
+    let (ann, _bob) = scenario(&s).await;
+    let other = s.running.local.store.create_space("other").unwrap();
+    let c = client();
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = c.get(format!("{}{path}", s.base));
+        if let Some(t) = token {
+            r = r.header("cookie", session(t));
+        }
+        r.send()
+    };
+
+    // Signing in sets the token in an HttpOnly, SameSite=Strict cookie
+    // for /ui and redirects to a URL without it.
+    let r = sign_in(&s, &s.space.access_token).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/ui");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    assert_eq!(
+        cookie,
+        format!(
+            "kindred_session={}; Path=/ui; HttpOnly; SameSite=Strict",
+            s.space.access_token
+        )
+    );
+    // A write key is not a sign-in.
+    let r = sign_in(&s, &s.space.write_key).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    // Without a session, a page is the sign-in form with a 401.
+    let r = get(&format!("/ui/profiles/{ann}"), None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.text().await.unwrap().contains("name=\"token\""));
+
+    // Every page has the strict policy.
+    let r = get(&format!("/ui/profiles/{ann}"), Some(&s.space.access_token))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let page = r.text().await.unwrap();
+    assert!(page.contains("&lt;script&gt;window.pwned=1&lt;/script&gt;"));
+    assert!(!page.contains(SCRIPT));
+
+    // Another space's tokens see none of this space's profiles, members
+    // or settings.
+    for token in [&other.access_token, &other.admin_token] {
+        let r = get(&format!("/ui/profiles/{ann}"), Some(token))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = get("/ui/search?q=user_id:ann", Some(token)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = get("/ui/computations/audience/buyers", Some(token))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = get("/ui/settings", Some(token)).await.unwrap();
+        assert!(r.text().await.unwrap().contains("<b>other</b>"));
+    }
+
+    // The admin token changes settings; an access token may not, and a
+    // form posted from another site is refused before it is read.
+    let mut settings: Value = s.admin("GET", "/identity_settings", None).await.body;
+    settings["profile_api_requests_per_second"] = json!(77);
+    let form = [("settings", settings.to_string())];
+    let post = |token: &str, origin: &str| {
+        c.post(format!("{}/ui/settings", s.base))
+            .header("cookie", session(token))
+            .header("origin", origin)
+            .form(&form)
+            .send()
+    };
+    let r = post(&s.space.access_token, &s.base).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = post(&s.space.admin_token, "https://evil.example")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_ne!(
+        s.admin("GET", "/identity_settings", None).await.body["profile_api_requests_per_second"],
+        77
+    );
+    let r = post(&s.space.admin_token, &s.base).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        s.admin("GET", "/identity_settings", None).await.body["profile_api_requests_per_second"],
+        77
+    );
+    // Bad settings are refused with the reason, and change nothing.
+    let r = c
+        .post(format!("{}/ui/settings", s.base))
+        .header("cookie", session(&s.space.admin_token))
+        .form(&[("settings", "{\"types\": 5}")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        s.admin("GET", "/identity_settings", None).await.body["profile_api_requests_per_second"],
+        77
+    );
+
+    // Signing out clears the cookie.
+    let r = c
+        .post(format!("{}/ui/session/end", s.base))
+        .header("cookie", session(&s.space.access_token))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+}
