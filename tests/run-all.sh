@@ -45,6 +45,14 @@ if [ ! -d tests/node/node_modules/@rudderstack/rudder-sdk-node ]; then
 fi
 export KINDRED_BROWSER_TESTS=1
 
+# Schemathesis (PyPI), for the OpenAPI check in tests/tests/openapi.rs.
+api_venv="$PWD/target/api-venv"
+if ! "$api_venv/bin/schemathesis" --version 2>/dev/null | grep -q "4.32.5"; then
+  python3 -m venv "$api_venv"
+  "$api_venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
+fi
+export KINDRED_SCHEMATHESIS="$api_venv/bin/schemathesis"
+
 # The AWS template: cfn-lint, and SAM's own validation of its resources
 # (both offline, no credentials needed).
 infra_venv="$PWD/target/infra-venv"

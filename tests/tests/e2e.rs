@@ -21,6 +21,7 @@ mod identity_races;
 mod lambda_compute;
 mod lambda_pipeline;
 mod metrics;
+mod openapi;
 mod privacy;
 mod profile_api_contract;
 mod queue_contract;

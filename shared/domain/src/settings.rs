@@ -13,7 +13,7 @@ const HOUR: Millis = 3_600_000;
 const DAY: Millis = 24 * HOUR;
 
 /// Over how long a limit counts the values added to a profile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Frequency {
     Ever,
@@ -36,14 +36,14 @@ impl Frequency {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
     pub count: u32,
     pub frequency: Frequency,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TypeRule {
     /// 1 is the highest priority.
@@ -77,7 +77,7 @@ fn valid_source(path: &str) -> bool {
 }
 
 /// A value that is never used as an identifier. `types` empty means every type.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlockedValue {
     pub value: String,
@@ -88,7 +88,7 @@ pub struct BlockedValue {
 }
 
 /// The settings as stored and as shown by the admin API.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySettings {
     pub types: BTreeMap<String, TypeRule>,

@@ -10,6 +10,7 @@ pub mod cors;
 mod cpu;
 pub mod destinations;
 pub mod error;
+pub mod openapi;
 pub mod privacy;
 pub mod profile;
 pub mod tracking;
@@ -195,7 +196,8 @@ pub fn app(state: AppState) -> Router {
             .merge(compute::router(state.read()))
             .merge(destinations::router(state.read()))
             .merge(privacy::router(state.read()))
-            .merge(ui::router(state.read())),
+            .merge(ui::router(state.read()))
+            .merge(openapi::router()),
     )
 }
 
@@ -212,7 +214,8 @@ pub fn profile_api_app(state: ReadState) -> Router {
             .merge(admin::router(state.clone()))
             .merge(compute::router(state.clone()))
             .merge(destinations::router(state.clone()))
-            .merge(privacy::router(state)),
+            .merge(privacy::router(state))
+            .merge(openapi::router()),
     )
 }
 
