@@ -72,6 +72,7 @@ print(json.dumps({
     "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
     "expiry_function": out.get("ExpiryFunctionName"),
     "queues": {k: v for k, v in out.items() if k.endswith("QueueUrl")},
+    "log_groups": {k: v for k, v in out.items() if k.endswith("LogGroup")},
 }))
 PY
 }

@@ -21,6 +21,8 @@ struct Deployed {
     expiry_function: String,
     events_queue: String,
     events_dlq: String,
+    ingest_logs: String,
+    identity_logs: String,
 }
 
 /// The deployment the test command made, or `None` (skipped) outside it.
@@ -41,6 +43,14 @@ fn deployed(test: &str) -> Option<Deployed> {
         expiry_function: v["expiry_function"].as_str().unwrap().to_string(),
         events_queue: v["queues"]["EventsQueueUrl"].as_str().unwrap().to_string(),
         events_dlq: v["queues"]["EventsDeadLetterQueueUrl"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        ingest_logs: v["log_groups"]["IngestLogGroup"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        identity_logs: v["log_groups"]["IdentityLogGroup"]
             .as_str()
             .unwrap()
             .to_string(),
@@ -267,6 +277,8 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
     };
     let (status, health) = c.call("GET", "/healthz", "", None).await;
     assert_eq!(status, 200, "{health}");
+    let (status, doc) = c.call("GET", "/openapi.json", "", None).await;
+    assert_eq!((status, &doc["openapi"]), (200, &json!("3.1.0")), "{doc}");
 
     // Definitions and a webhook destination through the admin API.
     let (status, reply) = c
@@ -528,4 +540,93 @@ async fn the_deployed_stack_serves_segment_clients_end_to_end() {
     // version wrote is in the roots index already.
     let migrated = kindred(&d, &["migrate", "--dynamodb-table", &d.table]);
     assert_eq!(migrated, json!({"roots_indexed": 0}));
+}
+
+/// The embedded-metric lines (CloudWatch EMF) of a function's log group:
+/// every JSON line with an `_aws` member, read back with boto3 (from the
+/// SAM CLI's venv) as CloudWatch Logs holds them.
+fn emf_lines(d: &Deployed, log_group: &str) -> Vec<Value> {
+    let python = workspace().join("target/infra-venv/bin/python");
+    let script = r#"
+import json, sys, boto3
+logs = boto3.client("logs")
+out, token = [], None
+while True:
+    kw = {"logGroupName": sys.argv[1]}
+    if token:
+        kw["nextToken"] = token
+    page = logs.filter_log_events(**kw)
+    out += [e["message"] for e in page.get("events", [])]
+    token = page.get("nextToken")
+    if not token or not page.get("events"):
+        break
+print(json.dumps(out))
+"#;
+    let out = stdout_on_emulator(d, python, &["-c", script, log_group]);
+    let messages: Vec<String> = serde_json::from_slice(&out).unwrap();
+    messages
+        .iter()
+        .flat_map(|m| m.lines())
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect()
+}
+
+/// On AWS the functions report what `kindred serve`'s `/metrics` does as
+/// CloudWatch embedded-metric lines: the deployed ingest and identity
+/// functions' logs hold them after a batch with one bad event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_functions_report_their_figures_as_embedded_metrics() {
+    let Some(d) = deployed("the_deployed_functions_report_their_figures_as_embedded_metrics")
+    else {
+        return;
+    };
+    let space = create_space(&d, &format!("emf-{:x}", rand::random::<u32>()));
+    let c = Client {
+        http: reqwest::Client::new(),
+        api: d.api_url.clone(),
+        space,
+    };
+    let batch = json!({"batch": [
+        {"type": "identify", "userId": "emf-1", "traits": {"plan": "pro"}},
+        {"type": "track", "userId": "emf-1", "event": "Old", "timestamp": "1999-01-01T00:00:00Z"},
+    ]});
+    let (status, reply) = c
+        .call("POST", "/v1/batch", &c.token("write_key"), Some(&batch))
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["accepted"], 1, "{reply}");
+    let found = |lines: &[Value], metric: &str, dimension: Option<(&str, &str)>| {
+        lines.iter().any(|l| {
+            l.get(metric).is_some()
+                && l["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Kindred"
+                && dimension.is_none_or(|(k, v)| l[k] == v)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ingest = emf_lines(&d, &d.ingest_logs);
+        let identity = emf_lines(&d, &d.identity_logs);
+        let done = found(&ingest, "EventsAccepted", Some(("Function", "ingest")))
+            && found(
+                &ingest,
+                "EventsRefused",
+                Some(("Reason", "invalid_timestamp")),
+            )
+            && found(&ingest, "RequestLatency", Some(("Route", "/v1/batch")))
+            && found(&identity, "EventsApplied", Some(("Outcome", "recorded")))
+            && found(&identity, "IdentityBatchDuration", None);
+        if done {
+            // Counts, ids and routes only: never an event's content.
+            for line in ingest.iter().chain(&identity) {
+                assert!(!line.to_string().contains("emf-1"), "{line}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no embedded metrics yet:\ningest {ingest:?}\nidentity {identity:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }

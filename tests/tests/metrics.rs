@@ -145,3 +145,85 @@ async fn metrics_are_not_served_on_the_api_port() {
     let r = s.get_as("/metrics", Some(&s.space.admin_token)).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
 }
+
+/// Identifiers refused by merge protection, by rule, and each
+/// destination's calls by state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_refusals_and_each_destinations_calls() {
+    use crate::common::receiver::Receiver;
+    let s = Server::start_for_local_receivers().await;
+    let receiver = Receiver::start().await;
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(&json!({"kind": "webhook", "url": receiver.url("/hook")})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = s
+        .admin(
+            "PUT",
+            "/audiences/buyers",
+            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    // SPEC 5's example: a1 signs in as u1, then (no reset) as u2: the
+    // device stays with u1 and is refused for u2 (a user_id limit).
+    let r = s
+        .track(
+            "/v1/batch",
+            &json!({"batch": [
+                {"type": "identify", "userId": "u1", "anonymousId": "a1"},
+                {"type": "track", "userId": "u1", "event": "Order Completed"},
+                {"type": "identify", "userId": "u2", "anonymousId": "a1"},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    s.settle().await;
+    receiver
+        .wait_for(
+            std::time::Duration::from_secs(30),
+            "the audience entry is delivered",
+            |calls| !calls.is_empty(),
+        )
+        .await;
+    // The delivery is recorded just after the receiver answers.
+    let mut delivered = 0.0;
+    for _ in 0..100 {
+        let (m, _) = scrape(&s).await;
+        delivered = value(
+            &m,
+            "kindred_destination_calls",
+            &[
+                ("space", "default"),
+                ("destination", "crm"),
+                ("state", "delivered"),
+            ],
+        )
+        .unwrap_or(0.0);
+        if delivered >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(delivered >= 1.0);
+    let (m, text) = scrape(&s).await;
+    let refused = value(
+        &m,
+        "kindred_identifiers_refused_total",
+        &[("rule", "limit")],
+    );
+    assert_eq!(refused, Some(1.0), "{text}");
+    assert_eq!(
+        value(
+            &m,
+            "kindred_destination_calls",
+            &[("destination", "crm"), ("state", "dead")]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+}

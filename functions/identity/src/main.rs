@@ -17,11 +17,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         .as_ref()
         .map(|url| kindred_aws::SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), url));
     let sync = &sync;
+    let emf = &kindred_store::emf::Emf::new("identity");
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
-            Ok::<_, lambda_runtime::Error>(
-                handle(store, compute, sync.as_ref(), event.payload).await,
-            )
+            let started = std::time::Instant::now();
+            let answer = handle(store, compute, sync.as_ref(), event.payload).await;
+            kindred_store::emf::counts().value("IdentityBatchDuration", vec![], started.elapsed());
+            emf.flush();
+            Ok::<_, lambda_runtime::Error>(answer)
         },
     ))
     .await

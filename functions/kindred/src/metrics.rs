@@ -21,6 +21,7 @@ use crate::server::Local;
 /// What `/metrics` reads when scraped.
 #[derive(Clone)]
 pub struct Sources {
+    pub store: Arc<kindred_sqlite::SqliteStore>,
     pub worker: Arc<kindred_sqlite::IdentityWorker>,
     pub health: Arc<crate::server::LocalHealth>,
     pub deliveries: Arc<kindred_sync::DeliveryStats>,
@@ -30,6 +31,7 @@ pub struct Sources {
 impl Sources {
     pub fn of(local: &Local, data_dir: &std::path::Path) -> Self {
         Self {
+            store: Arc::clone(&local.store),
             worker: Arc::clone(&local.worker),
             health: Arc::clone(&local.health),
             deliveries: Arc::clone(&local.deliverer.stats),
@@ -92,6 +94,19 @@ pub async fn render(sources: &Sources) -> String {
         &one(stats.merged as f64),
     );
 
+    let refused: Vec<Sample> = stats
+        .refused
+        .iter()
+        .map(|(rule, n)| (vec![("rule", rule.clone())], *n as f64))
+        .collect();
+    out.counter(
+        "kindred_identifiers_refused_total",
+        "Identifiers left out of an event's resolution since start, by rule: merge protection \
+         (limit, merge_cap, identifier_cap, identifier_bytes) or a blocked value (blocked_value). \
+         The violations log has each one.",
+        &refused,
+    );
+
     let report = sources.health.health().await;
     let mut events = Vec::new();
     let mut seconds = Vec::new();
@@ -136,6 +151,37 @@ pub async fn render(sources: &Sources) -> String {
         "Calls (identify, track) destinations accepted since start.",
         &one(d.delivered.load(Ordering::Relaxed) as f64),
     );
+
+    // Per destination, from sync.db: what the status API reports.
+    match sources.store.delivery_statuses().await {
+        Ok(statuses) => {
+            let mut calls = Vec::new();
+            for (space, destination, s) in statuses {
+                for (state, n) in [
+                    ("delivered", s.delivered),
+                    ("pending", s.pending),
+                    ("retrying", s.retrying),
+                    ("dead", s.dead),
+                ] {
+                    calls.push((
+                        vec![
+                            ("space", space.clone()),
+                            ("destination", destination.clone()),
+                            ("state", state.to_string()),
+                        ],
+                        n as f64,
+                    ));
+                }
+            }
+            out.gauge(
+                "kindred_destination_calls",
+                "Calls of each destination by state, as its status API reports them: delivered \
+                 (ever), pending and retrying (now), dead (given up, until replayed).",
+                &calls,
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the destinations' delivery counts"),
+    }
 
     let files: Vec<Sample> = [
         "store.db",

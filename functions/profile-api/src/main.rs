@@ -6,8 +6,12 @@ async fn main() -> Result<(), lambda_http::Error> {
     let sdk = kindred_aws::lambda::sdk_config().await;
     let config = Config::load_with_secrets(&sdk).await?;
     if read_only_from_env() {
-        lambda_http::run(reads_app(&config, &sdk)).await
+        lambda_http::run(kindred_http::with_emf(
+            reads_app(&config, &sdk),
+            "profile-reads",
+        ))
+        .await
     } else {
-        lambda_http::run(app(&config, &sdk)).await
+        lambda_http::run(kindred_http::with_emf(app(&config, &sdk), "profile-api")).await
     }
 }

@@ -8,9 +8,12 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let sdk = kindred_aws::lambda::sdk_config().await;
     let config = Config::load_with_secrets(&sdk).await?;
     let step = &step(&config, &sdk, RetryPolicy::default())?;
+    let emf = &kindred_store::emf::Emf::new("sync");
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::sqs::SqsEvent>| async move {
-            Ok::<_, lambda_runtime::Error>(handle(step, event.payload).await)
+            let answer = handle(step, event.payload).await;
+            emf.flush();
+            Ok::<_, lambda_runtime::Error>(answer)
         },
     ))
     .await

@@ -73,15 +73,23 @@ pub async fn handle(
             let before = store.usage();
             let outcome = Box::pin(identify(store, &queued)).await?;
             let usage = store.usage().since(before);
+            let (name, refused) = match &outcome {
+                Outcome::Recorded { refused, .. } => ("recorded", refused.as_slice()),
+                Outcome::Unresolved { refused } => ("unresolved", refused.as_slice()),
+                Outcome::Duplicate => ("duplicate", &[][..]),
+                Outcome::Suppressed => ("suppressed", &[][..]),
+            };
             let (profile_id, created, merged, claimed) = match &outcome {
                 Outcome::Recorded {
                     profile_id,
                     created,
                     merged,
                     claimed,
+                    ..
                 } => (profile_id.as_str(), *created, *merged, claimed.as_slice()),
                 _ => ("", false, 0, &[][..]),
             };
+            kindred_store::emf::counts().applied(name, created, merged, refused);
             // Ids and counts only: never the event or its traits.
             info!(
                 space_id = %queued.space_id,
@@ -129,7 +137,7 @@ pub async fn handle(
                 ));
             }
             // Nothing of a suppressed person's event was stored: nothing to compute.
-            if !matches!(outcome, Outcome::Unresolved | Outcome::Suppressed)
+            if !matches!(outcome, Outcome::Unresolved { .. } | Outcome::Suppressed)
                 && !message_id.is_empty()
             {
                 recorded.push((

@@ -273,6 +273,23 @@ pub async fn body_bytes(body: Body) -> Result<Vec<u8>, axum::Error> {
 
 pub use kindred_store::RequestCost;
 
+/// Prints the function's CloudWatch embedded-metric lines after each
+/// request ([`kindred_store::emf`]): on Lambda an instance serves one
+/// request at a time, so each flush is that request's figures.
+pub fn with_emf(router: Router, function: &'static str) -> Router {
+    let emf = Arc::new(kindred_store::emf::Emf::new(function));
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| {
+            let emf = Arc::clone(&emf);
+            async move {
+                let response = next.run(request).await;
+                emf.flush();
+                response
+            }
+        },
+    ))
+}
+
 /// Logs (at debug: a line per request costs CloudWatch money), after each
 /// request, what it cost in storage requests and units (`usage` reads the
 /// adapter's running totals). Meant for Lambda, where

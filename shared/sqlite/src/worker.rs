@@ -35,6 +35,16 @@ pub struct WorkerStats {
     pub suppressed: u64,
     /// Entries that failed repeatedly and were moved to `dead_letters`.
     pub dead_lettered: u64,
+    /// Identifiers refused (blocked, or by merge protection), by rule.
+    pub refused: std::collections::BTreeMap<String, u64>,
+}
+
+impl WorkerStats {
+    fn count_refused(&mut self, rules: &[String]) {
+        for rule in rules {
+            *self.refused.entry(rule.clone()).or_default() += 1;
+        }
+    }
 }
 
 pub struct IdentityWorker {
@@ -269,8 +279,10 @@ impl IdentityWorker {
                         created,
                         merged,
                         claimed,
+                        refused,
                     } => {
                         stats.recorded += 1;
+                        stats.count_refused(&refused);
                         stats.created += created as u64;
                         stats.merged += merged as u64;
                         if !claimed.is_empty() {
@@ -286,7 +298,10 @@ impl IdentityWorker {
                             ])?;
                         }
                     }
-                    Outcome::Unresolved => stats.unresolved += 1,
+                    Outcome::Unresolved { refused } => {
+                        stats.unresolved += 1;
+                        stats.count_refused(&refused);
+                    }
                     Outcome::Duplicate => stats.duplicates += 1,
                     Outcome::Suppressed => stats.suppressed += 1,
                 }

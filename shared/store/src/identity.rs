@@ -30,9 +30,15 @@ pub enum Outcome {
         /// (a member's second email): destinations send them the
         /// profile's current values.
         claimed: Vec<Identifier>,
+        /// The rule of each identifier merge protection refused
+        /// (`limit`, `merge_cap`, ...: the violations log has them).
+        refused: Vec<String>,
     },
     /// Recorded, but every identifier was blocked: attached to no profile.
-    Unresolved,
+    Unresolved {
+        /// The rule of each identifier refused (`blocked_value`, ...).
+        refused: Vec<String>,
+    },
     /// Seen before (same space and message id): nothing written.
     Duplicate,
     /// It names a suppressed person (a regulation): dropped, counted,
@@ -149,19 +155,26 @@ pub async fn process_event<G: IdentityGraph>(
                   dropped = ?resolution.dropped_traits,
                   "a profile's traits are over 64 KiB: the oldest values were dropped");
                 }
+                let refused = resolution
+                    .refusals
+                    .iter()
+                    .map(|r| r.rule.name().to_string())
+                    .collect();
                 return Ok(match &resolution.plan {
-                    Plan::Unresolved => Outcome::Unresolved,
+                    Plan::Unresolved => Outcome::Unresolved { refused },
                     Plan::Create(c) => Outcome::Recorded {
                         profile_id: c.profile_id.clone(),
                         created: true,
                         merged: 0,
                         claimed: Vec::new(),
+                        refused,
                     },
                     Plan::Attach(a) => Outcome::Recorded {
                         profile_id: a.profile_id.clone(),
                         created: false,
                         merged: a.children.len(),
                         claimed: a.claims.iter().map(|c| c.id.clone()).collect(),
+                        refused,
                     },
                 });
             }

@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod compute;
+pub mod emf;
 pub mod identity;
 pub mod metrics;
 pub mod ports;

@@ -134,6 +134,22 @@ impl Metrics {
         *lock(&self.tracking_refused).entry(code).or_default() += 1;
     }
 
+    /// Events refused so far, by reason.
+    pub fn refused_by_reason(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.events_refused)
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect()
+    }
+
+    /// Tracking API requests refused whole so far, by code.
+    pub fn tracking_refused_by_code(&self) -> Vec<(&'static str, u64)> {
+        lock(&self.tracking_refused)
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect()
+    }
+
     /// One HTTP request: `route` is the matched route template (or
     /// `unmatched`), never the path itself. Its parameters are written
     /// `:name` rather than `{name}`: some Prometheus text parsers stop a
@@ -149,6 +165,14 @@ impl Metrics {
             "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => method,
             _ => "other",
         };
+        let emf = crate::emf::counts();
+        if emf.enabled() {
+            let dimensions = vec![
+                ("Route", route.clone()),
+                ("Status", status_class(status).to_string()),
+            ];
+            emf.value("RequestLatency", dimensions, took);
+        }
         let key = (method.to_string(), route, status_class(status));
         let series = self.http.read().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = series.get(&key) {

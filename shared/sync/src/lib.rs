@@ -62,6 +62,19 @@ pub enum Step {
     Retry(Duration),
 }
 
+/// A delivery's calls in the AWS functions' embedded metrics (by
+/// destination and outcome; `kindred serve` reads them from sync.db).
+fn count_delivery(t: &Target, outcome: &'static str, calls: usize) {
+    let counts = kindred_store::emf::counts();
+    if counts.enabled() {
+        counts.delivery(
+            format!("{}/{}", t.space_id, t.destination_id),
+            outcome,
+            calls as u64,
+        );
+    }
+}
+
 /// Counters for benchmarks and tests.
 #[derive(Debug, Default)]
 pub struct DeliveryStats {
@@ -272,6 +285,7 @@ impl Deliverer {
                 self.stats
                     .delivered
                     .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                count_delivery(t, "delivered", seqs.len());
                 Ok(Step::Sent)
             }
             Outcome::Retry { .. } | Outcome::Rejected => {
@@ -300,6 +314,7 @@ impl Deliverer {
                         },
                     )
                     .await?;
+                count_delivery(t, if dead { "dead" } else { "retrying" }, seqs.len());
                 if dead {
                     return Ok(Step::Sent);
                 }

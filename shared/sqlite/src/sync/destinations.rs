@@ -29,6 +29,25 @@ impl Row {
 }
 
 impl SqliteStore {
+    /// Every destination of every space with its delivery counts (for
+    /// `/metrics`; secrets are not read).
+    pub async fn delivery_statuses(&self) -> Result<Vec<(String, String, DestinationStatus)>> {
+        self.blocking(|s| {
+            let conn = s.sync_reader()?;
+            let ids: Vec<(String, String)> = conn
+                .prepare_cached("SELECT space_id, destination_id FROM destinations ORDER BY 1, 2")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            ids.into_iter()
+                .map(|(space, id)| {
+                    let status = status_of(&conn, &space, &id)?;
+                    Ok((space, id, status))
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// One transaction on `sync.db`. Deferred, not immediate: `BEGIN
     /// IMMEDIATE` would take the write lock of every attached database too,
     /// stalling the identity and compute writers. This connection is the
