@@ -13,7 +13,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import * as esbuild from 'esbuild'
-import { chromium } from 'playwright-core'
+import { launch } from './chromium.mjs'
 
 const [kindred, writeKey, user, mode] = process.argv.slice(2)
 if (!mode) {
@@ -55,20 +55,7 @@ await new Promise((resolve) => pages.listen(0, '127.0.0.1', resolve))
 // `localhost` for the page, 127.0.0.1 for Kindred: two origins.
 const pageOrigin = `http://localhost:${pages.address().port}`
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    // Nothing but this machine: no CDN, no Segment.
-    '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1',
-  ],
-})
+const browser = await launch()
 const result = { requests: [], acknowledged: 0, console: [], visit: null, origin: pageOrigin }
 let failure = null
 try {

@@ -7,7 +7,7 @@
 // reach no host but this machine (the pages must need nothing else).
 import fs from 'node:fs'
 import path from 'node:path'
-import { chromium } from 'playwright-core'
+import { launch } from './chromium.mjs'
 
 const [kindred, accessToken, adminToken, search, secondSearch, shots] = process.argv.slice(2)
 if (!shots) {
@@ -16,19 +16,7 @@ if (!shots) {
 }
 fs.mkdirSync(shots, { recursive: true })
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1',
-  ],
-})
+const browser = await launch()
 const report = { console: [], urls: [], offsite: [], steps: {} }
 let failure = null
 const text = async (page, selector) =>

@@ -161,14 +161,7 @@ async fn metrics_count_refusals_and_each_destinations_calls() {
         )
         .await;
     assert!(r.status.is_success(), "{}", r.body);
-    let r = s
-        .admin(
-            "PUT",
-            "/audiences/buyers",
-            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.body);
+    s.buyers_audience().await;
     // SPEC 5's example: a1 signs in as u1, then (no reset) as u2: the
     // device stays with u1 and is refused for u2 (a user_id limit).
     let r = s

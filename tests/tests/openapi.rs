@@ -54,14 +54,7 @@ async fn every_operation_answers_as_the_openapi_document_says() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let r = s
-        .admin(
-            "PUT",
-            "/audiences/buyers",
-            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.body);
+    s.buyers_audience().await;
     s.settle().await;
 
     let doc = reqwest::get(format!("{}/openapi.json", s.base))

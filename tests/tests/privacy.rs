@@ -125,22 +125,11 @@ fn leftovers(dir: &Path, needles: &[&str], skip: &[&str]) -> Vec<String> {
     found
 }
 
-async fn audience(s: &Server) {
-    let r = s
-        .admin(
-            "PUT",
-            "/audiences/buyers",
-            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.body);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_person_leaves_no_trace_and_is_not_collected_again_until_unsuppressed() {
     let s = Server::start_for_local_receivers().await;
     let receiver = Receiver::start().await;
-    audience(&s).await;
+    s.buyers_audience().await;
     let r = s
         .admin(
             "PUT",
@@ -706,7 +695,7 @@ async fn is_buyer(s: &Server, lookup: &str) -> Value {
 /// order, in the `buyers` audience) on his laptop, then Bob signed in on
 /// the tablet merges his profile into hers. `(alice, bob)`.
 async fn shared_tablet(s: &Server) -> (String, String) {
-    audience(s).await;
+    s.buyers_audience().await;
     send(s, vec![
         json!({"type": "identify", "userId": "alice", "anonymousId": "tablet", "traits": {"name": "Alice"}}),
     ]).await;

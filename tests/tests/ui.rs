@@ -8,7 +8,6 @@
 //! HTTP checks of the same pages follow.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use crate::browser::browser_tools;
 use crate::common::Server;
@@ -27,14 +26,7 @@ async fn send(s: &Server, events: Vec<Value>) {
 /// the laptop's profile merges into hers through her email. Then Bob
 /// signs in on Ann's phone: merge protection refuses the phone for him.
 async fn scenario(s: &Server) -> (String, String) {
-    let r = s
-        .admin(
-            "PUT",
-            "/audiences/buyers",
-            Some(&json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}})),
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.body);
+    s.buyers_audience().await;
     send(
         s,
         vec![
@@ -91,7 +83,9 @@ fn text(v: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audience() {
-    let Some(dir) = browser_tools() else { return };
+    if browser_tools().is_none() {
+        return;
+    }
     let s = Server::start().await;
     let (ann, bob) = scenario(&s).await;
     let args = vec![
@@ -102,22 +96,8 @@ async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audi
         "user_id:bob".to_string(),
         shots().display().to_string(),
     ];
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .current_dir(&dir)
-            .arg("ui.mjs")
-            .args(&args)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
+    let out = crate::common::clients::run("node".into(), "browser/ui.mjs", args).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let r: Value = serde_json::from_str(stdout.trim()).expect("the driver's report");
     let step = |name: &str| r["steps"][name].clone();
 
@@ -242,8 +222,16 @@ async fn sign_in(s: &Server, token: &str) -> reqwest::Response {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_sites() {
-    let s = Server::start().await;
+    let s = Server::start_for_local_receivers().await;
     let (ann, _bob) = scenario(&s).await;
+    let r = s
+        .admin(
+            "PUT",
+            "/destinations/crm",
+            Some(&json!({"kind": "webhook", "url": "http://127.0.0.1:9/hook-with-a-key"})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
     let other = s.running.local.store.create_space("other").unwrap();
     let c = client();
     let get = |path: &str, token: Option<&str>| {
@@ -264,6 +252,22 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
         cookie,
         format!(
             "kindred_session={}; Path=/ui; HttpOnly; SameSite=Strict",
+            s.space.access_token
+        )
+    );
+    // Behind HTTPS, a __Host- cookie for the whole host (no sibling
+    // subdomain can plant one).
+    let r = client()
+        .post(format!("{}/ui/session", s.base))
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", s.space.access_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["set-cookie"].to_str().unwrap(),
+        format!(
+            "__Host-kindred_session={}; Path=/; Secure; HttpOnly; SameSite=Strict",
             s.space.access_token
         )
     );
@@ -302,7 +306,13 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = get("/ui/search?q=user_id:ann", Some(token)).await.unwrap();
+        let r = c
+            .post(format!("{}/ui/search", s.base))
+            .header("cookie", session(token))
+            .form(&[("q", "user_id:ann")])
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         let r = get("/ui/computations/audience/buyers", Some(token))
             .await
@@ -311,6 +321,35 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
         let r = get("/ui/settings", Some(token)).await.unwrap();
         assert!(r.text().await.unwrap().contains("<b>other</b>"));
     }
+
+    // A search is posted (the identifier stays out of the URL) and
+    // leads to the profile's page.
+    let r = c
+        .post(format!("{}/ui/search", s.base))
+        .header("cookie", session(&s.space.access_token))
+        .form(&[("q", "email:ANN.LEE@example.com")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], format!("/ui/profiles/{ann}"));
+
+    // A destination's endpoint is the admin token's to read.
+    let page = |token: &str| {
+        let r = get("/ui/destinations/crm", Some(token));
+        async move { r.await.unwrap().text().await.unwrap() }
+    };
+    assert!(!page(&s.space.access_token)
+        .await
+        .contains("hook-with-a-key"));
+    assert!(page(&s.space.admin_token).await.contains("hook-with-a-key"));
+    let list = get("/ui/destinations", Some(&s.space.access_token))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(list.contains(">webhook<"), "{list}");
 
     // The admin token changes settings; an access token may not, and a
     // form posted from another site is refused before it is read.

@@ -52,6 +52,7 @@ impl Computations for DynamoComputations {
     async fn members(
         &self,
         _space_id: &str,
+        _class: Class,
         _key: &str,
         _after: &str,
         _limit: usize,

@@ -47,9 +47,9 @@ impl Auth {
     fn errors(self) -> &'static [u16] {
         match self {
             Self::None => &[],
-            Self::WriteKey => &[400, 401, 403, 413, 429],
-            Self::Access => &[400, 401, 404, 429, 501],
-            Self::Admin => &[400, 401, 404, 501],
+            Self::WriteKey => &[400, 401, 403, 413, 429, 503],
+            Self::Access => &[400, 401, 404, 429, 501, 503],
+            Self::Admin => &[400, 401, 404, 501, 503],
         }
     }
 }
@@ -482,7 +482,6 @@ fn operations() -> Vec<Op> {
                 "regulation_type": {"type": "string", "enum": ["SUPPRESS_WITH_DELETE", "DELETE_INTERNAL", "SUPPRESS_ONLY", "UNSUPPRESS"]},
                 "subject_type": {"type": "string", "minLength": 1, "maxLength": 64},
                 "subject_ids": {"type": "array", "minItems": 1, "maxItems": 5000, "items": {"type": "string", "minLength": 1, "maxLength": 1024}}}}))
-            .ok(200, r("Regulation"))
             .ok(201, r("Regulation")),
         Op::new("get", "/v1/spaces/{space_id}/regulations/{regulation_id}", "get_regulation", "One regulation, with its subjects", Admin)
             .path_params(&["space_id", "regulation_id"])
@@ -515,7 +514,7 @@ fn parameters() -> Value {
         "call": path("call", "the call", json!({"type": "string", "enum": ["identify", "track", "page", "screen", "group", "alias", "i", "t", "p", "s", "g", "a"]}), "track"),
         "write_key": path("write_key", "a write key", string(), "wk_example"),
         "token_id": path("token_id", "a token's id", string(), "tok_example"),
-        "key": path("key", "the definition's key", json!({"type": "string", "pattern": "^[a-z0-9_]{1,64}$"}), "buyers"),
+        "key": path("key", "the definition's key", json!({"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,100}$"}), "buyers"),
         "destination_id": path("destination_id", "the destination's id", json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}), "crm"),
         "regulation_id": path("regulation_id", "a regulation's id", string(), "reg_example"),
         "child": path("child", "the profile merged in", string(), "prf_example"),
@@ -536,6 +535,10 @@ fn error_responses() -> Value {
         (413, "the body is too large"),
         (429, "over the space's rate; see Retry-After"),
         (501, "not available in this deployment"),
+        (
+            503,
+            "storage is briefly unavailable; retry after Retry-After",
+        ),
     ] {
         out.insert(
             format!("E{status}"),

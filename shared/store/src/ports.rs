@@ -502,19 +502,22 @@ pub trait Computations: Send + Sync {
     ) -> Result<Option<DefinitionRecord>>;
     /// Changes after `since`, oldest first, at most `limit`.
     async fn changes(&self, space_id: &str, since: i64, limit: usize) -> Result<Vec<ChangeRecord>>;
-    /// The profiles that hold a value of `key` (an audience's members:
-    /// those it holds `true` for), in profile id order after `after`, at
-    /// most `limit`, with the value. `None` where the store keeps no such
-    /// index (the operator's explorer says so instead of a list).
+    /// The profiles a user-level definition holds for: an audience's
+    /// members (its value `true`), a computed trait's profiles with a value
+    /// (any but `null`), in profile id order after `after`, at most
+    /// `limit`, with the value. `None` where the store keeps no such index
+    /// (the operator's explorer says so instead of a list).
     async fn members(
         &self,
         space_id: &str,
+        class: Class,
         key: &str,
         after: &str,
         limit: usize,
     ) -> Result<Option<Vec<(String, ComputedValue)>>>;
-    /// How many profiles hold a value of each key (an audience's size);
-    /// `None` where the store keeps no such index.
+    /// How many profiles each user-level definition holds for, by key
+    /// (as [`Computations::members`] counts them); `None` where the store
+    /// keeps no such index.
     async fn sizes(&self, space_id: &str) -> Result<Option<BTreeMap<String, u64>>>;
     /// Enqueues a recompute, as of `as_of`, of exactly the profiles whose
     /// next change by time has come; returns how many.

@@ -58,7 +58,8 @@ pub async fn run(program: String, script: &str, args: Vec<String>) -> Output {
     .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     out

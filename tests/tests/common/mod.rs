@@ -181,6 +181,16 @@ impl Server {
         }
     }
 
+    /// Defines the audience `buyers`: profiles with an `Order Completed`.
+    pub async fn buyers_audience(&self) {
+        let definition = serde_json::json!({"condition": {"performed": {
+            "event": "Order Completed", "count": {"at_least": 1}}}});
+        let r = self
+            .admin("PUT", "/audiences/buyers", Some(&definition))
+            .await;
+        assert!(r.status.is_success(), "{}", r.body);
+    }
+
     /// Waits until everything accepted so far is in the profiles.
     pub async fn settle(&self) {
         self.running.wait_idle().await.unwrap();

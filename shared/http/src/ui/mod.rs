@@ -16,7 +16,7 @@ mod html;
 mod profile;
 mod space;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -31,7 +31,10 @@ use crate::ReadState;
 use html::{esc, Page};
 
 /// The session cookie: the token itself, readable only by the server.
+/// Over HTTPS it is a `__Host-` cookie (Secure, for the whole host, set by
+/// this host only: a sibling subdomain cannot plant one).
 const COOKIE: &str = "kindred_session";
+const HOST_COOKIE: &str = "__Host-kindred_session";
 
 /// What every page response carries: no script, no plug-in, no framing,
 /// nothing from another origin; forms post only here.
@@ -45,7 +48,7 @@ pub fn router(state: ReadState) -> Router {
         .route("/ui/icon.svg", get(icon))
         .route("/ui/session", post(sign_in))
         .route("/ui/session/end", post(sign_out))
-        .route("/ui/search", get(search))
+        .route("/ui/search", post(search))
         .route("/ui/profiles/{profile_id}", get(profile::page))
         .route("/ui/computations", get(space::computations))
         .route("/ui/computations/{class}/{key}", get(space::computation))
@@ -65,7 +68,7 @@ pub fn router(state: ReadState) -> Router {
 /// every form post (SameSite=Strict already keeps the cookie off them;
 /// this refuses them even from an older browser).
 async fn guard(request: Request, next: Next) -> Response {
-    if request.method() == axum::http::Method::POST && cross_site(request.headers()) {
+    if request.method() == axum::http::Method::POST && cross_site(&request) {
         return UiError::new(
             StatusCode::FORBIDDEN,
             "This form was sent from another site; open Kindred and send it again.",
@@ -86,23 +89,28 @@ async fn guard(request: Request, next: Next) -> Response {
     response
 }
 
-/// Whether the browser says a request came from another origin.
-fn cross_site(headers: &HeaderMap) -> bool {
+/// Whether the browser says a request came from another origin: its
+/// `Sec-Fetch-Site`, or else its `Origin` against the host it asked for.
+fn cross_site(request: &Request) -> bool {
+    let headers = request.headers();
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         return !matches!(site, "same-origin" | "none");
     }
-    match (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) {
-        (Some(origin), Some(host)) => {
-            let bare = origin
-                .strip_prefix("https://")
-                .or_else(|| origin.strip_prefix("http://"));
-            bare != Some(host)
-        }
-        (Some(_), None) => true,
-        _ => false,
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    // HTTP/2 has no Host header: the request's authority then.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    let bare = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match (bare, host) {
+        (Some(bare), Some(host)) => !bare.eq_ignore_ascii_case(&host),
+        _ => true,
     }
 }
 
@@ -118,6 +126,7 @@ pub(crate) struct Session {
 pub(crate) struct UiError {
     status: StatusCode,
     message: String,
+    retry_after_secs: Option<u64>,
 }
 
 impl UiError {
@@ -125,6 +134,7 @@ impl UiError {
         Self {
             status,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 
@@ -142,7 +152,10 @@ impl UiError {
 
 impl From<ApiError> for UiError {
     fn from(e: ApiError) -> Self {
-        Self::new(e.status, e.message)
+        Self {
+            retry_after_secs: e.retry_after_secs,
+            ..Self::new(e.status, e.message)
+        }
     }
 }
 
@@ -162,7 +175,13 @@ impl IntoResponse for UiError {
         } else {
             page.push("<p><a href=\"/ui\">Back to the start</a></p>");
         }
-        (self.status, page.finish()).into_response()
+        let mut response = (self.status, page.finish()).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -174,7 +193,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(name, _)| *name == COOKIE || *name == HOST_COOKIE)
         .map(|(_, value)| value)
         .filter(|v| plausible_token(v))
 }
@@ -278,7 +297,7 @@ async fn home(State(state): State<ReadState>, headers: HeaderMap) -> Response {
 
 pub(crate) fn search_form(value: &str) -> String {
     format!(
-        "<form method=\"get\" action=\"/ui/search\" class=\"search\">\
+        "<form method=\"post\" action=\"/ui/search\" class=\"search\">\
          <input type=\"search\" name=\"q\" value=\"{}\" placeholder=\"email:ann@example.com\" required>\
          <button type=\"submit\">Find</button></form>",
         esc(value)
@@ -304,8 +323,11 @@ async fn sign_in(
     };
     match session {
         Ok(Some(_)) => {
-            let secure = if https(&headers) { "; Secure" } else { "" };
-            let cookie = format!("{COOKIE}={token}; Path=/ui; HttpOnly; SameSite=Strict{secure}");
+            let cookie = if https(&headers) {
+                format!("{HOST_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict")
+            } else {
+                format!("{COOKIE}={token}; Path=/ui; HttpOnly; SameSite=Strict")
+            };
             let mut response = Redirect::to("/ui").into_response();
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().insert(header::SET_COOKIE, v);
@@ -332,12 +354,14 @@ fn https(headers: &HeaderMap) -> bool {
 
 async fn sign_out() -> Response {
     let mut response = Redirect::to("/ui").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "kindred_session=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0",
-        ),
-    );
+    for cookie in [
+        "kindred_session=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0",
+        "__Host-kindred_session=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0",
+    ] {
+        response
+            .headers_mut()
+            .append(header::SET_COOKIE, HeaderValue::from_static(cookie));
+    }
     response
 }
 
@@ -347,11 +371,12 @@ struct Search {
     q: String,
 }
 
-/// Finds the profile of an identifier or profile id and opens its page.
+/// Finds the profile of an identifier or profile id and opens its page
+/// (posted, so that the identifier stays out of URLs, histories and logs).
 async fn search(
     State(state): State<ReadState>,
     headers: HeaderMap,
-    Query(q): Query<Search>,
+    Form(q): Form<Search>,
 ) -> Result<Response, UiError> {
     let s = session(&state, &headers).await?;
     let raw = q.q.trim();
@@ -377,7 +402,10 @@ async fn search(
         .profile(&s.space_id, &lookup, ProfileParts::default())
         .await?;
     match doc {
-        Some(doc) => Ok(Redirect::to(&format!("/ui/profiles/{}", doc.profile_id)).into_response()),
+        Some(doc) => Ok(
+            Redirect::to(&format!("/ui/profiles/{}", html::url_part(&doc.profile_id)))
+                .into_response(),
+        ),
         None => {
             let mut page = Page::new("Profiles", Some(&s));
             page.push("<h1>Find a profile</h1>");

@@ -86,7 +86,17 @@ pub(crate) async fn page(
     // An empty field of the filter form is no filter.
     params.retain(|_, v| !v.trim().is_empty());
     params.entry("limit".into()).or_insert_with(|| "25".into());
-    let (query, limit) = event_query(&params)?;
+    // The form's "To" day is included: the query ends at the next midnight.
+    let mut asked = params.clone();
+    if let Some(end) = asked.get_mut("end") {
+        if let Some(next) = chrono::NaiveDate::parse_from_str(end, "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.succ_opt())
+        {
+            *end = next.to_string();
+        }
+    }
+    let (query, limit) = event_query(&asked)?;
     let found = state
         .profiles
         .events(&s.space_id, &doc.tree, &query)

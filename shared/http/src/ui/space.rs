@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
-use kindred_domain::compute::Class;
+use kindred_domain::compute::{Class, Collection};
 use kindred_store::{Computations, DefinitionStatus, Destinations};
 use serde::Deserialize;
 
@@ -41,6 +41,11 @@ fn class_of(segment: &str) -> Result<Class, UiError> {
     Class::parse(segment).ok_or_else(|| UiError::not_found("No such kind of definition."))
 }
 
+/// An account-level definition: its values are on accounts.
+fn on_accounts(body: &serde_json::Value) -> bool {
+    Collection::of_body(body).unwrap_or_default() == Collection::Accounts
+}
+
 fn status_cell(status: &DefinitionStatus) -> String {
     match status {
         DefinitionStatus::Ready => "ready".into(),
@@ -69,6 +74,7 @@ pub(crate) async fn computations(
             .iter()
             .map(|r| {
                 let size = match &sizes {
+                    _ if on_accounts(&r.body) => "account-level".into(),
                     Some(sizes) => sizes.get(&r.key).copied().unwrap_or(0).to_string(),
                     None => "not counted here".into(),
                 };
@@ -139,10 +145,17 @@ pub(crate) async fn computation(
             "Profiles with a value"
         }
     ));
-    match port
-        .members(&s.space_id, &r.key, &after.after, PAGE)
-        .await?
-    {
+    let members = if on_accounts(&r.body) {
+        None
+    } else {
+        port.members(&s.space_id, class, &r.key, &after.after, PAGE)
+            .await?
+    };
+    match members {
+        _ if on_accounts(&r.body) => page.push(
+            "<p class=\"empty\">An account-level definition: its values are on accounts \
+             (the Profile API's accounts collection), not listed here.</p>",
+        ),
         Some(members) => {
             let rows: Vec<Vec<String>> = members
                 .iter()
@@ -228,6 +241,8 @@ pub(crate) async fn destinations(
             .unwrap_or_default();
         let last_error = match &status["last_error"] {
             serde_json::Value::Null => String::new(),
+            // Its message can name the endpoint: the admin token's to read.
+            e if !s.admin => format!("{} at {}", value(&e["status"], 10), value(&e["at"], 40)),
             e => format!(
                 "{} at {}: {}",
                 value(&e["status"], 10),
@@ -241,7 +256,7 @@ pub(crate) async fn destinations(
                 url_part(&d.destination_id),
                 esc(&d.destination_id)
             ),
-            value(&shown["type"], 40),
+            value(&shown["kind"], 40),
             value(&status["delivered"], 20),
             value(&status["pending"], 20),
             value(&status["retrying"], 20),
@@ -299,9 +314,28 @@ pub(crate) async fn destination(
             "<p class=\"notice\">{n} dead letter(s) queued again.</p>"
         ));
     }
+    // Settings (the endpoint, which may carry credentials in its URL)
+    // and error messages are the admin token's to read.
+    let mut status = status;
+    if !s.admin {
+        if let Some(e) = status["last_error"].as_object_mut() {
+            e.remove("message");
+        }
+    }
+    if s.admin {
+        page.push(&format!(
+            "<h2>Settings</h2><pre>{}</pre>",
+            esc(&serde_json::to_string_pretty(&shown).unwrap_or_default())
+        ));
+    } else {
+        page.push(&format!(
+            "<p class=\"meta\">{} destination, version {}. Its settings need the admin token.</p>",
+            value(&shown["kind"], 40),
+            value(&shown["version"], 20)
+        ));
+    }
     page.push(&format!(
-        "<h2>Settings</h2><pre>{}</pre><h2>Status</h2><pre>{}</pre>",
-        esc(&serde_json::to_string_pretty(&shown).unwrap_or_default()),
+        "<h2>Status</h2><pre>{}</pre>",
         esc(&serde_json::to_string_pretty(&status).unwrap_or_default()),
     ));
     page.push("<h2>Dead letters</h2>");

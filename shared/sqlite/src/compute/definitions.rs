@@ -249,6 +249,13 @@ impl SqliteStore {
     }
 }
 
+/// Whether a stored computed value (`j.value`: `{"c", "v", "t"}`) counts
+/// for its definition: an audience's `true`, a computed trait's any value
+/// but `null`.
+const MEMBER: &str = "CASE json_extract(j.value, '$.c')
+        WHEN 'audience' THEN json_type(j.value, '$.v') = 'true'
+        ELSE json_type(j.value, '$.v') <> 'null' END";
+
 #[async_trait]
 impl Computations for SqliteStore {
     async fn put_definition(
@@ -315,6 +322,7 @@ impl Computations for SqliteStore {
     async fn members(
         &self,
         space_id: &str,
+        class: Class,
         key: &str,
         after: &str,
         limit: usize,
@@ -322,15 +330,16 @@ impl Computations for SqliteStore {
         let (space_id, key, after) = (space_id.to_string(), key.to_string(), after.to_string());
         self.blocking(move |s| {
             let conn = s.reader()?;
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = conn.prepare_cached(&format!(
                 "SELECT profile_id, j.value FROM compute_states, json_each(computed) AS j
                  WHERE space_id = ?1 AND profile_id > ?2 AND j.key = ?3
-                   AND json_type(j.value, '$.v') NOT IN ('null', 'false')
-                 ORDER BY profile_id LIMIT ?4",
+                   AND json_extract(j.value, '$.c') = ?4 AND {MEMBER}
+                 ORDER BY profile_id LIMIT ?5"
+            ))?;
+            let rows = stmt.query_map(
+                params![space_id, after, key, class.as_str(), limit as i64],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
             )?;
-            let rows = stmt.query_map(params![space_id, after, key, limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
             let mut out = Vec::new();
             for row in rows {
                 let (profile_id, value) = row?;
@@ -345,11 +354,10 @@ impl Computations for SqliteStore {
         let space_id = space_id.to_string();
         self.blocking(move |s| {
             let conn = s.reader()?;
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = conn.prepare_cached(&format!(
                 "SELECT j.key, count(*) FROM compute_states, json_each(computed) AS j
-                 WHERE space_id = ?1 AND json_type(j.value, '$.v') NOT IN ('null', 'false')
-                 GROUP BY j.key",
-            )?;
+                 WHERE space_id = ?1 AND {MEMBER} GROUP BY j.key"
+            ))?;
             let rows = stmt.query_map(params![space_id], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
             })?;
