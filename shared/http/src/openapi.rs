@@ -57,8 +57,8 @@ impl Auth {
 /// One operation.
 struct Op {
     method: &'static str,
-    path: &'static str,
-    id: &'static str,
+    path: String,
+    id: String,
     summary: &'static str,
     auth: Auth,
     params: Vec<Value>,
@@ -73,15 +73,15 @@ struct Op {
 impl Op {
     fn new(
         method: &'static str,
-        path: &'static str,
-        id: &'static str,
+        path: impl Into<String>,
+        id: impl Into<String>,
         summary: &'static str,
         auth: Auth,
     ) -> Self {
         Self {
             method,
-            path,
-            id,
+            path: path.into(),
+            id: id.into(),
             summary,
             auth,
             params: Vec::new(),
@@ -288,13 +288,12 @@ fn operations() -> Vec<Op> {
             ),
         ];
         for (resource, summary, schema) in resources {
-            let path: &'static str = Box::leak(format!("{prefix}/{{space_id}}/collections/{{collection}}/profiles/{{lookup}}/{resource}").into_boxed_str());
-            let id: &'static str = Box::leak(
-                format!(
-                    "{}profile_{resource}",
-                    if deprecated { "namespaces_" } else { "" }
-                )
-                .into_boxed_str(),
+            let path = format!(
+                "{prefix}/{{space_id}}/collections/{{collection}}/profiles/{{lookup}}/{resource}"
+            );
+            let id = format!(
+                "{}profile_{resource}",
+                if deprecated { "namespaces_" } else { "" }
             );
             let mut op = Op::new("get", path, id, summary, Access)
                 .path_params(&["space_id", "collection", "lookup"])
@@ -380,12 +379,11 @@ fn operations() -> Vec<Op> {
         ("computed_traits", "computed_trait"),
         ("audiences", "audience"),
     ] {
-        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
         ops.extend([
             Op::new(
                 "get",
-                leak(format!("/v1/spaces/{{space_id}}/{collection}")),
-                leak(format!("list_{collection}")),
+                format!("/v1/spaces/{{space_id}}/{collection}"),
+                format!("list_{collection}"),
                 "The definitions",
                 Admin,
             )
@@ -393,8 +391,8 @@ fn operations() -> Vec<Op> {
             .ok(200, list_of(r("Definition"))),
             Op::new(
                 "get",
-                leak(format!("/v1/spaces/{{space_id}}/{collection}/{{key}}")),
-                leak(format!("get_{class}")),
+                format!("/v1/spaces/{{space_id}}/{collection}/{{key}}"),
+                format!("get_{class}"),
                 "One definition",
                 Admin,
             )
@@ -402,8 +400,8 @@ fn operations() -> Vec<Op> {
             .ok(200, r("Definition")),
             Op::new(
                 "put",
-                leak(format!("/v1/spaces/{{space_id}}/{collection}/{{key}}")),
-                leak(format!("put_{class}")),
+                format!("/v1/spaces/{{space_id}}/{collection}/{{key}}"),
+                format!("put_{class}"),
                 "Create or replace a definition (backfills from stored history)",
                 Admin,
             )
@@ -414,8 +412,8 @@ fn operations() -> Vec<Op> {
             .errors(&[409]),
             Op::new(
                 "delete",
-                leak(format!("/v1/spaces/{{space_id}}/{collection}/{{key}}")),
-                leak(format!("delete_{class}")),
+                format!("/v1/spaces/{{space_id}}/{collection}/{{key}}"),
+                format!("delete_{class}"),
                 "Delete a definition",
                 Admin,
             )
@@ -424,10 +422,8 @@ fn operations() -> Vec<Op> {
             .errors(&[409]),
             Op::new(
                 "post",
-                leak(format!(
-                    "/v1/spaces/{{space_id}}/{collection}/{{key}}/backfill"
-                )),
-                leak(format!("backfill_{class}")),
+                format!("/v1/spaces/{{space_id}}/{collection}/{{key}}/backfill"),
+                format!("backfill_{class}"),
                 "Build a definition again from every profile's history",
                 Admin,
             )
@@ -626,9 +622,7 @@ fn schemas() -> Value {
 pub fn document() -> Value {
     let mut paths = Map::new();
     for op in operations() {
-        let entry = paths
-            .entry(op.path.to_string())
-            .or_insert_with(|| json!({}));
+        let entry = paths.entry(op.path.clone()).or_insert_with(|| json!({}));
         entry[op.method] = op.to_json();
     }
     json!({

@@ -56,10 +56,7 @@ pub(crate) async fn authorize(
     match state.spaces.authenticate(&token, kind).await? {
         Some(auth) if auth.space_id == space_id => {
             if kind == TokenKind::Access {
-                state
-                    .profile_rate_limiter
-                    .take_at(space_id, 1, f64::from(auth.profile_api_rate))
-                    .map_err(ApiError::profile_rate_limited)?;
+                charge_profile_rate(state, &auth)?;
             }
             Ok(auth)
         }
@@ -68,6 +65,15 @@ pub(crate) async fn authorize(
             kind.as_str().replace('_', " ")
         ))),
     }
+}
+
+/// Takes one request from the space's Profile API budget (an access
+/// token's calls, and the explorer's pages signed in with one).
+pub(crate) fn charge_profile_rate(state: &ReadState, auth: &SpaceAuth) -> Result<(), ApiError> {
+    state
+        .profile_rate_limiter
+        .take_at(&auth.space_id, 1, f64::from(auth.profile_api_rate))
+        .map_err(ApiError::profile_rate_limited)
 }
 
 pub(crate) fn parse_lookup(raw: &str) -> Result<ProfileLookup, ApiError> {

@@ -213,10 +213,7 @@ async fn authenticate(state: &ReadState, token: &str) -> Result<Option<Session>,
         if let Some(auth) = state.spaces.authenticate(token, kind).await? {
             if kind == TokenKind::Access {
                 // The same per-space budget as the Profile API.
-                state
-                    .profile_rate_limiter
-                    .take_at(&auth.space_id, 1, f64::from(auth.profile_api_rate))
-                    .map_err(ApiError::profile_rate_limited)?;
+                crate::profile::charge_profile_rate(state, &auth)?;
             }
             return Ok(Some(Session {
                 space_id: auth.space_id,

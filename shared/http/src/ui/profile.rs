@@ -171,12 +171,17 @@ fn computed(doc: &ProfileDoc) -> String {
     )
 }
 
-fn identifiers(doc: &ProfileDoc) -> String {
+/// The profile's identifiers, first seen first.
+fn by_first_seen(doc: &ProfileDoc) -> Vec<&kindred_store::ExternalIdRecord> {
     let mut ids: Vec<_> = doc.external_ids.iter().collect();
     ids.sort_by(|a, b| {
         (a.created_at, &a.id.kind, &a.id.value).cmp(&(b.created_at, &b.id.kind, &b.id.value))
     });
-    let rows: Vec<Vec<String>> = ids
+    ids
+}
+
+fn identifiers(doc: &ProfileDoc) -> String {
+    let rows: Vec<Vec<String>> = by_first_seen(doc)
         .into_iter()
         .map(|e| {
             vec![
@@ -408,11 +413,7 @@ fn graph(
         }
     }
     let mut owned: HashMap<&str, Vec<String>> = HashMap::new();
-    let mut ids: Vec<_> = doc.external_ids.iter().collect();
-    ids.sort_by(|a, b| {
-        (a.created_at, &a.id.kind, &a.id.value).cmp(&(b.created_at, &b.id.kind, &b.id.value))
-    });
-    for e in ids {
+    for e in by_first_seen(doc) {
         let at = if level.contains_key(e.owner.as_str()) {
             e.owner.as_str()
         } else {

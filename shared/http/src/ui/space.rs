@@ -145,17 +145,17 @@ pub(crate) async fn computation(
             "Profiles with a value"
         }
     ));
-    let members = if on_accounts(&r.body) {
-        None
-    } else {
-        port.members(&s.space_id, class, &r.key, &after.after, PAGE)
-            .await?
-    };
-    match members {
-        _ if on_accounts(&r.body) => page.push(
+    if on_accounts(&r.body) {
+        page.push(
             "<p class=\"empty\">An account-level definition: its values are on accounts \
              (the Profile API's accounts collection), not listed here.</p>",
-        ),
+        );
+        return Ok(page.finish().into_response());
+    }
+    match port
+        .members(&s.space_id, class, &r.key, &after.after, PAGE)
+        .await?
+    {
         Some(members) => {
             let rows: Vec<Vec<String>> = members
                 .iter()
@@ -234,11 +234,7 @@ pub(crate) async fn destinations(
     let mut rows = Vec::new();
     for d in port.destinations(&s.space_id).await? {
         let shown = destination_json(&d);
-        let status = port
-            .destination_status(&s.space_id, &d.destination_id)
-            .await?
-            .map(|st| status_json(&st))
-            .unwrap_or_default();
+        let status = shown_status(port.as_ref(), &s.space_id, &d.destination_id).await?;
         let last_error = match &status["last_error"] {
             serde_json::Value::Null => String::new(),
             // Its message can name the endpoint: the admin token's to read.
@@ -283,6 +279,19 @@ pub(crate) async fn destinations(
     Ok(page.finish().into_response())
 }
 
+/// A destination's status as its API shows it (`null` if it is gone).
+async fn shown_status(
+    port: &dyn Destinations,
+    space_id: &str,
+    id: &str,
+) -> Result<serde_json::Value, UiError> {
+    Ok(port
+        .destination_status(space_id, id)
+        .await?
+        .map(|st| status_json(&st))
+        .unwrap_or_default())
+}
+
 #[derive(Deserialize)]
 pub(crate) struct Notice {
     #[serde(default)]
@@ -302,11 +311,7 @@ pub(crate) async fn destination(
         .await?
         .ok_or_else(|| UiError::not_found(format!("No destination {id}.")))?;
     let shown = destination_json(&d);
-    let status = port
-        .destination_status(&s.space_id, &id)
-        .await?
-        .map(|st| status_json(&st))
-        .unwrap_or_default();
+    let status = shown_status(port.as_ref(), &s.space_id, &id).await?;
     let mut page = Page::new(&id, Some(&s));
     page.push(&format!("<h1>Destination <code>{}</code></h1>", esc(&id)));
     if let Some(n) = notice.replayed {
