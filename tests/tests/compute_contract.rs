@@ -521,6 +521,138 @@ async fn a_merge_combines_states_without_entering_twice(e: &impl Engine) {
     assert_eq!(count("buyers"), 2, "{log:?}");
 }
 
+/// A page of a definition's member list: the profile ids and the next cursor.
+async fn member_page(e: &impl Engine, path: &str) -> (Vec<String>, Value) {
+    let (status, reply) = e.admin("GET", path, None).await;
+    assert_eq!(status, 200, "{path}: {reply}");
+    let ids = reply["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["profile_id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, reply["cursor"]["next"].clone())
+}
+
+async fn size(e: &impl Engine, path: &str) -> Value {
+    let (status, reply) = e.admin("GET", path, None).await;
+    assert_eq!(status, 200, "{path}: {reply}");
+    reply["size"].clone()
+}
+
+async fn profile_id(e: &impl Engine, lookup: &str) -> String {
+    let (status, reply) = e.profile_api(lookup, "metadata", "").await;
+    assert_eq!(status, 200, "{lookup}: {reply}");
+    reply["metadata"]["profile_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Member lists and sizes follow the values: entered by folds and by a
+/// backfill over history, left when a profile merges into another (the
+/// merged profile is listed no more), paged in profile id order.
+async fn member_lists_follow_values_and_merges(e: &impl Engine) {
+    e.define(
+        "audiences",
+        "buyers",
+        json!({"condition": {"performed": {"event": "Order Completed"}}}),
+    )
+    .await;
+    e.define(
+        "computed_traits",
+        "orders",
+        json!({"type": "event_counter", "event": "Order Completed"}),
+    )
+    .await;
+    e.settle().await;
+    let now = kindred_store::now_millis();
+    e.batch(vec![
+        order("u1", 5, now),
+        order("u2", 7, now),
+        json!({"type": "track", "anonymousId": "a1", "event": "Order Completed",
+               "timestamp": format_millis(now - HOUR)}),
+        json!({"type": "identify", "userId": "u3", "traits": {"plan": "free"}}),
+    ])
+    .await;
+    e.settle().await;
+    let (u1, u2, a1) = (
+        profile_id(e, "user_id:u1").await,
+        profile_id(e, "user_id:u2").await,
+        profile_id(e, "anonymous_id:a1").await,
+    );
+    let mut buyers = vec![u1.clone(), u2.clone(), a1.clone()];
+    buyers.sort();
+    assert_eq!(size(e, "/audiences/buyers").await, json!(3));
+    assert_eq!(size(e, "/computed_traits/orders").await, json!(3));
+    let (all, next) = member_page(e, "/audiences/buyers/members").await;
+    assert_eq!(all, buyers);
+    assert_eq!(next, Value::Null);
+    // Pages of two, in profile id order.
+    let (first, next) = member_page(e, "/audiences/buyers/members?limit=2").await;
+    assert_eq!(first, buyers[..2]);
+    let after = next.as_str().unwrap();
+    let (rest, _) = member_page(
+        e,
+        &format!("/audiences/buyers/members?limit=2&after={after}"),
+    )
+    .await;
+    assert_eq!(rest, buyers[2..]);
+    // The anonymous buyer turns out to be u1: one profile, listed once.
+    e.batch(vec![
+        json!({"type": "identify", "anonymousId": "a1", "userId": "u1"}),
+    ])
+    .await;
+    e.settle().await;
+    let root = profile_id(e, "user_id:u1").await;
+    assert_eq!(root, profile_id(e, "anonymous_id:a1").await);
+    let mut after_merge = vec![root.clone(), u2.clone()];
+    after_merge.sort();
+    assert_eq!(
+        member_page(e, "/audiences/buyers/members").await.0,
+        after_merge
+    );
+    assert_eq!(size(e, "/audiences/buyers").await, json!(2));
+    let (status, reply) = e
+        .admin("GET", "/computed_traits/orders/members", None)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let values: Vec<(&str, i64)> = reply["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["profile_id"].as_str().unwrap(),
+                m["value"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let mut expected = vec![(root.as_str(), 2), (u2.as_str(), 1)];
+    expected.sort();
+    assert_eq!(values, expected);
+    // A definition made after the events is listed from history.
+    e.define(
+        "audiences",
+        "repeat_buyers",
+        json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 2}}}}),
+    )
+    .await;
+    e.settle().await;
+    assert_eq!(
+        member_page(e, "/audiences/repeat_buyers/members").await.0,
+        vec![root]
+    );
+    assert_eq!(size(e, "/audiences/repeat_buyers").await, json!(1));
+    // Bad pages and unknown definitions are refused plainly.
+    let (status, _) = e
+        .admin("GET", "/audiences/buyers/members?limit=0", None)
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = e.admin("GET", "/audiences/nobody/members", None).await;
+    assert_eq!(status, 404);
+}
+
 /// Two writes that would each close a cycle race: exactly one wins.
 async fn racing_definition_writes_never_make_a_cycle(e: &impl Engine) {
     for round in 0..5 {
@@ -555,5 +687,6 @@ crate::common::on_both_stores!(
     relative_date_conditions_follow_the_clock,
     stale_definitions_are_rebuilt_from_history,
     a_merge_combines_states_without_entering_twice,
+    member_lists_follow_values_and_merges,
     racing_definition_writes_never_make_a_cycle,
 );

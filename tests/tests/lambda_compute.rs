@@ -427,6 +427,71 @@ async fn racing_folds_of_one_profile_fold_each_event_exactly_once() {
     assert!(results.iter().all(Vec::is_empty), "{results:?}");
     let body = d.traits("user_id:racer", "include=orders").await;
     assert_eq!(body["traits"], json!({"orders": 24}));
+    // The member list and its size were written with the racing states:
+    // one profile, counted once, with the last value.
+    let (status, list) = d
+        .admin("GET", "/computed_traits/orders/members", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["data"][0]["value"], json!(24), "{list}");
+    let (_, definition) = d.admin("GET", "/computed_traits/orders", None).await;
+    assert_eq!(definition["size"], json!(1), "{definition}");
+}
+
+/// A profile that enters more member lists at once than one transaction
+/// has room for (each list is a member item and a size update) is on
+/// every list after its fold, counted once each; a regulation that
+/// deletes the person takes them off every list again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_lists_beyond_one_transaction_are_all_written_and_left() {
+    if !emulators("member_lists_beyond_one_transaction_are_all_written_and_left") {
+        return;
+    }
+    let d = Deployment::start("wide-lists").await;
+    let keys: Vec<String> = (0..55).map(|i| format!("list_{i:02}")).collect();
+    for key in &keys {
+        d.define(
+            "audiences",
+            key,
+            json!({"condition": {"performed": {"event": "Order Completed"}}}),
+        )
+        .await;
+    }
+    d.settle().await;
+    let now = kindred_store::now_millis();
+    d.batch(vec![
+        order("wide", 3, now),
+        order("narrow-but-there", 4, now),
+    ])
+    .await;
+    d.settle().await;
+    let sizes = |list: Value| -> Vec<i64> {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|def| def["size"].as_i64().unwrap())
+            .collect()
+    };
+    let (_, all) = d.admin("GET", "/audiences", None).await;
+    assert_eq!(sizes(all), vec![2; 55]);
+    for key in [&keys[0], &keys[30], &keys[54]] {
+        let (_, list) = d
+            .admin("GET", &format!("/audiences/{key}/members"), None)
+            .await;
+        assert_eq!(list["data"].as_array().unwrap().len(), 2, "{key}: {list}");
+    }
+    let done = d.regulate("SUPPRESS_WITH_DELETE", &["wide"]).await;
+    assert_eq!(done["status"], "finished", "{done}");
+    let (_, all) = d.admin("GET", "/audiences", None).await;
+    assert_eq!(sizes(all), vec![1; 55]);
+    let remaining = d.profile_id("user_id:narrow-but-there").await;
+    let (_, list) = d
+        .admin("GET", &format!("/audiences/{}/members", keys[54]), None)
+        .await;
+    assert_eq!(list["data"][0]["profile_id"], json!(remaining), "{list}");
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
 }
 
 /// What a `segment` destination adds to the fan-out contract

@@ -47,21 +47,19 @@ impl DynamoComputations {
 
 #[async_trait]
 impl Computations for DynamoComputations {
-    /// Not kept on DynamoDB yet: profiles' values live under one key per
-    /// profile, and a list by value needs an index written with them.
     async fn members(
         &self,
-        _space_id: &str,
-        _class: Class,
-        _key: &str,
-        _after: &str,
-        _limit: usize,
-    ) -> Result<Option<Vec<(String, ComputedValue)>>> {
-        Ok(None)
+        space_id: &str,
+        class: Class,
+        key: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, ComputedValue)>> {
+        self.store.members(space_id, class, key, after, limit).await
     }
 
-    async fn sizes(&self, _space_id: &str) -> Result<Option<BTreeMap<String, u64>>> {
-        Ok(None)
+    async fn sizes(&self, space_id: &str) -> Result<BTreeMap<String, u64>> {
+        self.store.member_counts(space_id).await
     }
 
     async fn put_definition(
@@ -489,7 +487,9 @@ async fn fold_root(
     mut tree: Option<Resolved>,
 ) -> Result<Folded> {
     let mut pending: Vec<&Pending> = work.pending.iter().collect();
-    for attempt in 0..FOLD_ATTEMPTS {
+    let mut total = Folded::default();
+    let mut attempt = 0;
+    while attempt < FOLD_ATTEMPTS {
         if attempt > 0 {
             crate::retry::jitter(10, attempt, 6).await;
             let ids: Vec<String> = pending.iter().map(|p| p.message_id.clone()).collect();
@@ -506,15 +506,29 @@ async fn fold_root(
             Some(tree) => tree,
             None => match store.resolve(space_id, root.to_string(), true).await? {
                 Some(tree) => tree,
-                None => return Ok(Folded::default()),
+                None => return Ok(total),
             },
         };
         match store
             .fold(space_id, ruleset, &tree, &pending, work.as_of)
             .await
         {
-            Err(StoreError::Conflict) => continue,
-            other => return other,
+            Err(StoreError::Conflict) => attempt += 1,
+            Err(e) => return Err(e),
+            Ok(folded) => {
+                total.events += folded.events;
+                total.absorbed += folded.absorbed;
+                total.rebuilt += folded.rebuilt;
+                total.changes += folded.changes;
+                total.members_left = folded.members_left;
+                if folded.members_left == 0 {
+                    return Ok(total);
+                }
+                // Member-list writes that did not fit: another
+                // transaction on the state (its events are folded).
+                pending.clear();
+                attempt = 0;
+            }
         }
     }
     Err(StoreError::Conflict)

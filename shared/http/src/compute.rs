@@ -1,7 +1,7 @@
 //! The Definitions API (SPEC 10), the change log and the on-demand
 //! lookback run, all authenticated with the space's admin token.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -39,6 +39,10 @@ pub fn router(state: ReadState) -> Router {
             .route(
                 &format!("/v1/spaces/{{space_id}}/{collection}/{{key}}/backfill"),
                 post(move |s, p, h| backfill(class, s, p, h)),
+            )
+            .route(
+                &format!("/v1/spaces/{{space_id}}/{collection}/{{key}}/members"),
+                get(move |s, p, q, h| members(class, s, p, q, h)),
             );
     }
     router
@@ -90,6 +94,23 @@ pub fn definition_json(space_id: &str, r: &DefinitionRecord) -> Value {
     out
 }
 
+/// Whether a definition's values are on accounts (not on profiles).
+pub fn on_accounts(body: &Value) -> bool {
+    Collection::of_body(body).unwrap_or_default() == Collection::Accounts
+}
+
+/// A definition as listed: with its size, how many profiles it holds for
+/// (`null` for an account-level one, whose values are on accounts).
+fn sized(space_id: &str, r: &DefinitionRecord, sizes: &BTreeMap<String, u64>) -> Value {
+    let mut out = definition_json(space_id, r);
+    out["size"] = if on_accounts(&r.body) {
+        Value::Null
+    } else {
+        json!(sizes.get(&r.key).copied().unwrap_or(0))
+    };
+    out
+}
+
 async fn list(
     class: Class,
     State(state): State<ReadState>,
@@ -98,8 +119,50 @@ async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let port = admin(&state, &headers, &space_id).await?;
     let all = port.definitions(&space_id, class).await?;
+    let sizes = port.sizes(&space_id).await?;
     Ok(Json(
-        json!({"data": all.iter().map(|r| definition_json(&space_id, r)).collect::<Vec<_>>()}),
+        json!({"data": all.iter().map(|r| sized(&space_id, r, &sizes)).collect::<Vec<_>>()}),
+    ))
+}
+
+/// The profiles a user-level definition holds for (an audience's members,
+/// a computed trait's profiles with a value), in profile id order.
+async fn members(
+    class: Class,
+    State(state): State<ReadState>,
+    Path((space_id, key)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let port = admin(&state, &headers, &space_id).await?;
+    let r = port
+        .definition(&space_id, class, &key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no {} {key:?}", class.as_str())))?;
+    if on_accounts(&r.body) {
+        return Err(ApiError::bad_request(
+            "an account-level definition's values are on accounts: read them with the Profile API's accounts collection",
+        ));
+    }
+    let limit = match params.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 1000"))?,
+    };
+    let after = params.get("after").map_or("", String::as_str);
+    let rows = port.members(&space_id, class, &key, after, limit).await?;
+    let next = (rows.len() == limit).then(|| rows[limit - 1].0.clone());
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|(profile_id, v)| {
+            json!({"profile_id": profile_id, "value": v.value, "updated_at": format_millis(v.updated_at)})
+        })
+        .collect();
+    Ok(Json(
+        json!({"data": data, "cursor": {"after": after, "next": next}}),
     ))
 }
 
@@ -114,7 +177,8 @@ async fn read(
         .definition(&space_id, class, &key)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no {} {key:?}", class.as_str())))?;
-    Ok(Json(definition_json(&space_id, &r)))
+    let sizes = port.sizes(&space_id).await?;
+    Ok(Json(sized(&space_id, &r, &sizes)))
 }
 
 async fn put(

@@ -429,6 +429,17 @@ fn operations() -> Vec<Op> {
             )
             .path_params(&["space_id", "key"])
             .ok(202, r("Definition")),
+            Op::new(
+                "get",
+                format!("/v1/spaces/{{space_id}}/{collection}/{{key}}/members"),
+                format!("members_{class}"),
+                "The profiles it holds for (an audience's members, a computed trait's profiles with a value), by profile id",
+                Admin,
+            )
+            .path_params(&["space_id", "key"])
+            .query("after", string(), "the previous page's `cursor.next`")
+            .query("limit", int(1, 1000), "page size (default 100)")
+            .ok(200, r("Members")),
         ]);
     }
     ops.extend([
@@ -585,7 +596,11 @@ fn schemas() -> Value {
         "Definition": {"type": "object", "required": ["id", "key", "class", "version", "definition", "status"], "properties": {
             "id": string(), "key": string(), "class": {"type": "string", "enum": ["audience", "computed_trait"]},
             "version": {"type": "integer"}, "definition": {"type": "object"},
-            "status": {"type": "string", "enum": ["backfilling", "ready", "failed"]}}},
+            "status": {"type": "string", "enum": ["backfilling", "ready", "failed"]},
+            "size": {"type": ["integer", "null"], "minimum": 0, "description": "profiles it holds for (reads only; null: account-level)"}}},
+        "Members": {"type": "object", "required": ["data", "cursor"], "properties": {"data": {"type": "array", "items": {
+            "type": "object", "required": ["profile_id", "value", "updated_at"]}},
+            "cursor": {"type": "object", "required": ["next"], "properties": {"next": {"type": ["string", "null"]}}}}},
         "Changes": {"type": "object", "required": ["data", "cursor"], "properties": {"data": {"type": "array", "items": {
             "type": "object", "required": ["seq", "key", "class", "new", "at"]}}}},
         "DestinationBody": {"type": "object", "required": ["kind"], "properties": {

@@ -349,6 +349,7 @@ impl SqliteStore {
                 )?;
                 conn.pragma_update(Some("c"), "cache_size", -READER_CACHE_KIB)?;
                 conn.pragma_update(Some("c"), "mmap_size", MMAP_BYTES)?;
+                compute::register_holds(&conn)?;
                 conn
             }
         };

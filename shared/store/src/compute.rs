@@ -218,11 +218,129 @@ pub fn recompute(
     }
 }
 
+/// Whether a stored value puts its profile on its definition's member
+/// list: an audience's `true`, a computed trait's any value but `null`.
+/// The explorer's member lists and sizes, and the Definitions API's, count
+/// exactly these.
+pub fn holds(value: &ComputedValue) -> bool {
+    match value.class {
+        Class::Audience => value.value == Value::Bool(true),
+        Class::ComputedTrait => !value.value.is_null(),
+    }
+}
+
+/// One write to a member list: the profile enters it or its value there
+/// changes (`put`), or it leaves (`put: None`); `delta` is what the list's
+/// size changes by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberWrite<'a> {
+    pub class: Class,
+    pub key: &'a str,
+    pub put: Option<&'a ComputedValue>,
+    pub delta: i64,
+}
+
+/// The member-list writes that storing `new` over `old` for one profile
+/// needs (a profile merged away: `new` empty). A key whose class changed
+/// (deleted and defined again) leaves one list and enters the other.
+pub fn member_writes<'a>(old: &'a ComputedValues, new: &'a ComputedValues) -> Vec<MemberWrite<'a>> {
+    let mut writes = Vec::new();
+    let held = |v: Option<&'a ComputedValue>| v.filter(|v| holds(v));
+    let keys: std::collections::BTreeSet<&'a str> =
+        old.keys().chain(new.keys()).map(String::as_str).collect();
+    for key in keys {
+        match (held(old.get(key)), held(new.get(key))) {
+            (None, None) => {}
+            (Some(o), Some(n)) if o.class == n.class => {
+                if o != n {
+                    writes.push(MemberWrite {
+                        class: n.class,
+                        key,
+                        put: Some(n),
+                        delta: 0,
+                    });
+                }
+            }
+            (o, n) => {
+                if let Some(o) = o {
+                    writes.push(MemberWrite {
+                        class: o.class,
+                        key,
+                        put: None,
+                        delta: -1,
+                    });
+                }
+                if let Some(n) = n {
+                    writes.push(MemberWrite {
+                        class: n.class,
+                        key,
+                        put: Some(n),
+                        delta: 1,
+                    });
+                }
+            }
+        }
+    }
+    writes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kindred_domain::compute::{Definition, EventFacts};
     use serde_json::json;
+
+    #[test]
+    fn member_writes_follow_what_a_profile_holds() {
+        let v = |class, value: Value, t| ComputedValue {
+            class,
+            value,
+            updated_at: t,
+        };
+        let old: ComputedValues = [
+            ("buyers".to_string(), v(Class::Audience, json!(true), 1)),
+            ("vip".to_string(), v(Class::Audience, json!(true), 1)),
+            ("churned".to_string(), v(Class::Audience, json!(false), 1)),
+            ("spend".to_string(), v(Class::ComputedTrait, json!(10), 1)),
+            ("last".to_string(), v(Class::ComputedTrait, json!("x"), 1)),
+            ("moved".to_string(), v(Class::Audience, json!(true), 1)),
+        ]
+        .into_iter()
+        .collect();
+        let new: ComputedValues = [
+            ("buyers".to_string(), v(Class::Audience, json!(true), 1)),
+            ("vip".to_string(), v(Class::Audience, json!(false), 2)),
+            ("churned".to_string(), v(Class::Audience, json!(true), 2)),
+            ("spend".to_string(), v(Class::ComputedTrait, json!(12), 2)),
+            ("last".to_string(), v(Class::ComputedTrait, Value::Null, 2)),
+            ("moved".to_string(), v(Class::ComputedTrait, json!(0), 2)),
+            ("zero".to_string(), v(Class::ComputedTrait, json!(0), 2)),
+        ]
+        .into_iter()
+        .collect();
+        let got: Vec<(Class, &str, bool, i64)> = member_writes(&old, &new)
+            .into_iter()
+            .map(|w| (w.class, w.key, w.put.is_some(), w.delta))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Class::Audience, "churned", true, 1),
+                (Class::ComputedTrait, "last", false, -1),
+                (Class::Audience, "moved", false, -1),
+                (Class::ComputedTrait, "moved", true, 1),
+                (Class::ComputedTrait, "spend", true, 0),
+                (Class::Audience, "vip", false, -1),
+                (Class::ComputedTrait, "zero", true, 1),
+            ]
+        );
+        // A profile merged away leaves every list it was on.
+        let gone: i64 = member_writes(&old, &ComputedValues::new())
+            .iter()
+            .map(|w| w.delta)
+            .sum();
+        assert_eq!(gone, -5);
+    }
 
     #[test]
     fn states_round_trip_in_binary_and_json_ones_still_read() {

@@ -504,9 +504,8 @@ pub trait Computations: Send + Sync {
     async fn changes(&self, space_id: &str, since: i64, limit: usize) -> Result<Vec<ChangeRecord>>;
     /// The profiles a user-level definition holds for: an audience's
     /// members (its value `true`), a computed trait's profiles with a value
-    /// (any but `null`), in profile id order after `after`, at most
-    /// `limit`, with the value. `None` where the store keeps no such index
-    /// (the operator's explorer says so instead of a list).
+    /// (any but `null`), as [`crate::compute::holds`] says, in profile id
+    /// order after `after`, at most `limit`, with the value.
     async fn members(
         &self,
         space_id: &str,
@@ -514,11 +513,11 @@ pub trait Computations: Send + Sync {
         key: &str,
         after: &str,
         limit: usize,
-    ) -> Result<Option<Vec<(String, ComputedValue)>>>;
+    ) -> Result<Vec<(String, ComputedValue)>>;
     /// How many profiles each user-level definition holds for, by key
-    /// (as [`Computations::members`] counts them); `None` where the store
-    /// keeps no such index.
-    async fn sizes(&self, space_id: &str) -> Result<Option<BTreeMap<String, u64>>>;
+    /// (as [`Computations::members`] counts them; a key with none may be
+    /// left out).
+    async fn sizes(&self, space_id: &str) -> Result<BTreeMap<String, u64>>;
     /// Enqueues a recompute, as of `as_of`, of exactly the profiles whose
     /// next change by time has come; returns how many.
     async fn run_lookback(&self, space_id: &str, as_of: Millis) -> Result<u64>;

@@ -293,6 +293,8 @@ impl DynamoStore {
                 keys.push(key(violations_key(space_id, None), &sort));
                 keys.push(key(get_s(&item, PK)?.to_string(), &sort));
             }
+            // Off every member list first (sizes are counted), then gone.
+            self.leave_member_lists(space_id, member).await?;
             let state = state_key(space_id, member);
             keys.push(key(state.clone(), META));
             keys.push(key(state, "DUE"));

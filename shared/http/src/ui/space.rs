@@ -9,13 +9,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
-use kindred_domain::compute::{Class, Collection};
+use kindred_domain::compute::Class;
 use kindred_store::{Computations, DefinitionStatus, Destinations};
 use serde::Deserialize;
 
 use super::html::{esc, profile_link, table, time, url_part, value, Page};
 use super::{session, UiError};
-use crate::compute::definition_json;
+use crate::compute::{definition_json, on_accounts};
 use crate::destinations::{destination_json, status_json};
 use crate::ReadState;
 
@@ -42,10 +42,6 @@ fn class_of(segment: &str) -> Result<Class, UiError> {
 }
 
 /// An account-level definition: its values are on accounts.
-fn on_accounts(body: &serde_json::Value) -> bool {
-    Collection::of_body(body).unwrap_or_default() == Collection::Accounts
-}
-
 fn status_cell(status: &DefinitionStatus) -> String {
     match status {
         DefinitionStatus::Ready => "ready".into(),
@@ -73,10 +69,10 @@ pub(crate) async fn computations(
             .await?
             .iter()
             .map(|r| {
-                let size = match &sizes {
-                    _ if on_accounts(&r.body) => "account-level".into(),
-                    Some(sizes) => sizes.get(&r.key).copied().unwrap_or(0).to_string(),
-                    None => "not counted here".into(),
+                let size = if on_accounts(&r.body) {
+                    "account-level".into()
+                } else {
+                    sizes.get(&r.key).copied().unwrap_or(0).to_string()
                 };
                 vec![
                     format!(
@@ -152,28 +148,20 @@ pub(crate) async fn computation(
         );
         return Ok(page.finish().into_response());
     }
-    match port
+    let members = port
         .members(&s.space_id, class, &r.key, &after.after, PAGE)
-        .await?
-    {
-        Some(members) => {
-            let rows: Vec<Vec<String>> = members
-                .iter()
-                .map(|(p, v)| vec![profile_link(p), value(&v.value, 200), time(v.updated_at)])
-                .collect();
-            page.push(&table(&["profile", "value", "since"], &rows));
-            if members.len() == PAGE {
-                let last = &members[PAGE - 1].0;
-                page.push(&format!(
-                    "<p><a href=\"?after={}\">Next members →</a></p>",
-                    url_part(last)
-                ));
-            }
-        }
-        None => page.push(
-            "<p class=\"empty\">This deployment's store does not list members yet; \
-             each profile's page shows its memberships.</p>",
-        ),
+        .await?;
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|(p, v)| vec![profile_link(p), value(&v.value, 200), time(v.updated_at)])
+        .collect();
+    page.push(&table(&["profile", "value", "since"], &rows));
+    if members.len() == PAGE {
+        let last = &members[PAGE - 1].0;
+        page.push(&format!(
+            "<p><a href=\"?after={}\">Next members →</a></p>",
+            url_part(last)
+        ));
     }
     Ok(page.finish().into_response())
 }

@@ -249,12 +249,11 @@ impl SqliteStore {
     }
 }
 
-/// Whether a stored computed value (`j.value`: `{"c", "v", "t"}`) counts
-/// for its definition: an audience's `true`, a computed trait's any value
-/// but `null`.
-const MEMBER: &str = "CASE json_extract(j.value, '$.c')
-        WHEN 'audience' THEN json_type(j.value, '$.v') = 'true'
-        ELSE json_type(j.value, '$.v') <> 'null' END";
+/// Whether a stored computed value (`j.value`: `{"c", "v", "t"}`) puts
+/// its profile on its definition's member list: the store's rule,
+/// [`kindred_store::compute::holds`], as the SQL function
+/// `kindred_holds` every reader has ([`super::register_holds`]).
+const MEMBER: &str = "kindred_holds(j.value)";
 
 #[async_trait]
 impl Computations for SqliteStore {
@@ -326,7 +325,7 @@ impl Computations for SqliteStore {
         key: &str,
         after: &str,
         limit: usize,
-    ) -> Result<Option<Vec<(String, kindred_store::ComputedValue)>>> {
+    ) -> Result<Vec<(String, kindred_store::ComputedValue)>> {
         let (space_id, key, after) = (space_id.to_string(), key.to_string(), after.to_string());
         self.blocking(move |s| {
             let conn = s.reader()?;
@@ -345,12 +344,12 @@ impl Computations for SqliteStore {
                 let (profile_id, value) = row?;
                 out.push((profile_id, serde_json::from_str(&value)?));
             }
-            Ok(Some(out))
+            Ok(out)
         })
         .await
     }
 
-    async fn sizes(&self, space_id: &str) -> Result<Option<BTreeMap<String, u64>>> {
+    async fn sizes(&self, space_id: &str) -> Result<BTreeMap<String, u64>> {
         let space_id = space_id.to_string();
         self.blocking(move |s| {
             let conn = s.reader()?;
@@ -366,7 +365,7 @@ impl Computations for SqliteStore {
                 let (key, n) = row?;
                 out.insert(key, n.max(0) as u64);
             }
-            Ok(Some(out))
+            Ok(out)
         })
         .await
     }

@@ -159,6 +159,23 @@ struct RawRecord {
     updated_at: i64,
 }
 
+/// Gives a connection the SQL function `kindred_holds(value)`: whether a
+/// stored computed value puts its profile on its definition's member list
+/// ([`kindred_store::compute::holds`]; an unreadable value does not).
+pub(crate) fn register_holds(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_scalar_function(
+        "kindred_holds",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let json = ctx.get_raw(0).as_str().unwrap_or_default();
+            Ok(serde_json::from_str::<kindred_store::ComputedValue>(json)
+                .is_ok_and(|v| kindred_store::compute::holds(&v)))
+        },
+    )
+}
+
 /// The root's computed values, without keys of deleted definitions.
 pub(crate) fn live_values(conn: &Connection, space_id: &str, root: &str) -> Result<ComputedValues> {
     let json: Option<String> = conn

@@ -33,6 +33,11 @@ pub(super) fn state_of(item: &Item) -> Result<StateItem> {
         clock: get_n(item, "clock")?,
         recent,
         due: get_n(item, "due").ok(),
+        indexed: matches!(item.get("mx"), Some(AttributeValue::Bool(true))),
+        todo: match opt_s(item, "mq") {
+            Some(json) => serde_json::from_str(json)?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -90,9 +95,23 @@ impl DynamoStore {
         let (mut root, children) = self.read_states(space_id, tree).await?;
         let read_version = root.version;
         let mut writes = Vec::new();
+        // The member-list writes due: the root's left over, then those
+        // that take the merged profiles off every list, then (below) those
+        // from the root's values as its member items show them to the new.
+        let mut todo = std::mem::take(&mut root.todo);
+        let listed = if root.indexed {
+            root.values.clone()
+        } else {
+            ComputedValues::new()
+        };
         // 1. States of profiles merged into the root since it was last folded.
-        for child in children {
+        for mut child in children {
             writes.extend(self.child_deletes(space_id, &child)?);
+            todo.append(&mut child.todo);
+            if child.indexed {
+                let gone = ComputedValues::new();
+                todo.extend(members::todos(&child.profile_id, &child.values, &gone));
+            }
             absorb(
                 ruleset,
                 (&mut root.state, &mut root.values),
@@ -130,13 +149,26 @@ impl DynamoStore {
             changes,
             due,
         } = recompute(ruleset, &mut root.state, values, &traits, now);
-        let mut state_writes = self.state_writes(space_id, &root, &values, due, now)?;
-        state_writes.append(&mut writes);
-        let mut writes = state_writes;
         if !changes.is_empty() {
             writes.push(self.change_put(space_id, root_id, read_version + 1, now, &changes)?);
             folded.changes = changes.len();
         }
+        // 5. The member lists, as far as the transaction has room (the
+        // state keeps the rest, written by the next transaction on it).
+        todo.extend(members::todos(root_id, &listed, &values));
+        let room = MAX_TRANSACTION_ITEMS.saturating_sub(writes.len() + 2);
+        let (mut lists, rest) = self.member_actions(
+            space_id,
+            members::coalesce(todo),
+            room,
+            DynamoStore::counter_shard(root_id),
+        )?;
+        folded.members_left = rest.len();
+        root.todo = rest;
+        let mut state_writes = self.state_writes(space_id, &root, &values, due, now)?;
+        state_writes.append(&mut writes);
+        state_writes.append(&mut lists);
+        let writes = state_writes;
         if writes.len() > MAX_TRANSACTION_ITEMS {
             return Err(StoreError::Internal(format!(
                 "folding this profile needs {} writes in one transaction; DynamoDB allows {MAX_TRANSACTION_ITEMS}",
@@ -178,6 +210,8 @@ impl DynamoStore {
             clock: 0,
             recent: Vec::new(),
             due: None,
+            indexed: true,
+            todo: Vec::new(),
         });
         Ok((root, children))
     }
@@ -236,6 +270,10 @@ impl DynamoStore {
         item.insert("clock".into(), n(now));
         if let Some(due) = due {
             item.insert("due".into(), n(due));
+        }
+        item.insert("mx".into(), AttributeValue::Bool(true));
+        if !root.todo.is_empty() {
+            item.insert("mq".into(), s(serde_json::to_string(&root.todo)?));
         }
         let mut writes = vec![versioned_put(&self.table, item, read_version)?];
         // The due index holds a small item of its own, written only when

@@ -14,6 +14,7 @@ pub(crate) use account_values::accounts_partition;
 mod changes;
 mod definitions;
 mod fold;
+mod members;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -21,11 +22,11 @@ use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Up
 use kindred_domain::compute::{Change, Class, Definition, ProfileState, Ruleset};
 use kindred_domain::{Millis, Traits};
 use kindred_store::compute::{
-    absorb, apply_event, check_delete, check_put, parse_stored_event, rebuild_stale, recompute,
-    Recomputed,
+    absorb, apply_event, check_delete, check_put, member_writes, parse_stored_event, rebuild_stale,
+    recompute, Recomputed,
 };
 use kindred_store::ports::{
-    ChangeRecord, ComputedValues, DefinitionRecord, DefinitionStatus, EventQuery,
+    ChangeRecord, ComputedValue, ComputedValues, DefinitionRecord, DefinitionStatus, EventQuery,
 };
 use kindred_store::{now_millis, Result, StoreError};
 use serde::{Deserialize, Serialize};
@@ -164,6 +165,11 @@ struct StateItem {
     recent: Vec<String>,
     /// The due time its due-index item holds, if it has one.
     due: Option<Millis>,
+    /// Whether its values have member items (a state written before
+    /// member lists existed has none).
+    indexed: bool,
+    /// Member-list writes its values still need ([`members`]).
+    todo: Vec<members::MemberTodo>,
 }
 
 /// The part of a state only the compute step reads, stored compressed
@@ -189,6 +195,8 @@ pub struct Folded {
     pub absorbed: usize,
     pub rebuilt: usize,
     pub changes: usize,
+    /// Member-list writes left for another transaction on the state.
+    pub members_left: usize,
 }
 
 #[cfg(test)]
