@@ -16,7 +16,8 @@
 #   infra/deploy.sh --emulated --down
 #       Stops the emulator and forgets its state.
 #
-# Both print one JSON line: stack, api_url, table, endpoint_url (emulated
+# Both print one JSON line: stack, api_url, browser_url (where a browser
+# opens the explorer, `/ui` under it), table, endpoint_url (emulated
 # only), region and the queues. With AWS_ENDPOINT_URL set to endpoint_url,
 # `kindred space create ID --dynamodb-table TABLE` creates a space there.
 set -euo pipefail
@@ -62,11 +63,18 @@ summary() { # outputs JSON, endpoint ("" on AWS) -> the one JSON line
 import json, os, sys
 stack, out, endpoint = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 api_url = out["ApiUrl"]
+# Where a browser opens the API: the API's own address on AWS; on the
+# emulator its per-API host (`*.localhost` is this machine to a browser),
+# so that pages live under `/prod` as they do on AWS.
+browser_url = api_url
 if endpoint:
     api_url = f"{endpoint}/_aws/execute-api/{out['ApiId']}/prod"
+    port = endpoint.rsplit(":", 1)[1]
+    browser_url = f"http://{out['ApiId']}.execute-api.localhost:{port}/prod"
 print(json.dumps({
     "stack": stack,
     "api_url": api_url,
+    "browser_url": browser_url,
     "table": out["TableName"],
     "endpoint_url": endpoint or None,
     "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),

@@ -16,6 +16,8 @@ use crate::common::receiver::Receiver;
 #[derive(Clone)]
 struct Deployed {
     api_url: String,
+    /// Where a browser opens the API (under `/prod`, as on AWS).
+    browser_url: String,
     table: String,
     endpoint_url: String,
     expiry_function: String,
@@ -38,6 +40,7 @@ fn deployed(test: &str) -> Option<Deployed> {
     let v: Value = serde_json::from_str(&line).expect("KINDRED_DEPLOYED is deploy.sh's JSON line");
     Some(Deployed {
         api_url: v["api_url"].as_str().unwrap().to_string(),
+        browser_url: v["browser_url"].as_str().unwrap().to_string(),
         table: v["table"].as_str().unwrap().to_string(),
         endpoint_url: v["endpoint_url"].as_str().unwrap().to_string(),
         expiry_function: v["expiry_function"].as_str().unwrap().to_string(),
@@ -629,4 +632,72 @@ async fn the_deployed_functions_report_their_figures_as_embedded_metrics() {
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// The operator's explorer as the deployed `profile-api` function serves
+/// it, opened in headless Chromium at the API's own address, where every
+/// page lives under the stage (`/prod/ui`, as on AWS): the same walk as
+/// `ui::the_explorer_in_a_browser_…` (sign in, the merged profile found by
+/// its mixed-case email, its graph with both devices and the refused one,
+/// markup shown as text, the audience's member list read from DynamoDB,
+/// settings read-only then editable), every link, redirect and the
+/// cookie under `/prod`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_explorer_works_under_the_stage_in_a_browser() {
+    let Some(d) = deployed("the_deployed_explorer_works_under_the_stage_in_a_browser") else {
+        return;
+    };
+    if crate::browser::browser_tools().is_none() {
+        return;
+    }
+    let space = create_space(&d, &format!("ui-{:x}", rand::random::<u32>()));
+    let c = Client {
+        http: reqwest::Client::new(),
+        api: d.api_url.clone(),
+        space,
+    };
+    let buyers =
+        json!({"condition": {"performed": {"event": "Order Completed", "count": {"at_least": 1}}}});
+    let (status, reply) = c.admin("PUT", "/audiences/buyers", Some(&buyers)).await;
+    assert!((200..300).contains(&status), "{reply}");
+    // Each batch once the one before is in the profiles.
+    type Wait = (&'static str, &'static str, fn(&Value) -> bool);
+    let waits: [Wait; 4] = [
+        ("ann", "user_id:ann", |_| true),
+        ("the laptop", "anonymous_id:laptop", |_| true),
+        ("the laptop merged", "anonymous_id:laptop", |b| {
+            ids(b).contains(&"user_id:ann".to_string())
+        }),
+        ("bob", "user_id:bob", |_| true),
+    ];
+    for (event, (what, lookup, done)) in crate::ui::scenario_batches().into_iter().zip(waits) {
+        let batch = json!({"batch": [event]});
+        let (status, reply) = c
+            .call("POST", "/v1/batch", &c.token("write_key"), Some(&batch))
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        c.until(what, lookup, "external_ids", done).await;
+    }
+    c.until("ann a buyer", "user_id:ann", "traits?class=audience", |b| {
+        b["traits"]["buyers"] == true
+    })
+    .await;
+    let profile_id = |body: Value| body["metadata"]["profile_id"].as_str().unwrap().to_string();
+    let ann = profile_id(c.profile("spaces", "user_id:ann", "metadata").await.1);
+    let bob = profile_id(c.profile("spaces", "user_id:bob", "metadata").await.1);
+    let shots = std::path::PathBuf::from(concat!(
+        env!("CARGO_TARGET_TMPDIR"),
+        "/ui-screenshots/deployed"
+    ));
+    let (access, admin) = (c.token("access_token"), c.token("admin_token"));
+    let report = crate::ui::walk(&d.browser_url, &access, &admin, &shots).await;
+    let stage = d.browser_url.rsplit_once('/').map(|(_, s)| s).unwrap();
+    crate::ui::check_walk(
+        &report,
+        &d.browser_url,
+        &format!("/{stage}/ui"),
+        (&access, &admin),
+        (&ann, &bob),
+        &shots,
+    );
 }

@@ -25,38 +25,29 @@ async fn send(s: &Server, events: Vec<Value>) {
 /// Ann on her phone, then on her laptop (an order), signed in on both:
 /// the laptop's profile merges into hers through her email. Then Bob
 /// signs in on Ann's phone: merge protection refuses the phone for him.
+/// Each batch is sent once the ones before it are in the profiles.
+pub(crate) fn scenario_batches() -> Vec<Value> {
+    vec![
+        json!({"type": "identify", "userId": "ann", "anonymousId": "phone",
+               "traits": {"email": "Ann.Lee@Example.com", "name": "Ann", "bio": SCRIPT}}),
+        json!({"type": "track", "anonymousId": "laptop", "event": "Order Completed",
+               "properties": {"total": 12}}),
+        json!({"type": "identify", "anonymousId": "laptop",
+               "traits": {"email": "ann.lee@example.com"}}),
+        json!({"type": "identify", "userId": "bob", "anonymousId": "phone",
+               "traits": {"name": "Bob"}}),
+    ]
+}
+
+/// The identifiers the walk searches: Ann by her email in another case,
+/// and Bob.
+pub(crate) const SEARCHES: [&str; 2] = ["email:ANN.Lee@example.COM", "user_id:bob"];
+
 async fn scenario(s: &Server) -> (String, String) {
     s.buyers_audience().await;
-    send(
-        s,
-        vec![
-            json!({"type": "identify", "userId": "ann", "anonymousId": "phone",
-        "traits": {"email": "Ann.Lee@Example.com", "name": "Ann", "bio": SCRIPT}}),
-        ],
-    )
-    .await;
-    send(
-        s,
-        vec![
-            json!({"type": "track", "anonymousId": "laptop", "event": "Order Completed",
-        "properties": {"total": 12}}),
-        ],
-    )
-    .await;
-    send(
-        s,
-        vec![json!({"type": "identify", "anonymousId": "laptop",
-        "traits": {"email": "ann.lee@example.com"}})],
-    )
-    .await;
-    send(
-        s,
-        vec![
-            json!({"type": "identify", "userId": "bob", "anonymousId": "phone",
-        "traits": {"name": "Bob"}}),
-        ],
-    )
-    .await;
+    for event in scenario_batches() {
+        send(s, vec![event]).await;
+    }
     let id = |r: crate::common::Reply| {
         r.body["metadata"]["profile_id"]
             .as_str()
@@ -81,24 +72,32 @@ fn text(v: &Value) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audience() {
-    if browser_tools().is_none() {
-        return;
-    }
-    let s = Server::start().await;
-    let (ann, bob) = scenario(&s).await;
+/// Walks the explorer at `base` (where `/ui` is under) in headless
+/// Chromium with `ui.mjs`; its report.
+pub(crate) async fn walk(base: &str, access: &str, admin: &str, shots: &std::path::Path) -> Value {
     let args = vec![
-        s.base.clone(),
-        s.space.access_token.clone(),
-        s.space.admin_token.clone(),
-        "email:ANN.Lee@example.COM".to_string(),
-        "user_id:bob".to_string(),
-        shots().display().to_string(),
+        base.to_string(),
+        access.to_string(),
+        admin.to_string(),
+        SEARCHES[0].to_string(),
+        SEARCHES[1].to_string(),
+        shots.display().to_string(),
     ];
     let out = crate::common::clients::run("node".into(), "browser/ui.mjs", args).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let r: Value = serde_json::from_str(stdout.trim()).expect("the driver's report");
+    serde_json::from_str(stdout.trim()).expect("the driver's report")
+}
+
+/// What the walk of the scenario must have seen, with the explorer at
+/// `base` and its session cookie scoped to `cookie_path`.
+pub(crate) fn check_walk(
+    r: &Value,
+    base: &str,
+    cookie_path: &str,
+    (access, admin): (&str, &str),
+    (ann, bob): (&str, &str),
+    shots: &std::path::Path,
+) {
     let step = |name: &str| r["steps"][name].clone();
 
     // Nothing off this machine, no console error (a CSP violation is
@@ -107,10 +106,7 @@ async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audi
     assert_eq!(r["console"], json!([]), "{r}");
     for url in r["urls"].as_array().unwrap() {
         let url = url.as_str().unwrap();
-        assert!(
-            !url.contains(&s.space.access_token) && !url.contains(&s.space.admin_token),
-            "{url}"
-        );
+        assert!(!url.contains(access) && !url.contains(admin), "{url}");
     }
 
     let wrong = step("wrong_token");
@@ -120,17 +116,17 @@ async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audi
     assert!(text(&wrong["console"]).contains("401"), "{wrong}");
 
     let signed = step("signed_in");
-    assert_eq!(signed["url"], format!("{}/ui", s.base), "{signed}");
+    assert_eq!(signed["url"], format!("{base}/ui"), "{signed}");
     assert_eq!(
         signed["cookies"],
-        json!([{"name": "kindred_session", "httpOnly": true, "sameSite": "Strict", "path": "/ui"}])
+        json!([{"name": "kindred_session", "httpOnly": true, "sameSite": "Strict", "path": cookie_path}])
     );
     assert_eq!(signed["script_can_read_cookie"], "", "{signed}");
     assert!(text(&signed["header"]).contains("read only"), "{signed}");
 
     let p = step("profile");
     assert_eq!(p["status"], 200, "{p}");
-    assert_eq!(p["url"], format!("{}/ui/profiles/{ann}", s.base), "{p}");
+    assert_eq!(p["url"], format!("{base}/ui/profiles/{ann}"), "{p}");
     assert!(text(&p["csp"]).contains("default-src 'none'"), "{p}");
     let graph = text(&p["graph"]);
     for expected in [
@@ -164,20 +160,21 @@ async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audi
 
     // Bob's side of the shared device: the phone refused, owned by Ann.
     let o = step("other");
-    assert_eq!(o["url"], format!("{}/ui/profiles/{bob}", s.base), "{o}");
+    assert_eq!(o["url"], format!("{base}/ui/profiles/{bob}"), "{o}");
     let refused = format!("{}\n{}", text(&o["graph"]), text(&o["refused"]));
     assert!(refused.contains("refused: anonymous_id:phone"), "{o}");
-    assert!(text(&o["refused"]).contains(&ann), "{o}");
+    assert!(text(&o["refused"]).contains(ann), "{o}");
 
     let c = step("computations");
     assert!(text(&c["text"]).contains("buyers"), "{c}");
     let a = step("audience");
-    assert!(
-        text(&a["url"]).ends_with("/ui/computations/audience/buyers"),
+    assert_eq!(
+        a["url"],
+        format!("{base}/ui/computations/audience/buyers"),
         "{a}"
     );
-    assert!(text(&a["text"]).contains(&ann), "{a}");
-    assert!(!text(&a["text"]).contains(&bob), "{a}");
+    assert!(text(&a["text"]).contains(ann), "{a}");
+    assert!(!text(&a["text"]).contains(bob), "{a}");
 
     assert_eq!(step("settings_read")["editable"], 0);
     assert!(text(&step("settings_read")["text"]).contains("anonymous_id"));
@@ -193,8 +190,20 @@ async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audi
         "settings",
         "destinations",
     ] {
-        assert!(shots().join(format!("{name}.png")).is_file(), "{name}.png");
+        assert!(shots.join(format!("{name}.png")).is_file(), "{name}.png");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_explorer_in_a_browser_shows_a_merged_profile_its_graph_and_its_audience() {
+    if browser_tools().is_none() {
+        return;
+    }
+    let s = Server::start().await;
+    let (ann, bob) = scenario(&s).await;
+    let (access, admin) = (&s.space.access_token, &s.space.admin_token);
+    let r = walk(&s.base, access, admin, &shots()).await;
+    check_walk(&r, &s.base, "/ui", (access, admin), (&ann, &bob), &shots());
 }
 
 /// A client that keeps no cookies: each request carries exactly the

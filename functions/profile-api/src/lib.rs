@@ -12,6 +12,7 @@ use kindred_aws::compute::DynamoComputations;
 use kindred_aws::lambda::request_cost;
 use kindred_aws::sync::DynamoDestinations;
 use kindred_aws::{DynamoStore, SqsQueue};
+use kindred_http::ui::UiPrefix;
 use kindred_http::{profile_api_app, with_request_costs, ReadState, Router};
 
 pub use kindred_aws::lambda::Config;
@@ -58,7 +59,28 @@ pub fn app(config: &Config, sdk: &SdkConfig) -> Router {
         }),
         profile_rate_limiter: Arc::new(kindred_http::RateLimiter::profile_api()),
     });
+    let app = app.layer(kindred_http::middleware::from_fn(explorer_prefix));
     with_request_costs(app, Arc::new(move || request_cost(&store)))
+}
+
+/// Tells the explorer the path it is served under: the path the browser
+/// asked for (API Gateway's request context: `/prod/ui/…` on the
+/// execute-api address, the base path on a custom domain) before the one
+/// the router sees (`/ui/…`).
+async fn explorer_prefix(
+    mut request: kindred_http::Request,
+    next: kindred_http::middleware::Next,
+) -> kindred_http::Response {
+    use lambda_http::request::RequestContext;
+    use lambda_http::RequestExt;
+    let asked = match request.extensions().request_context_ref() {
+        Some(RequestContext::ApiGatewayV1(context)) => context.path.clone(),
+        _ => None,
+    };
+    if let Some(prefix) = asked.and_then(|a| UiPrefix::of(&a, request.uri().path())) {
+        request.extensions_mut().insert(prefix);
+    }
+    next.run(request).await
 }
 
 /// The router of the reads-only deployment: the same routes, refusing

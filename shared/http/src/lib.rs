@@ -206,7 +206,8 @@ pub fn ingest_app(state: TrackingState) -> Router {
     finish(health(None).merge(tracking::router(state)))
 }
 
-/// The `profile-api` function's routes: the Profile API and admin API.
+/// The `profile-api` function's routes: the Profile API, the admin API
+/// and the operator's explorer.
 pub fn profile_api_app(state: ReadState) -> Router {
     finish(
         health(None)
@@ -214,7 +215,8 @@ pub fn profile_api_app(state: ReadState) -> Router {
             .merge(admin::router(state.clone()))
             .merge(compute::router(state.clone()))
             .merge(destinations::router(state.clone()))
-            .merge(privacy::router(state))
+            .merge(privacy::router(state.clone()))
+            .merge(ui::router(state))
             .merge(openapi::router()),
     )
 }

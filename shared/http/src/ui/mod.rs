@@ -64,6 +64,98 @@ pub fn router(state: ReadState) -> Router {
         .with_state(state)
 }
 
+/// Where the explorer is mounted when a gateway in front of Kindred
+/// serves it under a path of its own (API Gateway's stage, `/prod`, or a
+/// custom domain's base path): its pages then link, redirect and scope
+/// their cookie under it. Set as a request extension by whoever knows the
+/// path the browser asked for (the `profile-api` function, from API
+/// Gateway's request context; never from a client's header).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UiPrefix(String);
+
+impl UiPrefix {
+    /// The prefix of `asked` (the path the browser asked for) before
+    /// `routed` (the path the router sees): as many leading segments as
+    /// `asked` has more than `routed`. `None` when there are none, or when
+    /// they hold anything but plain path characters.
+    pub fn of(asked: &str, routed: &str) -> Option<Self> {
+        let segments = |p: &str| p.split('/').filter(|s| !s.is_empty()).count();
+        let extra = segments(asked).checked_sub(segments(routed))?;
+        let prefix: Vec<&str> = asked
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .take(extra)
+            .collect();
+        let plain = |s: &&str| {
+            s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+                && !matches!(*s, "." | "..")
+        };
+        (!prefix.is_empty() && prefix.len() <= 4 && prefix.iter().all(plain))
+            .then(|| Self(format!("/{}", prefix.join("/"))))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A page's response with its own paths (`/ui…` in links, form actions,
+/// redirects and the cookie's path) moved under `prefix`. Only the
+/// explorer's own markup holds `="/ui`: every value shown is escaped, so
+/// a `"` from data is `&quot;` and never matches.
+async fn under_prefix(response: Response, prefix: &UiPrefix) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let p = prefix.as_str();
+    if let Some(to) = parts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if to.starts_with("/ui") {
+            if let Ok(v) = HeaderValue::from_str(&format!("{p}{to}")) {
+                parts.headers.insert(header::LOCATION, v);
+            }
+        }
+    }
+    let cookies: Vec<HeaderValue> = parts
+        .headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|c| {
+            HeaderValue::from_str(&c.replace("; Path=/ui", &format!("; Path={p}/ui"))).ok()
+        })
+        .collect();
+    if !cookies.is_empty() {
+        parts.headers.remove(header::SET_COOKIE);
+        for c in cookies {
+            parts.headers.append(header::SET_COOKIE, c);
+        }
+    }
+    let html = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/html"));
+    if !html {
+        return Response::from_parts(parts, body);
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, 16 << 20).await else {
+        return UiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be read.",
+        )
+        .into_response();
+    };
+    let page = String::from_utf8_lossy(&bytes)
+        .replace("href=\"/ui", &format!("href=\"{p}/ui"))
+        .replace("action=\"/ui", &format!("action=\"{p}/ui"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(page))
+}
+
 /// The headers of every `/ui` response, and the cross-site check of
 /// every form post (SameSite=Strict already keeps the cookie off them;
 /// this refuses them even from an older browser).
@@ -75,7 +167,11 @@ async fn guard(request: Request, next: Next) -> Response {
         )
         .into_response();
     }
+    let prefix = request.extensions().get::<UiPrefix>().cloned();
     let mut response = next.run(request).await;
+    if let Some(prefix) = &prefix {
+        response = under_prefix(response, prefix).await;
+    }
     let h = response.headers_mut();
     for (name, value) in [
         ("content-security-policy", CSP),
@@ -413,5 +509,63 @@ async fn search(
             ));
             Ok((StatusCode::NOT_FOUND, page.finish()).into_response())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_is_what_the_browser_asked_for_before_the_routed_path() {
+        let of = |a, r| UiPrefix::of(a, r).map(|p| p.as_str().to_string());
+        assert_eq!(
+            of("/prod/ui/profiles/prf_1", "/ui/profiles/prf_1"),
+            Some("/prod".into())
+        );
+        assert_eq!(of("/base/prod/ui", "/ui"), Some("/base/prod".into()));
+        // Encoded differently, counted the same.
+        assert_eq!(
+            of("/prod/ui/profiles/a%40b", "/ui/profiles/a@b"),
+            Some("/prod".into())
+        );
+        assert_eq!(of("/ui", "/ui"), None);
+        assert_eq!(of("/ui", "/prod/ui"), None);
+        // Nothing but plain path characters goes into a page.
+        assert_eq!(of("/pr\"od/ui", "/ui"), None);
+        assert_eq!(of("/../ui", "/ui"), None);
+        assert_eq!(of("/a%20b/ui", "/ui"), None);
+    }
+
+    #[tokio::test]
+    async fn a_page_under_a_prefix_links_redirects_and_scopes_its_cookie_there() {
+        let prefix = UiPrefix::of("/prod/ui", "/ui").unwrap();
+        let mut page = Page::new("t", None);
+        page.push(&format!(
+            "<a href=\"/ui/computations\">x</a><form action=\"/ui/search\"></form><p>{}</p>",
+            esc("href=\"/ui/evil")
+        ));
+        let shown = under_prefix(page.finish().into_response(), &prefix).await;
+        let body = axum::body::to_bytes(shown.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains("href=\"/prod/ui/computations\""), "{body}");
+        assert!(body.contains("action=\"/prod/ui/search\""), "{body}");
+        assert!(body.contains("href=\"/prod/ui/style.css\""), "{body}");
+        assert!(body.contains("href=&quot;/ui/evil"), "{body}");
+        assert!(!body.contains("\"/ui"), "{body}");
+
+        let mut redirect = Redirect::to("/ui/profiles/prf_1").into_response();
+        redirect.headers_mut().insert(
+            header::SET_COOKIE,
+            HeaderValue::from_static("kindred_session=t; Path=/ui; HttpOnly; SameSite=Strict"),
+        );
+        let moved = under_prefix(redirect, &prefix).await;
+        assert_eq!(moved.headers()[header::LOCATION], "/prod/ui/profiles/prf_1");
+        assert_eq!(
+            moved.headers()[header::SET_COOKIE],
+            "kindred_session=t; Path=/prod/ui; HttpOnly; SameSite=Strict"
+        );
     }
 }
