@@ -7,7 +7,7 @@
 //! identifier owned twice, every event attached exactly once).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kindred::bench::workload::Workload;
 use kindred_aws::DynamoStore;
@@ -180,7 +180,7 @@ impl Racer for Sqlite {
 struct Watched<G> {
     inner: G,
     conflicts: usize,
-    order: Option<Arc<Mutex<Vec<String>>>>,
+    order: Option<Arc<tokio::sync::Mutex<Vec<String>>>>,
     lockstep: Option<(Arc<std::sync::Barrier>, usize)>,
 }
 
@@ -232,11 +232,19 @@ impl<G: IdentityGraph> IdentityGraph for Watched<G> {
         plan: &Plan,
         record: &EventRecord<'_>,
     ) -> Result<Applied> {
+        // Where the store has no commit sequence (DynamoDB), the order of
+        // commits is taken as the order of the applies, one at a time:
+        // two applies in flight could commit in one order and return in
+        // the other. Facts are still read and plans still made
+        // concurrently, so a plan from a stale read is still refused by
+        // its conditions.
+        let mut order = match &self.order {
+            Some(order) => Some(order.lock().await),
+            None => None,
+        };
         let outcome = self.inner.apply(space_id, plan, record).await;
-        match (&outcome, &self.order) {
-            (Ok(Applied::Recorded), Some(order)) => {
-                order.lock().unwrap().push(record.event.message_id.clone())
-            }
+        match (&outcome, order.as_mut()) {
+            (Ok(Applied::Recorded), Some(order)) => order.push(record.event.message_id.clone()),
             (Err(kindred_store::StoreError::Conflict), _) => self.conflicts += 1,
             _ => {}
         }
@@ -260,7 +268,7 @@ impl<G: IdentityGraph> IdentityGraph for Watched<G> {
 struct Dynamo {
     table: String,
     space_id: String,
-    order: Arc<Mutex<Vec<String>>>,
+    order: Arc<tokio::sync::Mutex<Vec<String>>>,
 }
 
 impl Racer for Dynamo {
@@ -292,7 +300,7 @@ impl Racer for Dynamo {
         let position: HashMap<String, usize> = self
             .order
             .lock()
-            .unwrap()
+            .await
             .iter()
             .enumerate()
             .map(|(i, m)| (m.clone(), i))
