@@ -182,6 +182,12 @@ async fn compute_requests_and_capacity_units_per_event() {
     let before = store.usage();
     assert!(handle(&store, &queue, None, fold("e1")).await.is_empty());
     let first = store.usage().since(before);
+    let members = defs
+        .members(&space, Class::Audience, "did_1", "", 10)
+        .await
+        .unwrap();
+    let sizes = defs.sizes(&space).await.unwrap();
+    println!("member lists after the first event: did_1 {members:?}, sizes {sizes:?}");
 
     identify(&store, &event("e2", "Event 2")).await.unwrap();
     let before = store.usage();

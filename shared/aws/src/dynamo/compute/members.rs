@@ -5,8 +5,11 @@
 //! state version, whatever races.
 //!
 //! - A member item: `MEM#{space}#{class}#{key}#{shard}` / the profile id,
-//!   with its value; the shard (of the profile id) spreads a list's
-//!   writes over [`MEMBER_SHARDS`] partitions.
+//!   and nothing else: written only when a profile enters or leaves the
+//!   list, never when its value changes (a computed trait's value changes
+//!   with most events; the value is read from the state when a page of the
+//!   list is). The shard (of the profile id) spreads a list's writes over
+//!   [`MEMBER_SHARDS`] partitions.
 //! - A size: `MEMN#{space}#{class}#{key}` / a shard, a number each fold
 //!   adds its net change to (on the shard of the profile it folds).
 //! - A state that needs more member writes than one transaction has room
@@ -21,8 +24,8 @@ use super::*;
 /// Partitions of one member list (and sorts of its size).
 pub(crate) const MEMBER_SHARDS: u64 = 8;
 
-/// A member-list write not yet made: `put` the profile's value (or remove
-/// it when `None`) and add `delta` to the list's size.
+/// A member-list write not yet made: the profile enters the list
+/// (`delta` 1: its item is put, the size grows) or leaves it (-1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(super) struct MemberTodo {
     #[serde(rename = "c")]
@@ -31,9 +34,7 @@ pub(super) struct MemberTodo {
     key: String,
     #[serde(rename = "p")]
     profile_id: String,
-    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none")]
-    put: Option<ComputedValue>,
-    #[serde(rename = "d", default)]
+    #[serde(rename = "d")]
     delta: i64,
 }
 
@@ -49,8 +50,9 @@ fn shard_of(profile_id: &str) -> u64 {
     event_seq(profile_id) as u64 % MEMBER_SHARDS
 }
 
-/// The writes that bring a profile's member items from `old` to `new`
-/// (the rule is the store's [`member_writes`]).
+/// The entries and exits that bring a profile's member items from `old`
+/// to `new` (the rule is the store's [`member_writes`]; a changed value
+/// alone writes nothing here).
 pub(super) fn todos(
     profile_id: &str,
     old: &ComputedValues,
@@ -58,35 +60,33 @@ pub(super) fn todos(
 ) -> Vec<MemberTodo> {
     member_writes(old, new)
         .into_iter()
+        .filter(|w| w.delta != 0)
         .map(|w| MemberTodo {
             class: w.class,
             key: w.key.to_string(),
             profile_id: profile_id.to_string(),
-            put: w.put.cloned(),
             delta: w.delta,
         })
         .collect()
 }
 
-/// Writes made one after another, as one write per member item: the last
-/// one's value, the deltas summed (DynamoDB takes one action per item in a
-/// transaction).
+/// Entries and exits made one after another, as one write per member
+/// item (DynamoDB takes one action per item in a transaction): their
+/// deltas summed; an exit undone by an entry (or the reverse) is none.
 pub(super) fn coalesce(todos: Vec<MemberTodo>) -> Vec<MemberTodo> {
     let mut out: Vec<MemberTodo> = Vec::new();
     let mut at: HashMap<(Class, String, String), usize> = HashMap::new();
     for t in todos {
         let id = (t.class, t.key.clone(), t.profile_id.clone());
         match at.get(&id) {
-            Some(&i) => {
-                out[i].put = t.put;
-                out[i].delta += t.delta;
-            }
+            Some(&i) => out[i].delta += t.delta,
             None => {
                 at.insert(id, out.len());
                 out.push(t);
             }
         }
     }
+    out.retain(|t| t.delta != 0);
     out
 }
 
@@ -106,30 +106,23 @@ impl DynamoStore {
         let mut rest = Vec::new();
         for t in todos {
             let list = (t.class, t.key.clone());
-            let needs = 1 + usize::from(t.delta != 0 && !sizes.contains_key(&list));
+            let needs = 1 + usize::from(!sizes.contains_key(&list));
             if !rest.is_empty() || actions.len() + sizes.len() + needs > room {
                 rest.push(t);
                 continue;
             }
             let pk = member_key(space_id, t.class, &t.key, shard_of(&t.profile_id));
-            actions.push(match &t.put {
-                Some(value) => {
-                    let mut item = key(pk, &t.profile_id);
-                    item.insert("value".into(), s(serde_json::to_string(value)?));
-                    transact_put(&self.table, item, None)?
-                }
-                None => {
-                    let delete = Delete::builder()
-                        .table_name(&self.table)
-                        .set_key(Some(key(pk, &t.profile_id)))
-                        .build()
-                        .map_err(service)?;
-                    TransactWriteItem::builder().delete(delete).build()
-                }
+            actions.push(if t.delta > 0 {
+                transact_put(&self.table, key(pk, &t.profile_id), None)?
+            } else {
+                let delete = Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key(pk, &t.profile_id)))
+                    .build()
+                    .map_err(service)?;
+                TransactWriteItem::builder().delete(delete).build()
             });
-            if t.delta != 0 {
-                *sizes.entry(list).or_default() += t.delta;
-            }
+            *sizes.entry(list).or_default() += t.delta;
         }
         for ((class, list_key), delta) in sizes {
             if delta == 0 {
@@ -215,7 +208,8 @@ impl DynamoStore {
         shard_of(profile_id)
     }
 
-    /// Profiles on a member list after `after`, in id order, at most `limit`.
+    /// Profiles on a member list after `after`, in id order, at most
+    /// `limit`, with their values (read from their states).
     pub(crate) async fn members(
         &self,
         space_id: &str,
@@ -240,20 +234,35 @@ impl DynamoStore {
             };
             let mut found = Vec::new();
             self.query_pages(query, |item| {
-                let value: ComputedValue = serde_json::from_str(get_s(item, "value")?)?;
-                found.push((get_s(item, SK)?.to_string(), value));
+                found.push(get_s(item, SK)?.to_string());
                 Ok(found.len() < limit)
             })
             .await?;
             Ok::<_, StoreError>(found)
         });
-        let mut all = Vec::new();
+        let mut ids = Vec::new();
         for shard in futures::future::join_all(reads).await {
-            all.extend(shard?);
+            ids.extend(shard?);
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.truncate(limit);
-        Ok(all)
+        ids.sort();
+        ids.truncate(limit);
+        let keys = ids
+            .iter()
+            .map(|p| key(state_key(space_id, p), META))
+            .collect();
+        let mut values: HashMap<String, ComputedValue> = HashMap::new();
+        for item in self.batch_get(keys, false).await? {
+            let mut computed: ComputedValues = serde_json::from_str(get_s(&item, "computed")?)?;
+            if let Some(v) = computed.remove(list_key).filter(|v| v.class == class) {
+                values.insert(get_s(&item, "profile_id")?.to_string(), v);
+            }
+        }
+        // A profile whose state moved on between the two reads (it left
+        // the list, or merged away) is not shown.
+        Ok(ids
+            .into_iter()
+            .filter_map(|p| values.remove(&p).map(|v| (p, v)))
+            .collect())
     }
 
     /// The size of each of the space's user-level definitions that has
@@ -284,39 +293,27 @@ impl DynamoStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn todo(key: &str, profile: &str, put: Option<bool>, delta: i64) -> MemberTodo {
+    fn todo(key: &str, profile: &str, delta: i64) -> MemberTodo {
         MemberTodo {
             class: Class::Audience,
             key: key.into(),
             profile_id: profile.into(),
-            put: put.map(|v| ComputedValue {
-                class: Class::Audience,
-                value: json!(v),
-                updated_at: 1,
-            }),
             delta,
         }
     }
 
     #[test]
-    fn writes_to_one_item_become_one_with_their_deltas_summed() {
+    fn entries_and_exits_of_one_item_become_one_write_or_none() {
         let out = coalesce(vec![
-            todo("a", "p1", Some(true), 1),
-            todo("b", "p1", Some(true), 1),
-            todo("a", "p1", None, -1),
-            todo("a", "p2", None, -1),
-            todo("a", "p2", Some(true), 1),
+            todo("a", "p1", 1),
+            todo("b", "p1", 1),
+            todo("a", "p1", -1),
+            todo("a", "p2", -1),
+            todo("a", "p2", 1),
+            todo("a", "p3", -1),
         ]);
-        assert_eq!(
-            out,
-            vec![
-                todo("a", "p1", None, 0),
-                todo("b", "p1", Some(true), 1),
-                todo("a", "p2", Some(true), 0),
-            ]
-        );
+        assert_eq!(out, vec![todo("b", "p1", 1), todo("a", "p3", -1)]);
     }
 
     #[test]
@@ -330,7 +327,7 @@ mod tests {
             "t",
         );
         let todos: Vec<MemberTodo> = (0..10)
-            .map(|i| todo(&format!("k{}", i % 3), &format!("p{i}"), Some(true), 1))
+            .map(|i| todo(&format!("k{}", i % 3), &format!("p{i}"), 1))
             .collect();
         // Each of the first lists needs its item and its size update.
         let (actions, rest) = store.member_actions("s", todos.clone(), 5, 0).unwrap();
