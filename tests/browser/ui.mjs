@@ -85,6 +85,11 @@ try {
   await Promise.all([page.waitForNavigation(), page.click('form.filters button')])
   report.steps.filtered = { url: page.url(), events: await text(page, 'h2:has-text("Events") ~ table') }
 
+  // Her account, from the profile's account links.
+  await Promise.all([page.waitForNavigation(), page.click('h2:has-text("Accounts") + table a')])
+  report.steps.account = { url: page.url(), text: await text(page, 'main') }
+  await shot(page, 'account')
+
   // The other side of the shared device.
   await page.fill('input[name=q]', secondSearch)
   await Promise.all([page.waitForNavigation(), page.press('input[name=q]', 'Enter')])

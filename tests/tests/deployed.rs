@@ -662,13 +662,14 @@ async fn the_deployed_explorer_works_under_the_stage_in_a_browser() {
     assert!((200..300).contains(&status), "{reply}");
     // Each batch once the one before is in the profiles.
     type Wait = (&'static str, &'static str, fn(&Value) -> bool);
-    let waits: [Wait; 4] = [
+    let waits: [Wait; 5] = [
         ("ann", "user_id:ann", |_| true),
         ("the laptop", "anonymous_id:laptop", |_| true),
         ("the laptop merged", "anonymous_id:laptop", |b| {
             ids(b).contains(&"user_id:ann".to_string())
         }),
         ("bob", "user_id:bob", |_| true),
+        ("ann's account", "user_id:ann", |_| true),
     ];
     for (event, (what, lookup, done)) in crate::ui::scenario_batches().into_iter().zip(waits) {
         let batch = json!({"batch": [event]});
@@ -678,6 +679,10 @@ async fn the_deployed_explorer_works_under_the_stage_in_a_browser() {
         assert_eq!(status, 200, "{reply}");
         c.until(what, lookup, "external_ids", done).await;
     }
+    c.until("ann's account", "user_id:ann", "links", |b| {
+        b.to_string().contains("\"acme\"")
+    })
+    .await;
     c.until("ann a buyer", "user_id:ann", "traits?class=audience", |b| {
         b["traits"]["buyers"] == true
     })

@@ -36,6 +36,8 @@ pub(crate) fn scenario_batches() -> Vec<Value> {
                "traits": {"email": "ann.lee@example.com"}}),
         json!({"type": "identify", "userId": "bob", "anonymousId": "phone",
                "traits": {"name": "Bob"}}),
+        json!({"type": "group", "userId": "ann", "groupId": "acme",
+               "traits": {"name": "Acme Inc", "plan": "enterprise"}}),
     ]
 }
 
@@ -158,6 +160,12 @@ pub(crate) fn check_walk(
     assert!(text(&f["events"]).contains("Order Completed"), "{f}");
     assert!(!text(&f["events"]).contains("identify"), "{f}");
 
+    // Her account, opened from her page: its traits and its users.
+    let acct = step("account");
+    assert_eq!(acct["url"], format!("{base}/ui/accounts/acme"), "{acct}");
+    assert!(text(&acct["text"]).contains("Acme Inc"), "{acct}");
+    assert!(text(&acct["text"]).contains(ann), "{acct}");
+
     // Bob's side of the shared device: the phone refused, owned by Ann.
     let o = step("other");
     assert_eq!(o["url"], format!("{base}/ui/profiles/{bob}"), "{o}");
@@ -185,6 +193,7 @@ pub(crate) fn check_walk(
     assert!(text(&admin["header"]).contains("admin"), "{admin}");
     for name in [
         "profile",
+        "account",
         "shared-device",
         "audience",
         "settings",

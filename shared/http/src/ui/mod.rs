@@ -50,6 +50,7 @@ pub fn router(state: ReadState) -> Router {
         .route("/ui/session/end", post(sign_out))
         .route("/ui/search", post(search))
         .route("/ui/profiles/{profile_id}", get(profile::page))
+        .route("/ui/accounts/{group_id}", get(profile::account))
         .route("/ui/computations", get(space::computations))
         .route("/ui/computations/{class}/{key}", get(space::computation))
         .route("/ui/changes", get(space::changes))

@@ -121,8 +121,8 @@ pub(crate) async fn page(
     ));
     page.push("<h2>Identity graph</h2>");
     page.push(&graph(&s.space_id, &doc, &violations, &carried));
-    page.push(&traits(&doc));
-    page.push(&computed(&doc));
+    page.push(&traits(&doc.traits));
+    page.push(&computed(&doc.computed));
     page.push(&identifiers(&doc));
     page.push(&refused(&s.space_id, &doc, &violations, &carried));
     page.push(&accounts(&doc));
@@ -130,8 +130,9 @@ pub(crate) async fn page(
     Ok(page.finish().into_response())
 }
 
-fn traits(doc: &ProfileDoc) -> String {
-    let rows: Vec<Vec<String>> = visible(&doc.traits)
+/// Traits with their source and time (a profile's or an account's).
+pub(crate) fn traits(traits: &kindred_domain::Traits) -> String {
+    let rows: Vec<Vec<String>> = visible(traits)
         .map(|(k, t)| {
             vec![
                 esc(k),
@@ -147,9 +148,10 @@ fn traits(doc: &ProfileDoc) -> String {
     )
 }
 
-fn computed(doc: &ProfileDoc) -> String {
-    let rows: Vec<Vec<String>> = doc
-        .computed
+/// Computed values, each linking its definition (a profile's or an
+/// account's).
+pub(crate) fn computed(values: &kindred_store::ComputedValues) -> String {
+    let rows: Vec<Vec<String>> = values
         .iter()
         .map(|(k, c)| {
             vec![
@@ -270,7 +272,11 @@ fn accounts(doc: &ProfileDoc) -> String {
         .iter()
         .map(|l| {
             vec![
-                esc(&l.group_id),
+                format!(
+                    "<a href=\"/ui/accounts/{}\">{}</a>",
+                    url_part(&l.group_id),
+                    esc(&l.group_id)
+                ),
                 time(l.linked_at),
                 format!("<code>{}</code>", esc(&l.message_id)),
             ]
@@ -563,4 +569,40 @@ fn graph(
          <figcaption>Each box is a profile with the identifiers it claimed; an arrow is a merge (the older profile above). \
          Dashed red boxes are identifiers merge protection refused.</figcaption></figure>"
     )
+}
+
+/// An account's page: its traits, its account-level computed values and
+/// the profiles linked to it.
+pub(crate) async fn account(
+    State(state): State<ReadState>,
+    Path(group_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, UiError> {
+    let s = session(&state, &headers).await?;
+    let doc = state
+        .profiles
+        .account(&s.space_id, &group_id)
+        .await?
+        .ok_or_else(|| UiError::not_found(format!("No account {group_id}.")))?;
+    let values = match &state.computations {
+        Some(c) => c.account_values(&s.space_id, &group_id).await?.0,
+        None => Default::default(),
+    };
+    let a = &doc.account;
+    let mut page = Page::new(&a.group_id, Some(&s));
+    page.push(&search_form(""));
+    page.push(&format!(
+        "<h1>Account <code>{}</code></h1>\
+         <p class=\"meta\">Created {} · updated {} · first message <code>{}</code> · last message <code>{}</code></p>",
+        esc(&a.group_id),
+        time(a.created_at),
+        time(a.updated_at),
+        esc(&a.first_message_id),
+        esc(&a.last_message_id),
+    ));
+    page.push(&traits(&a.traits));
+    page.push(&computed(&values));
+    let users: Vec<Vec<String>> = doc.users.iter().map(|p| vec![profile_link(p)]).collect();
+    page.push(&format!("<h2>Users</h2>{}", table(&["profile"], &users)));
+    Ok(page.finish().into_response())
 }
