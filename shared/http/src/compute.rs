@@ -144,14 +144,7 @@ async fn members(
             "an account-level definition's values are on accounts: read them with the Profile API's accounts collection",
         ));
     }
-    let limit = match params.get("limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 1000"))?,
-    };
+    let limit = crate::error::limit_param(&params, 100, 1000)?;
     let after = params.get("after").map_or("", String::as_str);
     let rows = port.members(&space_id, class, &key, after, limit).await?;
     let next = (rows.len() == limit).then(|| rows[limit - 1].0.clone());
@@ -244,14 +237,7 @@ async fn changes(
             ApiError::bad_request("since must be a position from a previous response (or 0)")
         })?,
     };
-    let limit = match params.get("limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 1000"))?,
-    };
+    let limit = crate::error::limit_param(&params, 100, 1000)?;
     // One more than asked tells whether there is more.
     let mut rows = port.changes(&space_id, since, limit + 1).await?;
     let has_more = rows.len() > limit;

@@ -205,14 +205,7 @@ async fn dead_letters(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let port = admin(&state, &headers, &space_id).await?;
-    let limit = match params.get("limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::bad_request("limit must be a whole number from 1 to 1000"))?,
-    };
+    let limit = crate::error::limit_param(&params, 100, 1000)?;
     if port.destination(&space_id, &id).await?.is_none() {
         return Err(missing(&id));
     }

@@ -134,6 +134,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A page size from a query's `limit`: `default` when absent, else a whole
+/// number from 1 to `max` (anything else is a 400 that says so).
+pub(crate) fn limit_param(
+    params: &std::collections::HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("limit must be a whole number from 1 to {max}"))
+            }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

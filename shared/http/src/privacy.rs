@@ -128,14 +128,7 @@ async fn list(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let privacy = admin(&state, &headers, &space_id).await?;
-    let limit = match query.get("limit") {
-        None => 20,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| ApiError::bad_request("limit: from 1 to 100"))?,
-    };
+    let limit = crate::error::limit_param(&query, 20, 100)?;
     let before = query.get("next").map(String::as_str);
     let mut records = privacy
         .regulations(&space_id, before, limit + 1)
@@ -203,14 +196,7 @@ async fn violations_page(
     profile: Option<&kindred_store::ProfileLookup>,
     query: &HashMap<String, String>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = match query.get("limit") {
-        None => 20,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| ApiError::bad_request("limit: from 1 to 100"))?,
-    };
+    let limit = crate::error::limit_param(query, 20, 100)?;
     let since = match query.get("since") {
         None => 0,
         Some(t) => kindred_domain::event::parse_time(t)
