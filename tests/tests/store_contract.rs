@@ -660,6 +660,57 @@ macro_rules! contract {
     };
 }
 
+/// Explorer sessions: found while live, gone once ended, expired, or once
+/// their token is revoked; a session names its own space only.
+async fn explorer_sessions_end_with_sign_out_expiry_and_revocation<A: Adapter>(a: &A, space: &str) {
+    use kindred_store::token::hash_secret;
+    let now = kindred_store::now_millis();
+    let hour = 3_600_000;
+    let (token, _) = a
+        .create_token(space, TokenKind::Access, Some("explorer".into()))
+        .await
+        .unwrap();
+    let (admin, _) = a.create_token(space, TokenKind::Admin, None).await.unwrap();
+    let [s1, s2, s3, s4] = ["s1", "s2", "s3", "s4"].map(hash_secret);
+    a.start_session(s1, &token.token_id, TokenKind::Access, now + hour)
+        .await
+        .unwrap();
+    a.start_session(s2, &token.token_id, TokenKind::Access, now - 1)
+        .await
+        .unwrap();
+    a.start_session(s3, &admin.token_id, TokenKind::Admin, now + hour)
+        .await
+        .unwrap();
+    let found = a.session_auth(s1, now).await.unwrap().unwrap();
+    assert_eq!(
+        (found.space_id.as_str(), found.kind),
+        (space, TokenKind::Access)
+    );
+    let found = a.session_auth(s3, now).await.unwrap().unwrap();
+    assert_eq!(
+        (found.space_id.as_str(), found.kind),
+        (space, TokenKind::Admin)
+    );
+    // Expired, never started, or asked for after its end.
+    assert!(a.session_auth(s2, now).await.unwrap().is_none());
+    assert!(a.session_auth(s4, now).await.unwrap().is_none());
+    assert!(a.session_auth(s1, now + hour).await.unwrap().is_none());
+    // A session claiming another kind than its token's is nothing.
+    a.start_session(s4, &token.token_id, TokenKind::Admin, now + hour)
+        .await
+        .unwrap();
+    assert!(a.session_auth(s4, now).await.unwrap().is_none());
+    // Signing out ends one session; revoking the token ends the rest.
+    a.end_session(s3).await.unwrap();
+    assert!(a.session_auth(s3, now).await.unwrap().is_none());
+    a.end_session(s3).await.unwrap();
+    assert_eq!(
+        a.revoke_token(space, &token.token_id).await.unwrap(),
+        Revoked::Revoked
+    );
+    assert!(a.session_auth(s1, now).await.unwrap().is_none());
+}
+
 contract!(
     an_identify_creates_a_profile_with_traits_and_identifiers,
     a_shared_email_merges_two_devices,
@@ -670,4 +721,5 @@ contract!(
     events_page_in_both_directions,
     settings_round_trip_and_tokens_stay_in_their_space,
     keys_and_tokens_rotate,
+    explorer_sessions_end_with_sign_out_expiry_and_revocation,
 );

@@ -224,8 +224,17 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-fn session(token: &str) -> String {
-    format!("kindred_session={token}")
+/// Signs in with `token` over plain HTTP; the session cookie to send.
+async fn signed_in(base: &str, token: &str) -> String {
+    let r = client()
+        .post(format!("{base}/ui/session"))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let set = r.headers()["set-cookie"].to_str().unwrap();
+    set.split(';').next().unwrap().to_string()
 }
 
 /// Signs in over plain HTTP and returns the session cookie it set.
@@ -252,27 +261,43 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
     assert!(r.status.is_success(), "{}", r.body);
     let other = s.running.local.store.create_space("other").unwrap();
     let c = client();
-    let get = |path: &str, token: Option<&str>| {
+    let get = |path: &str, cookie: Option<&str>| {
         let mut r = c.get(format!("{}{path}", s.base));
-        if let Some(t) = token {
-            r = r.header("cookie", session(t));
+        if let Some(cookie) = cookie {
+            r = r.header("cookie", cookie);
         }
         r.send()
     };
 
-    // Signing in sets the token in an HttpOnly, SameSite=Strict cookie
-    // for /ui and redirects to a URL without it.
+    // Signing in starts a session: its random id (never the token) in an
+    // HttpOnly, SameSite=Strict cookie for /ui that lasts 12 hours, and a
+    // redirect to a URL without either.
     let r = sign_in(&s, &s.space.access_token).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()["location"], "/ui");
     let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let (pair, attributes) = cookie.split_once("; ").unwrap();
     assert_eq!(
-        cookie,
-        format!(
-            "kindred_session={}; Path=/ui; HttpOnly; SameSite=Strict",
-            s.space.access_token
-        )
+        attributes,
+        "Path=/ui; HttpOnly; SameSite=Strict; Max-Age=43200"
     );
+    let id = pair.strip_prefix("kindred_session=").unwrap();
+    assert_eq!(id.len(), 43, "{cookie}");
+    assert!(!cookie.contains(&s.space.access_token), "{cookie}");
+    let access = pair.to_string();
+    let admin = signed_in(&s.base, &s.space.admin_token).await;
+    let other_access = signed_in(&s.base, &other.access_token).await;
+    let other_admin = signed_in(&s.base, &other.admin_token).await;
+    // A made-up session, or the token itself as the cookie, is no session.
+    for forged in [
+        format!("kindred_session={}", "A".repeat(43)),
+        format!("kindred_session={}", s.space.access_token),
+    ] {
+        let r = get(&format!("/ui/profiles/{ann}"), Some(&forged))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
     // Behind HTTPS, a __Host- cookie for the whole host (no sibling
     // subdomain can plant one).
     let r = client()
@@ -282,12 +307,11 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.headers()["set-cookie"].to_str().unwrap(),
-        format!(
-            "__Host-kindred_session={}; Path=/; Secure; HttpOnly; SameSite=Strict",
-            s.space.access_token
-        )
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.starts_with("__Host-kindred_session="), "{cookie}");
+    assert!(
+        cookie.ends_with("; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=43200"),
+        "{cookie}"
     );
     // A write key is not a sign-in.
     let r = sign_in(&s, &s.space.write_key).await;
@@ -300,7 +324,7 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
     assert!(r.text().await.unwrap().contains("name=\"token\""));
 
     // Every page has the strict policy.
-    let r = get(&format!("/ui/profiles/{ann}"), Some(&s.space.access_token))
+    let r = get(&format!("/ui/profiles/{ann}"), Some(&access))
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -319,24 +343,24 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
 
     // Another space's tokens see none of this space's profiles, members
     // or settings.
-    for token in [&other.access_token, &other.admin_token] {
-        let r = get(&format!("/ui/profiles/{ann}"), Some(token))
+    for cookie in [&other_access, &other_admin] {
+        let r = get(&format!("/ui/profiles/{ann}"), Some(cookie))
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         let r = c
             .post(format!("{}/ui/search", s.base))
-            .header("cookie", session(token))
+            .header("cookie", cookie)
             .form(&[("q", "user_id:ann")])
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = get("/ui/computations/audience/buyers", Some(token))
+        let r = get("/ui/computations/audience/buyers", Some(cookie))
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
-        let r = get("/ui/settings", Some(token)).await.unwrap();
+        let r = get("/ui/settings", Some(cookie)).await.unwrap();
         assert!(r.text().await.unwrap().contains("<b>other</b>"));
     }
 
@@ -344,7 +368,7 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
     // leads to the profile's page.
     let r = c
         .post(format!("{}/ui/search", s.base))
-        .header("cookie", session(&s.space.access_token))
+        .header("cookie", &access)
         .form(&[("q", "email:ANN.LEE@example.com")])
         .send()
         .await
@@ -353,15 +377,13 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
     assert_eq!(r.headers()["location"], format!("/ui/profiles/{ann}"));
 
     // A destination's endpoint is the admin token's to read.
-    let page = |token: &str| {
-        let r = get("/ui/destinations/crm", Some(token));
+    let page = |cookie: &str| {
+        let r = get("/ui/destinations/crm", Some(cookie));
         async move { r.await.unwrap().text().await.unwrap() }
     };
-    assert!(!page(&s.space.access_token)
-        .await
-        .contains("hook-with-a-key"));
-    assert!(page(&s.space.admin_token).await.contains("hook-with-a-key"));
-    let list = get("/ui/destinations", Some(&s.space.access_token))
+    assert!(!page(&access).await.contains("hook-with-a-key"));
+    assert!(page(&admin).await.contains("hook-with-a-key"));
+    let list = get("/ui/destinations", Some(&access))
         .await
         .unwrap()
         .text()
@@ -374,24 +396,22 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
     let mut settings: Value = s.admin("GET", "/identity_settings", None).await.body;
     settings["profile_api_requests_per_second"] = json!(77);
     let form = [("settings", settings.to_string())];
-    let post = |token: &str, origin: &str| {
+    let post = |cookie: &str, origin: &str| {
         c.post(format!("{}/ui/settings", s.base))
-            .header("cookie", session(token))
+            .header("cookie", cookie)
             .header("origin", origin)
             .form(&form)
             .send()
     };
-    let r = post(&s.space.access_token, &s.base).await.unwrap();
+    let r = post(&access, &s.base).await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let r = post(&s.space.admin_token, "https://evil.example")
-        .await
-        .unwrap();
+    let r = post(&admin, "https://evil.example").await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_ne!(
         s.admin("GET", "/identity_settings", None).await.body["profile_api_requests_per_second"],
         77
     );
-    let r = post(&s.space.admin_token, &s.base).await.unwrap();
+    let r = post(&admin, &s.base).await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         s.admin("GET", "/identity_settings", None).await.body["profile_api_requests_per_second"],
@@ -400,7 +420,7 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
     // Bad settings are refused with the reason, and change nothing.
     let r = c
         .post(format!("{}/ui/settings", s.base))
-        .header("cookie", session(&s.space.admin_token))
+        .header("cookie", &admin)
         .form(&[("settings", "{\"types\": 5}")])
         .send()
         .await
@@ -411,10 +431,12 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
         77
     );
 
-    // Signing out clears the cookie.
+    // Signing out ends the session on the server (a copy of its cookie
+    // is worth nothing afterwards) and clears the cookie; the admin
+    // session goes on.
     let r = c
         .post(format!("{}/ui/session/end", s.base))
-        .header("cookie", session(&s.space.access_token))
+        .header("cookie", &access)
         .send()
         .await
         .unwrap();
@@ -422,4 +444,26 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
         .to_str()
         .unwrap()
         .contains("Max-Age=0"));
+    let r = get(&format!("/ui/profiles/{ann}"), Some(&access))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = get(&format!("/ui/profiles/{ann}"), Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Revoking the token a session was started with ends it at once.
+    let admin_id = s.space.admin_token.split('_').nth(1).unwrap()[..12].to_string();
+    let second_admin = s
+        .admin("POST", "/tokens", Some(&json!({"kind": "admin_token"})))
+        .await;
+    assert!(second_admin.status.is_success(), "{}", second_admin.body);
+    let r = s
+        .admin("DELETE", &format!("/tokens/{admin_id}"), None)
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let r = get(&format!("/ui/profiles/{ann}"), Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }

@@ -56,6 +56,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_at INTEGER,
     label TEXT
 ) WITHOUT ROWID;
+-- The explorer's browser sessions: the hash of a session's random id
+-- (the browser holds the id), the token it was started with, until when.
+CREATE TABLE IF NOT EXISTS ui_sessions (
+    id_hash BLOB PRIMARY KEY,
+    token_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS profiles (
     space_id TEXT NOT NULL,
     profile_id TEXT NOT NULL,

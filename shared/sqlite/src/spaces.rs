@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kindred_domain::IdentitySettings;
+use kindred_domain::{IdentitySettings, Millis};
 use rusqlite::{params, OptionalExtension};
 
 use super::{lock, SqliteStore};
@@ -314,6 +314,72 @@ impl Spaces for SqliteStore {
             }
             // Verified tokens carry the space's settings.
             s.forget_verified_tokens();
+            Ok(())
+        })
+        .await
+    }
+
+    async fn start_session(
+        &self,
+        session_hash: [u8; 32],
+        token_id: &str,
+        kind: TokenKind,
+        expires_at: Millis,
+    ) -> Result<()> {
+        let token_id = token_id.to_string();
+        self.blocking(move |s| {
+            let conn = s.writer();
+            // Expired sessions go as new ones come.
+            conn.execute(
+                "DELETE FROM ui_sessions WHERE expires_at <= ?1",
+                [now_millis()],
+            )?;
+            conn.execute(
+                "INSERT INTO ui_sessions (id_hash, token_id, kind, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![&session_hash[..], token_id, kind.as_str(), expires_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session_auth(&self, session_hash: [u8; 32], now: Millis) -> Result<Option<SpaceAuth>> {
+        self.blocking(move |s| {
+            let row = s
+                .reader()?
+                .prepare_cached(
+                    "SELECT t.space_id, t.kind, sp.source_id, sp.settings FROM ui_sessions u
+                     JOIN tokens t ON t.token_id = u.token_id AND t.kind = u.kind
+                     JOIN spaces sp ON sp.space_id = t.space_id
+                     WHERE u.id_hash = ?1 AND u.expires_at > ?2 AND t.revoked_at IS NULL",
+                )?
+                .query_row(params![&session_hash[..], now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .optional()?;
+            let Some((space_id, kind, source_id, settings)) = row else {
+                return Ok(None);
+            };
+            let Some(kind) = TokenKind::parse(&kind) else {
+                return Ok(None);
+            };
+            let settings: IdentitySettings = serde_json::from_str(&settings)?;
+            Ok(Some(SpaceAuth::new(space_id, source_id, kind, &settings)))
+        })
+        .await
+    }
+
+    async fn end_session(&self, session_hash: [u8; 32]) -> Result<()> {
+        self.blocking(move |s| {
+            s.writer().execute(
+                "DELETE FROM ui_sessions WHERE id_hash = ?1",
+                [&session_hash[..]],
+            )?;
             Ok(())
         })
         .await

@@ -148,6 +148,21 @@ pub trait Spaces: Send + Sync {
     /// Revokes a token of the space (never another space's), unless it is
     /// the space's last live admin token.
     async fn revoke_token(&self, space_id: &str, token_id: &str) -> Result<Revoked>;
+    /// Starts a browser session of the explorer for a token that has just
+    /// been authenticated: kept under the hash of the session's random id
+    /// (the browser holds the id, never the token) until `expires_at`.
+    async fn start_session(
+        &self,
+        session_hash: [u8; 32],
+        token_id: &str,
+        kind: TokenKind,
+        expires_at: Millis,
+    ) -> Result<()>;
+    /// The space of a session: `None` if there is no such session, it has
+    /// expired (as of `now`), or its token has been revoked since.
+    async fn session_auth(&self, session_hash: [u8; 32], now: Millis) -> Result<Option<SpaceAuth>>;
+    /// Ends a session (signing out); nothing if there is none.
+    async fn end_session(&self, session_hash: [u8; 32]) -> Result<()>;
 }
 
 /// How the background stages of a deployment are doing (`/healthz`).

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
-use kindred_domain::{IdentityRules, IdentitySettings};
+use kindred_domain::{IdentityRules, IdentitySettings, Millis};
 use kindred_store::ports::{
     check_label, NewSpace, Revoked, SpaceAuth, Spaces, TokenRecord, MAX_LIVE_TOKENS,
 };
@@ -15,8 +15,15 @@ use kindred_store::token::{hash_secret, mint, token_id, verify, NewToken, TokenK
 use kindred_store::{now_millis, Result, StoreError};
 
 use super::{
-    get_n, get_s, key, lock, n, opt_s, s, service, space_key, token_key, DynamoStore, Item, META,
+    get_n, get_s, key, lock, n, opt_s, s, service, space_key, token_key, DynamoStore, Item,
+    EXPIRES_AT, META,
 };
+
+/// An explorer session, keyed by the hash of its id.
+fn session_key(session_hash: &[u8; 32]) -> String {
+    let hex: String = session_hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("UISESSION#{hex}")
+}
 
 /// A space's list entry of one of its tokens (the token item itself is
 /// keyed by its public id, for authentication).
@@ -372,5 +379,58 @@ impl Spaces for DynamoStore {
             }
             Err(e) => Err(service(e)),
         }
+    }
+    async fn start_session(
+        &self,
+        session_hash: [u8; 32],
+        token_id: &str,
+        kind: TokenKind,
+        expires_at: Millis,
+    ) -> Result<()> {
+        let mut item = key(session_key(&session_hash), META);
+        item.insert("token_id".into(), s(token_id));
+        item.insert("kind".into(), s(kind.as_str()));
+        item.insert("until".into(), n(expires_at));
+        // Gone from the table by itself (TTL) a little after it expires.
+        item.insert(EXPIRES_AT.into(), n(expires_at / 1000 + 3_600));
+        if self.put_if_absent(item).await? {
+            Ok(())
+        } else {
+            Err(StoreError::Invariant("a new session's id is taken"))
+        }
+    }
+
+    async fn session_auth(&self, session_hash: [u8; 32], now: Millis) -> Result<Option<SpaceAuth>> {
+        let Some(session) = self.get(session_key(&session_hash), true).await? else {
+            return Ok(None);
+        };
+        if get_n(&session, "until")? <= now {
+            return Ok(None);
+        }
+        let kind = TokenKind::parse(get_s(&session, "kind")?);
+        let Some(token) = self
+            .get(token_key(get_s(&session, "token_id")?), true)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if token.contains_key("revoked_at") || TokenKind::parse(get_s(&token, "kind")?) != kind {
+            return Ok(None);
+        }
+        let Some(kind) = kind else {
+            return Ok(None);
+        };
+        let space_id = get_s(&token, "space_id")?.to_string();
+        let Some(space) = self.get(space_key(&space_id), true).await? else {
+            return Ok(None);
+        };
+        let settings: IdentitySettings = serde_json::from_str(get_s(&space, "settings")?)?;
+        let source_id = get_s(&space, "source_id")?.to_string();
+        Ok(Some(SpaceAuth::new(space_id, source_id, kind, &settings)))
+    }
+
+    async fn end_session(&self, session_hash: [u8; 32]) -> Result<()> {
+        self.delete_keys(vec![key(session_key(&session_hash), META)])
+            .await
     }
 }

@@ -3,9 +3,11 @@
 //! Destinations and admin APIs (no rule of its own).
 //!
 //! - Signed in with a space's access token (read) or admin token (read and
-//!   operations): the token is posted once and kept in an `HttpOnly`,
-//!   `SameSite=Strict` cookie scoped to `/ui`, never in a URL. Each page
-//!   authenticates it again, so a revoked token stops working at once.
+//!   operations): the token is posted once; the server keeps a session
+//!   (under the hash of a random id, for 12 hours) and the browser only
+//!   that id, in an `HttpOnly`, `SameSite=Strict` cookie scoped to `/ui`,
+//!   never in a URL. Each page looks the session up again, so signing
+//!   out, its expiry or a revocation of its token ends it at once.
 //! - Every value is escaped ([`html::esc`]); the pages run no script and
 //!   load nothing from elsewhere, under a Content-Security-Policy that
 //!   forbids both.
@@ -22,7 +24,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use kindred_store::token::TokenKind;
+use kindred_store::token::{hash_secret, random_base62, token_id, TokenKind};
+use kindred_store::SpaceAuth;
 use kindred_store::{ProfileLookup, ProfileParts};
 use serde::Deserialize;
 
@@ -30,11 +33,17 @@ use crate::error::ApiError;
 use crate::ReadState;
 use html::{esc, Page};
 
-/// The session cookie: the token itself, readable only by the server.
-/// Over HTTPS it is a `__Host-` cookie (Secure, for the whole host, set by
-/// this host only: a sibling subdomain cannot plant one).
+/// The session cookie: a random session id (the server keeps the session
+/// under its hash; the token never leaves the sign-in form), readable
+/// only by the server. Over HTTPS it is a `__Host-` cookie (Secure, for
+/// the whole host, set by this host only: a sibling subdomain cannot
+/// plant one).
 const COOKIE: &str = "kindred_session";
 const HOST_COOKIE: &str = "__Host-kindred_session";
+/// Characters of a session id (base62: about 256 bits).
+const SESSION_ID_LEN: usize = 43;
+/// How long a session lasts: a working day.
+const SESSION_SECS: u64 = 12 * 3600;
 
 /// What every page response carries: no script, no plug-in, no framing,
 /// nothing from another origin; forms post only here.
@@ -282,8 +291,8 @@ impl IntoResponse for UiError {
     }
 }
 
-/// The session's token, from its cookie.
-fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+/// The session's id, from its cookie.
+fn cookie_session(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -292,11 +301,11 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == COOKIE || *name == HOST_COOKIE)
         .map(|(_, value)| value)
-        .filter(|v| plausible_token(v))
+        .filter(|v| v.len() == SESSION_ID_LEN && v.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Tokens are short runs of letters, digits and `_`: anything else is not
-/// looked up (nor written into a cookie).
+/// looked up.
 fn plausible_token(token: &str) -> bool {
     (8..=128).contains(&token.len())
         && token
@@ -304,25 +313,20 @@ fn plausible_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// The space of a token: an admin token first, then an access token.
-async fn authenticate(state: &ReadState, token: &str) -> Result<Option<Session>, UiError> {
+/// The session of a space's token: an admin token first, then an access
+/// token.
+async fn authenticate(state: &ReadState, token: &str) -> Result<Option<SpaceAuth>, UiError> {
     for kind in [TokenKind::Admin, TokenKind::Access] {
         if let Some(auth) = state.spaces.authenticate(token, kind).await? {
-            if kind == TokenKind::Access {
-                // The same per-space budget as the Profile API.
-                crate::profile::charge_profile_rate(state, &auth)?;
-            }
-            return Ok(Some(Session {
-                space_id: auth.space_id,
-                source_id: auth.source_id,
-                admin: kind == TokenKind::Admin,
-            }));
+            return Ok(Some(auth));
         }
     }
     Ok(None)
 }
 
-/// The signed-in session of a request, or the sign-in page (401).
+/// The signed-in session of a request, or the sign-in page (401). The
+/// session is looked up each time, so that signing out, its expiry or a
+/// revocation of its token ends it at once.
 pub(crate) async fn session(state: &ReadState, headers: &HeaderMap) -> Result<Session, UiError> {
     let unauthorized = || {
         UiError::new(
@@ -330,8 +334,21 @@ pub(crate) async fn session(state: &ReadState, headers: &HeaderMap) -> Result<Se
             "Sign in with a token of your space.",
         )
     };
-    let token = cookie_token(headers).ok_or_else(unauthorized)?;
-    authenticate(state, token).await?.ok_or_else(unauthorized)
+    let id = cookie_session(headers).ok_or_else(unauthorized)?;
+    let auth = state
+        .spaces
+        .session_auth(hash_secret(id), kindred_store::now_millis())
+        .await?
+        .ok_or_else(unauthorized)?;
+    if auth.kind == TokenKind::Access {
+        // The same per-space budget as the Profile API.
+        crate::profile::charge_profile_rate(state, &auth)?;
+    }
+    Ok(Session {
+        admin: auth.kind == TokenKind::Admin,
+        space_id: auth.space_id,
+        source_id: auth.source_id,
+    })
 }
 
 fn sign_in_form() -> String {
@@ -360,21 +377,14 @@ async fn icon() -> Response {
 }
 
 async fn home(State(state): State<ReadState>, headers: HeaderMap) -> Response {
-    let Some(token) = cookie_token(&headers) else {
+    if cookie_session(&headers).is_none() {
         let mut page = Page::new("Sign in", None);
         page.push("<h1>Kindred</h1>");
         page.push(&sign_in_form());
         return page.finish().into_response();
-    };
-    let s = match authenticate(&state, token).await {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            return UiError::new(
-                StatusCode::UNAUTHORIZED,
-                "Sign in with a token of your space.",
-            )
-            .into_response()
-        }
+    }
+    let s = match session(&state, &headers).await {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
     let mut page = Page::new("Profiles", Some(&s));
@@ -410,17 +420,28 @@ async fn sign_in(
     Form(form): Form<SignIn>,
 ) -> Response {
     let token = form.token.trim();
-    let session = if plausible_token(token) {
-        authenticate(&state, token).await
-    } else {
-        Ok(None)
+    let auth = match token_id(token).filter(|_| plausible_token(token)) {
+        Some(_) => authenticate(&state, token).await,
+        None => Ok(None),
     };
-    match session {
-        Ok(Some(_)) => {
+    match auth {
+        Ok(Some(auth)) => {
+            let id = random_base62(SESSION_ID_LEN);
+            let expires_at = kindred_store::now_millis() + SESSION_SECS as i64 * 1000;
+            let token_id = token_id(token).unwrap_or_default();
+            if let Err(e) = state
+                .spaces
+                .start_session(hash_secret(&id), token_id, auth.kind, expires_at)
+                .await
+            {
+                return UiError::from(e).into_response();
+            }
             let cookie = if https(&headers) {
-                format!("{HOST_COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict")
+                format!("{HOST_COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}")
             } else {
-                format!("{COOKIE}={token}; Path=/ui; HttpOnly; SameSite=Strict")
+                format!(
+                    "{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}"
+                )
             };
             let mut response = Redirect::to("/ui").into_response();
             if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -446,7 +467,13 @@ fn https(headers: &HeaderMap) -> bool {
         .is_some_and(|p| p.eq_ignore_ascii_case("https"))
 }
 
-async fn sign_out() -> Response {
+/// Ends the session on the server, then clears its cookie.
+async fn sign_out(State(state): State<ReadState>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie_session(&headers) {
+        if let Err(e) = state.spaces.end_session(hash_secret(id)).await {
+            return UiError::from(e).into_response();
+        }
+    }
     let mut response = Redirect::to("/ui").into_response();
     for cookie in [
         "kindred_session=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0",
