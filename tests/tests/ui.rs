@@ -313,6 +313,23 @@ async fn the_explorer_keeps_each_space_to_itself_and_refuses_forms_from_other_si
         cookie.ends_with("; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=43200"),
         "{cookie}"
     );
+    // Over HTTPS only that cookie counts: a plain one (which a sibling
+    // host could have planted) is no session there.
+    let host_pair = cookie.split(';').next().unwrap().to_string();
+    let plain_pair = host_pair.replacen("__Host-", "", 1);
+    for (pair, status) in [
+        (&host_pair, StatusCode::OK),
+        (&plain_pair, StatusCode::UNAUTHORIZED),
+    ] {
+        let r = c
+            .get(format!("{}/ui/profiles/{ann}", s.base))
+            .header("x-forwarded-proto", "https")
+            .header("cookie", pair.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{pair}");
+    }
     // A write key is not a sign-in.
     let r = sign_in(&s, &s.space.write_key).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);

@@ -169,10 +169,12 @@ pub fn stamp(
 ) -> ComputedValues {
     let mut values = ComputedValues::new();
     for (k, v) in settled {
+        let class = class_of(&k).unwrap_or(Class::ComputedTrait);
+        // A key defined again as the other class is a new value.
         let entry = match stored.remove(&k) {
-            Some(old) if old.value == v => old,
+            Some(old) if old.value == v && old.class == class => old,
             _ => ComputedValue {
-                class: class_of(&k).unwrap_or(Class::ComputedTrait),
+                class,
                 value: v,
                 updated_at: now,
             },
@@ -289,6 +291,34 @@ mod tests {
     use super::*;
     use kindred_domain::compute::{Definition, EventFacts};
     use serde_json::json;
+
+    #[test]
+    fn a_key_defined_again_as_the_other_class_is_a_new_value() {
+        let stored: ComputedValues = [(
+            "vip".to_string(),
+            ComputedValue {
+                class: Class::Audience,
+                value: json!(true),
+                updated_at: 1,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let settled: Values = [("vip".to_string(), json!(true))].into_iter().collect();
+        let same = stamp(settled.clone(), stored.clone(), 9, |_| {
+            Some(Class::Audience)
+        });
+        assert_eq!(same["vip"].updated_at, 1);
+        let other = stamp(settled, stored, 9, |_| Some(Class::ComputedTrait));
+        assert_eq!(
+            other["vip"],
+            ComputedValue {
+                class: Class::ComputedTrait,
+                value: json!(true),
+                updated_at: 9
+            }
+        );
+    }
 
     #[test]
     fn member_writes_follow_what_a_profile_holds() {

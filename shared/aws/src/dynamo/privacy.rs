@@ -24,7 +24,7 @@ use kindred_domain::{Identifier, IdentifierEntry, Millis};
 use kindred_store::privacy::{Violation, ViolationPage};
 use kindred_store::Result;
 
-use super::compute::{changes_key, state_key};
+use super::compute::changes_key;
 use super::sync::{dead_key, out_key};
 use super::{
     get_s, identifier_key, key, n, opt_s, profile_key, s, service, space_key, DynamoStore, Item,
@@ -293,11 +293,6 @@ impl DynamoStore {
                 keys.push(key(violations_key(space_id, None), &sort));
                 keys.push(key(get_s(&item, PK)?.to_string(), &sort));
             }
-            // Off every member list first (sizes are counted), then gone.
-            self.leave_member_lists(space_id, member).await?;
-            let state = state_key(space_id, member);
-            keys.push(key(state.clone(), META));
-            keys.push(key(state, "DUE"));
             self.forget_profile(space_id, member);
         }
         // The change log, and every destination's queue and dead letters:
@@ -315,7 +310,14 @@ impl DynamoStore {
                 }
             }
         }
-        self.delete_keys(keys).await
+        self.delete_keys(keys).await?;
+        // The computed state last, once no profile of the person is left
+        // for a fold to resolve: off every member list (sizes are
+        // counted) and deleted, at the version read.
+        for member in members {
+            self.delete_compute_state(space_id, member).await?;
+        }
+        Ok(())
     }
 
     /// Appends to the violations log: one item in the space's partition,

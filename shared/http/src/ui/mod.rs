@@ -291,15 +291,18 @@ impl IntoResponse for UiError {
     }
 }
 
-/// The session's id, from its cookie.
+/// The session's id, from its cookie: over HTTPS only the `__Host-`
+/// cookie (a sibling host can set a plain one, but not that one), else
+/// only the plain one.
 fn cookie_session(headers: &HeaderMap) -> Option<&str> {
+    let name = if https(headers) { HOST_COOKIE } else { COOKIE };
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE || *name == HOST_COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value)
         .filter(|v| v.len() == SESSION_ID_LEN && v.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
@@ -426,6 +429,12 @@ async fn sign_in(
     };
     match auth {
         Ok(Some(auth)) => {
+            // Signing in again ends the session the browser had.
+            if let Some(old) = cookie_session(&headers) {
+                if let Err(e) = state.spaces.end_session(hash_secret(old)).await {
+                    return UiError::from(e).into_response();
+                }
+            }
             let id = random_base62(SESSION_ID_LEN);
             let expires_at = kindred_store::now_millis() + SESSION_SECS as i64 * 1000;
             let token_id = token_id(token).unwrap_or_default();

@@ -41,7 +41,6 @@ fn class_of(segment: &str) -> Result<Class, UiError> {
     Class::parse(segment).ok_or_else(|| UiError::not_found("No such kind of definition."))
 }
 
-/// An account-level definition: its values are on accounts.
 fn status_cell(status: &DefinitionStatus) -> String {
     match status {
         DefinitionStatus::Ready => "ready".into(),

@@ -112,7 +112,9 @@ impl DynamoStore {
                 continue;
             }
             let pk = member_key(space_id, t.class, &t.key, shard_of(&t.profile_id));
-            actions.push(if t.delta > 0 {
+            // One item, so one entry or exit, whatever the sum said.
+            let delta = t.delta.signum();
+            actions.push(if delta > 0 {
                 transact_put(&self.table, key(pk, &t.profile_id), None)?
             } else {
                 let delete = Delete::builder()
@@ -122,7 +124,7 @@ impl DynamoStore {
                     .map_err(service)?;
                 TransactWriteItem::builder().delete(delete).build()
             });
-            *sizes.entry(list).or_default() += t.delta;
+            *sizes.entry(list).or_default() += delta;
         }
         for ((class, list_key), delta) in sizes {
             if delta == 0 {
@@ -143,10 +145,14 @@ impl DynamoStore {
         Ok((actions, rest))
     }
 
-    /// Takes a profile off every member list before its state is deleted
-    /// (a regulation): its values are emptied and its member items
-    /// removed in transactions at the state's version, as many as it takes.
-    pub(crate) async fn leave_member_lists(&self, space_id: &str, profile_id: &str) -> Result<()> {
+    /// Deletes a profile's compute state (a regulation) and takes it off
+    /// every member list on the way: in transactions at the state's
+    /// version, the last of which deletes the state and its due entry.
+    pub(crate) async fn delete_compute_state(
+        &self,
+        space_id: &str,
+        profile_id: &str,
+    ) -> Result<()> {
         let mut attempt = 0;
         loop {
             let Some(item) = self.get(state_key(space_id, profile_id), true).await? else {
@@ -157,42 +163,44 @@ impl DynamoStore {
             if st.indexed {
                 todo.extend(todos(profile_id, &st.values, &ComputedValues::new()));
             }
-            let todo = coalesce(todo);
-            if todo.is_empty() && st.values.is_empty() {
-                return Ok(());
-            }
+            // Room for the state's own write and its due entry's delete.
             let (mut actions, rest) = self.member_actions(
                 space_id,
-                todo,
-                MAX_TRANSACTION_ITEMS - 1,
+                coalesce(todo),
+                MAX_TRANSACTION_ITEMS - 2,
                 shard_of(profile_id),
             )?;
-            let mut update = Update::builder()
-                .table_name(&self.table)
-                .set_key(Some(key(state_key(space_id, profile_id), META)))
-                .condition_expression("version = :v")
-                .expression_attribute_values(":v", n(st.version))
-                .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":none", s("{}"))
-                .expression_attribute_values(":yes", AttributeValue::Bool(true));
-            update = if rest.is_empty() {
-                update.update_expression(
-                    "SET computed = :none, mx = :yes, version = version + :one REMOVE mq",
-                )
+            let at_version = |b: aws_sdk_dynamodb::types::builders::DeleteBuilder| {
+                b.table_name(&self.table)
+                    .set_key(Some(key(state_key(space_id, profile_id), META)))
+                    .condition_expression("version = :v")
+                    .expression_attribute_values(":v", n(st.version))
+            };
+            if rest.is_empty() {
+                let delete = at_version(Delete::builder()).build().map_err(service)?;
+                actions.push(TransactWriteItem::builder().delete(delete).build());
+                actions.push(self.delete_due(space_id, profile_id)?);
             } else {
-                update
+                // More than one transaction: the values are emptied and the
+                // rest kept in the state, as a fold would.
+                let update = Update::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key(state_key(space_id, profile_id), META)))
+                    .condition_expression("version = :v")
                     .update_expression(
                         "SET computed = :none, mx = :yes, mq = :rest, version = version + :one",
                     )
+                    .expression_attribute_values(":v", n(st.version))
+                    .expression_attribute_values(":one", n(1))
+                    .expression_attribute_values(":none", s("{}"))
+                    .expression_attribute_values(":yes", AttributeValue::Bool(true))
                     .expression_attribute_values(":rest", s(serde_json::to_string(&rest)?))
-            };
-            actions.insert(
-                0,
-                TransactWriteItem::builder()
-                    .update(update.build().map_err(service)?)
-                    .build(),
-            );
+                    .build()
+                    .map_err(service)?;
+                actions.push(TransactWriteItem::builder().update(update).build());
+            }
             match self.transact(actions).await {
+                Ok(()) if rest.is_empty() => return Ok(()),
                 Ok(()) => attempt = 0,
                 Err(StoreError::Conflict) if attempt < ATTEMPTS => {
                     attempt += 1;
@@ -209,7 +217,10 @@ impl DynamoStore {
     }
 
     /// Profiles on a member list after `after`, in id order, at most
-    /// `limit`, with their values (read from their states).
+    /// `limit`, with their values (read from their states). A profile
+    /// whose state no longer holds (an exit not written yet, or a state
+    /// that moved on between the two reads) is skipped, and reading goes on
+    /// until the page is full or the list ends.
     pub(crate) async fn members(
         &self,
         space_id: &str,
@@ -218,6 +229,51 @@ impl DynamoStore {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, ComputedValue)>> {
+        let mut out = Vec::new();
+        let mut after = after.to_string();
+        while out.len() < limit {
+            let ids = self
+                .member_ids(space_id, class, list_key, &after, limit)
+                .await?;
+            let Some(last) = ids.last() else { break };
+            after = last.clone();
+            let exhausted = ids.len() < limit;
+            let keys = ids
+                .iter()
+                .map(|p| key(state_key(space_id, p), META))
+                .collect();
+            let mut values: HashMap<String, ComputedValue> = HashMap::new();
+            for item in self.batch_get(keys, false).await? {
+                let mut computed: ComputedValues = serde_json::from_str(get_s(&item, "computed")?)?;
+                if let Some(v) = computed
+                    .remove(list_key)
+                    .filter(|v| v.class == class && holds(v))
+                {
+                    values.insert(get_s(&item, "profile_id")?.to_string(), v);
+                }
+            }
+            out.extend(
+                ids.into_iter()
+                    .filter_map(|p| values.remove(&p).map(|v| (p, v))),
+            );
+            if exhausted {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The ids of up to `limit` member items after `after`, in id order,
+    /// from every shard of the list.
+    async fn member_ids(
+        &self,
+        space_id: &str,
+        class: Class,
+        list_key: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
         let reads = (0..MEMBER_SHARDS).map(|shard| async move {
             let mut query = self
                 .client
@@ -246,23 +302,7 @@ impl DynamoStore {
         }
         ids.sort();
         ids.truncate(limit);
-        let keys = ids
-            .iter()
-            .map(|p| key(state_key(space_id, p), META))
-            .collect();
-        let mut values: HashMap<String, ComputedValue> = HashMap::new();
-        for item in self.batch_get(keys, false).await? {
-            let mut computed: ComputedValues = serde_json::from_str(get_s(&item, "computed")?)?;
-            if let Some(v) = computed.remove(list_key).filter(|v| v.class == class) {
-                values.insert(get_s(&item, "profile_id")?.to_string(), v);
-            }
-        }
-        // A profile whose state moved on between the two reads (it left
-        // the list, or merged away) is not shown.
-        Ok(ids
-            .into_iter()
-            .filter_map(|p| values.remove(&p).map(|v| (p, v)))
-            .collect())
+        Ok(ids)
     }
 
     /// The size of each of the space's user-level definitions that has

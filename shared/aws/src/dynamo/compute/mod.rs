@@ -22,8 +22,8 @@ use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Up
 use kindred_domain::compute::{Change, Class, Definition, ProfileState, Ruleset};
 use kindred_domain::{Millis, Traits};
 use kindred_store::compute::{
-    absorb, apply_event, check_delete, check_put, member_writes, parse_stored_event, rebuild_stale,
-    recompute, Recomputed,
+    absorb, apply_event, check_delete, check_put, holds, member_writes, parse_stored_event,
+    rebuild_stale, recompute, Recomputed,
 };
 use kindred_store::ports::{
     ChangeRecord, ComputedValue, ComputedValues, DefinitionRecord, DefinitionStatus, EventQuery,
